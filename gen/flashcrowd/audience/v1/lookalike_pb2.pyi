@@ -1,0 +1,106 @@
+import datetime
+
+from flashcrowd.audience.v1 import pack_pb2 as _pack_pb2
+from flashcrowd.audience.v1 import spec_pb2 as _spec_pb2
+from google.api import annotations_pb2 as _annotations_pb2
+from google.api import field_behavior_pb2 as _field_behavior_pb2
+from google.api import resource_pb2 as _resource_pb2
+from google.longrunning import operations_pb2 as _operations_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class LookalikeModel(_message.Message):
+    __slots__ = ("name", "algorithm", "cluster_count", "feature_schema", "feature_snapshot", "population_size", "create_time")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    POPULATION_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    algorithm: str
+    cluster_count: int
+    feature_schema: str
+    feature_snapshot: str
+    population_size: int
+    create_time: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., algorithm: _Optional[str] = ..., cluster_count: _Optional[int] = ..., feature_schema: _Optional[str] = ..., feature_snapshot: _Optional[str] = ..., population_size: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class TrainLookalikeModelRequest(_message.Message):
+    __slots__ = ("model_id", "cluster_count", "as_of")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    cluster_count: int
+    as_of: _timestamp_pb2.Timestamp
+    def __init__(self, model_id: _Optional[str] = ..., cluster_count: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class TrainLookalikeModelMetadata(_message.Message):
+    __slots__ = ("model", "stage", "progress_percent")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    stage: str
+    progress_percent: float
+    def __init__(self, model: _Optional[str] = ..., stage: _Optional[str] = ..., progress_percent: _Optional[float] = ...) -> None: ...
+
+class GetLookalikeModelRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ExpandLookalikeRequest(_message.Message):
+    __slots__ = ("parent", "seed_pack", "model", "reach_fraction", "reach_size", "pack_id", "include_seed", "exclude_packs", "profile")
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    SEED_PACK_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REACH_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    REACH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PACK_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_SEED_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_PACKS_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    parent: str
+    seed_pack: str
+    model: str
+    reach_fraction: float
+    reach_size: int
+    pack_id: str
+    include_seed: bool
+    exclude_packs: _containers.RepeatedScalarFieldContainer[str]
+    profile: _spec_pb2.ProfileFilter
+    def __init__(self, parent: _Optional[str] = ..., seed_pack: _Optional[str] = ..., model: _Optional[str] = ..., reach_fraction: _Optional[float] = ..., reach_size: _Optional[int] = ..., pack_id: _Optional[str] = ..., include_seed: _Optional[bool] = ..., exclude_packs: _Optional[_Iterable[str]] = ..., profile: _Optional[_Union[_spec_pb2.ProfileFilter, _Mapping]] = ...) -> None: ...
+
+class LiftStep(_message.Message):
+    __slots__ = ("reach_fraction", "size", "expected_lift")
+    REACH_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_LIFT_FIELD_NUMBER: _ClassVar[int]
+    reach_fraction: float
+    size: int
+    expected_lift: float
+    def __init__(self, reach_fraction: _Optional[float] = ..., size: _Optional[int] = ..., expected_lift: _Optional[float] = ...) -> None: ...
+
+class ExpandLookalikeResponse(_message.Message):
+    __slots__ = ("pack", "seed_matched", "clusters_covered", "seed_concentration", "lift_curve")
+    PACK_FIELD_NUMBER: _ClassVar[int]
+    SEED_MATCHED_FIELD_NUMBER: _ClassVar[int]
+    CLUSTERS_COVERED_FIELD_NUMBER: _ClassVar[int]
+    SEED_CONCENTRATION_FIELD_NUMBER: _ClassVar[int]
+    LIFT_CURVE_FIELD_NUMBER: _ClassVar[int]
+    pack: _pack_pb2.Pack
+    seed_matched: int
+    clusters_covered: int
+    seed_concentration: float
+    lift_curve: _containers.RepeatedCompositeFieldContainer[LiftStep]
+    def __init__(self, pack: _Optional[_Union[_pack_pb2.Pack, _Mapping]] = ..., seed_matched: _Optional[int] = ..., clusters_covered: _Optional[int] = ..., seed_concentration: _Optional[float] = ..., lift_curve: _Optional[_Iterable[_Union[LiftStep, _Mapping]]] = ...) -> None: ...

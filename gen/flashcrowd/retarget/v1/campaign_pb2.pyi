@@ -1,0 +1,201 @@
+import datetime
+
+from google.api import field_behavior_pb2 as _field_behavior_pb2
+from google.api import resource_pb2 as _resource_pb2
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Campaign(_message.Message):
+    __slots__ = ("name", "display_name", "audience_pack", "offer_item_ids", "coupon_template", "arms", "holdout_basis_points", "start_time", "end_time", "loss_cap_fen", "delivery_rate_per_second", "rules", "state", "progress", "create_time", "update_time", "etag")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[Campaign.State]
+        STATE_DRAFT: _ClassVar[Campaign.State]
+        STATE_RUNNING: _ClassVar[Campaign.State]
+        STATE_PAUSED: _ClassVar[Campaign.State]
+        STATE_COMPLETED: _ClassVar[Campaign.State]
+        STATE_CANCELLED: _ClassVar[Campaign.State]
+    STATE_UNSPECIFIED: Campaign.State
+    STATE_DRAFT: Campaign.State
+    STATE_RUNNING: Campaign.State
+    STATE_PAUSED: Campaign.State
+    STATE_COMPLETED: Campaign.State
+    STATE_CANCELLED: Campaign.State
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    AUDIENCE_PACK_FIELD_NUMBER: _ClassVar[int]
+    OFFER_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    COUPON_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    ARMS_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_BASIS_POINTS_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    LOSS_CAP_FEN_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_RATE_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    ETAG_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    display_name: str
+    audience_pack: str
+    offer_item_ids: _containers.RepeatedScalarFieldContainer[int]
+    coupon_template: str
+    arms: _containers.RepeatedCompositeFieldContainer[Arm]
+    holdout_basis_points: int
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    loss_cap_fen: int
+    delivery_rate_per_second: int
+    rules: _containers.RepeatedCompositeFieldContainer[Rule]
+    state: Campaign.State
+    progress: LaunchProgress
+    create_time: _timestamp_pb2.Timestamp
+    update_time: _timestamp_pb2.Timestamp
+    etag: str
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., audience_pack: _Optional[str] = ..., offer_item_ids: _Optional[_Iterable[int]] = ..., coupon_template: _Optional[str] = ..., arms: _Optional[_Iterable[_Union[Arm, _Mapping]]] = ..., holdout_basis_points: _Optional[int] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., loss_cap_fen: _Optional[int] = ..., delivery_rate_per_second: _Optional[int] = ..., rules: _Optional[_Iterable[_Union[Rule, _Mapping]]] = ..., state: _Optional[_Union[Campaign.State, str]] = ..., progress: _Optional[_Union[LaunchProgress, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., etag: _Optional[str] = ...) -> None: ...
+
+class Arm(_message.Message):
+    __slots__ = ("arm_id", "weight", "coupon_template")
+    ARM_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    COUPON_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    arm_id: str
+    weight: int
+    coupon_template: str
+    def __init__(self, arm_id: _Optional[str] = ..., weight: _Optional[int] = ..., coupon_template: _Optional[str] = ...) -> None: ...
+
+class LaunchProgress(_message.Message):
+    __slots__ = ("audience_size", "processed", "issued", "held_out", "skipped", "stop_reason")
+    AUDIENCE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PROCESSED_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_FIELD_NUMBER: _ClassVar[int]
+    HELD_OUT_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    audience_size: int
+    processed: int
+    issued: int
+    held_out: int
+    skipped: int
+    stop_reason: str
+    def __init__(self, audience_size: _Optional[int] = ..., processed: _Optional[int] = ..., issued: _Optional[int] = ..., held_out: _Optional[int] = ..., skipped: _Optional[int] = ..., stop_reason: _Optional[str] = ...) -> None: ...
+
+class Rule(_message.Message):
+    __slots__ = ("rule_id", "action", "metric", "comparison", "threshold", "sustain", "cooldown", "boost_rate_ceiling", "copy_to_pack")
+    class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        ACTION_UNSPECIFIED: _ClassVar[Rule.Action]
+        ACTION_STOP: _ClassVar[Rule.Action]
+        ACTION_BOOST: _ClassVar[Rule.Action]
+        ACTION_COPY: _ClassVar[Rule.Action]
+    ACTION_UNSPECIFIED: Rule.Action
+    ACTION_STOP: Rule.Action
+    ACTION_BOOST: Rule.Action
+    ACTION_COPY: Rule.Action
+    class Comparison(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        COMPARISON_UNSPECIFIED: _ClassVar[Rule.Comparison]
+        COMPARISON_LESS: _ClassVar[Rule.Comparison]
+        COMPARISON_LESS_OR_EQUAL: _ClassVar[Rule.Comparison]
+        COMPARISON_GREATER: _ClassVar[Rule.Comparison]
+        COMPARISON_GREATER_OR_EQUAL: _ClassVar[Rule.Comparison]
+    COMPARISON_UNSPECIFIED: Rule.Comparison
+    COMPARISON_LESS: Rule.Comparison
+    COMPARISON_LESS_OR_EQUAL: Rule.Comparison
+    COMPARISON_GREATER: Rule.Comparison
+    COMPARISON_GREATER_OR_EQUAL: Rule.Comparison
+    RULE_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    COMPARISON_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    SUSTAIN_FIELD_NUMBER: _ClassVar[int]
+    COOLDOWN_FIELD_NUMBER: _ClassVar[int]
+    BOOST_RATE_CEILING_FIELD_NUMBER: _ClassVar[int]
+    COPY_TO_PACK_FIELD_NUMBER: _ClassVar[int]
+    rule_id: str
+    action: Rule.Action
+    metric: str
+    comparison: Rule.Comparison
+    threshold: float
+    sustain: _duration_pb2.Duration
+    cooldown: _duration_pb2.Duration
+    boost_rate_ceiling: int
+    copy_to_pack: str
+    def __init__(self, rule_id: _Optional[str] = ..., action: _Optional[_Union[Rule.Action, str]] = ..., metric: _Optional[str] = ..., comparison: _Optional[_Union[Rule.Comparison, str]] = ..., threshold: _Optional[float] = ..., sustain: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cooldown: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., boost_rate_ceiling: _Optional[int] = ..., copy_to_pack: _Optional[str] = ...) -> None: ...
+
+class ArmFunnel(_message.Message):
+    __slots__ = ("arm_id", "targeted", "delivered", "claimed", "redeemed", "orders", "revenue_fen", "coupon_cost_fen", "roi", "conversion_rate", "uplift_vs_holdout", "p_value")
+    ARM_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGETED_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_FIELD_NUMBER: _ClassVar[int]
+    CLAIMED_FIELD_NUMBER: _ClassVar[int]
+    REDEEMED_FIELD_NUMBER: _ClassVar[int]
+    ORDERS_FIELD_NUMBER: _ClassVar[int]
+    REVENUE_FEN_FIELD_NUMBER: _ClassVar[int]
+    COUPON_COST_FEN_FIELD_NUMBER: _ClassVar[int]
+    ROI_FIELD_NUMBER: _ClassVar[int]
+    CONVERSION_RATE_FIELD_NUMBER: _ClassVar[int]
+    UPLIFT_VS_HOLDOUT_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    arm_id: str
+    targeted: int
+    delivered: int
+    claimed: int
+    redeemed: int
+    orders: int
+    revenue_fen: int
+    coupon_cost_fen: int
+    roi: float
+    conversion_rate: float
+    uplift_vs_holdout: float
+    p_value: float
+    def __init__(self, arm_id: _Optional[str] = ..., targeted: _Optional[int] = ..., delivered: _Optional[int] = ..., claimed: _Optional[int] = ..., redeemed: _Optional[int] = ..., orders: _Optional[int] = ..., revenue_fen: _Optional[int] = ..., coupon_cost_fen: _Optional[int] = ..., roi: _Optional[float] = ..., conversion_rate: _Optional[float] = ..., uplift_vs_holdout: _Optional[float] = ..., p_value: _Optional[float] = ...) -> None: ...
+
+class CampaignReport(_message.Message):
+    __slots__ = ("campaign", "arms", "revenue_fen", "coupon_cost_fen", "projected_loss_fen", "rule_firings")
+    CAMPAIGN_FIELD_NUMBER: _ClassVar[int]
+    ARMS_FIELD_NUMBER: _ClassVar[int]
+    REVENUE_FEN_FIELD_NUMBER: _ClassVar[int]
+    COUPON_COST_FEN_FIELD_NUMBER: _ClassVar[int]
+    PROJECTED_LOSS_FEN_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIRINGS_FIELD_NUMBER: _ClassVar[int]
+    campaign: str
+    arms: _containers.RepeatedCompositeFieldContainer[ArmFunnel]
+    revenue_fen: int
+    coupon_cost_fen: int
+    projected_loss_fen: int
+    rule_firings: _containers.RepeatedCompositeFieldContainer[RuleFiring]
+    def __init__(self, campaign: _Optional[str] = ..., arms: _Optional[_Iterable[_Union[ArmFunnel, _Mapping]]] = ..., revenue_fen: _Optional[int] = ..., coupon_cost_fen: _Optional[int] = ..., projected_loss_fen: _Optional[int] = ..., rule_firings: _Optional[_Iterable[_Union[RuleFiring, _Mapping]]] = ...) -> None: ...
+
+class RuleFiring(_message.Message):
+    __slots__ = ("rule_id", "action", "fire_time", "metrics", "outcome")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    RULE_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    FIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    rule_id: str
+    action: Rule.Action
+    fire_time: _timestamp_pb2.Timestamp
+    metrics: _containers.ScalarMap[str, float]
+    outcome: str
+    def __init__(self, rule_id: _Optional[str] = ..., action: _Optional[_Union[Rule.Action, str]] = ..., fire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., outcome: _Optional[str] = ...) -> None: ...
