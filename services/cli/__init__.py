@@ -1,0 +1,1 @@
+"""The ``flashcrowd`` command line: one module per subcommand, registered in ``services.cli.main``."""

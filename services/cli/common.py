@@ -1,0 +1,39 @@
+"""Helpers shared by subcommands: user-facing errors and the ``--store`` option."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from services.storage.base import ObjectStore
+
+STORE_ENV = "FLASHCROWD_STORE_URL"
+DEFAULT_STORE = "./var/store"
+
+
+class CliError(Exception):
+    """An error the user can fix; the message says how. Printed without a traceback, exit status 2."""
+
+
+def default_store_url() -> str:
+    return os.environ.get(STORE_ENV) or DEFAULT_STORE
+
+
+def add_store_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store",
+        metavar="URL",
+        default=None,
+        help=f"object store: a directory, file:///path or s3://[ACCESS:SECRET@]host[:port]/bucket "
+        f"(default: ${STORE_ENV} or {DEFAULT_STORE})",
+    )
+
+
+def open_store_arg(url: str | None) -> ObjectStore:
+    from services.storage.factory import open_store
+
+    url = url or default_store_url()
+    try:
+        return open_store(url)
+    except ValueError as exc:
+        raise CliError(f"cannot open object store: {exc}") from None

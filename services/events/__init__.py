@@ -1,0 +1,7 @@
+"""Event data: schemas and codes, user sharding, the dataset reader and the flash-sale generator.
+
+Modules: ``schema`` (polars schemas, ``EventType`` and other codes, ``validate_events``),
+``sharding`` (user -> bucket -> shard), ``identity`` (normalise and hash external ids),
+``dataset`` (``EventDataset``: manifest-driven reads from any object store), ``world`` (catalog and
+story constants), ``generator`` (``flashcrowd gen``).
+"""

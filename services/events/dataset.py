@@ -1,0 +1,250 @@
+"""Read an event dataset from any ``ObjectStore``: only what its manifest lists.
+
+Layout under a prefix (default ``data/``)::
+
+    {prefix}manifest.json                          written last (services.storage.publish)
+    {prefix}world.json                             catalog and story constants
+    {prefix}events/dt=YYYY-MM-DD/part-NNNNN.parquet
+    {prefix}profiles/part-NNNNN.parquet
+    {prefix}identity/part-NNNNN.parquet
+    {prefix}truth/segments/part-NNNNN.parquet      hidden latent segment per user (evaluation only)
+
+The manifest has a ``version`` counter and a flat ``parts`` list; each part records ``table``,
+``key`` (full store key), ``dt`` (events only), ``rows``, ``min/max_user_id``, ``min/max_bucket``,
+``min/max_ts`` and ``added_in_version``. Appending (another issue) means: write new part files with
+fresh part numbers, then publish a manifest with ``version + 1`` and the longer ``parts`` list.
+Readers pin the manifest they loaded, so they never see a half-appended state.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from datetime import UTC, date, datetime
+from typing import Any
+
+import polars as pl
+
+from services.events.schema import EVENTS_SCHEMA, IDENTITY_SCHEMA, PROFILES_SCHEMA, SEGMENTS_SCHEMA
+from services.events.sharding import Shard
+from services.events.sharding import parse as parse_shard
+from services.storage.base import ObjectNotFound, ObjectStore
+from services.storage.publish import read_manifest
+
+__all__ = ["DEFAULT_PREFIX", "DatasetNotFound", "EventDataset", "normalise_prefix"]
+
+DEFAULT_PREFIX = "data/"
+DATASET_FORMATS = ("flashcrowd.events.dataset/v1",)
+TABLES = ("events", "profiles", "identity", "truth_segments")
+_SCHEMAS = {
+    "events": EVENTS_SCHEMA,
+    "profiles": PROFILES_SCHEMA,
+    "identity": IDENTITY_SCHEMA,
+    "truth_segments": SEGMENTS_SCHEMA,
+}
+
+
+class DatasetNotFound(LookupError):
+    """No (valid) dataset manifest under the prefix."""
+
+
+def normalise_prefix(prefix: str | None) -> str:
+    prefix = (prefix or "").strip()
+    if prefix.startswith("/"):
+        raise ValueError(f"dataset prefix must not start with '/': {prefix!r}")
+    return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
+def _as_date(value: date | datetime | str) -> date:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).date() if value.tzinfo else value.date()
+    if isinstance(value, date):
+        return value
+    try:
+        return date.fromisoformat(str(value))
+    except ValueError:
+        raise ValueError(f"not a day: {value!r} (expected YYYY-MM-DD)") from None
+
+
+def _as_utc(value: datetime | str) -> datetime:
+    dt = datetime.fromisoformat(value.replace("Z", "+00:00")) if isinstance(value, str) else value
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+class EventDataset:
+    """A snapshot of the dataset at ``prefix``: the manifest is read once, in the constructor.
+
+    ``refresh()`` loads the newest manifest. Scans go through ``store.scan_target`` so the same code
+    reads local files and ``s3://`` objects (with ranged reads and statistics pushdown).
+    """
+
+    def __init__(self, store: ObjectStore, prefix: str = DEFAULT_PREFIX) -> None:
+        self.store = store
+        self.prefix = normalise_prefix(prefix)
+        self.manifest_key = self.prefix + "manifest.json"
+        self._world: dict[str, Any] | None = None
+        self.manifest: dict[str, Any] = self._load()
+
+    def _load(self) -> dict[str, Any]:
+        where = f"{self.store.url} key {self.manifest_key!r}"
+        shown_prefix = self.prefix or "''"
+        try:
+            manifest = read_manifest(self.store, self.manifest_key)
+        except ObjectNotFound:
+            raise DatasetNotFound(
+                f"no event dataset at {where}; create one with `flashcrowd gen --store URL --prefix "
+                f"{shown_prefix}` or point --prefix at an existing one"
+            ) from None
+        except ValueError as exc:
+            raise DatasetNotFound(f"unreadable dataset manifest at {where}: {exc}") from None
+        if manifest.get("format") not in DATASET_FORMATS or not isinstance(manifest.get("parts"), list):
+            raise DatasetNotFound(
+                f"{where} is not an event dataset manifest (format {manifest.get('format')!r}; "
+                f"expected one of {DATASET_FORMATS})"
+            )
+        return manifest
+
+    def refresh(self) -> EventDataset:
+        self.manifest = self._load()
+        self._world = None
+        return self
+
+    def __repr__(self) -> str:
+        return f"EventDataset({self.store.url!r}, prefix={self.prefix!r}, version={self.version})"
+
+    # ---- metadata ------------------------------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        return int(self.manifest.get("version", 1))
+
+    @property
+    def world(self) -> dict[str, Any]:
+        """world.json (catalog and story constants), loaded on first use."""
+        if self._world is None:
+            key = self.manifest.get("world") or self.prefix + "world.json"
+            self._world = json.loads(self.store.get_bytes(key).decode("utf-8"))
+        return self._world
+
+    def days(self) -> list[date]:
+        """Days that have event parts, ascending."""
+        listed = self.manifest.get("days")
+        if listed is None:
+            listed = sorted({p["dt"] for p in self.parts("events")})
+        return [date.fromisoformat(d) for d in listed]
+
+    @property
+    def start(self) -> datetime:
+        return _as_utc(self.manifest["start"])
+
+    @property
+    def end(self) -> datetime:
+        """Exclusive end of the covered time range."""
+        return _as_utc(self.manifest["end"])
+
+    def population_size(self) -> int:
+        """Number of users with a profile (the denominator of reach and TGI)."""
+        if "population" in self.manifest:
+            return int(self.manifest["population"])
+        return sum(p["rows"] for p in self.parts("profiles"))
+
+    def parts(
+        self,
+        table: str,
+        *,
+        days: Iterable[date | datetime | str] | None = None,
+        shard: Shard | str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Manifest entries of ``table`` (optionally only these days / files that meet ``shard``)."""
+        if table not in TABLES:
+            raise ValueError(f"unknown table {table!r}; expected one of {TABLES}")
+        wanted = None if days is None else {_as_date(d).isoformat() for d in days}
+        sh = parse_shard(shard)
+        return [
+            p
+            for p in self.manifest["parts"]
+            if p["table"] == table
+            and (wanted is None or p.get("dt") in wanted)
+            and (sh.is_whole or p["rows"] == 0 or sh.overlaps(p["min_bucket"], p["max_bucket"]))
+        ]
+
+    # ---- scans ---------------------------------------------------------------------------------
+
+    def _scan(self, table: str, parts: list[dict[str, Any]]) -> pl.LazyFrame:
+        schema = _SCHEMAS[table]
+        parts = [p for p in parts if p["rows"] > 0]
+        if not parts:
+            return pl.LazyFrame(schema=schema)
+        targets = [self.store.scan_target(p["key"]) for p in parts]
+        options = targets[0][1]
+        return pl.scan_parquet(
+            [t[0] for t in targets],
+            storage_options=options,
+            hive_partitioning=False,
+            schema=schema,
+        )
+
+    def scan_events(
+        self,
+        days: Iterable[date | datetime | str] | None = None,
+        columns: Iterable[str] | None = None,
+        *,
+        shard: Shard | str | None = None,
+        start: datetime | str | None = None,
+        end: datetime | str | None = None,
+    ) -> pl.LazyFrame:
+        """Events of the manifest-listed parts for ``days`` (all days if None).
+
+        ``shard`` keeps only that shard's users (files outside its bucket range are not opened;
+        row groups are pruned by statistics). ``start``/``end`` keep ``start <= ts < end`` and open
+        only the days they touch. ``columns`` projects (filters apply first).
+        """
+        day_set = None if days is None else {_as_date(d) for d in days}
+        lo = _as_utc(start) if start is not None else None
+        hi = _as_utc(end) if end is not None else None
+        if lo is not None or hi is not None:
+            in_window = [
+                d
+                for d in self.days()
+                if (lo is None or d >= lo.date())
+                and (hi is None or datetime(d.year, d.month, d.day, tzinfo=UTC) < hi)
+            ]
+            day_set = set(in_window) if day_set is None else day_set & set(in_window)
+        sh = parse_shard(shard)
+        lf = self._scan("events", self.parts("events", days=day_set, shard=sh))
+        if not sh.is_whole:
+            lf = lf.filter(sh.predicate("bucket"))
+        if lo is not None:
+            lf = lf.filter(pl.col("ts") >= lo)
+        if hi is not None:
+            lf = lf.filter(pl.col("ts") < hi)
+        if columns is not None:
+            lf = lf.select(list(columns))
+        return lf
+
+    def _scan_users(
+        self, table: str, columns: Iterable[str] | None, shard: Shard | str | None
+    ) -> pl.LazyFrame:
+        sh = parse_shard(shard)
+        lf = self._scan(table, self.parts(table, shard=sh))
+        if not sh.is_whole:
+            lf = lf.filter(sh.user_predicate("user_id"))
+        if columns is not None:
+            lf = lf.select(list(columns))
+        return lf
+
+    def scan_profiles(
+        self, columns: Iterable[str] | None = None, *, shard: Shard | str | None = None
+    ) -> pl.LazyFrame:
+        return self._scan_users("profiles", columns, shard)
+
+    def scan_identity(
+        self, columns: Iterable[str] | None = None, *, shard: Shard | str | None = None
+    ) -> pl.LazyFrame:
+        return self._scan_users("identity", columns, shard)
+
+    def scan_truth(
+        self, columns: Iterable[str] | None = None, *, shard: Shard | str | None = None
+    ) -> pl.LazyFrame:
+        """Hidden ground truth (segment, is_bot, n_events): for evaluation and tests only."""
+        return self._scan_users("truth_segments", columns, shard)
