@@ -1,0 +1,13 @@
+"""``python -m services.gateway``: serve gRPC on FLASHCROWD_PORT and HTTP/JSON on FLASHCROWD_HTTP_PORT."""
+
+from services.gateway.config import GatewaySettings
+from services.gateway.server import service_definition
+from services.runtime import run_service
+
+
+def main() -> None:
+    run_service("gateway", GatewaySettings, service_definition)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Gateway metrics: requests, latency and errors per method and tenant.
+
+Attribute keys are the runtime's (``attributes.TENANT``) and OpenTelemetry's RPC conventions
+(``rpc.service``, ``rpc.method``, ``rpc.grpc.status_code``). The instrument names extend the
+``flashcrowd.gateway.*`` family of ``services.runtime.attributes`` (which holds
+``METRIC_GATEWAY_RATE_LIMITED``); they are read from there when the runtime defines them.
+"""
+
+from __future__ import annotations
+
+from opentelemetry import metrics
+
+from services.runtime import attributes
+
+METRIC_REQUESTS = getattr(attributes, "METRIC_GATEWAY_REQUESTS", "flashcrowd.gateway.requests")
+METRIC_DURATION = getattr(attributes, "METRIC_GATEWAY_DURATION", "flashcrowd.gateway.duration")
+METRIC_ERRORS = getattr(attributes, "METRIC_GATEWAY_ERRORS", "flashcrowd.gateway.errors")
+METRIC_RETRIES = getattr(attributes, "METRIC_GATEWAY_RETRIES", "flashcrowd.gateway.retries")
+METRIC_RATE_LIMITED = attributes.METRIC_GATEWAY_RATE_LIMITED
+
+RPC_SERVICE = "rpc.service"
+RPC_METHOD = "rpc.method"
+RPC_STATUS = "rpc.grpc.status_code"
+TRANSPORT = "flashcrowd.gateway.transport"  # "grpc" or "http"
+
+
+class GatewayMetrics:
+    """Instruments created once from the global meter provider (set up by ``setup_telemetry``)."""
+
+    def __init__(self) -> None:
+        meter = metrics.get_meter("flashcrowd.gateway")
+        self.requests = meter.create_counter(METRIC_REQUESTS, unit="{request}", description="Calls handled")
+        self.duration = meter.create_histogram(
+            METRIC_DURATION, unit="s", description="Time from receiving a call to answering it"
+        )
+        self.errors = meter.create_counter(
+            METRIC_ERRORS, unit="{request}", description="Calls answered non-OK"
+        )
+        self.retries = meter.create_counter(METRIC_RETRIES, unit="{retry}", description="Backend retries")
+        self.rate_limited = meter.create_counter(
+            METRIC_RATE_LIMITED, unit="{request}", description="Calls refused by a rate or stream limit"
+        )
+
+    def record(
+        self, service: str, method: str, tenant: str, code: int, seconds: float, transport: str
+    ) -> None:
+        labels = {
+            RPC_SERVICE: service,
+            RPC_METHOD: method,
+            attributes.TENANT: tenant,
+            RPC_STATUS: code,
+            TRANSPORT: transport,
+        }
+        self.requests.add(1, labels)
+        self.duration.record(seconds, labels)
+        if code != 0:
+            self.errors.add(1, labels)
+
+
+__all__ = ["GatewayMetrics"]

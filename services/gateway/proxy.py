@@ -1,0 +1,465 @@
+"""The generic proxy: admit a call (auth, scope, limits), check its resources, forward raw bytes.
+
+Request bytes are parsed at most once (only for methods whose request carries resource names) and
+forwarded unchanged, so the gateway never re-serialises a message; responses are relayed as bytes.
+gRPC handlers (``grpc_handlers``) and the HTTP/JSON side (``http.py``) share ``Gateway.unary`` so
+both transports enforce exactly the same rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import logging
+import random
+import re
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+from google.longrunning import operations_proto_pb2
+from google.protobuf.message import DecodeError, Message
+from opentelemetry import trace
+
+from services.gateway import catalog
+from services.gateway.admin import GatewayApi
+from services.gateway.auth import Authenticator, KeyStore, Principal
+from services.gateway.catalog import MethodInfo, iter_resource_values
+from services.gateway.config import GatewaySettings
+from services.gateway.limits import RateLimiter, RetryBudget, StreamLimiter
+from services.gateway.metrics import GatewayMetrics
+from services.runtime import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+    attributes,
+    channel_options,
+    instrumented_channel,
+    retry_service_config,
+)
+from services.runtime.errors import STATUS_DETAILS_KEY
+
+logger = logging.getLogger(__name__)
+
+HeaderLookup = Callable[[str], str | None]
+
+#: Caller metadata relayed to backends; everything else (credentials, x-flashcrowd-*) stays here.
+FORWARDED_HEADERS = ("x-request-id",)
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_AUTH_HEADERS = ("authorization", "x-api-key", *FORWARDED_HEADERS)
+RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+_OPERATION_NOT_HERE = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED})
+
+
+class BackendError(Exception):
+    """A backend answered non-OK: relayed to the caller with its status details."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, status_details: bytes | None) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+        self.status_details = status_details
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        return ((STATUS_DETAILS_KEY, self.status_details),) if self.status_details else ()
+
+
+def _status_details(error: grpc.aio.AioRpcError) -> bytes | None:
+    for key, value in error.trailing_metadata() or ():
+        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+            return value
+    return None
+
+
+class BackendPool:
+    """A few channels to one backend, used round-robin; multicallables are created once per method."""
+
+    def __init__(self, name: str, target: str, settings: GatewaySettings) -> None:
+        self.name = name
+        self.target = target
+        options = [
+            *channel_options(settings, service_config=retry_service_config(())),
+            # Our own retry loop decides (budget, idempotency); the channel must not retry too.
+            ("grpc.enable_retries", 0),
+            # Fail a connection attempt after connect_timeout instead of the 20 s default, and keep
+            # the reconnect backoff short so a restarted backend is used again within seconds.
+            ("grpc.min_reconnect_backoff_ms", int(settings.connect_timeout_seconds * 1000)),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", int(settings.max_reconnect_backoff_seconds * 1000)),
+            # Separate connections per pooled channel (gRPC would otherwise share one subchannel).
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
+        # channel_options already sets enable_retries=1; the later entry must win, so drop it.
+        options = [opt for opt in options if opt != ("grpc.enable_retries", 1)]
+        self.channels = [
+            instrumented_channel(target, options=[*options, ("grpc.channel_id", index)])
+            for index in range(settings.channel_pool_size)
+        ]
+        self._next = itertools.cycle(range(len(self.channels)))
+        self._callables: dict[tuple[int, str], Any] = {}
+
+    def _callable(self, info: MethodInfo) -> Any:
+        index = next(self._next)
+        key = (index, info.full)
+        multicallable = self._callables.get(key)
+        if multicallable is None:
+            channel = self.channels[index]
+            if info.client_streaming and info.server_streaming:
+                factory = channel.stream_stream
+            elif info.client_streaming:
+                factory = channel.stream_unary
+            elif info.server_streaming:
+                factory = channel.unary_stream
+            else:
+                factory = channel.unary_unary
+            # No serializers: requests and responses stay bytes.
+            multicallable = self._callables[key] = factory(info.full)
+        return multicallable
+
+    def call(self, info: MethodInfo) -> Any:
+        return self._callable(info)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(channel.close() for channel in self.channels), return_exceptions=True)
+
+
+class _OperationRoutes:
+    """Remembers which backend created an operation (LRU), so Get/Wait/Cancel go straight there."""
+
+    def __init__(self, size: int = 50_000) -> None:
+        self.size = size
+        self._routes: OrderedDict[str, str] = OrderedDict()
+
+    def remember(self, name: str, backend: str) -> None:
+        self._routes[name] = backend
+        self._routes.move_to_end(name)
+        if len(self._routes) > self.size:
+            self._routes.popitem(last=False)
+
+    def lookup(self, name: str) -> str | None:
+        return self._routes.get(name)
+
+
+class Gateway:
+    """Everything a call goes through, independent of the transport it arrived on."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.store = KeyStore(settings.keystore_path)
+        self.authenticator = Authenticator(settings, self.store)
+        self.api = GatewayApi(self.store, self.authenticator)
+        self.local_handlers = self.api.handlers()
+        self.rate_limiter = RateLimiter(settings)
+        self.streams = StreamLimiter(settings.max_streams_per_tenant)
+        self.retry_budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_min_per_second)
+        self.metrics = GatewayMetrics()
+        self.backends: dict[str, BackendPool] = {
+            catalog.AUDIENCE: BackendPool(catalog.AUDIENCE, settings.audience_target, settings),
+            catalog.RETARGET: BackendPool(catalog.RETARGET, settings.retarget_target, settings),
+        }
+        self.operation_routes = _OperationRoutes()
+        self._tenant_header = settings.trusted_tenant_header
+        #: Backend attempts made, per method (tests and the bench read it).
+        self.attempts: dict[str, int] = {}
+
+    async def close(self) -> None:
+        await asyncio.gather(*(pool.close() for pool in self.backends.values()))
+        self.store.close()
+
+    # --- admission ---------------------------------------------------------------------------
+    def admit(self, info: MethodInfo, header: HeaderLookup) -> Principal:
+        """Authenticate, check the scope, bind the tenant and take a rate-limit token."""
+        principal = self.authenticator.authenticate(header)
+        if not principal.allows(info.scopes):
+            raise PermissionDenied(
+                f"{info.name} needs one of the scopes {sorted(info.scopes)}",
+                reason="MISSING_SCOPE",
+                metadata={"method": info.name, "scopes": " ".join(sorted(info.scopes))},
+            )
+        if info.backend != catalog.LOCAL and principal.tenant is None:
+            raise PermissionDenied(
+                "system credentials cannot call tenant APIs; use a tenant key", reason="TENANT_REQUIRED"
+            )
+        try:
+            self.rate_limiter.check(principal.tenant or "-system-", info.full)
+        except ResourceExhausted:
+            self.metrics.rate_limited.add(
+                1, {attributes.TENANT: principal.tenant or "", "rpc.method": info.name}
+            )
+            raise
+        return principal
+
+    def check_resources(self, info: MethodInfo, message: Message, principal: Principal) -> None:
+        """Every resource name in the request must be under ``tenants/{caller}``; else NOT_FOUND."""
+        assert principal.tenant is not None
+        own = f"tenants/{principal.tenant}"
+        for path, value, strict in iter_resource_values(message):
+            if value == own or value.startswith(own + "/"):
+                continue
+            if value.startswith("tenants/") or "tenants/" in value:
+                # Another tenant's (or a disguised) name: the same answer as a missing resource.
+                raise NotFound(_resource_type(value), value)
+            if strict:
+                raise InvalidArgument(path, f"must be a resource name under {own}")
+
+    def parse(self, info: MethodInfo, data: bytes) -> Message:
+        try:
+            return info.request_class.FromString(data)
+        except (DecodeError, RecursionError, ValueError):
+            raise InvalidArgument("request", f"not a valid {info.descriptor.input_type.name}") from None
+
+    def deadline(self, time_remaining: float | None, *, streaming: bool = False) -> float | None:
+        """Absolute (loop clock) deadline for backend calls: the caller's minus the margin."""
+        loop_now = asyncio.get_running_loop().time()
+        if time_remaining is None:
+            if streaming:
+                return None  # a follow stream may stay open as long as the caller wants
+            return loop_now + self.settings.default_deadline_seconds
+        budget = time_remaining - self.settings.deadline_margin_seconds
+        if budget <= 0:
+            raise DeadlineExceeded("deadline too short to reach the backend", reason="DEADLINE_TOO_SHORT")
+        return loop_now + budget
+
+    def outgoing_metadata(self, principal: Principal, header: HeaderLookup) -> tuple[tuple[str, str], ...]:
+        """The tenant the gateway vouches for, plus a well-formed request id; nothing else of the caller's."""
+        assert principal.tenant is not None
+        metadata: list[tuple[str, str]] = [(self._tenant_header, principal.tenant)]
+        for name in FORWARDED_HEADERS:
+            value = header(name)
+            if value is not None and _REQUEST_ID.fullmatch(value):
+                metadata.append((name, value))
+        return tuple(metadata)
+
+    # --- unary --------------------------------------------------------------------------------
+    async def unary(
+        self,
+        info: MethodInfo,
+        data: bytes,
+        header: HeaderLookup,
+        time_remaining: float | None,
+        *,
+        message: Message | None = None,
+        transport: str = "grpc",
+    ) -> bytes:
+        """Admit, check and forward one unary call; raises ServiceError or BackendError."""
+        started = time.perf_counter()
+        tenant = ""
+        code = 0
+        try:
+            principal = self.admit(info, header)
+            tenant = principal.tenant or ""
+            if tenant:
+                trace.get_current_span().set_attribute(attributes.TENANT, tenant)
+            if info.backend == catalog.LOCAL:
+                request = message if message is not None else self.parse(info, data)
+                response = await self.local_handlers[info.name](principal, request)
+                return response.SerializeToString()
+            if info.checks_resources:
+                request = message if message is not None else self.parse(info, data)
+                self.check_resources(info, request, principal)
+            else:
+                request = message
+            deadline = self.deadline(time_remaining)
+            metadata = self.outgoing_metadata(principal, header)
+            if info.backend == catalog.ROUTED:
+                return await self._routed(info, data, request, metadata, deadline)
+            response = await self._forward(self.backends[info.backend], info, data, metadata, deadline)
+            if info.returns_operation:
+                self._remember_operation(response, info.backend)
+            return response
+        except ServiceError as error:
+            code = error.code.value[0]
+            raise
+        except BackendError as error:
+            code = error.code.value[0]
+            raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED.value[0]
+            raise
+        finally:
+            self.metrics.record(
+                info.service, info.name, tenant, code, time.perf_counter() - started, transport
+            )
+
+    async def _forward(
+        self,
+        pool: BackendPool,
+        info: MethodInfo,
+        data: bytes,
+        metadata: Sequence[tuple[str, str]],
+        deadline: float | None,
+    ) -> bytes:
+        """One backend call with retries (idempotent methods only), backoff with jitter, budget."""
+        loop = asyncio.get_running_loop()
+        self.retry_budget.record_call()
+        attempt = 0
+        while True:
+            attempt += 1
+            timeout = None if deadline is None else deadline - loop.time()
+            if timeout is not None and timeout <= 0:
+                raise DeadlineExceeded(f"deadline exceeded calling the {pool.name} service")
+            self.attempts[info.full] = self.attempts.get(info.full, 0) + 1
+            try:
+                return await pool.call(info)(data, timeout=timeout, metadata=metadata, wait_for_ready=False)
+            except grpc.aio.AioRpcError as error:
+                code = error.code()
+                if (
+                    info.idempotent
+                    and code in RETRYABLE_CODES
+                    and attempt < self.settings.retry_max_attempts
+                    and self.retry_budget.try_spend()
+                ):
+                    ceiling = min(
+                        self.settings.retry_max_backoff_seconds,
+                        self.settings.retry_initial_backoff_seconds * 2 ** (attempt - 1),
+                    )
+                    pause = random.uniform(ceiling / 2, ceiling)  # "equal jitter": never zero
+                    if deadline is None or loop.time() + pause < deadline:
+                        self.metrics.retries.add(1, {"rpc.method": info.name})
+                        await asyncio.sleep(pause)
+                        continue
+                raise self._backend_error(pool, error) from None
+
+    @staticmethod
+    def _backend_error(pool: BackendPool, error: grpc.aio.AioRpcError) -> Exception:
+        code = error.code()
+        details = _status_details(error)
+        if details is None and code is grpc.StatusCode.UNAVAILABLE:
+            # A transport failure: its text names backend addresses, which callers need not see.
+            return Unavailable(
+                f"the {pool.name} service is unavailable",
+                retry_after_seconds=1.0,
+                reason="BACKEND_UNAVAILABLE",
+            )
+        if details is None and code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExceeded(f"deadline exceeded calling the {pool.name} service")
+        return BackendError(code, error.details() or "", details)
+
+    def _remember_operation(self, response: bytes, backend: str) -> None:
+        try:
+            operation = operations_proto_pb2.Operation.FromString(response)
+        except DecodeError:
+            return
+        if operation.name:
+            self.operation_routes.remember(operation.name, backend)
+
+    async def _routed(
+        self,
+        info: MethodInfo,
+        data: bytes,
+        request: Message | None,
+        metadata: Sequence[tuple[str, str]],
+        deadline: float | None,
+    ) -> bytes:
+        """google.longrunning.Operations: the backend that owns the operation answers."""
+        if request is None:
+            request = self.parse(info, data)
+        if info.name == "ListOperations":
+            return await self._list_operations(info, request, metadata, deadline)
+        name = getattr(request, "name", "")
+        known = self.operation_routes.lookup(name)
+        order = [known] if known else [catalog.AUDIENCE, catalog.RETARGET]
+        last: Exception | None = None
+        for backend in order:
+            try:
+                return await self._forward(self.backends[backend], info, data, metadata, deadline)
+            except BackendError as error:
+                if error.code not in _OPERATION_NOT_HERE:
+                    raise
+                last = error
+        if isinstance(last, BackendError) and last.code is grpc.StatusCode.NOT_FOUND:
+            raise last
+        raise NotFound("google.longrunning.Operation", name)
+
+    async def _list_operations(
+        self,
+        info: MethodInfo,
+        request: Message,
+        metadata: Sequence[tuple[str, str]],
+        deadline: float | None,
+    ) -> bytes:
+        """Both backends' operations, merged; the page token carries each backend's own token."""
+        assert isinstance(request, operations_proto_pb2.ListOperationsRequest)
+        tokens: dict[str, str] = {}
+        if request.page_token:
+            try:
+                tokens = json.loads(base64.urlsafe_b64decode(request.page_token.encode()))
+                if not isinstance(tokens, dict):
+                    raise ValueError
+            except ValueError:
+                raise InvalidArgument("page_token", "not a token of this gateway") from None
+        backends = [b for b in (catalog.AUDIENCE, catalog.RETARGET) if not request.page_token or b in tokens]
+        merged = operations_proto_pb2.ListOperationsResponse()
+        next_tokens: dict[str, str] = {}
+        for backend in backends:
+            sub = operations_proto_pb2.ListOperationsRequest()
+            sub.CopyFrom(request)
+            sub.page_token = str(tokens.get(backend, ""))
+            try:
+                raw = await self._forward(
+                    self.backends[backend], info, sub.SerializeToString(), metadata, deadline
+                )
+            except BackendError as error:
+                if error.code is grpc.StatusCode.UNIMPLEMENTED:
+                    continue
+                raise
+            page = operations_proto_pb2.ListOperationsResponse.FromString(raw)
+            merged.operations.extend(page.operations)
+            for operation in page.operations:
+                self.operation_routes.remember(operation.name, backend)
+            if page.next_page_token:
+                next_tokens[backend] = page.next_page_token
+        if next_tokens:
+            merged.next_page_token = base64.urlsafe_b64encode(json.dumps(next_tokens).encode()).decode()
+        return merged.SerializeToString()
+
+    # --- streaming ----------------------------------------------------------------------------
+    def _checked_requests(
+        self,
+        info: MethodInfo,
+        requests: AsyncIterator[bytes],
+        principal: Principal,
+        failure: list[Exception],
+        on_failure: Callable[[], None],
+    ) -> AsyncIterator[bytes]:
+        async def pump() -> AsyncIterator[bytes]:
+            async for data in requests:
+                if info.checks_resources:
+                    try:
+                        self.check_resources(info, self.parse(info, data), principal)
+                    except ServiceError as error:
+                        failure.append(error)
+                        on_failure()
+                        return
+                yield data
+
+        return pump()
+
+
+_COLLECTION_TYPES = {
+    "packs": "flashcrowd.dev/Pack",
+    "campaigns": "flashcrowd.dev/Campaign",
+    "couponTemplates": "flashcrowd.dev/CouponTemplate",
+    "coupons": "flashcrowd.dev/Coupon",
+    "operations": "google.longrunning.Operation",
+    "apiKeys": "flashcrowd.dev/ApiKey",
+}
+
+
+def _resource_type(value: str) -> str:
+    """The resource type a name denotes, by its last collection (``tenants/t/packs/p`` -> Pack)."""
+    parts = value.split("/")
+    collection = parts[-2] if len(parts) >= 4 and len(parts) % 2 == 0 else ""
+    return _COLLECTION_TYPES.get(collection, "flashcrowd.dev/Tenant")
+
+
+__all__ = ["BackendError", "BackendPool", "Gateway"]
