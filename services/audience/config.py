@@ -1,0 +1,88 @@
+"""Settings of the audience service (``FLASHCROWD_*`` environment variables).
+
+``load_settings(AudienceSettings)`` fails at start with the variable named, e.g.
+``FLASHCROWD_MAX_CONCURRENT_BUILDS: Input should be greater than or equal to 1 (got '0')``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from services.runtime import BaseServiceSettings
+from services.storage import DEFAULT_STORE_URL, check_prefix
+
+# gRPC metadata keys are lower-case ASCII; ``-bin`` keys carry bytes, not a tenant id.
+_METADATA_KEY = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+_STORE_SCHEMES = ("file://", "s3://")
+
+
+def _prefix(value: Any, *, name: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    if value and not value.endswith("/"):
+        value += "/"
+    try:
+        check_prefix(value)
+    except ValueError as error:
+        raise ValueError(f"invalid {name}: {error}") from None
+    return value
+
+
+class AudienceSettings(BaseServiceSettings):
+    """Fields of the audience process; each reads ``FLASHCROWD_<FIELD>``."""
+
+    #: Object store holding the event dataset, packs and operations (``open_store`` URL).
+    store_url: str = DEFAULT_STORE_URL
+    #: Where the event dataset (events, profiles, identity map, manifest) lives in the store.
+    dataset_prefix: str = "data/"
+    #: Where packs (bitmaps + manifests) live.
+    packs_prefix: str = "packs/"
+    #: Where finished and running long-running operations are recorded.
+    operations_prefix: str = "operations/"
+    #: Builds running at once (threads; polars releases the GIL for most of a build).
+    max_concurrent_builds: int = Field(default=2, ge=1, le=64)
+    #: Builds waiting for a worker; one more is refused with RESOURCE_EXHAUSTED and retry info.
+    max_queued_builds: int = Field(default=16, ge=0, le=10_000)
+    #: Smallest pack a persona is computed for (privacy minimum).
+    persona_min_size: int = Field(default=1000, ge=1)
+    #: Rows one upload may carry; more refuses the whole upload.
+    upload_max_rows: int = Field(default=5_000_000, ge=1)
+    #: Pack bitmaps kept in memory for CheckMembership (LRU).
+    membership_cache_packs: int = Field(default=64, ge=1)
+    #: How often (ms) CheckMembership re-reads a cached pack's latest-version pointer.
+    membership_refresh_ms: int = Field(default=2000, ge=0)
+    #: Metadata key the gateway sets (and overwrites) with the caller's tenant id.
+    trusted_tenant_header: str = "x-flashcrowd-tenant"
+    #: Longest a WaitOperation call blocks when the request sets no (or a longer) timeout.
+    max_wait_seconds: float = Field(default=60.0, gt=0)
+
+    @field_validator("store_url")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("must not be empty")
+        if "://" in value and not value.lower().startswith(_STORE_SCHEMES):
+            raise ValueError("expected file:///path, file://./relative, s3://host/bucket or a plain path")
+        return value
+
+    @field_validator("dataset_prefix", "packs_prefix", "operations_prefix", mode="before")
+    @classmethod
+    def _prefixes(cls, value: Any) -> Any:
+        return _prefix(value, name="prefix")
+
+    @field_validator("trusted_tenant_header", mode="before")
+    @classmethod
+    def _header(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        value = value.strip().lower()
+        if not _METADATA_KEY.fullmatch(value) or value.endswith("-bin") or value.startswith("grpc-"):
+            raise ValueError("must be a text gRPC metadata key ([a-z0-9_.-], not grpc-*, not *-bin)")
+        return value
+
+
+__all__ = ["AudienceSettings"]

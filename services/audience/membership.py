@@ -1,0 +1,181 @@
+"""CheckMembership: pack bitmaps cached in memory, checked a whole batch at a time.
+
+``MembershipCache`` keeps the most recently used pack bitmaps (LRU, keyed by tenant, pack and
+version) and each pack's latest version as last read from the pack store. A pack's latest-version
+pointer is re-read at most every ``refresh_ms`` milliseconds, so a refresh (new version) or a delete
+is seen within that bound without a store round trip on the hot path; ``invalidate`` makes it
+immediate inside this process (DeletePack, RefreshPack).
+
+``check_batch`` is vectorised: the requested ids become one Roaring bitmap, which is intersected with
+each pack (C code, no per-id Python), and the sorted intersection is mapped back to request order
+with a numpy binary search. Ids beyond uint32 are never members.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from pyroaring import BitMap
+
+UINT32_MAX = 0xFFFFFFFF
+
+
+class PackSource(Protocol):
+    """What the cache needs from the pack store."""
+
+    def get(self, tenant: str, pack_id: str, version: int = 0) -> Any: ...
+
+    def load_bitmap(self, tenant: str, pack_id: str, version: int = 0) -> tuple[BitMap, Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CachedPack:
+    tenant: str
+    pack_id: str
+    version: int
+    bitmap: BitMap
+
+    @property
+    def name(self) -> str:
+        return f"tenants/{self.tenant}/packs/{self.pack_id}"
+
+
+class MembershipCache:
+    """LRU of pack bitmaps with a bounded-staleness latest-version pointer per pack."""
+
+    def __init__(
+        self,
+        packs: PackSource,
+        *,
+        capacity: int = 64,
+        refresh_ms: int = 2000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.packs = packs
+        self.capacity = capacity
+        self.refresh_seconds = refresh_ms / 1000.0
+        self.clock = clock
+        self._bitmaps: OrderedDict[tuple[str, str, int], BitMap] = OrderedDict()
+        self._latest: dict[tuple[str, str], tuple[int, float]] = {}  # -> (version, checked at)
+        self._lock = threading.Lock()
+        self._inflight: dict[tuple[str, str], asyncio.Future[CachedPack]] = {}
+        self.loads = 0  # bitmaps read from the store (for tests and metrics)
+
+    def _fresh(self, tenant: str, pack_id: str) -> CachedPack | None:
+        with self._lock:
+            pointer = self._latest.get((tenant, pack_id))
+            if pointer is None:
+                return None
+            version, checked = pointer
+            if self.clock() - checked > self.refresh_seconds:
+                return None
+            key = (tenant, pack_id, version)
+            bitmap = self._bitmaps.get(key)
+            if bitmap is None:
+                return None
+            self._bitmaps.move_to_end(key)
+            return CachedPack(tenant, pack_id, version, bitmap)
+
+    def _refresh(self, tenant: str, pack_id: str) -> CachedPack:
+        """Blocking: read the latest-version pointer, and the bitmap if it is not cached."""
+        pack = self.packs.get(tenant, pack_id)
+        version = int(pack.version)
+        key = (tenant, pack_id, version)
+        with self._lock:
+            bitmap = self._bitmaps.get(key)
+        if bitmap is None:
+            bitmap, loaded = self.packs.load_bitmap(tenant, pack_id, version)
+            version = int(loaded.version) or version
+            key = (tenant, pack_id, version)
+            self.loads += 1
+        with self._lock:
+            # Older versions of this pack are no longer served from here: drop them now.
+            for old in [k for k in self._bitmaps if k[:2] == (tenant, pack_id) and k != key]:
+                del self._bitmaps[old]
+            self._bitmaps[key] = bitmap
+            self._bitmaps.move_to_end(key)
+            while len(self._bitmaps) > self.capacity:
+                (t, p, _), _ = self._bitmaps.popitem(last=False)
+                self._latest.pop((t, p), None)
+            self._latest[(tenant, pack_id)] = (version, self.clock())
+        return CachedPack(tenant, pack_id, version, bitmap)
+
+    async def get(self, tenant: str, pack_id: str) -> CachedPack:
+        """The latest version of a pack, from memory when the pointer is fresh enough.
+
+        Store errors (``NotFound`` for a missing pack) propagate. Concurrent misses for one pack
+        share one store read.
+        """
+        cached = self._fresh(tenant, pack_id)
+        if cached is not None:
+            return cached
+        key = (tenant, pack_id)
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[CachedPack] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            result = await asyncio.to_thread(self._refresh, tenant, pack_id)
+        except BaseException as error:
+            future.set_exception(error)
+            future.exception()  # mark retrieved: waiters (if any) re-raise it themselves
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            self._inflight.pop(key, None)
+
+    def invalidate(self, tenant: str, pack_id: str) -> None:
+        with self._lock:
+            self._latest.pop((tenant, pack_id), None)
+            for key in [k for k in self._bitmaps if k[:2] == (tenant, pack_id)]:
+                del self._bitmaps[key]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._bitmaps)
+
+
+def as_user_ids(values: Sequence[int]) -> np.ndarray:
+    """Request ids (a protobuf repeated uint64) as a uint64 array."""
+    return np.fromiter(values, dtype=np.uint64, count=len(values))
+
+
+def check_batch(bitmaps: Sequence[BitMap], user_ids: np.ndarray) -> list[np.ndarray]:
+    """One boolean array per bitmap: is ``user_ids[i]`` a member? Vectorised, request order kept."""
+    n = len(user_ids)
+    if n == 0:
+        return [np.zeros(0, dtype=bool) for _ in bitmaps]
+    in_range = user_ids <= UINT32_MAX
+    all_in_range = bool(in_range.all())
+    ids32 = (user_ids if all_in_range else user_ids[in_range]).astype(np.uint32)
+    query = BitMap(array.array("I", ids32.tobytes()))
+    results: list[np.ndarray] = []
+    for bitmap in bitmaps:
+        members = np.frombuffer((query & bitmap).to_array(), dtype=np.uint32)
+        if members.size == 0:
+            results.append(np.zeros(n, dtype=bool))
+            continue
+        # members is sorted: a binary search per id tells whether it is one of them.
+        position = np.searchsorted(members, ids32)
+        position[position == members.size] = 0
+        hit = members[position] == ids32
+        if not all_in_range:
+            full = np.zeros(n, dtype=bool)
+            full[in_range] = hit
+            hit = full
+        results.append(hit)
+    return results
+
+
+__all__ = ["UINT32_MAX", "CachedPack", "MembershipCache", "PackSource", "as_user_ids", "check_batch"]

@@ -1,0 +1,133 @@
+"""Assemble the audience server: AudienceService, google.longrunning.Operations, health, reflection.
+
+``create_audience_server(settings)`` is what tests call (port 0) and ``build_service(settings)``
+is what ``python -m services.audience`` hands to the runtime's ``run_service``; both wire the same
+``AudienceApp``: one object store, the pack store, the operation manager (recovered at start-up),
+the membership cache and the servicers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from dataclasses import dataclass
+
+import grpc
+from flashcrowd.audience.v1 import audience_service_pb2, audience_service_pb2_grpc
+from google.longrunning import operations_pb2, operations_pb2_grpc
+
+from services.audience.config import AudienceSettings
+from services.audience.membership import MembershipCache
+from services.audience.operations import OperationManager, OperationsServicer
+from services.audience.packstore import PackStore
+from services.audience.servicer import AudienceServicer
+from services.audience.tenancy import Tenancy
+from services.runtime import ServiceDefinition, create_server
+from services.storage import ObjectStore, open_store
+
+logger = logging.getLogger(__name__)
+
+AUDIENCE_SERVICE = audience_service_pb2.DESCRIPTOR.services_by_name["AudienceService"].full_name
+OPERATIONS_SERVICE = operations_pb2.DESCRIPTOR.services_by_name["Operations"].full_name
+
+
+@dataclass
+class AudienceApp:
+    """Everything one audience process holds; tests reach into it (store, packs, operations)."""
+
+    settings: AudienceSettings
+    store: ObjectStore
+    packs: PackStore
+    operations: OperationManager
+    membership: MembershipCache
+    tenancy: Tenancy
+    servicer: AudienceServicer
+    operations_servicer: OperationsServicer
+
+    @property
+    def service_names(self) -> list[str]:
+        return [AUDIENCE_SERVICE, OPERATIONS_SERVICE]
+
+    def register(self, server: grpc.aio.Server) -> None:
+        audience_service_pb2_grpc.add_AudienceServiceServicer_to_server(self.servicer, server)
+        operations_pb2_grpc.add_OperationsServicer_to_server(self.operations_servicer, server)
+
+    async def close(self) -> None:
+        await self.operations.close(self.settings.grace_seconds)
+
+
+def build_app(settings: AudienceSettings, store: ObjectStore | None = None) -> AudienceApp:
+    """Open the store and wire the components; marks operations of a dead predecessor failed."""
+    store = store if store is not None else open_store(settings.store_url)
+    packs = PackStore(store, settings.packs_prefix)
+    operations = OperationManager(
+        store,
+        settings.operations_prefix,
+        max_workers=settings.max_concurrent_builds,
+        max_queued=settings.max_queued_builds,
+    )
+    failed = operations.recover()
+    if failed:
+        logger.warning("marked %d operation(s) of a previous process failed", failed)
+    membership = MembershipCache(
+        packs, capacity=settings.membership_cache_packs, refresh_ms=settings.membership_refresh_ms
+    )
+    tenancy = Tenancy(settings.trusted_tenant_header)
+    servicer = AudienceServicer(settings, store, packs, operations, membership, tenancy)
+    ops_servicer = OperationsServicer(operations, tenancy, max_wait_seconds=settings.max_wait_seconds)
+    return AudienceApp(settings, store, packs, operations, membership, tenancy, servicer, ops_servicer)
+
+
+def _lookalike_definition(app: AudienceApp) -> ServiceDefinition | None:
+    """The LookalikeService, when its implementation is present (another issue's module)."""
+    try:
+        module = importlib.import_module("services.audience.lookalike.service")
+    except ModuleNotFoundError:
+        return None
+    factory = getattr(module, "lookalike_service", None)
+    return factory(app) if factory is not None else None
+
+
+async def build_service(settings: AudienceSettings, store: ObjectStore | None = None) -> ServiceDefinition:
+    """The runtime's view of this service (``run_service``'s ``build``)."""
+    app = await asyncio.to_thread(build_app, settings, store)
+    return _definition(app)
+
+
+def _definition(app: AudienceApp) -> ServiceDefinition:
+    names = list(app.service_names)
+    registers = [app.register]
+    extra = _lookalike_definition(app)
+    if extra is not None:
+        names.extend(extra.names)
+        registers.append(extra.register)
+
+    def register(server: grpc.aio.Server) -> None:
+        for fn in registers:
+            fn(server)
+
+    return ServiceDefinition(names=names, register=register, on_stop=[app.close])
+
+
+async def create_audience_server(
+    settings: AudienceSettings, store: ObjectStore | None = None
+) -> tuple[grpc.aio.Server, int, AudienceApp]:
+    """Build and start a server (``settings.port`` 0 picks a free port); return it, its port and the app.
+
+    Stop it with ``await server.stop(grace)`` then ``await app.close()``.
+    """
+    app = await asyncio.to_thread(build_app, settings, store)
+    definition = _definition(app)
+    server, port = await create_server(settings, service_names=definition.names, register=definition.register)
+    return server, port, app
+
+
+__all__ = [
+    "AUDIENCE_SERVICE",
+    "OPERATIONS_SERVICE",
+    "AudienceApp",
+    "build_app",
+    "build_service",
+    "create_audience_server",
+]

@@ -1,0 +1,133 @@
+"""The calling tenant of an audience RPC, and the resource names that carry it.
+
+Direct callers (tests, batch jobs inside the cluster) name the tenant in ``parent``/``name``. Behind
+the gateway, the trusted metadata header (``x-flashcrowd-tenant`` by default; the gateway sets it and
+overwrites whatever the caller sent) names the authenticated tenant: the tenant of every resource a
+request touches must equal it, else the call fails with NOT_FOUND exactly as if the resource did
+not exist, so that one tenant cannot probe another's pack ids.
+
+Every RPC goes through ``Tenancy.authorize``; names are parsed with the ``parse_*`` helpers, which
+raise ``InvalidArgument`` naming the request field.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import grpc
+
+from services.audience.names import ID_RULE, PACK_TYPE, is_valid_id, pack_name, tenant_name
+from services.audience.names import parse_pack_name as _parse_pack_name
+from services.audience.names import parse_tenant_name as _parse_tenant_name
+from services.runtime import InvalidArgument, NotFound
+
+_OPERATION_NAME = re.compile(r"tenants/([^/]+)/operations/([a-z0-9]{1,64})")
+_OPERATIONS_PARENT = re.compile(r"tenants/([^/]+?)(?:/operations)?")
+
+TENANT_TYPE = "flashcrowd.dev/Tenant"
+OPERATION_TYPE = "google.longrunning.Operation"
+
+
+def check_id(value: str, field: str, what: str = "id") -> str:
+    if not value:
+        raise InvalidArgument(field, "required")
+    if not is_valid_id(value):
+        raise InvalidArgument(field, f"invalid {what} {value[:80]!r}: {ID_RULE}")
+    return value
+
+
+def operation_name(tenant: str, operation_id: str) -> str:
+    return f"tenants/{tenant}/operations/{operation_id}"
+
+
+def parse_parent(value: str, field: str = "parent") -> str:
+    """``tenants/{t}`` -> ``t``."""
+    if not value:
+        raise InvalidArgument(field, "required (tenants/{tenant})")
+    try:
+        return _parse_tenant_name(value)
+    except ValueError as error:
+        raise InvalidArgument(field, str(error)[:300]) from None
+
+
+def parse_pack_name(value: str, field: str = "name") -> tuple[str, str]:
+    """``tenants/{t}/packs/{p}`` -> ``(t, p)``."""
+    if not value:
+        raise InvalidArgument(field, "required (tenants/{tenant}/packs/{pack})")
+    try:
+        return _parse_pack_name(value)
+    except ValueError as error:
+        raise InvalidArgument(field, str(error)[:300]) from None
+
+
+def parse_operation_name(value: str, field: str = "name") -> tuple[str, str]:
+    """``tenants/{t}/operations/{id}`` -> ``(t, id)``."""
+    if not value:
+        raise InvalidArgument(field, "required (tenants/{tenant}/operations/{id})")
+    match = _OPERATION_NAME.fullmatch(value)
+    if match is None or not is_valid_id(match.group(1)):
+        raise InvalidArgument(field, f"expected tenants/{{tenant}}/operations/{{id}}, got {value[:120]!r}")
+    return match.group(1), match.group(2)
+
+
+def parse_operations_parent(value: str, field: str = "name") -> str:
+    """ListOperations' ``name``: ``tenants/{t}`` or ``tenants/{t}/operations`` -> ``t``."""
+    if not value:
+        raise InvalidArgument(field, "required (tenants/{tenant})")
+    match = _OPERATIONS_PARENT.fullmatch(value)
+    if match is None or not is_valid_id(match.group(1)):
+        raise InvalidArgument(field, f"expected tenants/{{tenant}}, got {value[:120]!r}")
+    return match.group(1)
+
+
+@dataclass(frozen=True)
+class Tenancy:
+    """Checks a request's resources against the trusted tenant header, when there is one."""
+
+    header: str = "x-flashcrowd-tenant"
+
+    def trusted_tenant(self, context: grpc.aio.ServicerContext | None) -> str | None:
+        """The tenant the gateway vouched for, or None for a direct caller."""
+        if context is None:
+            return None
+        for key, value in context.invocation_metadata() or ():
+            if key == self.header:
+                return value if isinstance(value, str) else value.decode("utf-8", "replace")
+        return None
+
+    def authorize(
+        self,
+        context: grpc.aio.ServicerContext | None,
+        tenant: str,
+        *,
+        resource_type: str = PACK_TYPE,
+        name: str = "",
+    ) -> str:
+        """Return ``tenant`` if the caller may act on it, else raise NOT_FOUND for ``name``.
+
+        ``name`` is the resource the request addressed (``tenants/t/packs/p``); it defaults to the
+        tenant itself, for collection calls (ListPacks, CheckMembership).
+        """
+        trusted = self.trusted_tenant(context)
+        if trusted is not None and trusted != tenant:
+            if not name:
+                resource_type, name = TENANT_TYPE, tenant_name(tenant)
+            raise NotFound(resource_type, name)
+        return tenant
+
+
+__all__ = [
+    "OPERATION_TYPE",
+    "PACK_TYPE",
+    "TENANT_TYPE",
+    "Tenancy",
+    "check_id",
+    "operation_name",
+    "pack_name",
+    "parse_operation_name",
+    "parse_operations_parent",
+    "parse_pack_name",
+    "parse_parent",
+    "tenant_name",
+]

@@ -1,0 +1,308 @@
+"""UploadPack: hashed identifiers in, a pack of matched users out; and hashing at the edge.
+
+Server side (``read_upload`` -> ``check_rows`` -> ``match_rows``):
+
+* The stream's first message is the header (``parent``, ``pack_id``, ``id_type``, ``hash_type``);
+  a missing, late or repeated header, or a header field out of range, is INVALID_ARGUMENT naming the
+  field, before any row is looked at.
+* More than ``max_rows`` rows refuses the whole upload (INVALID_ARGUMENT, reason
+  ``UPLOAD_TOO_LARGE``) and nothing is written.
+* Each row is checked on its own (vectorised with polars): wrong length or non-hex rows, and rows
+  that look like raw PII (a phone number, an e-mail, a device id in clear) are invalid, reported by
+  zero-based index and reason, and never written anywhere. One bad row never fails the upload.
+* Valid rows are lower-cased, de-duplicated (counted) and semi-joined with the identity map's
+  ``sha256``/``md5`` column for the declared ``id_type``; the matched users form the pack.
+
+Edge side (``hash_at_edge``): the CLI normalises raw identifiers and hashes them (SHA-256) before
+anything leaves the machine, so that raw values are never sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+from flashcrowd.audience.v1 import audience_service_pb2, pack_pb2
+from pyroaring import BitMap
+
+from services.audience.tenancy import check_id, parse_parent
+from services.events.identity import InvalidIdentifier, hash_identifier
+from services.runtime import InvalidArgument
+
+#: Invalid rows returned in the response (all are counted).
+MAX_REPORTED_INVALID = 1000
+RAW_PII_REASON = "raw PII: hash before upload (SHA-256 of the normalised value)"
+
+_HASH_NAMES = {
+    audience_service_pb2.HASH_TYPE_SHA256: ("sha256", 64, "SHA-256"),
+    audience_service_pb2.HASH_TYPE_MD5: ("md5", 32, "MD5"),
+}
+_ID_TYPES = {
+    audience_service_pb2.ID_TYPE_PHONE,
+    audience_service_pb2.ID_TYPE_OAID,
+    audience_service_pb2.ID_TYPE_IMEI,
+    audience_service_pb2.ID_TYPE_IDFA,
+    audience_service_pb2.ID_TYPE_EMAIL,
+}
+
+
+@dataclass(frozen=True)
+class UploadHeader:
+    """A validated upload header."""
+
+    tenant: str
+    pack_id: str
+    id_type: int  # IdType number == services.events.schema.IdType code
+    hash_column: str  # "sha256" or "md5"
+    hash_length: int
+    hash_label: str
+    header: audience_service_pb2.UploadPackHeader
+
+
+def parse_header(header: audience_service_pb2.UploadPackHeader) -> UploadHeader:
+    """Validate the header; INVALID_ARGUMENT listing every bad field (``header.<field>``)."""
+    problems: list[tuple[str, str]] = []
+    tenant = pack_id = ""
+    try:
+        tenant = parse_parent(header.parent, "header.parent")
+    except InvalidArgument as error:
+        problems.extend(error.violations)
+    try:
+        pack_id = check_id(header.pack_id, "header.pack_id", "pack id")
+    except InvalidArgument as error:
+        problems.extend(error.violations)
+    if header.id_type not in _ID_TYPES:
+        problems.append(("header.id_type", "required: one of PHONE, OAID, IMEI, IDFA, EMAIL"))
+    if header.hash_type not in _HASH_NAMES:
+        problems.append(("header.hash_type", "required: SHA256 or MD5"))
+    if header.HasField("ttl") and (header.ttl.seconds < 0 or header.ttl.nanos < 0):
+        problems.append(("header.ttl", "must not be negative"))
+    for key in header.labels:
+        if not key or len(key) > 63:
+            problems.append((f"header.labels[{key[:40]!r}]", "label keys are 1-63 characters"))
+    if problems:
+        raise InvalidArgument(problems, reason="INVALID_UPLOAD_HEADER")
+    column, length, label = _HASH_NAMES[header.hash_type]
+    return UploadHeader(tenant, pack_id, int(header.id_type), column, length, label, header)
+
+
+@dataclass
+class Upload:
+    header: UploadHeader
+    rows: pl.Series  # Utf8, in upload order
+
+
+async def read_upload(
+    requests: AsyncIterator[audience_service_pb2.UploadPackRequest],
+    *,
+    max_rows: int,
+    on_header: object = None,
+) -> Upload:
+    """Consume the client stream: header first, then chunks; enforce ``max_rows``.
+
+    ``on_header`` (an async callable taking the ``UploadHeader``) runs before any chunk is read, so
+    that e.g. ALREADY_EXISTS fails the call before the client streams millions of rows.
+    """
+    header: UploadHeader | None = None
+    chunks: list[pl.Series] = []
+    received = 0
+    index = 0
+    async for message in requests:
+        kind = message.WhichOneof("payload")
+        if kind == "header":
+            if index != 0:
+                raise InvalidArgument(
+                    "header",
+                    f"only the first message may carry the header (message {index} repeats it)",
+                    reason="UPLOAD_HEADER_REPEATED",
+                )
+            header = parse_header(message.header)
+            if on_header is not None:
+                await on_header(header)  # type: ignore[operator]
+        elif kind == "chunk":
+            if header is None:
+                raise InvalidArgument(
+                    "header", "the first message must carry the header", reason="UPLOAD_HEADER_MISSING"
+                )
+            received += len(message.chunk.hashed_ids)
+            if received > max_rows:
+                raise InvalidArgument(
+                    "chunk.hashed_ids",
+                    f"upload too large: more than {max_rows} rows; split it into several packs",
+                    reason="UPLOAD_TOO_LARGE",
+                    metadata={"maxRows": max_rows},
+                )
+            if message.chunk.hashed_ids:
+                chunks.append(pl.Series("id", list(message.chunk.hashed_ids), dtype=pl.Utf8))
+        else:
+            raise InvalidArgument(
+                "payload", f"message {index} has neither header nor chunk", reason="UPLOAD_EMPTY_MESSAGE"
+            )
+        index += 1
+    if header is None:
+        raise InvalidArgument(
+            "header", "the first message must carry the header", reason="UPLOAD_HEADER_MISSING"
+        )
+    if received == 0:
+        raise InvalidArgument("chunk.hashed_ids", "no identifiers uploaded", reason="UPLOAD_EMPTY")
+    rows = pl.concat(chunks) if len(chunks) > 1 else chunks[0]
+    return Upload(header, rows)
+
+
+@dataclass
+class RowCheck:
+    """Outcome of the per-row checks."""
+
+    hashes: pl.Series  # distinct valid digests, lower-case
+    received: int
+    valid: int
+    invalid: int
+    duplicates: int
+    invalid_rows: list[tuple[int, str]] = field(default_factory=list)  # the first MAX_REPORTED_INVALID
+
+
+def check_rows(rows: pl.Series, *, hash_length: int, hash_label: str) -> RowCheck:
+    """Classify every row (vectorised): valid digests, and invalid rows with index and reason."""
+    other_label, other_length = ("MD5", 32) if hash_length == 64 else ("SHA-256", 64)
+    frame = (
+        pl.DataFrame({"raw": rows})
+        .with_row_index("index")
+        .with_columns(pl.col("raw").fill_null("").str.strip_chars().alias("text"))
+    )
+    text = pl.col("text")
+    length = text.str.len_chars()
+    is_hex = text.str.contains(r"^[0-9a-fA-F]+$")
+    digits = text.str.count_matches(r"\d")
+    looks_phone = text.str.contains(r"^\+?[\d\s().\-]+$") & digits.is_between(7, 15)
+    looks_email = text.str.contains(r"^[^@\s]+@[^@\s]+$")
+    looks_device = text.str.contains(r"^[0-9a-fA-F]+(-[0-9a-fA-F]+)+$")  # UUID-style OAID / IDFA
+    valid = is_hex & (length == hash_length)
+    reason = (
+        pl.when(valid)
+        .then(pl.lit(None, dtype=pl.Utf8))
+        .when(length == 0)
+        .then(pl.lit("empty row"))
+        .when(looks_phone | looks_email | looks_device)
+        .then(pl.lit(RAW_PII_REASON))
+        .when(is_hex & (length == other_length))
+        .then(
+            pl.lit(
+                f"wrong length: {other_length} hex chars looks like {other_label}, header says {hash_label}"
+            )
+        )
+        .when(is_hex)
+        .then(
+            pl.format(
+                "wrong length: {} hex chars, expected {} for {}", length, hash_length, pl.lit(hash_label)
+            )
+        )
+        .otherwise(pl.lit(f"not a hex {hash_label} digest"))
+    )
+    checked = frame.with_columns(reason.alias("reason"), valid.alias("valid"))
+    good = checked.filter(pl.col("valid")).get_column("text").str.to_lowercase()
+    bad = checked.filter(~pl.col("valid"))
+    distinct = good.unique()
+    return RowCheck(
+        hashes=distinct,
+        received=len(rows),
+        valid=len(good),
+        invalid=bad.height,
+        duplicates=len(good) - len(distinct),
+        invalid_rows=[
+            (int(i), str(r)) for i, r in bad.head(MAX_REPORTED_INVALID).select("index", "reason").iter_rows()
+        ],
+    )
+
+
+def match_rows(
+    identity: pl.LazyFrame, id_type: int, hash_column: str, hashes: pl.Series
+) -> tuple[BitMap, int]:
+    """Users whose identity-map digest of ``id_type`` is in ``hashes``; and how many digests matched.
+
+    ``identity`` is the identity map (``user_id``, ``id_type``, ``sha256``, ``md5``).
+    """
+    wanted = pl.LazyFrame({hash_column: hashes})
+    found = (
+        identity.filter(pl.col("id_type") == id_type)
+        .select("user_id", hash_column)
+        .join(wanted, on=hash_column, how="semi")
+        .collect()
+    )
+    user_ids = found.get_column("user_id").unique().to_numpy().astype(np.uint32)
+    matched = found.get_column(hash_column).n_unique() if found.height else 0
+    return BitMap(user_ids), int(matched)
+
+
+def upload_stats(check: RowCheck, matched: int) -> pack_pb2.UploadStats:
+    distinct = len(check.hashes)
+    return pack_pb2.UploadStats(
+        received=check.received,
+        valid=check.valid,
+        invalid=check.invalid,
+        duplicates=check.duplicates,
+        matched=matched,
+        match_rate=(matched / distinct) if distinct else 0.0,
+    )
+
+
+def invalid_row_messages(check: RowCheck) -> list[audience_service_pb2.InvalidRow]:
+    return [audience_service_pb2.InvalidRow(index=i, reason=r) for i, r in check.invalid_rows]
+
+
+# --- edge hashing (CLI) ---------------------------------------------------------------------------
+
+
+@dataclass
+class EdgeHashed:
+    """Raw identifiers hashed on the client: digests in input order of the valid rows."""
+
+    hashes: list[str]
+    invalid_rows: list[tuple[int, str]]  # (input index, reason): never contains the raw value
+
+
+def hash_at_edge(id_type: int | str, values: Iterable[str]) -> EdgeHashed:
+    """Normalise each raw identifier for ``id_type`` and SHA-256 it; invalid ones are reported.
+
+    Raw values stay in this process: only digests are returned for sending.
+    """
+    hashes: list[str] = []
+    invalid: list[tuple[int, str]] = []
+    for index, value in enumerate(values):
+        try:
+            sha256, _ = hash_identifier(id_type, value)
+        except InvalidIdentifier as error:
+            invalid.append((index, str(error)))
+            continue
+        hashes.append(sha256)
+    return EdgeHashed(hashes, invalid)
+
+
+def upload_requests(
+    header: audience_service_pb2.UploadPackHeader, hashes: Sequence[str], *, chunk_rows: int = 50_000
+) -> Iterable[audience_service_pb2.UploadPackRequest]:
+    """The request stream of an upload: the header, then chunks of ``chunk_rows`` digests."""
+    yield audience_service_pb2.UploadPackRequest(header=header)
+    for start in range(0, len(hashes), chunk_rows):
+        yield audience_service_pb2.UploadPackRequest(
+            chunk=audience_service_pb2.UploadPackChunk(hashed_ids=hashes[start : start + chunk_rows])
+        )
+
+
+__all__ = [
+    "MAX_REPORTED_INVALID",
+    "RAW_PII_REASON",
+    "EdgeHashed",
+    "RowCheck",
+    "Upload",
+    "UploadHeader",
+    "check_rows",
+    "hash_at_edge",
+    "invalid_row_messages",
+    "match_rows",
+    "parse_header",
+    "read_upload",
+    "upload_requests",
+    "upload_stats",
+]
