@@ -148,9 +148,34 @@ def compile_route(info: MethodInfo, rule: http_pb2.HttpRule) -> Route:
     )
 
 
+#: Bindings the gateway adds: google.longrunning's own annotations only know ``operations/**`` names,
+#: while flashcrowd's operations are named ``tenants/{tenant}/operations/{id}``.
+EXTRA_RULES: dict[str, tuple[http_pb2.HttpRule, ...]] = {
+    "/google.longrunning.Operations/ListOperations": (
+        http_pb2.HttpRule(get="/v1/{name=tenants/*}/operations"),
+    ),
+    "/google.longrunning.Operations/GetOperation": (
+        http_pb2.HttpRule(get="/v1/{name=tenants/*/operations/*}"),
+    ),
+    "/google.longrunning.Operations/DeleteOperation": (
+        http_pb2.HttpRule(delete="/v1/{name=tenants/*/operations/*}"),
+    ),
+    "/google.longrunning.Operations/CancelOperation": (
+        http_pb2.HttpRule(post="/v1/{name=tenants/*/operations/*}:cancel", body="*"),
+    ),
+    "/google.longrunning.Operations/WaitOperation": (
+        http_pb2.HttpRule(post="/v1/{name=tenants/*/operations/*}:wait", body="*"),
+    ),
+}
+
+
 def all_routes() -> list[Route]:
-    """Every annotated method's routes; routes with a custom verb are tried first."""
-    routes = [compile_route(info, rule) for info in METHODS.values() for rule in info.http_rules]
+    """Every annotated method's routes (plus EXTRA_RULES); routes with a custom verb are tried first."""
+    routes = [
+        compile_route(info, rule)
+        for info in METHODS.values()
+        for rule in (*info.http_rules, *EXTRA_RULES.get(info.full, ()))
+    ]
     return sorted(routes, key=lambda route: (route.verb == "", -route.template.count("/")))
 
 
