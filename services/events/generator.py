@@ -25,6 +25,7 @@ How it works
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import resource
@@ -43,7 +44,6 @@ import polars as pl
 import pyarrow as pa
 
 from services.events import world as W
-from services.events.identity import hash_normalised, normalise
 from services.events.schema import INTEREST_TAGS, EventType, IdType
 from services.events.sharding import NUM_BUCKETS, Shard, buckets_np
 from services.storage.base import ObjectStore
@@ -856,42 +856,54 @@ def synthetic_identities(user_ids: np.ndarray | list[int], seed: int) -> list[tu
     match known users. Each user has a unique phone number (85% of users have one), Android users
     an OAID (and some an IMEI), iOS users with tracking allowed an IDFA, 25% an e-mail.
     """
+    return [(u, IdType(t), raw) for u, t, raw, _norm in _synthetic(user_ids, seed)]
+
+
+def _synthetic(user_ids: np.ndarray | list[int], seed: int) -> list[tuple[int, int, str, str]]:
+    """``(user_id, id_type, raw, normalised)``; ``normalised == identity.normalise(id_type, raw)``."""
     uids = np.asarray(user_ids, dtype=np.uint64)
     salt = np.uint64((seed * 0x2545F4914F6CDD1D + 0x1234567) & 0xFFFFFFFFFFFFFFFF)
     with np.errstate(over="ignore"):
         base = uids * np.uint64(0x100000001B3) ^ salt
-    h = [_mix64(base + np.uint64(k)) for k in range(8)]
-    roll = [(x % np.uint64(10_000)).astype(np.int64) for x in h[:4]]
+    h = [_mix64(base + np.uint64(k)).tolist() for k in range(8)]  # Python ints: fast scalar access
     seed_off = (seed * 104_729) % 1_000_000_000
-    out: list[tuple[int, IdType, str]] = []
-    for i, u in enumerate(uids.tolist()):
-        android = roll[1][i] < 7_200
-        if roll[0][i] < 8_500:
-            body = (u * 738_197_629 + seed_off) % 1_000_000_000
-            mobile = f"1{'3456789'[int(h[4][i] % np.uint64(7))]}{body:09d}"
-            fmt = int(h[4][i] >> np.uint64(40)) % 5
-            raw = (
-                mobile,
-                f"+86 {mobile[:3]}-{mobile[3:7]}-{mobile[7:]}",
-                f"0086{mobile}",
-                f"{mobile[:3]} {mobile[3:7]} {mobile[7:]}",
-                f"+86{mobile}",
-            )[fmt]
-            out.append((u, IdType.PHONE, raw))
-        if android and roll[2][i] < 9_000:
-            oaid = _uuid(int(h[5][i]), int(h[6][i]))
-            out.append((u, IdType.OAID, oaid.upper() if roll[3][i] % 2 else oaid))
-        if android and roll[2][i] % 10 < 3:
-            body = f"86{int(h[7][i] % np.uint64(10**12)):012d}"
-            out.append((u, IdType.IMEI, body + _luhn_digit(body)))
-        if not android and roll[2][i] < 5_500:
-            out.append((u, IdType.IDFA, _uuid(int(h[6][i]), int(h[5][i])).upper()))
-        if roll[3][i] < 2_500:
-            word = _EMAIL_WORDS[int(h[7][i] >> np.uint64(50)) % len(_EMAIL_WORDS)]
-            num = (u * 2_654_435_761 + seed_off) % 1_000_000_000
-            dom = _EMAIL_DOMAINS[int(h[5][i] >> np.uint64(55)) % len(_EMAIL_DOMAINS)]
-            raw = f"{word}.{num:09d}@{dom}"
-            out.append((u, IdType.EMAIL, f" {raw.title()} " if roll[3][i] % 3 == 0 else raw))
+    phone, oaid, imei, idfa, email = (int(t) for t in (IdType.PHONE, IdType.OAID, IdType.IMEI, IdType.IDFA,
+                                                       IdType.EMAIL))  # fmt: skip
+    n_words, n_domains = len(_EMAIL_WORDS), len(_EMAIL_DOMAINS)
+    out: list[tuple[int, int, str, str]] = []
+    append = out.append
+    for u, h0, h1, h2, h3, h4, h5, h6, h7 in zip(uids.tolist(), *h, strict=True):
+        r0, r1, r2, r3 = h0 % 10_000, h1 % 10_000, h2 % 10_000, h3 % 10_000
+        android = r1 < 7_200
+        if r0 < 8_500:
+            mobile = f"1{'3456789'[h4 % 7]}{(u * 738_197_629 + seed_off) % 1_000_000_000:09d}"
+            fmt = (h4 >> 40) % 5
+            if fmt == 0:
+                raw = mobile
+            elif fmt == 1:
+                raw = f"+86 {mobile[:3]}-{mobile[3:7]}-{mobile[7:]}"
+            elif fmt == 2:
+                raw = f"0086{mobile}"
+            elif fmt == 3:
+                raw = f"{mobile[:3]} {mobile[3:7]} {mobile[7:]}"
+            else:
+                raw = f"+86{mobile}"
+            append((u, phone, raw, "86" + mobile))
+        if android and r2 < 9_000:
+            value = _uuid(h5, h6)
+            append((u, oaid, value.upper() if r3 % 2 else value, value))
+        if android and r2 % 10 < 3:
+            body = f"86{h7 % 10**12:012d}"
+            value = body + _luhn_digit(body)
+            append((u, imei, value, value))
+        if not android and r2 < 5_500:
+            value = _uuid(h6, h5)
+            append((u, idfa, value.upper(), value))
+        if r3 < 2_500:
+            word = _EMAIL_WORDS[(h7 >> 50) % n_words]
+            dom = _EMAIL_DOMAINS[(h5 >> 55) % n_domains]
+            value = f"{word}.{(u * 2_654_435_761 + seed_off) % 1_000_000_000:09d}@{dom}"
+            append((u, email, f" {value.title()} " if r3 % 3 == 0 else value, value))
     return out
 
 
@@ -1065,20 +1077,15 @@ def _profiles_frame(uids: np.ndarray, lat: _Latent, start_date: date) -> pl.Data
 
 
 def _identity_frame(uids: np.ndarray, seed: int) -> pl.DataFrame:
-    rows = synthetic_identities(uids, seed)
-    users, types, shas, md5s = [], [], [], []
-    for u, t, raw in rows:
-        sha, md5 = hash_normalised(normalise(t, raw))
-        users.append(u)
-        types.append(int(t))
-        shas.append(sha)
-        md5s.append(md5)
+    rows = _synthetic(uids, seed)
+    values = [norm.encode() for _u, _t, _raw, norm in rows]
+    sha256, md5 = hashlib.sha256, hashlib.md5
     return pl.DataFrame(
         {
-            "user_id": pl.Series(users, dtype=pl.UInt32),
-            "id_type": pl.Series(types, dtype=pl.UInt8),
-            "sha256": pl.Series(shas, dtype=pl.Utf8),
-            "md5": pl.Series(md5s, dtype=pl.Utf8),
+            "user_id": pl.Series([r[0] for r in rows], dtype=pl.UInt32),
+            "id_type": pl.Series([r[1] for r in rows], dtype=pl.UInt8),
+            "sha256": pl.Series([sha256(v).hexdigest() for v in values], dtype=pl.Utf8),
+            "md5": pl.Series([md5(v, usedforsecurity=False).hexdigest() for v in values], dtype=pl.Utf8),
         }
     )
 
@@ -1137,8 +1144,8 @@ def _clear_existing(store: ObjectStore, prefix: str, overwrite: bool) -> None:
         return
     if not overwrite:
         raise DatasetExistsError(
-            f"{store.url} already has a dataset under prefix {prefix!r}; pass --overwrite (overwrite=True) "
-            "to replace it, or choose another --prefix"
+            f"{store.url} already has a dataset under prefix {prefix!r}; replace it with --overwrite "
+            "(overwrite=True from Python) or choose another --prefix"
         )
     old_files: list[str] = []
     with contextlib.suppress(KeyError, ValueError):  # ObjectNotFound is a KeyError
