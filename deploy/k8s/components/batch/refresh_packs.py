@@ -6,9 +6,9 @@ only the standard library and PyYAML, which the image has):
     python refresh_packs.py --schedule /etc/flashcrowd/scheduled/scheduled-packs.yaml
 
 For each pack it runs, with one run id shared by the shards and the merge (also exported as
-FLASHCROWD_RUN_ID to the builds):
+FLASHCROWD_RUN_ID), the dataset prefix from FLASHCROWD_DATASET_PREFIX when set:
 
-    flashcrowd pack build SPEC --tenant T --pack-id P --shard i/n     for i in 0..n-1
+    flashcrowd pack build SPEC --tenant T --pack-id P --shard i/n --run-id R [--prefix D] --no-progress
     flashcrowd pack merge --tenant T --pack-id P --shards n --run-id R
 
 A failing pack is reported and the others still refresh; the exit status is 1 if any failed,
@@ -83,11 +83,26 @@ def load_schedule(path: Path) -> list[ScheduledPack]:
     return packs
 
 
-def commands(pack: ScheduledPack, run_id: str, cli: str = "flashcrowd") -> list[list[str]]:
+def commands(
+    pack: ScheduledPack, run_id: str, cli: str = "flashcrowd", prefix: str | None = None
+) -> list[list[str]]:
     """The CLI invocations that refresh ``pack``: every shard's build, then the merge."""
     common = ["--tenant", pack.tenant, "--pack-id", pack.pack_id]
+    dataset = ["--prefix", prefix] if prefix else []
     builds = [
-        [cli, "pack", "build", str(pack.spec), *common, "--shard", f"{i}/{pack.shards}"]
+        [
+            cli,
+            "pack",
+            "build",
+            str(pack.spec),
+            *common,
+            "--shard",
+            f"{i}/{pack.shards}",
+            "--run-id",
+            run_id,
+            *dataset,
+            "--no-progress",
+        ]
         for i in range(pack.shards)
     ]
     merge = [cli, "pack", "merge", *common, "--shards", str(pack.shards), "--run-id", run_id]
@@ -97,14 +112,17 @@ def commands(pack: ScheduledPack, run_id: str, cli: str = "flashcrowd") -> list[
 Runner = Callable[..., subprocess.CompletedProcess]
 
 
-def refresh(pack: ScheduledPack, run_id: str, *, cli: str = "flashcrowd", run: Runner = subprocess.run) -> bool:
+def refresh(
+    pack: ScheduledPack, run_id: str, *, cli: str = "flashcrowd", run: Runner = subprocess.run
+) -> bool:
     env = {**os.environ, "FLASHCROWD_RUN_ID": run_id}
-    for argv in commands(pack, run_id, cli):
+    for argv in commands(pack, run_id, cli, os.environ.get("FLASHCROWD_DATASET_PREFIX")):
         print(f"refresh {pack.tenant}/{pack.pack_id}: {' '.join(argv)}", flush=True)
         result = run(argv, env=env, check=False)
         if result.returncode != 0:
             print(
-                f"refresh {pack.tenant}/{pack.pack_id}: FAILED (exit {result.returncode}) at: {' '.join(argv)}",
+                f"refresh {pack.tenant}/{pack.pack_id}: FAILED (exit {result.returncode}) "
+                f"at: {' '.join(argv)}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -131,7 +149,10 @@ def main(argv: Sequence[str] | None = None, *, run: Runner = subprocess.run) -> 
     for pack in packs:
         started = time.monotonic()
         ok = refresh(pack, run_id, cli=args.cli, run=run)
-        print(f"refresh {pack.tenant}/{pack.pack_id}: {'ok' if ok else 'failed'} in {time.monotonic() - started:.1f}s")
+        print(
+            f"refresh {pack.tenant}/{pack.pack_id}: {'ok' if ok else 'failed'} "
+            f"in {time.monotonic() - started:.1f}s"
+        )
         if not ok:
             failed.append(f"{pack.tenant}/{pack.pack_id}")
     print(f"refresh {run_id}: {len(packs) - len(failed)} of {len(packs)} packs refreshed", flush=True)
