@@ -57,7 +57,6 @@ FORWARDED_HEADERS = ("x-request-id",)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _AUTH_HEADERS = ("authorization", "x-api-key", *FORWARDED_HEADERS)
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
-_OPERATION_NOT_HERE = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED})
 
 
 class BackendError(Exception):
@@ -271,7 +270,9 @@ class Gateway:
             deadline = self.deadline(time_remaining)
             metadata = self.outgoing_metadata(principal, header)
             if info.backend == catalog.ROUTED:
-                return await self._routed(info, data, request, metadata, deadline)
+                return await self._routed(
+                    info, data, request, metadata, deadline, caller_deadline=time_remaining is not None
+                )
             response = await self._forward(self.backends[info.backend], info, data, metadata, deadline)
             if info.returns_operation:
                 self._remember_operation(response, info.backend)
@@ -359,6 +360,8 @@ class Gateway:
         request: Message | None,
         metadata: Sequence[tuple[str, str]],
         deadline: float | None,
+        *,
+        caller_deadline: bool,
     ) -> bytes:
         """google.longrunning.Operations: the backend that owns the operation answers."""
         if request is None:
@@ -366,19 +369,12 @@ class Gateway:
         if info.name == "ListOperations":
             return await self._list_operations(info, request, metadata, deadline)
         name = getattr(request, "name", "")
-        known = self.operation_routes.lookup(name)
-        order = [known] if known else [catalog.AUDIENCE, catalog.RETARGET]
-        last: Exception | None = None
-        for backend in order:
-            try:
-                return await self._forward(self.backends[backend], info, data, metadata, deadline)
-            except BackendError as error:
-                if error.code not in _OPERATION_NOT_HERE:
-                    raise
-                last = error
-        if isinstance(last, BackendError) and last.code is grpc.StatusCode.NOT_FOUND:
-            raise last
-        raise NotFound("google.longrunning.Operation", name)
+        backend = self.operation_routes.lookup(name) or _operation_backend(name)
+        if info.name == "WaitOperation" and not caller_deadline:
+            # WaitOperation blocks up to its own timeout: give it that long (plus a little), not the default.
+            wait = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else 60.0
+            deadline = asyncio.get_running_loop().time() + min(max(wait, 0.0), 600.0) + 5.0
+        return await self._forward(self.backends[backend], info, data, metadata, deadline)
 
     async def _list_operations(
         self,
@@ -443,6 +439,12 @@ class Gateway:
                 yield data
 
         return pump()
+
+
+def _operation_backend(name: str) -> str:
+    """Launch operations are ``tenants/{t}/campaigns/{c}/operations/launch``; pack builds are
+    ``tenants/{t}/operations/{id}``."""
+    return catalog.RETARGET if "/campaigns/" in name else catalog.AUDIENCE
 
 
 _COLLECTION_TYPES = {

@@ -165,6 +165,7 @@ EXTRA_RULES: dict[str, tuple[http_pb2.HttpRule, ...]] = {
     ),
     "/google.longrunning.Operations/WaitOperation": (
         http_pb2.HttpRule(post="/v1/{name=tenants/*/operations/*}:wait", body="*"),
+        http_pb2.HttpRule(post="/v1/{name=tenants/*/campaigns/*/operations/*}:wait", body="*"),
     ),
 }
 

@@ -154,3 +154,79 @@ async def fake_stack(
     stack = await start_stack(settings, {"alpha": ALL, "beta": ALL})
     yield stack, fake_backend
     await stack.close()
+
+
+# --- real backends ------------------------------------------------------------------------------
+
+
+@dataclass
+class RealStack:
+    """Gateway in front of a real audience and a real retarget server, on a small generated world."""
+
+    gateway: Stack
+    audience_target: str
+    retarget_target: str
+    closers: list = field(default_factory=list)
+
+    async def close(self) -> None:
+        await self.gateway.close()
+        for closer in reversed(self.closers):
+            await closer()
+
+
+async def start_real_backends(root: Path) -> tuple[str, str, list]:
+    """Audience (local store with a generated world) and retarget (SQLite ledger) on port 0."""
+    from services.audience.config import AudienceSettings
+    from services.audience.server import create_audience_server
+    from services.events.generator import GenConfig, generate
+    from services.retarget.config import RetargetSettings
+    from services.retarget.server import create_retarget_server
+    from services.storage import LocalObjectStore
+
+    store_dir = root / "store"
+    generate(LocalObjectStore(store_dir), GenConfig(users=3000, days=3, seed=11))
+    closers: list = []
+    audience_settings = load_settings(
+        AudienceSettings,
+        store_url=str(store_dir),
+        port=0,
+        grace_seconds=0.2,
+        persona_min_size=50,
+        membership_refresh_ms=200,
+        log_json=False,
+    )
+    a_server, a_port, a_app = await create_audience_server(audience_settings)
+    closers.append(a_app.close)
+    closers.append(lambda: a_server.stop(None))
+    audience_target = f"127.0.0.1:{a_port}"
+    retarget_settings = load_settings(
+        RetargetSettings,
+        database_url=f"sqlite:///{root / 'retarget.db'}",
+        audience_target=audience_target,
+        port=0,
+        grace_seconds=0.2,
+        log_json=False,
+    )
+    r_server, r_port, r_app = await create_retarget_server(retarget_settings)
+    closers.append(r_app.close)
+    closers.append(lambda: r_server.stop(None))
+    return audience_target, f"127.0.0.1:{r_port}", closers
+
+
+@pytest.fixture(scope="session")
+async def real_stack(
+    tmp_path_factory: pytest.TempPathFactory, rsa_public_pem: str
+) -> AsyncIterator[RealStack]:
+    root = tmp_path_factory.mktemp("gateway-real")
+    audience_target, retarget_target, closers = await start_real_backends(root)
+    settings = gateway_settings(
+        root,
+        rsa_public_pem,
+        audience_target=audience_target,
+        retarget_target=retarget_target,
+        default_rate_limit={"rate": 10_000, "burst": 10_000},
+    )
+    gateway = await start_stack(settings, {"alpha": ALL, "beta": ALL})
+    stack = RealStack(gateway, audience_target, retarget_target, closers)
+    yield stack
+    await stack.close()
