@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
@@ -67,6 +68,12 @@ class AudienceSettings(BaseServiceSettings):
             raise ValueError("must not be empty")
         if "://" in value and not value.lower().startswith(_STORE_SCHEMES):
             raise ValueError("expected file:///path, file://./relative, s3://host/bucket or a plain path")
+        if value.lower().startswith("s3://"):
+            parts = urlsplit(value)
+            if not parts.hostname or not parts.path.strip("/") or "/" in parts.path.strip("/"):
+                raise ValueError(
+                    "an S3 store URL names a host and exactly one bucket: s3://host[:port]/bucket"
+                )
         return value
 
     @field_validator("dataset_prefix", "packs_prefix", "operations_prefix", mode="before")

@@ -416,29 +416,34 @@ class OperationManager:
         self._finish(job, response, error)
 
     def _finish(self, job: _Job, response: Message | None, error: BaseException | None) -> None:
-        with self._lock:
-            job.done = True
+        try:
+            status: status_pb2.Status | None = None
+            packed: any_pb2.Any | None = None
+            if error is None:
+                try:
+                    packed = any_pb2.Any()
+                    packed.Pack(response if response is not None else empty_pb2.Empty())
+                except Exception as exc:  # the job returned something that is not a message
+                    logger.error(
+                        "operation %s returned %r, not a message", job.name, type(response), exc_info=exc
+                    )
+                    error = exc
             if error is not None:
-                job.error = status_of(error, operation=job.name)
-            elif response is not None:
-                packed = any_pb2.Any()
-                packed.Pack(response)
-                job.response = packed
-            else:
-                job.response = any_pb2.Any()
-                job.response.Pack(empty_pb2.Empty())
-            _set_time(job.metadata, "end_time")
-            if error is None and "progress_percent" in job.metadata.DESCRIPTOR.fields_by_name:
-                job.metadata.progress_percent = 100.0
-        try:
-            self._persist(job)
-        except Exception:
-            logger.exception("could not record the outcome of operation %s", job.name)
-        try:
+                status = status_of(error, operation=job.name)
+            with self._lock:
+                job.done = True
+                job.error, job.response = status, (packed if status is None else None)
+                _set_time(job.metadata, "end_time")
+                if status is None and "progress_percent" in job.metadata.DESCRIPTOR.fields_by_name:
+                    job.metadata.progress_percent = 100.0
+            try:
+                self._persist(job)
+            except Exception:
+                logger.exception("could not record the outcome of operation %s", job.name)
             if job.on_done is not None:
                 job.on_done()
         except Exception:
-            logger.exception("on_done of operation %s failed", job.name)
+            logger.exception("finishing operation %s failed", job.name)
         finally:
             self._release()
             self._wake(job)

@@ -1,0 +1,77 @@
+"""``python -m services.audience`` as a real process, and its configuration errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+
+import grpc
+import pytest
+from flashcrowd.audience.v1 import audience_service_pb2 as api
+from flashcrowd.audience.v1 import audience_service_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.audience.config import AudienceSettings
+from services.runtime import ConfigError, load_settings
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("FLASHCROWD_MAX_CONCURRENT_BUILDS", "0"),
+        ("FLASHCROWD_PERSONA_MIN_SIZE", "-3"),
+        ("FLASHCROWD_UPLOAD_MAX_ROWS", "lots"),
+        ("FLASHCROWD_TRUSTED_TENANT_HEADER", "x-tenant-bin"),
+        ("FLASHCROWD_STORE_URL", "ftp://files/x"),
+        ("FLASHCROWD_STORE_URL", "s3://minio:9000"),
+        ("FLASHCROWD_DATASET_PREFIX", "../data"),
+    ],
+)
+def test_bad_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(AudienceSettings)
+    assert variable in str(caught.value)
+
+
+def test_settings_defaults() -> None:
+    settings = load_settings(AudienceSettings, store_url="./var/store")
+    assert settings.dataset_prefix == "data/" and settings.max_concurrent_builds == 2
+    assert settings.persona_min_size == 1000 and settings.upload_max_rows == 5_000_000
+    assert settings.trusted_tenant_header == "x-flashcrowd-tenant"
+
+
+async def test_module_serves_and_stops_on_sigterm(local_world) -> None:
+    _, url = local_world
+    env = {**os.environ, "FLASHCROWD_STORE_URL": url, "FLASHCROWD_PORT": "0", "FLASHCROWD_LOG_JSON": "true"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.audience", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        port = None
+        while port is None:
+            line = await asyncio.wait_for(process.stderr.readline(), timeout=60)
+            assert line, "process exited before serving"
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("message") == "serving":
+                port = entry["port"]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "flashcrowd.audience.v1.AudienceService", "google.longrunning.Operations"):
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            stub = audience_service_pb2_grpc.AudienceServiceStub(channel)
+            listed = await stub.ListPacks(api.ListPacksRequest(parent="tenants/nobody"))
+            assert not listed.packs
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
