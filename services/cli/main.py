@@ -19,6 +19,7 @@ from services.cli.common import CliError
 COMMANDS: list[str] = [
     "services.cli.gen",
     "services.cli.pack",
+    "services.cli.demo",
 ]
 
 

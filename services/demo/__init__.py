@@ -1,0 +1,1 @@
+"""The flash-sale demo (``flashcrowd demo``): the seed story end to end on embedded defaults."""
