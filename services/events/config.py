@@ -1,0 +1,63 @@
+"""Settings of the real-time path: event bus, ingest, compactor (``FLASHCROWD_*`` variables).
+
+``FLASHCROWD_BUS_URL`` picks the bus: ``memory://`` (embedded default: in-process, for the demo)
+or ``nats://127.0.0.1:4222`` (NATS JetStream).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from services.runtime import BaseServiceSettings
+from services.storage import DEFAULT_STORE_URL, check_prefix
+
+__all__ = ["RealtimeSettings"]
+
+
+class RealtimeSettings(BaseServiceSettings):
+    """Fields of the ingest and compactor processes; each reads ``FLASHCROWD_<FIELD>``."""
+
+    #: ``memory://`` (in-process) or ``nats://host:port[?stream=NAME]``.
+    bus_url: str = "memory://"
+    #: Shards of the event stream (subjects ``flashcrowd.events.<shard>``); a user's events always
+    #: land in the shard owning its bucket (``services.events.sharding``).
+    bus_shards: int = Field(default=4, ge=1, le=256)
+    #: How long (s) ingest waits for the stream to confirm a batch before answering UNAVAILABLE.
+    ingest_ack_timeout: float = Field(default=2.0, gt=0, le=60)
+    #: Events one request may carry.
+    ingest_max_events: int = Field(default=10_000, ge=1, le=100_000)
+    #: Events per bus message (per shard).
+    ingest_message_events: int = Field(default=1000, ge=1, le=10_000)
+    #: Events later than now + this are rejected.
+    ingest_max_future_seconds: float = Field(default=300.0, ge=0)
+    #: Events older than now - this are rejected (the retention window of the dataset).
+    ingest_retention_days: float = Field(default=400.0, gt=0)
+    #: Object store holding the event dataset (``open_store`` URL).
+    store_url: str = DEFAULT_STORE_URL
+    #: Where the event dataset lives in the store.
+    dataset_prefix: str = "data/"
+    #: Compactor: publish a micro-batch at this many events ...
+    compactor_max_events: int = Field(default=500_000, ge=1)
+    #: ... or when its oldest event has waited this long (s), whichever comes first.
+    compactor_max_age_seconds: float = Field(default=60.0, gt=0, le=3600)
+    #: Name of the compactor's durable consumer.
+    compactor_consumer: str = "compactor"
+
+    @field_validator("bus_url")
+    @classmethod
+    def _bus_url(cls, value: str) -> str:
+        value = value.strip()
+        if not value.lower().startswith(("memory://", "nats://", "tls://")):
+            raise ValueError("expected memory:// or nats://host:port")
+        return value
+
+    @field_validator("dataset_prefix", mode="before")
+    @classmethod
+    def _prefix(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value and not value.endswith("/"):
+                value += "/"
+            check_prefix(value)
+        return value
