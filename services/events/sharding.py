@@ -14,6 +14,8 @@ files are skipped too.
 
 from __future__ import annotations
 
+import contextlib
+import operator
 import re
 from dataclasses import dataclass
 
@@ -68,6 +70,11 @@ class Shard:
     count: int
 
     def __post_init__(self) -> None:
+        for name in ("index", "count"):  # accept numpy integers too, store plain ints
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                with contextlib.suppress(TypeError):
+                    object.__setattr__(self, name, operator.index(value))
         if not isinstance(self.count, int) or not 1 <= self.count <= NUM_BUCKETS:
             raise ValueError(f"shard count must be an integer in 1..{NUM_BUCKETS}, got {self.count!r}")
         if not isinstance(self.index, int) or not 0 <= self.index < self.count:
