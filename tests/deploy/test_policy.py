@@ -98,7 +98,7 @@ def test_config_wires_the_services_together(rendered) -> None:
     assert data["gateway"]["FLASHCROWD_RETARGET_TARGET"] == "dns:///retarget-headless:50051"
     assert data["gateway"]["FLASHCROWD_HTTP_PORT"] == "8080"
     assert data["retarget"]["FLASHCROWD_AUDIENCE_TARGET"] == "dns:///audience-headless:50051"
-    assert data["audience"]["FLASHCROWD_NATS_URL"] == "nats://nats:4222"
+    assert data["audience"]["FLASHCROWD_BUS_URL"] == "nats://nats:4222"
     store = next(
         o for o in objs if o["kind"] == "Secret" and o["metadata"]["name"].startswith("flashcrowd-store-")
     )
