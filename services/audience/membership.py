@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+from flashcrowd.audience.v1 import audience_service_pb2
 from pyroaring import BitMap
 
 UINT32_MAX = 0xFFFFFFFF
@@ -147,8 +148,12 @@ class MembershipCache:
 
 
 def as_user_ids(values: Sequence[int]) -> np.ndarray:
-    """Request ids (a protobuf repeated uint64) as a uint64 array."""
-    return np.fromiter(values, dtype=np.uint64, count=len(values))
+    """Request ids (a protobuf repeated uint64) as a uint64 array.
+
+    ``np.array`` reads the repeated field through its sequence protocol in C: about 25x faster
+    than ``np.fromiter`` for 1,000 ids.
+    """
+    return np.array(values, dtype=np.uint64)
 
 
 def check_batch(bitmaps: Sequence[BitMap], user_ids: np.ndarray) -> list[np.ndarray]:
@@ -159,7 +164,8 @@ def check_batch(bitmaps: Sequence[BitMap], user_ids: np.ndarray) -> list[np.ndar
     in_range = user_ids <= UINT32_MAX
     all_in_range = bool(in_range.all())
     ids32 = (user_ids if all_in_range else user_ids[in_range]).astype(np.uint32)
-    query = BitMap(array.array("I", ids32.tobytes()))
+    # Roaring builds a bitmap from sorted input faster; the search below keeps request order.
+    query = BitMap(array.array("I", np.sort(ids32).tobytes()))
     results: list[np.ndarray] = []
     for bitmap in bitmaps:
         members = np.frombuffer((query & bitmap).to_array(), dtype=np.uint32)
@@ -178,4 +184,50 @@ def check_batch(bitmaps: Sequence[BitMap], user_ids: np.ndarray) -> list[np.ndar
     return results
 
 
-__all__ = ["UINT32_MAX", "CachedPack", "MembershipCache", "PackSource", "as_user_ids", "check_batch"]
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field (wire type 2)."""
+    return _varint((number << 3) | 2) + _varint(len(payload)) + payload
+
+
+def membership_response(
+    names: Sequence[str], versions: Sequence[int], flags: Sequence[np.ndarray]
+) -> audience_service_pb2.CheckMembershipResponse:
+    """``CheckMembershipResponse`` built from bool arrays without a Python object per flag.
+
+    ``PackMembership.members`` is a packed ``repeated bool`` (field 3): one byte 0/1 per flag, which
+    is exactly a numpy bool array's memory. Encoding the three fields by hand and parsing the bytes
+    once is ~4x cheaper than ``members=flags.tolist()`` for 3 x 1,000 flags (it was the largest
+    cost of a CheckMembership call). Equal to the straightforward construction (see the tests).
+    """
+    parts = []
+    for name, version, hit in zip(names, versions, flags, strict=True):
+        body = _field(1, name.encode("utf-8"))
+        if version:
+            body += _varint(2 << 3) + _varint(version)  # field 2, varint
+        if len(hit):
+            body += _field(3, np.ascontiguousarray(hit, dtype=np.bool_).view(np.uint8).tobytes())
+        parts.append(_field(1, body))  # CheckMembershipResponse.results
+    return audience_service_pb2.CheckMembershipResponse.FromString(b"".join(parts))
+
+
+__all__ = [
+    "UINT32_MAX",
+    "CachedPack",
+    "MembershipCache",
+    "PackSource",
+    "as_user_ids",
+    "check_batch",
+    "membership_response",
+]

@@ -24,6 +24,7 @@ import base64
 import binascii
 import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -416,6 +417,12 @@ class OperationManager:
         self._finish(job, response, error)
 
     def _finish(self, job: _Job, response: Message | None, error: BaseException | None) -> None:
+        """Record the outcome, run ``on_done``, then make it visible, free the slot and wake waiters.
+
+        In that order: once a caller sees the operation done, its outcome is in the store, the
+        job's reservations are released and its worker slot is free.
+        """
+        released = False
         try:
             status: status_pb2.Status | None = None
             packed: any_pb2.Any | None = None
@@ -429,23 +436,34 @@ class OperationManager:
                     )
                     error = exc
             if error is not None:
-                status = status_of(error, operation=job.name)
+                status, packed = status_of(error, operation=job.name), None
             with self._lock:
-                job.done = True
-                job.error, job.response = status, (packed if status is None else None)
-                _set_time(job.metadata, "end_time")
-                if status is None and "progress_percent" in job.metadata.DESCRIPTOR.fields_by_name:
-                    job.metadata.progress_percent = 100.0
+                metadata = type(job.metadata)()
+                metadata.CopyFrom(job.metadata)
+            _set_time(metadata, "end_time")
+            if status is None and "progress_percent" in metadata.DESCRIPTOR.fields_by_name:
+                metadata.progress_percent = 100.0
+            final = dataclasses.replace(job, done=True, error=status, response=packed, metadata=metadata)
             try:
-                self._persist(job)
+                self.store.put_bytes(self._key(job.tenant, job.op_id), _record(final), "application/json")
             except Exception:
                 logger.exception("could not record the outcome of operation %s", job.name)
-            if job.on_done is not None:
-                job.on_done()
+            try:
+                if job.on_done is not None:
+                    job.on_done()
+            except Exception:
+                logger.exception("on_done of operation %s failed", job.name)
+            with self._lock:
+                job.metadata, job.error, job.response, job.done = metadata, status, packed, True
+                self._active -= 1
+                released = True
         except Exception:
             logger.exception("finishing operation %s failed", job.name)
         finally:
-            self._release()
+            if not released:
+                with self._lock:
+                    job.done = True
+                    self._active -= 1
             self._wake(job)
             self._trim()
 

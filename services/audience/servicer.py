@@ -35,7 +35,7 @@ from services.audience import builder as pack_builder
 from services.audience import persona as pack_persona
 from services.audience.bots import bot_bitmap
 from services.audience.config import AudienceSettings
-from services.audience.membership import MembershipCache, as_user_ids, check_batch
+from services.audience.membership import MembershipCache, as_user_ids, check_batch, membership_response
 from services.audience.operations import JobContext, OperationManager, request_fingerprint
 from services.audience.packstore import PackStore
 from services.audience.spec_validation import validate_spec
@@ -489,12 +489,7 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
             keys.append(pack_id)
         cached = [await self.membership.get(tenant, pack_id) for pack_id in keys]
         flags = check_batch([c.bitmap for c in cached], as_user_ids(request.user_ids))
-        return audience_service_pb2.CheckMembershipResponse(
-            results=[
-                audience_service_pb2.PackMembership(pack=name, version=c.version, members=f.tolist())
-                for name, c, f in zip(request.packs, cached, flags, strict=True)
-            ]
-        )
+        return membership_response(request.packs, [c.version for c in cached], flags)
 
     # --- ExportPack ---------------------------------------------------------------------------------
 

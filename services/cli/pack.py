@@ -4,6 +4,7 @@
     flashcrowd pack merge --tenant T --pack-id P --shards n --run-id R
     flashcrowd pack show --tenant T --pack-id P [--version N]
     flashcrowd pack list --tenant T [--filter 'labels.k=v AND state=READY']
+    flashcrowd pack upload FILE --tenant T --pack-id P --id-type phone --raw   (via the service)
 
 ``build`` runs the same builder as the audience service. Without ``--shard`` it publishes a new
 version; with ``--shard i/n`` it stages that shard's part under ``packs/{tenant}/{pack}/staging/{run}/``
@@ -57,6 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     show.add_argument("--pack-id", required=True)
     show.add_argument("--version", type=int, default=0, help="version (default: latest)")
     show.set_defaults(_pack_run=_show)
+
+    from services.cli.pack_upload import add_upload_arguments, run_upload
+
+    upload = sub.add_parser(
+        "upload", help="upload identifiers as a pack (UploadPack); --raw hashes them here"
+    )
+    add_upload_arguments(upload)
+    upload.set_defaults(_pack_run=run_upload)
 
     lst = sub.add_parser("list", help="list a tenant's packs, newest first")
     common(lst)

@@ -270,3 +270,36 @@ async def test_tenant_isolation(svc) -> None:
         api.GetPackRequest(name=foreign), metadata=(("x-flashcrowd-tenant", owner),)
     )
     assert same.name == foreign and same.size == pack.size
+
+
+async def test_cli_upload_hashes_raw_values_at_the_edge(svc, tmp_path, capsys) -> None:
+    import asyncio
+    import json
+
+    from services.cli.main import main
+
+    tenant = svc.new_tenant()
+    phones = _known(IdType.PHONE, range(1, 301))
+    path = tmp_path / "crm.csv"
+    rows = ["name,phone"] + [f"user {u},{raw}" for u, raw in phones.items()]
+    rows.insert(4, "broken,call me maybe")  # data row 3 (0-based) cannot be normalised: reported, never sent
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    argv = [
+        "pack", "upload", str(path), "--tenant", tenant, "--pack-id", "crm", "--id-type", "phone",
+        "--raw", "--column", "phone", "--server", f"127.0.0.1:{svc.port}", "--label", "src=crm", "--json",
+    ]  # fmt: skip
+    assert await asyncio.to_thread(main, argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert int(out["stats"]["received"]) == len(phones) and int(out["stats"]["matched"]) == len(phones)
+    assert out["invalidBeforeSending"][0]["row"] == 3
+    assert out["pack"]["labels"] == {"src": "crm"}
+    assert svc.app.packs.load_bitmap(tenant, "crm")[0] == BitMap(phones)
+    stored = b"".join(svc.store.get_bytes(info.key) for info in svc.store.list(f"packs/{tenant}/"))
+    assert not any(raw.encode() in stored for raw in list(phones.values())[:20])
+
+    # Without --raw, raw values are sent as they are and the server refuses them row by row.
+    plain = [a if a != "crm" else "crm2" for a in argv if a != "--raw"]
+    assert await asyncio.to_thread(main, plain) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert int(out["stats"]["invalid"]) == len(phones) + 1 and int(out["pack"].get("size", 0)) == 0
+    assert {r["reason"] for r in out["invalidRows"]} >= {RAW_PII_REASON}
