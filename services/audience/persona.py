@@ -9,9 +9,17 @@ e.g. in a pack built with ``include_bots``, are left out and counted in ``bots_e
   event in the category / members with any categorised event; likewise for the population.
 
 TGI = 100 * share / population_share: 100 is "as in the population", 200 "twice as common".
+
+The population side (a scan of every profile and every event) is computed once per dataset version
+and bot set and kept in a small in-process cache; a pack's own side is a join against it.
 """
 
 from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import polars as pl
 from flashcrowd.audience.v1 import pack_pb2
@@ -30,6 +38,72 @@ DEFAULT_MIN_SIZE = 1000
 
 def _frame(bitmap: BitMap) -> pl.DataFrame:
     return pl.DataFrame({"user_id": pl.Series(bitmap_to_numpy(bitmap), dtype=pl.UInt32)})
+
+
+_AGE = pl.col("age_band").replace_strict(AGE_BAND_NAMES, return_dtype=pl.Utf8)
+_GENDER = pl.col("gender").replace_strict(GENDER_NAMES, return_dtype=pl.Utf8)
+# (dimension, expression giving its value(s), several values per user)
+_PROFILE_DIMENSIONS: tuple[tuple[str, pl.Expr, bool], ...] = (
+    ("age_band", _AGE, False),
+    ("gender", _GENDER, False),
+    ("region", pl.col("region"), False),
+    ("interest", pl.col("interests"), True),
+)
+
+
+@dataclass
+class _Population:
+    """What a persona compares against; the same for every pack of one dataset version."""
+
+    profiles: pl.DataFrame  # profiled users minus bots: user_id + the dimension columns
+    counts: dict[str, dict[str, int]]  # dimension -> value -> users
+    pairs: pl.DataFrame  # distinct (user_id, category_id) of the population's events
+    category_counts: dict[str, int]
+    category_users: int
+
+
+# Population summaries of the last few (dataset version, bot set) pairs: they cost a full scan of
+# profiles and events, while a pack's own part is a join against them.
+_CACHE: OrderedDict[tuple[str, ...], _Population] = OrderedDict()
+_CACHE_SIZE = 2
+_CACHE_LOCK = threading.Lock()
+
+
+def _population(dataset: EventDataset, bots: BitMap) -> _Population:
+    key = (
+        dataset.store.url,
+        dataset.prefix,
+        str(dataset.version),
+        str(dataset.manifest.get("published_at", "")),
+        hashlib.sha256(bytes(bots.serialize())).hexdigest(),
+    )
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+    bot_ids = _frame(bots)
+    profiles = (
+        dataset.scan_profiles(["user_id", "age_band", "gender", "region", "interests"])
+        .collect()
+        .join(bot_ids, on="user_id", how="anti")
+    )
+    counts = {name: _counts(profiles, expr, many) for name, expr, many in _PROFILE_DIMENSIONS}
+    pairs = (
+        dataset.scan_events(columns=["user_id", "category_id"])
+        .filter(pl.col("category_id").is_not_null())
+        .unique()
+        .collect(engine="streaming")
+        .join(bot_ids, on="user_id", how="anti")
+    )
+    names = {int(c["category_id"]): str(c["name"]) for c in dataset.world.get("categories", [])}
+    population = _Population(
+        profiles, counts, pairs, _category_counts(pairs, names), pairs.get_column("user_id").n_unique()
+    )
+    with _CACHE_LOCK:
+        _CACHE[key] = population
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return population
 
 
 def compute_persona(
@@ -56,48 +130,46 @@ def compute_persona(
             metadata={"size": size, "minimum": min_size},
         )
 
-    bot_ids = _frame(bots)
+    population = _population(dataset, bots)
     members = _frame(members_bitmap)
-    profiles = dataset.scan_profiles(["user_id", "age_band", "gender", "region", "interests"]).collect()
-    population = profiles.join(bot_ids, on="user_id", how="anti")
-    profiled = population.join(members, on="user_id", how="semi")
-
+    profiled = population.profiles.join(members, on="user_id", how="semi")
     persona = pack_pb2.PackPersona(
         pack=pack,
         version=version,
         size=size,
-        population_size=population.height,
+        population_size=population.profiles.height,
         bots_excluded=bots_excluded_at_build + bots_in_pack,
     )
-    age = pl.col("age_band").replace_strict(AGE_BAND_NAMES, return_dtype=pl.Utf8)
-    gender = pl.col("gender").replace_strict(GENDER_NAMES, return_dtype=pl.Utf8)
-    for name, expr in (("age_band", age), ("gender", gender), ("region", pl.col("region"))):
+    for name, expr, many in _PROFILE_DIMENSIONS:
         persona.dimensions.append(
             _dimension(
                 name,
-                _counts(profiled.select(expr.alias("value"))),
+                _counts(profiled, expr, many),
                 profiled.height,
-                _counts(population.select(expr.alias("value"))),
-                population.height,
+                population.counts[name],
+                population.profiles.height,
                 top_n,
             )
         )
-    interests = pl.col("interests").alias("value")
+    member_pairs = population.pairs.join(members, on="user_id", how="semi")
+    names = {int(c["category_id"]): str(c["name"]) for c in dataset.world.get("categories", [])}
     persona.dimensions.append(
         _dimension(
-            "interest",
-            _counts(profiled.select(interests).explode("value")),
-            profiled.height,
-            _counts(population.select(interests).explode("value")),
-            population.height,
+            "category",
+            _category_counts(member_pairs, names),
+            member_pairs.get_column("user_id").n_unique(),
+            population.category_counts,
+            population.category_users,
             top_n,
         )
     )
-    persona.dimensions.append(_categories(dataset, members, bot_ids, top_n))
     return persona
 
 
-def _counts(values: pl.DataFrame) -> dict[str, int]:
+def _counts(frame: pl.DataFrame, expr: pl.Expr, many: bool) -> dict[str, int]:
+    values = frame.select(expr.alias("value"))
+    if many:  # a user with several interests counts once in each
+        values = values.explode("value")
     counted = values.drop_nulls().group_by("value").len()
     return dict(
         zip(
@@ -106,6 +178,16 @@ def _counts(values: pl.DataFrame) -> dict[str, int]:
             strict=True,
         )
     )
+
+
+def _category_counts(pairs: pl.DataFrame, names: dict[int, str]) -> dict[str, int]:
+    counted = pairs.group_by("category_id").len()
+    return {
+        names.get(int(cat), str(cat)): int(n)
+        for cat, n in zip(
+            counted.get_column("category_id").to_list(), counted.get_column("len").to_list(), strict=True
+        )
+    }
 
 
 def _dimension(
@@ -126,36 +208,3 @@ def _dimension(
             )
         )
     return dimension
-
-
-def _categories(
-    dataset: EventDataset, members: pl.DataFrame, bot_ids: pl.DataFrame, top_n: int
-) -> pack_pb2.PersonaDimension:
-    # Distinct (user, category) pairs of the population, then the members' subset of them.
-    pairs = (
-        dataset.scan_events(columns=["user_id", "category_id"])
-        .filter(pl.col("category_id").is_not_null())
-        .unique()
-        .collect(engine="streaming")
-        .join(bot_ids, on="user_id", how="anti")
-    )
-    member_pairs = pairs.join(members, on="user_id", how="semi")
-    names = {int(c["category_id"]): str(c["name"]) for c in dataset.world.get("categories", [])}
-
-    def counts(frame: pl.DataFrame) -> dict[str, int]:
-        counted = frame.group_by("category_id").len()
-        return {
-            names.get(int(cat), str(cat)): int(n)
-            for cat, n in zip(
-                counted.get_column("category_id").to_list(), counted.get_column("len").to_list(), strict=True
-            )
-        }
-
-    return _dimension(
-        "category",
-        counts(member_pairs),
-        member_pairs.get_column("user_id").n_unique(),
-        counts(pairs),
-        pairs.get_column("user_id").n_unique(),
-        top_n,
-    )
