@@ -97,3 +97,14 @@ def test_validate_events_missing_columns_and_proto_zero_ids() -> None:
     )
     valid, rejects = validate_events(ok, now=NOW)
     assert rejects == [] and valid.get_column("item_id").to_list() == [None]
+
+
+def test_codes_match_the_proto_enums() -> None:
+    from flashcrowd.audience.v1 import audience_service_pb2, events_pb2
+
+    from services.events.schema import IdType
+
+    proto = events_pb2.EventType
+    assert {n: v for n, v in proto.items() if v} == {f"EVENT_TYPE_{t.name}": t.value for t in EventType}
+    ids = audience_service_pb2.IdType
+    assert {n: v for n, v in ids.items() if v} == {f"ID_TYPE_{t.name}": t.value for t in IdType}
