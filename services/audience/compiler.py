@@ -358,14 +358,24 @@ def _scan(
     return dataset.scan_events(days=wanted, columns=sorted(set(columns)), shard=shard)
 
 
+#: Above this many rows in the scanned files, leaves are aggregated per user inside the (streaming)
+#: query instead of collecting one row per matching event: memory then grows with users, not events.
+GROUP_ABOVE_ROWS = 30_000_000
+
+
 def event_query(
-    dataset: EventDataset, leaves: Sequence[EventLeaf], shard: Shard | None = None
+    dataset: EventDataset,
+    leaves: Sequence[EventLeaf],
+    shard: Shard | None = None,
+    *,
+    grouped: bool | None = None,
 ) -> tuple[pl.LazyFrame, bool] | None:
     """One lazy query answering every leaf; ``None`` if no leaf's window touches the data.
 
-    Returns ``(query, grouped)``. Not grouped (every ``min_count`` is 1): one row per matching event
-    with ``user_id`` and a boolean ``f{k}`` per leaf. Grouped: one row per user with the count
-    ``f{k}`` of each leaf's events.
+    Returns ``(query, grouped)``. Not grouped: one row per matching event with ``user_id`` and a
+    boolean ``f{k}`` per leaf (fastest; only when every ``min_count`` is 1). Grouped: one row per user
+    with the count ``f{k}`` of each leaf's events. ``grouped=None`` picks by ``min_count`` and by the
+    rows of the files to scan (``GROUP_ABOVE_ROWS``).
     """
     shard = shard or Shard.whole()
     days = sorted({d for leaf in leaves for d in leaf.window.days()})
@@ -381,11 +391,13 @@ def event_query(
     types = sorted({t for leaf in leaves for t in leaf.conditions.event_types})
     envelope = [Window(start, end).predicate(), _is_in("event_type", types, pl.UInt8)]
     scan = lf.filter(_all([*envelope, _any(preds)]) if len(preds) > 1 else _all([*envelope, preds[0]]))
-    flags = [pred.alias(f"f{k}") for k, pred in enumerate(preds)]
-    if all(leaf.min_count <= 1 for leaf in leaves):
+    if grouped is None:
+        rows = sum(p["rows"] for p in dataset.parts("events", days=days, shard=shard))
+        grouped = any(leaf.min_count > 1 for leaf in leaves) or rows > GROUP_ABOVE_ROWS
+    if not grouped:
         if len(leaves) == 1:
             return scan.select("user_id"), False
-        return scan.select("user_id", *flags), False
+        return scan.select("user_id", *[pred.alias(f"f{k}") for k, pred in enumerate(preds)]), False
     counts = [pred.cast(pl.UInt32).sum().alias(f"f{k}") for k, pred in enumerate(preds)]
     return scan.group_by("user_id").agg(*counts, pl.len().alias("_events")), True
 

@@ -135,3 +135,26 @@ def test_combine_and_bitmaps() -> None:
         ids_to_bitmap(ids) == BitMap([3, 5, 2**32 - 1])
         and len(ids_to_bitmap(np.array([], dtype=np.uint32))) == 0
     )
+
+
+def test_grouped_and_row_modes_agree(world: World) -> None:
+    # Big scans aggregate per user inside the query; both modes must give the same sets.
+    spec = spec_from_data(
+        {
+            "union": {
+                "operands": [
+                    {"shortcut": {"kind": "clickers", "window": {"last": "48h"}}},
+                    {"shortcut": {"kind": "video_viewers", "window": {"last": "24h"}}},
+                ]
+            }
+        }
+    )
+    leaves = [leaf for leaf in compile_spec(spec, as_of=END).leaves if isinstance(leaf, EventLeaf)]
+    rows, row_mode = event_query(world.dataset, leaves, grouped=False)  # type: ignore[misc]
+    users, group_mode = event_query(world.dataset, leaves, grouped=True)  # type: ignore[misc]
+    assert (row_mode, group_mode) == (False, True)
+    by_row, by_user = rows.collect(), users.collect()
+    for k in range(len(leaves)):
+        want = set(by_row.filter(by_row[f"f{k}"])["user_id"].to_list())
+        assert set(by_user.filter(by_user[f"f{k}"] >= 1)["user_id"].to_list()) == want and want
+    assert by_user["_events"].sum() == by_row.height
