@@ -105,8 +105,9 @@ def _unary_stream(gateway: Gateway, info: MethodInfo) -> Callable[..., Any]:
         call = None
         try:
             state.admit()
+            parsed = gateway.parse(info, request)
             if info.checks_resources:
-                gateway.check_resources(info, gateway.parse(info, request), state.principal)
+                gateway.check_resources(info, parsed, state.principal)
             call = gateway.backends[info.backend].call(info)(
                 request, timeout=state.timeout(), metadata=state.metadata(), wait_for_ready=False
             )
@@ -119,7 +120,7 @@ def _unary_stream(gateway: Gateway, info: MethodInfo) -> Callable[..., Any]:
             state.failed(error)
             await _abort(context, error)
         except BaseException as error:
-            state.failed(error) if isinstance(error, Exception | asyncio.CancelledError) else None
+            _note(state, error)
             raise
         finally:
             if call is not None and not call.done():
@@ -129,50 +130,84 @@ def _unary_stream(gateway: Gateway, info: MethodInfo) -> Callable[..., Any]:
     return handle
 
 
+class _Pump:
+    """Feeds the caller's messages to the backend call, each parsed and checked, as bytes.
+
+    An async generator handed to gRPC as the request iterator (the write() API would deadlock
+    behind the OpenTelemetry client interceptor, which holds the call until the response). A
+    message that fails the checks stops the stream and cancels the backend call.
+    """
+
+    def __init__(self, gateway: Gateway, info: MethodInfo, principal: Any) -> None:
+        self.gateway = gateway
+        self.info = info
+        self.principal = principal
+        self.call: Any = None
+        self.failure: Exception | None = None
+
+    async def messages(self, requests: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for data in requests:
+            try:
+                request = self.gateway.parse(self.info, data)
+                if self.info.checks_resources:
+                    self.gateway.check_resources(self.info, request, self.principal)
+            except ServiceError as error:
+                self.failure = error
+                if self.call is not None:
+                    self.call.cancel()
+                return
+            yield data
+
+    async def stop(self) -> None:
+        if self.call is not None and not self.call.done():
+            self.call.cancel()
+
+    def outcome(self, error: BaseException) -> Exception:
+        """What to answer when the backend call failed or was cancelled."""
+        if self.failure is not None:
+            return self.failure
+        if isinstance(error, grpc.aio.AioRpcError):
+            return _translate(self.gateway, self.info, error)
+        raise error
+
+
 def _stream_request(gateway: Gateway, info: MethodInfo) -> Callable[..., Any]:
     """Client-streaming and bidi: each message is checked as it passes, then forwarded as bytes."""
 
-    async def start(state: _StreamCall, requests: AsyncIterator[bytes]) -> tuple[Any, list[Exception]]:
+    def open_call(state: _StreamCall, requests: AsyncIterator[bytes]) -> _Pump:
         state.admit()
-        failure: list[Exception] = []
-        holder: list[Any] = []
-
-        def stop() -> None:
-            if holder:
-                holder[0].cancel()
-
-        checked = gateway._checked_requests(info, requests, state.principal, failure, stop)
-        call = gateway.backends[info.backend].call(info)(
-            checked, timeout=state.timeout(), metadata=state.metadata(), wait_for_ready=False
+        pump = _Pump(gateway, info, state.principal)
+        pump.call = gateway.backends[info.backend].call(info)(
+            pump.messages(requests), timeout=state.timeout(), metadata=state.metadata(), wait_for_ready=False
         )
-        holder.append(call)
-        return call, failure
+        return pump
 
     if not info.server_streaming:
 
         async def handle_unary(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
             state = _StreamCall(gateway, info, context)
-            call = None
+            pump: _Pump | None = None
             try:
-                call, failure = await start(state, requests)
+                pump = open_call(state, requests)
                 try:
-                    return await call
+                    response = await pump.call
                 except (grpc.aio.AioRpcError, asyncio.CancelledError) as error:
-                    if failure:
-                        raise failure[0] from None
-                    if isinstance(error, asyncio.CancelledError):
-                        raise
-                    raise _translate(gateway, info, error) from None
+                    await pump.stop()
+                    raise pump.outcome(error) from None
+                await pump.stop()
+                if pump.failure is not None:
+                    raise pump.failure
+                return response
             except BackendError as error:
                 state.failed(error)
                 await _abort(context, error)
                 raise
             except BaseException as error:
-                state.failed(error) if isinstance(error, Exception | asyncio.CancelledError) else None
+                _note(state, error)
                 raise
             finally:
-                if call is not None and not call.done():
-                    call.cancel()
+                if pump is not None:
+                    await pump.stop()
                 state.finish()
 
         return handle_unary
@@ -181,32 +216,35 @@ def _stream_request(gateway: Gateway, info: MethodInfo) -> Callable[..., Any]:
         requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         state = _StreamCall(gateway, info, context)
-        call = None
+        pump: _Pump | None = None
         try:
-            call, failure = await start(state, requests)
+            pump = open_call(state, requests)
             try:
-                async for response in call:
+                async for response in pump.call:
                     yield response
-                if failure:
-                    raise failure[0]
             except (grpc.aio.AioRpcError, asyncio.CancelledError) as error:
-                if failure:
-                    raise failure[0] from None
-                if isinstance(error, asyncio.CancelledError):
-                    raise
-                raise _translate(gateway, info, error) from None
+                await pump.stop()
+                raise pump.outcome(error) from None
+            await pump.stop()
+            if pump.failure is not None:
+                raise pump.failure
         except BackendError as error:
             state.failed(error)
             await _abort(context, error)
         except BaseException as error:
-            state.failed(error) if isinstance(error, Exception | asyncio.CancelledError) else None
+            _note(state, error)
             raise
         finally:
-            if call is not None and not call.done():
-                call.cancel()
+            if pump is not None:
+                await pump.stop()
             state.finish()
 
     return handle_stream
+
+
+def _note(state: _StreamCall, error: BaseException) -> None:
+    if isinstance(error, Exception | asyncio.CancelledError):
+        state.failed(error)
 
 
 def generic_handlers(gateway: Gateway) -> list[grpc.GenericRpcHandler]:

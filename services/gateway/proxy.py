@@ -17,7 +17,7 @@ import random
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -262,11 +262,11 @@ class Gateway:
                 request = message if message is not None else self.parse(info, data)
                 response = await self.local_handlers[info.name](principal, request)
                 return response.SerializeToString()
+            # Parsed once: a malformed request is INVALID_ARGUMENT here rather than a backend's
+            # deserialisation failure (INTERNAL); the bytes forwarded are still the caller's own.
+            request = message if message is not None else self.parse(info, data)
             if info.checks_resources:
-                request = message if message is not None else self.parse(info, data)
                 self.check_resources(info, request, principal)
-            else:
-                request = message
             deadline = self.deadline(time_remaining)
             metadata = self.outgoing_metadata(principal, header)
             if info.backend == catalog.ROUTED:
@@ -417,28 +417,6 @@ class Gateway:
         if next_tokens:
             merged.next_page_token = base64.urlsafe_b64encode(json.dumps(next_tokens).encode()).decode()
         return merged.SerializeToString()
-
-    # --- streaming ----------------------------------------------------------------------------
-    def _checked_requests(
-        self,
-        info: MethodInfo,
-        requests: AsyncIterator[bytes],
-        principal: Principal,
-        failure: list[Exception],
-        on_failure: Callable[[], None],
-    ) -> AsyncIterator[bytes]:
-        async def pump() -> AsyncIterator[bytes]:
-            async for data in requests:
-                if info.checks_resources:
-                    try:
-                        self.check_resources(info, self.parse(info, data), principal)
-                    except ServiceError as error:
-                        failure.append(error)
-                        on_failure()
-                        return
-                yield data
-
-        return pump()
 
 
 def _operation_backend(name: str) -> str:

@@ -226,7 +226,7 @@ async def real_stack(
         retarget_target=retarget_target,
         default_rate_limit={"rate": 10_000, "burst": 10_000},
     )
-    gateway = await start_stack(settings, {"alpha": ALL, "beta": ALL})
+    gateway = await start_stack(settings, {"alpha": ALL, "beta": ALL, "fuzz": ALL})
     stack = RealStack(gateway, audience_target, retarget_target, closers)
     yield stack
     await stack.close()
