@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 from services.cli.common import CliError, add_store_argument, open_store_arg
@@ -31,14 +32,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--tenant", required=True, help="tenant id")
         add_store_argument(p)
-        p.add_argument("--packs-prefix", default="packs/", help="key prefix of packs (default packs/)")
+        p.add_argument(
+            "--packs-prefix",
+            default=os.environ.get("FLASHCROWD_PACKS_PREFIX") or "packs/",
+            help="key prefix of packs (default: $FLASHCROWD_PACKS_PREFIX or packs/, as the service)",
+        )
         p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
     build = sub.add_parser("build", help="build a pack (or one shard of it) from a YAML/JSON spec file")
     build.add_argument("spec", help="spec file: a PackSpec or {displayName, labels, spec, options, ttl}")
     common(build)
     build.add_argument("--pack-id", required=True, help="pack id (1-63 of [a-z0-9-], starting with a letter)")
-    build.add_argument("--prefix", default="data/", help="key prefix of the event dataset (default data/)")
+    build.add_argument(
+        "--prefix",
+        default=os.environ.get("FLASHCROWD_DATASET_PREFIX") or "data/",
+        help="key prefix of the event dataset (default: $FLASHCROWD_DATASET_PREFIX or data/)",
+    )
     build.add_argument("--shard", default=None, metavar="I/N", help="build only user shard I of N")
     build.add_argument("--run-id", default=None, help="id shared by the shards of one build (with --shard)")
     build.add_argument("--include-bots", action="store_true", help="keep users flagged as bots")
