@@ -79,12 +79,19 @@ def build_app(settings: AudienceSettings, store: ObjectStore | None = None) -> A
     return AudienceApp(settings, store, packs, operations, membership, tenancy, servicer, ops_servicer)
 
 
+#: Module that, once it exists, provides ``lookalike_service(app: AudienceApp) -> ServiceDefinition``:
+#: the LookalikeService is then served by this process too (sharing its store, packs and operations).
+LOOKALIKE_MODULE = "services.audience.lookalike.service"
+
+
 def _lookalike_definition(app: AudienceApp) -> ServiceDefinition | None:
     """The LookalikeService, when its implementation is present (another issue's module)."""
     try:
-        module = importlib.import_module("services.audience.lookalike.service")
-    except ModuleNotFoundError:
-        return None
+        module = importlib.import_module(LOOKALIKE_MODULE)
+    except ModuleNotFoundError as error:
+        if error.name == LOOKALIKE_MODULE:
+            return None
+        raise  # the module exists but one of its own imports is missing: a real error
     factory = getattr(module, "lookalike_service", None)
     return factory(app) if factory is not None else None
 

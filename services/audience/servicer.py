@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,13 +31,15 @@ import numpy as np
 import polars as pl
 from flashcrowd.audience.v1 import audience_service_pb2, audience_service_pb2_grpc, pack_pb2, spec_pb2
 from google.protobuf import empty_pb2
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
 
 from services.audience import builder as pack_builder
 from services.audience import persona as pack_persona
 from services.audience.bots import bot_bitmap
 from services.audience.config import AudienceSettings
 from services.audience.membership import MembershipCache, as_user_ids, check_batch, membership_response
-from services.audience.operations import JobContext, OperationManager, request_fingerprint
+from services.audience.operations import JobContext, OperationCancelled, OperationManager, request_fingerprint
 from services.audience.packstore import PackStore
 from services.audience.spec_validation import validate_spec
 from services.audience.tenancy import (
@@ -57,10 +60,24 @@ from services.audience.uploads import (
 )
 from services.events.dataset import DatasetNotFound, EventDataset
 from services.events.sharding import NUM_BUCKETS, Shard
-from services.runtime import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.runtime import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, attributes
 from services.storage import ObjectStore
 
 logger = logging.getLogger(__name__)
+tracer = trace.get_tracer("flashcrowd.audience")
+meter = metrics.get_meter("flashcrowd.audience")
+BUILDS = meter.create_counter(
+    attributes.METRIC_PACK_BUILDS, unit="{build}", description="Pack builds by outcome"
+)
+BUILD_DURATION = meter.create_histogram(
+    attributes.METRIC_PACK_BUILD_DURATION, unit="s", description="Wall time of pack builds"
+)
+PACK_SIZE = meter.create_histogram(
+    attributes.METRIC_PACK_SIZE, unit="{user}", description="Members of new packs"
+)
+UPLOAD_ROWS = meter.create_counter(
+    attributes.METRIC_UPLOAD_ROWS, unit="{row}", description="Upload rows by outcome"
+)
 
 MAX_CHECK_PACKS = 16
 MAX_CHECK_IDS = 10_000
@@ -187,10 +204,15 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
     def _pack(self, name: str, context: grpc.aio.ServicerContext, field: str = "name") -> tuple[str, str]:
         tenant, pack_id = parse_pack_name(name, field)
         self.tenancy.authorize(context, tenant, resource_type=PACK_TYPE, name=name)
+        span = trace.get_current_span()
+        span.set_attribute(attributes.TENANT, tenant)
+        span.set_attribute(attributes.PACK_NAME, name)
         return tenant, pack_id
 
     def _parent(self, parent: str, context: grpc.aio.ServicerContext, field: str = "parent") -> str:
-        return self.tenancy.authorize(context, parse_parent(parent, field))
+        tenant = self.tenancy.authorize(context, parse_parent(parent, field))
+        trace.get_current_span().set_attribute(attributes.TENANT, tenant)
+        return tenant
 
     def _reserve(self, tenant: str, pack_id: str, holder: str) -> None:
         with self._building_lock:
@@ -250,8 +272,37 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
     ) -> Callable[[JobContext], pack_pb2.Pack]:
         spec = template.spec
         options = template.options
+        name = pack_name(tenant, pack_id)
+        parent = otel_context.get_current()  # the RPC's trace: the build's span is its child
 
         def job(ctx: JobContext) -> pack_pb2.Pack:
+            token = otel_context.attach(parent)
+            started = time.monotonic()
+            outcome = "error"
+            try:
+                with tracer.start_as_current_span(
+                    "audience.build_pack",
+                    attributes={
+                        attributes.TENANT: tenant,
+                        attributes.PACK_NAME: name,
+                        "flashcrowd.operation": ctx.operation,
+                    },
+                ) as span:
+                    stored = build(ctx)
+                    span.set_attribute(attributes.PACK_VERSION, stored.version)
+                    span.set_attribute(attributes.PACK_SIZE, stored.size)
+                    PACK_SIZE.record(stored.size, {attributes.PACK_KIND: "spec"})
+                    outcome = "ok"
+                    return stored
+            except OperationCancelled:
+                outcome = "cancelled"
+                raise
+            finally:
+                BUILDS.add(1, {"outcome": outcome})
+                BUILD_DURATION.record(time.monotonic() - started, {"outcome": outcome})
+                otel_context.detach(token)
+
+        def build(ctx: JobContext) -> pack_pb2.Pack:
             ctx.progress("compile", 0.0)
             dataset = self.dataset()
 
@@ -264,7 +315,7 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
                 options,
                 resolve_pack=self.packs.resolve_pack(tenant),
                 resolve_spec=self.packs.resolve_spec(tenant),
-                pack_name=pack_name(tenant, pack_id),
+                pack_name=name,
                 progress=progress,
                 tenant=tenant,
             )
@@ -601,9 +652,23 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
                 if header.header.HasField("ttl"):
                     template.ttl.CopyFrom(header.header.ttl)
                 stored = self.packs.publish_version(header.tenant, header.pack_id, bitmap, template)
+                for outcome, rows in (
+                    ("valid", stats.valid),
+                    ("invalid", stats.invalid),
+                    ("matched", stats.matched),
+                ):
+                    UPLOAD_ROWS.add(rows, {"outcome": outcome})
+                PACK_SIZE.record(stored.size, {attributes.PACK_KIND: "upload"})
                 return stored, stats, invalid_row_messages(checked)
 
             stored, stats, invalid = await asyncio.to_thread(work)
+            span = trace.get_current_span()
+            span.set_attribute(attributes.TENANT, header.tenant)
+            span.set_attribute(attributes.PACK_NAME, stored.name)
+            span.set_attribute(attributes.PACK_SIZE, stored.size)
+            span.set_attribute(attributes.UPLOAD_RECEIVED, stats.received)
+            span.set_attribute(attributes.UPLOAD_MATCHED, stats.matched)
+            span.set_attribute(attributes.UPLOAD_INVALID, stats.invalid)
         finally:
             for tenant, pack_id in reserved:
                 self._release(tenant, pack_id)

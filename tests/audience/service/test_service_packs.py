@@ -344,3 +344,28 @@ async def test_operations_service_contract(svc) -> None:
             metadata=(("x-flashcrowd-tenant", "someone-else"),),
         )
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_build_span_is_a_child_of_the_create_call(svc) -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from services.runtime import attributes, setup_telemetry
+
+    exporter = InMemorySpanExporter()
+    setup_telemetry("audience-tests", span_exporter=exporter)
+    tenant = svc.new_tenant()
+    d0, _, _, end = _days(svc)
+    pack = await svc.create_pack(tenant, behavior([ET.EVENT_TYPE_ADD_CART], d0, end), pack_id="traced")
+    spans = exporter.get_finished_spans()
+    build = [
+        s
+        for s in spans
+        if s.name == "audience.build_pack" and s.attributes.get(attributes.PACK_NAME) == pack.name
+    ]
+    assert len(build) == 1
+    assert build[0].attributes[attributes.PACK_SIZE] == pack.size
+    assert build[0].attributes[attributes.TENANT] == tenant
+    create = [
+        s for s in spans if s.name.endswith("/CreatePack") and s.context.trace_id == build[0].context.trace_id
+    ]
+    assert create and build[0].parent is not None and build[0].parent.span_id == create[0].context.span_id
