@@ -6,11 +6,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from flashcrowd.audience.v1 import spec_pb2
+from flashcrowd.audience.v1 import pack_pb2, spec_pb2
 from pyroaring import BitMap
 
 from services.audience.bots import bot_bitmap
 from services.audience.builder import BuildResult, build_pack, find_reference_cycle
+from services.audience.packstore import PackStore
 from services.audience.spec_io import spec_from_data
 from services.events.sharding import Shard
 from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -372,3 +373,22 @@ def test_build_reads_events_through_s3_too(world_on: World) -> None:
     assert want and set(got) == want
     half = build(world_on, spec, shard=Shard(1, 2)).bitmap
     assert set(half) == {u for u in want if Shard(1, 2).owns_user(u)}
+
+
+def test_build_failing_midway_publishes_nothing(world_on: World) -> None:
+    packs = PackStore(world_on.store)
+    calls = []
+
+    def flaky(name: str, version: int) -> tuple[BitMap, int]:
+        calls.append(name)
+        if len(calls) == 2:  # the second reference dies, after the first one resolved
+            raise ConnectionError("store went away")
+        return BitMap([1, 2, 3]), 1
+
+    spec = {"union": {"operands": [_ref("first"), _ref("second"), {"profile": {"genders": ["male"]}}]}}
+    with pytest.raises(ConnectionError):
+        result = build(world_on, spec, resolve_pack=flaky)
+        packs.publish_version("acme", "p", result.bitmap, pack_pb2.Pack(spec=spec_from_data(spec)))
+    assert calls == ["tenants/acme/packs/first", "tenants/acme/packs/second"]
+    assert not packs.exists("acme", "p")
+    assert list(world_on.store.list("packs/")) == []
