@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import os
 import shutil
 import sys
 import tempfile
@@ -181,7 +182,10 @@ def main() -> int:
         r50, r99 = np.percentile(raw_times, [50, 99]) * 1e3
         print(f"data             {args.packs} packs x {args.members:,} members of {args.universe:,} users; "
               f"calls of {args.batch:,} ids x {args.packs} packs = {per_call:,} user-checks")  # fmt: skip
-        print(f"machine          {mp.cpu_count()} CPUs (server and client share them)")
+        load = os.getloadavg()[0]
+        print(
+            f"machine          {mp.cpu_count()} CPUs (server and client share them), load average {load:.1f}"
+        )
         print("gRPC (one server process, real loopback channel)")
         print(f"  single call    p50 {p50:.3f} ms   p99 {p99:.3f} ms   ({len(lat):,} sequential calls)")
         clients = f"{args.client_procs} client proc x {args.concurrency} concurrent calls"

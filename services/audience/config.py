@@ -53,6 +53,9 @@ class AudienceSettings(BaseServiceSettings):
     upload_max_rows: int = Field(default=5_000_000, ge=1)
     #: Pack bitmaps kept in memory for CheckMembership (LRU).
     membership_cache_packs: int = Field(default=64, ge=1)
+    #: Cached packs whose ids are all below this also keep a plain bitset (max id / 8 bytes) that
+    #: answers CheckMembership ~10x faster; 0 disables it.
+    membership_dense_max_ids: int = Field(default=1 << 28, ge=0, le=1 << 32)
     #: How often (ms) CheckMembership re-reads a cached pack's latest-version pointer.
     membership_refresh_ms: int = Field(default=2000, ge=0)
     #: Metadata key the gateway sets (and overwrites) with the caller's tenant id.

@@ -71,7 +71,10 @@ def build_app(settings: AudienceSettings, store: ObjectStore | None = None) -> A
     if failed:
         logger.warning("marked %d operation(s) of a previous process failed", failed)
     membership = MembershipCache(
-        packs, capacity=settings.membership_cache_packs, refresh_ms=settings.membership_refresh_ms
+        packs,
+        capacity=settings.membership_cache_packs,
+        refresh_ms=settings.membership_refresh_ms,
+        dense_max_ids=settings.membership_dense_max_ids,
     )
     tenancy = Tenancy(settings.trusted_tenant_header)
     servicer = AudienceServicer(settings, store, packs, operations, membership, tenancy)

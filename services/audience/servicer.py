@@ -539,7 +539,9 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
                 raise NotFound(PACK_TYPE, name)
             keys.append(pack_id)
         cached = [await self.membership.get(tenant, pack_id) for pack_id in keys]
-        flags = check_batch([c.bitmap for c in cached], as_user_ids(request.user_ids))
+        flags = check_batch(
+            [c.bitmap for c in cached], as_user_ids(request.user_ids), [c.dense for c in cached]
+        )
         return membership_response(request.packs, [c.version for c in cached], flags)
 
     # --- ExportPack ---------------------------------------------------------------------------------
