@@ -294,6 +294,21 @@ class PackStore:
             # Invisible already; gc_orphans removes what is left.
             log.warning("could not delete the data of %s", pack_name(tenant, pack_id), exc_info=True)
 
+    def purge_expired(self, tenant: str) -> list[str]:
+        """Delete the data of the tenant's expired packs (already invisible); return their names."""
+        purged = []
+        base = f"{self.prefix}{tenant}/"
+        for info in self.store.list(base, recursive=False):
+            if not info.key.endswith("/"):
+                continue
+            pack_id = info.key[len(base) : -1]
+            pointer = self._pointer(tenant, pack_id)
+            if pointer is not None and self._expired(pointer.get("expire_time")):
+                self.store.delete(self.pointer_key(tenant, pack_id))
+                self.store.delete_prefix(self.pack_prefix(tenant, pack_id))
+                purged.append(pointer["name"])
+        return purged
+
     # --- shard staging (batch CLI) -----------------------------------------------------------
 
     def stage_shard(

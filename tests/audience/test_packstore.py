@@ -213,6 +213,9 @@ def test_ttl_expiry(packs: PackStore, clock: Clock) -> None:
     # Publishing again renews it, as a new pack (its old life is over).
     renewed = packs.publish_version("acme", "short", BitMap([2]), pack)
     assert renewed.version == 2 and renewed.create_time.ToDatetime(UTC) == clock.now
+    clock.tick(hours=2)
+    assert packs.purge_expired("acme") == ["tenants/acme/packs/short"]
+    assert list(packs.store.list("packs/acme/short/")) == [] and packs.exists("acme", "forever")
 
 
 def test_ids_are_checked(packs: PackStore) -> None:
