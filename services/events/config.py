@@ -44,6 +44,11 @@ class RealtimeSettings(BaseServiceSettings):
     compactor_max_age_seconds: float = Field(default=60.0, gt=0, le=3600)
     #: Name of the compactor's durable consumer.
     compactor_consumer: str = "compactor"
+    #: Fault injection for crash tests only (0 in production): seconds the compactor pauses after
+    #: uploading parts, before the manifest ...
+    compactor_pause_before_manifest_seconds: float = Field(default=0.0, ge=0, le=600)
+    #: ... and after the manifest, before acknowledging the stream.
+    compactor_pause_before_ack_seconds: float = Field(default=0.0, ge=0, le=600)
 
     @field_validator("bus_url")
     @classmethod
