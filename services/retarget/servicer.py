@@ -1,0 +1,419 @@
+"""gRPC servicers: RetargetService and the google.longrunning.Operations view of launches.
+
+Handlers validate (validation.py), call the ledger through ``Database.run`` (repository.py) and
+convert rows to protos (convert.py). Domain errors propagate to the runtime's interceptor, which
+turns them into google.rpc.Status with ErrorInfo / BadRequest / ResourceInfo / PreconditionFailure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import grpc.aio
+from flashcrowd.retarget.v1 import campaign_pb2, coupon_pb2, retarget_service_pb2, retarget_service_pb2_grpc
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.protobuf import empty_pb2
+
+from services.retarget import convert, report, validation
+from services.retarget import domain as d
+from services.retarget import repository as repo
+from services.retarget.audience import TENANT_HEADER
+from services.runtime import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    attributes,
+)
+
+if TYPE_CHECKING:
+    from services.retarget.server import RetargetApp
+
+logger = logging.getLogger(__name__)
+
+SOLD_OUT_REASONS = (d.OUT_OF_STOCK, d.BUDGET_EXHAUSTED)
+
+
+def _caller_tenant(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == TENANT_HEADER:
+            return value if isinstance(value, str) else value.decode()
+    return None
+
+
+def _guard(context: grpc.aio.ServicerContext, tenant: str, resource_type: str, name: str) -> None:
+    """A caller authenticated for another tenant (gateway metadata) sees NOT_FOUND."""
+    caller = _caller_tenant(context)
+    if caller is not None and caller != tenant:
+        raise NotFound(resource_type, name)
+
+
+def _guard_parent(context: grpc.aio.ServicerContext, tenant: str) -> None:
+    caller = _caller_tenant(context)
+    if caller is not None and caller != tenant:
+        raise PermissionDenied(f"caller tenant may not use tenants/{tenant}", name=f"tenants/{tenant}")
+
+
+class RetargetServicer(retarget_service_pb2_grpc.RetargetServiceServicer):
+    def __init__(self, app: RetargetApp) -> None:
+        self.app = app
+        self.db = app.db
+        # (tenant, template_id) -> the exhaustion error: issued counts never decrease, so a
+        # sold-out template stays sold out and later claimers are answered without a transaction.
+        self._sold_out: dict[tuple[str, str], ResourceExhausted] = {}
+
+    def now(self) -> int:
+        return self.app.clock()
+
+    # -- coupon templates --------------------------------------------------------------------
+
+    async def CreateCouponTemplate(
+        self, request: retarget_service_pb2.CreateCouponTemplateRequest, context: grpc.aio.ServicerContext
+    ) -> coupon_pb2.CouponTemplate:
+        spec = validation.template_spec(request)
+        _guard_parent(context, spec.tenant)
+        row = await self.db.run(repo.create_template, spec, self.now())
+        return convert.template_proto(row)
+
+    async def GetCouponTemplate(
+        self, request: retarget_service_pb2.GetCouponTemplateRequest, context: grpc.aio.ServicerContext
+    ) -> coupon_pb2.CouponTemplate:
+        tenant, template_id = validation.template_ref(request.name, "name")
+        _guard(context, tenant, d.TEMPLATE_TYPE, request.name)
+        row = await self.db.run(repo.get_template, tenant, template_id, write=False)
+        return convert.template_proto(row)
+
+    async def ListCouponTemplates(
+        self, request: retarget_service_pb2.ListCouponTemplatesRequest, context: grpc.aio.ServicerContext
+    ) -> retarget_service_pb2.ListCouponTemplatesResponse:
+        tenant = validation.tenant_of_parent(request.parent)
+        _guard_parent(context, tenant)
+        size = validation.page_size(request.page_size)
+        query = {"m": "templates", "t": tenant}
+        after = convert.decode_page_token(request.page_token, query) or 0
+        rows = await self.db.run(repo.list_templates, tenant, int(after), size + 1, write=False)
+        response = retarget_service_pb2.ListCouponTemplatesResponse(
+            coupon_templates=[convert.template_proto(row) for row in rows[:size]]
+        )
+        if len(rows) > size:
+            response.next_page_token = convert.encode_page_token(query, rows[size - 1]["id"])
+        return response
+
+    # -- campaigns ---------------------------------------------------------------------------
+
+    async def CreateCampaign(
+        self, request: retarget_service_pb2.CreateCampaignRequest, context: grpc.aio.ServicerContext
+    ) -> campaign_pb2.Campaign:
+        spec = validation.campaign_spec(request, self.now())
+        _guard_parent(context, spec.tenant)
+        await self._check_pack(spec.tenant, spec.audience_pack)
+        row = await self.db.run(repo.create_campaign, spec, self.now())
+        return convert.campaign_proto(row)
+
+    async def _check_pack(self, tenant: str, pack: str) -> None:
+        """The pack must exist now (NOT_FOUND otherwise); it may still be building."""
+        try:
+            await self.app.audience.get_pack(tenant, pack)
+        except FailedPrecondition as error:
+            if error.reason != d.PACK_NOT_READY:
+                raise
+
+    async def GetCampaign(
+        self, request: retarget_service_pb2.GetCampaignRequest, context: grpc.aio.ServicerContext
+    ) -> campaign_pb2.Campaign:
+        tenant, campaign_id = validation.campaign_ref(request.name)
+        _guard(context, tenant, d.CAMPAIGN_TYPE, request.name)
+        row = await self.db.run(repo.get_campaign, tenant, campaign_id, write=False)
+        return convert.campaign_proto(row)
+
+    async def ListCampaigns(
+        self, request: retarget_service_pb2.ListCampaignsRequest, context: grpc.aio.ServicerContext
+    ) -> retarget_service_pb2.ListCampaignsResponse:
+        tenant = validation.tenant_of_parent(request.parent)
+        _guard_parent(context, tenant)
+        size = validation.page_size(request.page_size)
+        state = None
+        text = request.filter.replace(" ", "")
+        if text:
+            field, _, value = text.partition("=")
+            state = convert.STATE_FILTERS.get(value.upper()) if field == "state" else None
+            if state is None:
+                raise InvalidArgument("filter", "supported: state=DRAFT|RUNNING|PAUSED|COMPLETED|CANCELLED")
+        query = {"m": "campaigns", "t": tenant, "s": state}
+        after = convert.decode_page_token(request.page_token, query)
+        key = (int(after[0]), int(after[1])) if after else None
+        rows = await self.db.run(repo.list_campaigns, tenant, state, key, size + 1, write=False)
+        response = retarget_service_pb2.ListCampaignsResponse(
+            campaigns=[convert.campaign_proto(row) for row in rows[:size]]
+        )
+        if len(rows) > size:
+            last = rows[size - 1]
+            response.next_page_token = convert.encode_page_token(query, [last["create_us"], last["id"]])
+        return response
+
+    async def LaunchCampaign(
+        self, request: retarget_service_pb2.LaunchCampaignRequest, context: grpc.aio.ServicerContext
+    ) -> operations_pb2.Operation:
+        tenant, campaign_id = validation.campaign_ref(request.name)
+        _guard(context, tenant, d.CAMPAIGN_TYPE, request.name)
+        row = await self.db.run(repo.get_campaign, tenant, campaign_id, write=False)
+        if row["state"] == d.DRAFT:
+            pack = await self.app.audience.get_pack(tenant, row["audience_pack"])
+            row, started = await self.db.run(
+                repo.start_launch, tenant, campaign_id, pack.version, pack.size, self.now()
+            )
+            if started:
+                logger.info(
+                    "launch started",
+                    extra={
+                        attributes.CAMPAIGN_NAME: request.name,
+                        "pack_version": pack.version,
+                        "audience_size": pack.size,
+                    },
+                )
+        elif row["state"] not in (d.RUNNING, d.COMPLETED):
+            raise repo.state_conflict(row, "launch")
+        if row["state"] == d.RUNNING:
+            self.app.launcher.ensure(row["id"])
+        return convert.launch_operation(row)
+
+    async def PauseCampaign(
+        self, request: retarget_service_pb2.PauseCampaignRequest, context: grpc.aio.ServicerContext
+    ) -> campaign_pb2.Campaign:
+        tenant, campaign_id = validation.campaign_ref(request.name)
+        _guard(context, tenant, d.CAMPAIGN_TYPE, request.name)
+        if len(request.reason) > validation.MAX_TEXT:
+            raise InvalidArgument("reason", f"must be at most {validation.MAX_TEXT} characters")
+        row = await self.db.run(repo.pause_campaign, tenant, campaign_id, request.reason, self.now())
+        return convert.campaign_proto(row)
+
+    async def ResumeCampaign(
+        self, request: retarget_service_pb2.ResumeCampaignRequest, context: grpc.aio.ServicerContext
+    ) -> campaign_pb2.Campaign:
+        tenant, campaign_id = validation.campaign_ref(request.name)
+        _guard(context, tenant, d.CAMPAIGN_TYPE, request.name)
+        row = await self.db.run(repo.resume_campaign, tenant, campaign_id, self.now())
+        if row["state"] == d.RUNNING:
+            self.app.launcher.ensure(row["id"])
+        return convert.campaign_proto(row)
+
+    async def CancelCampaign(
+        self, request: retarget_service_pb2.CancelCampaignRequest, context: grpc.aio.ServicerContext
+    ) -> campaign_pb2.Campaign:
+        tenant, campaign_id = validation.campaign_ref(request.name)
+        _guard(context, tenant, d.CAMPAIGN_TYPE, request.name)
+        row, _ = await self.db.run(repo.cancel_campaign, tenant, campaign_id, self.now())
+        return convert.campaign_proto(row)
+
+    async def CopyCampaign(
+        self, request: retarget_service_pb2.CopyCampaignRequest, context: grpc.aio.ServicerContext
+    ) -> campaign_pb2.Campaign:
+        tenant, campaign_id = validation.campaign_ref(request.name)
+        _guard(context, tenant, d.CAMPAIGN_TYPE, request.name)
+        if not d.valid_id(request.campaign_id):
+            raise InvalidArgument("campaign_id", "must match [a-z]([a-z0-9-]{0,61}[a-z0-9])?")
+        pack = validation.pack_ref(request.audience_pack, tenant, "audience_pack")
+        await self.db.run(repo.get_campaign, tenant, campaign_id, write=False)
+        await self._check_pack(tenant, pack)
+        row = await self.db.run(
+            repo.copy_campaign, tenant, campaign_id, request.campaign_id, pack, self.now()
+        )
+        return convert.campaign_proto(row)
+
+    # -- coupons -----------------------------------------------------------------------------
+
+    async def ClaimCoupon(
+        self, request: retarget_service_pb2.ClaimCouponRequest, context: grpc.aio.ServicerContext
+    ) -> coupon_pb2.Coupon:
+        tenant, template_id = validation.template_ref(request.coupon_template, "coupon_template")
+        _guard(context, tenant, d.TEMPLATE_TYPE, request.coupon_template)
+        user_id = validation.user_id(request.user_id)
+        campaign_id = ""
+        if request.campaign:
+            owner, campaign_id = validation.campaign_ref(request.campaign, "campaign")
+            if owner != tenant:
+                raise NotFound(d.CAMPAIGN_TYPE, request.campaign, metadata={"field": "campaign"})
+        violations: list[tuple[str, str]] = []
+        validation.key(violations, "request_id", request.request_id, required=False)
+        if violations:
+            raise InvalidArgument(violations)
+        key = (tenant, template_id)
+        sold_out = self._sold_out.get(key)
+        if sold_out is not None and not campaign_id:
+            # Members' delivered coupons need no stock; anyone else is refused without a write.
+            if request.request_id:
+                prior = await self.db.run(
+                    repo.find_claim,
+                    tenant=tenant,
+                    template_id=template_id,
+                    user_id=user_id,
+                    campaign_id=campaign_id,
+                    request_id=request.request_id,
+                    write=False,
+                )
+                if prior is not None:
+                    return convert.coupon_proto(prior, self.now())
+            raise ResourceExhausted(
+                sold_out.message,
+                reason=sold_out.reason,
+                violations=sold_out.violations,
+                metadata=sold_out.metadata,
+            )
+        try:
+            row, _ = await self.db.run(
+                repo.claim_coupon,
+                tenant=tenant,
+                template_id=template_id,
+                user_id=user_id,
+                campaign_id=campaign_id,
+                request_id=request.request_id,
+                now=self.now(),
+            )
+        except ResourceExhausted as error:
+            if error.reason in SOLD_OUT_REASONS:
+                self._sold_out[key] = error
+            raise
+        return convert.coupon_proto(row, self.now())
+
+    async def RedeemCoupon(
+        self, request: retarget_service_pb2.RedeemCouponRequest, context: grpc.aio.ServicerContext
+    ) -> retarget_service_pb2.RedeemCouponResponse:
+        now = self.now()
+        redeem = validation.redeem_request(request, now)
+        _guard(context, redeem.tenant, d.COUPON_TYPE, request.coupon)
+        result, replayed = await self.db.run(repo.redeem_coupon, redeem, now)
+        if not replayed:
+            self.app.count_redeemed()
+        return convert.redeem_response(result, replayed, now)
+
+    async def RefundRedemption(
+        self, request: retarget_service_pb2.RefundRedemptionRequest, context: grpc.aio.ServicerContext
+    ) -> coupon_pb2.Coupon:
+        tenant, coupon_id = validation.coupon_ref(request.coupon)
+        _guard(context, tenant, d.COUPON_TYPE, request.coupon)
+        violations: list[tuple[str, str]] = []
+        validation.key(violations, "order_id", request.order_id, required=True)
+        validation.key(violations, "idempotency_key", request.idempotency_key, required=True)
+        if violations:
+            raise InvalidArgument(violations)
+        now = self.now()
+        result, _ = await self.db.run(
+            repo.refund_redemption,
+            tenant=tenant,
+            coupon_id=coupon_id,
+            order_id=request.order_id,
+            idempotency_key=request.idempotency_key,
+            now=now,
+        )
+        return convert.coupon_proto(result["coupon"], now)
+
+    # -- offers and reports ------------------------------------------------------------------
+
+    async def StreamOffers(
+        self, request: retarget_service_pb2.StreamOffersRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[retarget_service_pb2.Offer]:
+        tenant = validation.tenant_of_parent(request.parent)
+        _guard_parent(context, tenant)
+        campaign_pk = None
+        if request.campaign:
+            owner, campaign_id = validation.campaign_ref(request.campaign, "campaign")
+            if owner != tenant:
+                raise NotFound(d.CAMPAIGN_TYPE, request.campaign, metadata={"field": "campaign"})
+            campaign_pk = (
+                await self.db.run(repo.get_campaign, tenant, campaign_id, field="campaign", write=False)
+            )["id"]
+        if request.cursor and not (
+            request.cursor.isascii() and request.cursor.isdigit() and len(request.cursor) < 19
+        ):
+            raise InvalidArgument("cursor", "must be a cursor returned by a previous Offer")
+        after = int(request.cursor or 0)
+        settings = self.app.settings
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.stream_follow_max_seconds
+        while True:
+            signal = self.app.delivered_signal
+            rows = await self.db.run(
+                repo.read_outbox, tenant, campaign_pk, after, settings.stream_batch_size, write=False
+            )
+            for row in rows:
+                after = row["id"]
+                offer = retarget_service_pb2.Offer(
+                    cursor=str(row["id"]),
+                    campaign=d.campaign_name(tenant, row["campaign_id"]),
+                    arm_id=row["arm_id"],
+                    user_id=row["user_id"],
+                    coupon=d.coupon_name(tenant, row["coupon_id"]),
+                    item_ids=convert.json.loads(row["offer_item_ids"]),
+                )
+                offer.create_time.CopyFrom(convert.timestamp(row["create_us"]))
+                yield offer
+            if len(rows) == settings.stream_batch_size:
+                continue
+            remaining = deadline - loop.time()
+            if not request.follow or remaining <= 0 or context.done():
+                return
+            # Woken by this process's launches at once; other writers are seen at the next poll.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(signal.wait(), timeout=min(settings.stream_poll_seconds, remaining))
+
+    async def GetCampaignReport(
+        self, request: retarget_service_pb2.GetCampaignReportRequest, context: grpc.aio.ServicerContext
+    ) -> campaign_pb2.CampaignReport:
+        tenant, campaign_id = validation.campaign_ref(request.campaign, "campaign")
+        _guard(context, tenant, d.CAMPAIGN_TYPE, request.campaign)
+        now = self.now()
+
+        def read(tx: repo.Tx) -> repo.CampaignFacts:
+            campaign = repo.get_campaign(tx, tenant, campaign_id, field="campaign")
+            return repo.campaign_facts(tx, campaign, now)
+
+        facts = await self.db.run(read, write=False)
+        return report.campaign_report(facts, request.campaign)
+
+
+class LaunchOperationsServicer(operations_pb2_grpc.OperationsServicer):
+    """``google.longrunning.Operations`` for launch operations, read from the ledger (so an
+    operation outlives the process that started it)."""
+
+    def __init__(self, app: RetargetApp) -> None:
+        self.app = app
+
+    async def _operation(self, name: str, context: grpc.aio.ServicerContext) -> operations_pb2.Operation:
+        parsed = d.parse_operation_name(name)
+        if parsed is None:
+            raise InvalidArgument("name", "must be tenants/{tenant}/campaigns/{campaign}/operations/launch")
+        tenant, campaign_id = parsed
+        _guard(context, tenant, d.OPERATION_TYPE, name)
+        row = await self.app.db.run(repo.get_campaign, tenant, campaign_id, write=False)
+        if row["state"] == d.DRAFT:
+            raise NotFound(d.OPERATION_TYPE, name)
+        return convert.launch_operation(row)
+
+    async def GetOperation(
+        self, request: operations_pb2.GetOperationRequest, context: grpc.aio.ServicerContext
+    ) -> operations_pb2.Operation:
+        return await self._operation(request.name, context)
+
+    async def WaitOperation(
+        self, request: operations_pb2.WaitOperationRequest, context: grpc.aio.ServicerContext
+    ) -> operations_pb2.Operation:
+        timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else 60.0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(max(timeout, 0.0), 600.0)
+        while True:
+            operation = await self._operation(request.name, context)
+            if operation.done or loop.time() >= deadline:
+                return operation
+            await asyncio.sleep(min(0.2, max(0.0, deadline - loop.time())))
+
+    async def DeleteOperation(
+        self, request: operations_pb2.DeleteOperationRequest, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
+        raise FailedPrecondition(
+            "NOT_SUPPORTED", "launch operations are part of the campaign; cancel the campaign"
+        )
