@@ -22,13 +22,14 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from flashcrowd.retarget.v1 import sale_monitor_pb2 as flashcrowd_dot_retarget_dot_v1_dot_sale__monitor__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%flashcrowd/retarget/v1/campaign.proto\x12\x16\x66lashcrowd.retarget.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd2\x06\n\x08\x43\x61mpaign\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x1b\n\raudience_pack\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x0eoffer_item_ids\x18\x04 \x03(\r\x12\x1d\n\x0f\x63oupon_template\x18\x05 \x01(\tB\x04\xe2\x41\x01\x02\x12)\n\x04\x61rms\x18\x06 \x03(\x0b\x32\x1b.flashcrowd.retarget.v1.Arm\x12\x1c\n\x14holdout_basis_points\x18\x07 \x01(\x05\x12.\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0closs_cap_fen\x18\n \x01(\x03\x12 \n\x18\x64\x65livery_rate_per_second\x18\x0b \x01(\x05\x12+\n\x05rules\x18\x0c \x03(\x0b\x32\x1c.flashcrowd.retarget.v1.Rule\x12;\n\x05state\x18\r \x01(\x0e\x32&.flashcrowd.retarget.v1.Campaign.StateB\x04\xe2\x41\x01\x03\x12>\n\x08progress\x18\x0e \x01(\x0b\x32&.flashcrowd.retarget.v1.LaunchProgressB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x0c\n\x04\x65tag\x18\x11 \x01(\t\"~\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSTATE_DRAFT\x10\x01\x12\x11\n\rSTATE_RUNNING\x10\x02\x12\x10\n\x0cSTATE_PAUSED\x10\x03\x12\x13\n\x0fSTATE_COMPLETED\x10\x04\x12\x13\n\x0fSTATE_CANCELLED\x10\x05:C\xea\x41@\n\x17\x66lashcrowd.dev/Campaign\x12%tenants/{tenant}/campaigns/{campaign}\">\n\x03\x41rm\x12\x0e\n\x06\x61rm_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x05\x12\x17\n\x0f\x63oupon_template\x18\x03 \x01(\t\"\x82\x01\n\x0eLaunchProgress\x12\x15\n\raudience_size\x18\x01 \x01(\x03\x12\x11\n\tprocessed\x18\x02 \x01(\x03\x12\x0e\n\x06issued\x18\x03 \x01(\x03\x12\x10\n\x08held_out\x18\x04 \x01(\x03\x12\x0f\n\x07skipped\x18\x05 \x01(\x03\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\"\xa4\x04\n\x04Rule\x12\x0f\n\x07rule_id\x18\x01 \x01(\t\x12\x33\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32#.flashcrowd.retarget.v1.Rule.Action\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12;\n\ncomparison\x18\x04 \x01(\x0e\x32\'.flashcrowd.retarget.v1.Rule.Comparison\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12*\n\x07sustain\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\x08\x63ooldown\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12\x62oost_rate_ceiling\x18\x08 \x01(\x05\x12\x14\n\x0c\x63opy_to_pack\x18\t \x01(\t\"T\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41\x43TION_STOP\x10\x01\x12\x10\n\x0c\x41\x43TION_BOOST\x10\x02\x12\x0f\n\x0b\x41\x43TION_COPY\x10\x03\"\x94\x01\n\nComparison\x12\x1a\n\x16\x43OMPARISON_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43OMPARISON_LESS\x10\x01\x12\x1c\n\x18\x43OMPARISON_LESS_OR_EQUAL\x10\x02\x12\x16\n\x12\x43OMPARISON_GREATER\x10\x03\x12\x1f\n\x1b\x43OMPARISON_GREATER_OR_EQUAL\x10\x04\"\xf3\x01\n\tArmFunnel\x12\x0e\n\x06\x61rm_id\x18\x01 \x01(\t\x12\x10\n\x08targeted\x18\x02 \x01(\x03\x12\x11\n\tdelivered\x18\x03 \x01(\x03\x12\x0f\n\x07\x63laimed\x18\x04 \x01(\x03\x12\x10\n\x08redeemed\x18\x05 \x01(\x03\x12\x0e\n\x06orders\x18\x06 \x01(\x03\x12\x13\n\x0brevenue_fen\x18\x07 \x01(\x03\x12\x17\n\x0f\x63oupon_cost_fen\x18\x08 \x01(\x03\x12\x0b\n\x03roi\x18\t \x01(\x01\x12\x17\n\x0f\x63onversion_rate\x18\n \x01(\x01\x12\x19\n\x11uplift_vs_holdout\x18\x0b \x01(\x01\x12\x0f\n\x07p_value\x18\x0c \x01(\x01\"\xd7\x01\n\x0e\x43\x61mpaignReport\x12\x10\n\x08\x63\x61mpaign\x18\x01 \x01(\t\x12/\n\x04\x61rms\x18\x02 \x03(\x0b\x32!.flashcrowd.retarget.v1.ArmFunnel\x12\x13\n\x0brevenue_fen\x18\x03 \x01(\x03\x12\x17\n\x0f\x63oupon_cost_fen\x18\x04 \x01(\x03\x12\x1a\n\x12projected_loss_fen\x18\x05 \x01(\x03\x12\x38\n\x0crule_firings\x18\x06 \x03(\x0b\x32\".flashcrowd.retarget.v1.RuleFiring\"\x84\x02\n\nRuleFiring\x12\x0f\n\x07rule_id\x18\x01 \x01(\t\x12\x33\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32#.flashcrowd.retarget.v1.Rule.Action\x12-\n\tfire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12@\n\x07metrics\x18\x04 \x03(\x0b\x32/.flashcrowd.retarget.v1.RuleFiring.MetricsEntry\x12\x0f\n\x07outcome\x18\x05 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%flashcrowd/retarget/v1/campaign.proto\x12\x16\x66lashcrowd.retarget.v1\x1a)flashcrowd/retarget/v1/sale_monitor.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd2\x06\n\x08\x43\x61mpaign\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x1b\n\raudience_pack\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x0eoffer_item_ids\x18\x04 \x03(\r\x12\x1d\n\x0f\x63oupon_template\x18\x05 \x01(\tB\x04\xe2\x41\x01\x02\x12)\n\x04\x61rms\x18\x06 \x03(\x0b\x32\x1b.flashcrowd.retarget.v1.Arm\x12\x1c\n\x14holdout_basis_points\x18\x07 \x01(\x05\x12.\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0closs_cap_fen\x18\n \x01(\x03\x12 \n\x18\x64\x65livery_rate_per_second\x18\x0b \x01(\x05\x12+\n\x05rules\x18\x0c \x03(\x0b\x32\x1c.flashcrowd.retarget.v1.Rule\x12;\n\x05state\x18\r \x01(\x0e\x32&.flashcrowd.retarget.v1.Campaign.StateB\x04\xe2\x41\x01\x03\x12>\n\x08progress\x18\x0e \x01(\x0b\x32&.flashcrowd.retarget.v1.LaunchProgressB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x0c\n\x04\x65tag\x18\x11 \x01(\t\"~\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSTATE_DRAFT\x10\x01\x12\x11\n\rSTATE_RUNNING\x10\x02\x12\x10\n\x0cSTATE_PAUSED\x10\x03\x12\x13\n\x0fSTATE_COMPLETED\x10\x04\x12\x13\n\x0fSTATE_CANCELLED\x10\x05:C\xea\x41@\n\x17\x66lashcrowd.dev/Campaign\x12%tenants/{tenant}/campaigns/{campaign}\">\n\x03\x41rm\x12\x0e\n\x06\x61rm_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x05\x12\x17\n\x0f\x63oupon_template\x18\x03 \x01(\t\"\x82\x01\n\x0eLaunchProgress\x12\x15\n\raudience_size\x18\x01 \x01(\x03\x12\x11\n\tprocessed\x18\x02 \x01(\x03\x12\x0e\n\x06issued\x18\x03 \x01(\x03\x12\x10\n\x08held_out\x18\x04 \x01(\x03\x12\x0f\n\x07skipped\x18\x05 \x01(\x03\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\"\xd6\x04\n\x04Rule\x12\x0f\n\x07rule_id\x18\x01 \x01(\t\x12\x33\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32#.flashcrowd.retarget.v1.Rule.Action\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12;\n\ncomparison\x18\x04 \x01(\x0e\x32\'.flashcrowd.retarget.v1.Rule.Comparison\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12*\n\x07sustain\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\x08\x63ooldown\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12\x62oost_rate_ceiling\x18\x08 \x01(\x05\x12\x14\n\x0c\x63opy_to_pack\x18\t \x01(\t\x12\x30\n\x05scope\x18\n \x01(\x0b\x32!.flashcrowd.retarget.v1.SaleScope\"T\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41\x43TION_STOP\x10\x01\x12\x10\n\x0c\x41\x43TION_BOOST\x10\x02\x12\x0f\n\x0b\x41\x43TION_COPY\x10\x03\"\x94\x01\n\nComparison\x12\x1a\n\x16\x43OMPARISON_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43OMPARISON_LESS\x10\x01\x12\x1c\n\x18\x43OMPARISON_LESS_OR_EQUAL\x10\x02\x12\x16\n\x12\x43OMPARISON_GREATER\x10\x03\x12\x1f\n\x1b\x43OMPARISON_GREATER_OR_EQUAL\x10\x04\"\xf3\x01\n\tArmFunnel\x12\x0e\n\x06\x61rm_id\x18\x01 \x01(\t\x12\x10\n\x08targeted\x18\x02 \x01(\x03\x12\x11\n\tdelivered\x18\x03 \x01(\x03\x12\x0f\n\x07\x63laimed\x18\x04 \x01(\x03\x12\x10\n\x08redeemed\x18\x05 \x01(\x03\x12\x0e\n\x06orders\x18\x06 \x01(\x03\x12\x13\n\x0brevenue_fen\x18\x07 \x01(\x03\x12\x17\n\x0f\x63oupon_cost_fen\x18\x08 \x01(\x03\x12\x0b\n\x03roi\x18\t \x01(\x01\x12\x17\n\x0f\x63onversion_rate\x18\n \x01(\x01\x12\x19\n\x11uplift_vs_holdout\x18\x0b \x01(\x01\x12\x0f\n\x07p_value\x18\x0c \x01(\x01\"\xd7\x01\n\x0e\x43\x61mpaignReport\x12\x10\n\x08\x63\x61mpaign\x18\x01 \x01(\t\x12/\n\x04\x61rms\x18\x02 \x03(\x0b\x32!.flashcrowd.retarget.v1.ArmFunnel\x12\x13\n\x0brevenue_fen\x18\x03 \x01(\x03\x12\x17\n\x0f\x63oupon_cost_fen\x18\x04 \x01(\x03\x12\x1a\n\x12projected_loss_fen\x18\x05 \x01(\x03\x12\x38\n\x0crule_firings\x18\x06 \x03(\x0b\x32\".flashcrowd.retarget.v1.RuleFiring\"\x84\x02\n\nRuleFiring\x12\x0f\n\x07rule_id\x18\x01 \x01(\t\x12\x33\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32#.flashcrowd.retarget.v1.Rule.Action\x12-\n\tfire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12@\n\x07metrics\x18\x04 \x03(\x0b\x32/.flashcrowd.retarget.v1.RuleFiring.MetricsEntry\x12\x0f\n\x07outcome\x18\x05 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,26 +54,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CAMPAIGN']._serialized_options = b'\352A@\n\027flashcrowd.dev/Campaign\022%tenants/{tenant}/campaigns/{campaign}'
   _globals['_RULEFIRING_METRICSENTRY']._loaded_options = None
   _globals['_RULEFIRING_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_CAMPAIGN']._serialized_start=191
-  _globals['_CAMPAIGN']._serialized_end=1041
-  _globals['_CAMPAIGN_STATE']._serialized_start=846
-  _globals['_CAMPAIGN_STATE']._serialized_end=972
-  _globals['_ARM']._serialized_start=1043
-  _globals['_ARM']._serialized_end=1105
-  _globals['_LAUNCHPROGRESS']._serialized_start=1108
-  _globals['_LAUNCHPROGRESS']._serialized_end=1238
-  _globals['_RULE']._serialized_start=1241
-  _globals['_RULE']._serialized_end=1789
-  _globals['_RULE_ACTION']._serialized_start=1554
-  _globals['_RULE_ACTION']._serialized_end=1638
-  _globals['_RULE_COMPARISON']._serialized_start=1641
-  _globals['_RULE_COMPARISON']._serialized_end=1789
-  _globals['_ARMFUNNEL']._serialized_start=1792
-  _globals['_ARMFUNNEL']._serialized_end=2035
-  _globals['_CAMPAIGNREPORT']._serialized_start=2038
-  _globals['_CAMPAIGNREPORT']._serialized_end=2253
-  _globals['_RULEFIRING']._serialized_start=2256
-  _globals['_RULEFIRING']._serialized_end=2516
-  _globals['_RULEFIRING_METRICSENTRY']._serialized_start=2470
-  _globals['_RULEFIRING_METRICSENTRY']._serialized_end=2516
+  _globals['_CAMPAIGN']._serialized_start=234
+  _globals['_CAMPAIGN']._serialized_end=1084
+  _globals['_CAMPAIGN_STATE']._serialized_start=889
+  _globals['_CAMPAIGN_STATE']._serialized_end=1015
+  _globals['_ARM']._serialized_start=1086
+  _globals['_ARM']._serialized_end=1148
+  _globals['_LAUNCHPROGRESS']._serialized_start=1151
+  _globals['_LAUNCHPROGRESS']._serialized_end=1281
+  _globals['_RULE']._serialized_start=1284
+  _globals['_RULE']._serialized_end=1882
+  _globals['_RULE_ACTION']._serialized_start=1647
+  _globals['_RULE_ACTION']._serialized_end=1731
+  _globals['_RULE_COMPARISON']._serialized_start=1734
+  _globals['_RULE_COMPARISON']._serialized_end=1882
+  _globals['_ARMFUNNEL']._serialized_start=1885
+  _globals['_ARMFUNNEL']._serialized_end=2128
+  _globals['_CAMPAIGNREPORT']._serialized_start=2131
+  _globals['_CAMPAIGNREPORT']._serialized_end=2346
+  _globals['_RULEFIRING']._serialized_start=2349
+  _globals['_RULEFIRING']._serialized_end=2609
+  _globals['_RULEFIRING_METRICSENTRY']._serialized_start=2563
+  _globals['_RULEFIRING_METRICSENTRY']._serialized_end=2609
 # @@protoc_insertion_point(module_scope)

@@ -1,5 +1,6 @@
 import datetime
 
+from flashcrowd.retarget.v1 import sale_monitor_pb2 as _sale_monitor_pb2
 from google.api import field_behavior_pb2 as _field_behavior_pb2
 from google.api import resource_pb2 as _resource_pb2
 from google.protobuf import duration_pb2 as _duration_pb2
@@ -92,7 +93,7 @@ class LaunchProgress(_message.Message):
     def __init__(self, audience_size: _Optional[int] = ..., processed: _Optional[int] = ..., issued: _Optional[int] = ..., held_out: _Optional[int] = ..., skipped: _Optional[int] = ..., stop_reason: _Optional[str] = ...) -> None: ...
 
 class Rule(_message.Message):
-    __slots__ = ("rule_id", "action", "metric", "comparison", "threshold", "sustain", "cooldown", "boost_rate_ceiling", "copy_to_pack")
+    __slots__ = ("rule_id", "action", "metric", "comparison", "threshold", "sustain", "cooldown", "boost_rate_ceiling", "copy_to_pack", "scope")
     class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ACTION_UNSPECIFIED: _ClassVar[Rule.Action]
@@ -124,6 +125,7 @@ class Rule(_message.Message):
     COOLDOWN_FIELD_NUMBER: _ClassVar[int]
     BOOST_RATE_CEILING_FIELD_NUMBER: _ClassVar[int]
     COPY_TO_PACK_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
     rule_id: str
     action: Rule.Action
     metric: str
@@ -133,7 +135,8 @@ class Rule(_message.Message):
     cooldown: _duration_pb2.Duration
     boost_rate_ceiling: int
     copy_to_pack: str
-    def __init__(self, rule_id: _Optional[str] = ..., action: _Optional[_Union[Rule.Action, str]] = ..., metric: _Optional[str] = ..., comparison: _Optional[_Union[Rule.Comparison, str]] = ..., threshold: _Optional[float] = ..., sustain: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cooldown: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., boost_rate_ceiling: _Optional[int] = ..., copy_to_pack: _Optional[str] = ...) -> None: ...
+    scope: _sale_monitor_pb2.SaleScope
+    def __init__(self, rule_id: _Optional[str] = ..., action: _Optional[_Union[Rule.Action, str]] = ..., metric: _Optional[str] = ..., comparison: _Optional[_Union[Rule.Comparison, str]] = ..., threshold: _Optional[float] = ..., sustain: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cooldown: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., boost_rate_ceiling: _Optional[int] = ..., copy_to_pack: _Optional[str] = ..., scope: _Optional[_Union[_sale_monitor_pb2.SaleScope, _Mapping]] = ...) -> None: ...
 
 class ArmFunnel(_message.Message):
     __slots__ = ("arm_id", "targeted", "delivered", "claimed", "redeemed", "orders", "revenue_fen", "coupon_cost_fen", "roi", "conversion_rate", "uplift_vs_holdout", "p_value")
