@@ -167,6 +167,13 @@ def scale_estimate(sample_size: int, fraction: float) -> tuple[int, int, int]:
 # --- the servicer -----------------------------------------------------------------------------------
 
 
+@dataclass(eq=False)
+class _Reservation:
+    """A pack id claimed by one build or upload of this process; ``holder`` names it when known."""
+
+    holder: str = ""
+
+
 class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
     """The ``AudienceService`` RPCs; see the module doc."""
 
@@ -186,7 +193,7 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
         self.membership = membership
         self.tenancy = tenancy
         # Packs with a build (or upload) in flight in this process: (tenant, pack id) -> operation.
-        self._building: dict[tuple[str, str], str] = {}
+        self._building: dict[tuple[str, str], _Reservation] = {}
         self._building_lock = threading.Lock()
         self._estimates = asyncio.Semaphore(settings.max_concurrent_builds)
 
@@ -214,19 +221,30 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
         trace.get_current_span().set_attribute(attributes.TENANT, tenant)
         return tenant
 
-    def _reserve(self, tenant: str, pack_id: str, holder: str) -> None:
+    def _reserve(self, tenant: str, pack_id: str, holder: str = "") -> _Reservation:
+        """Claim a pack id for one build or upload of this process; ALREADY_EXISTS if claimed."""
         with self._building_lock:
             if (tenant, pack_id) in self._building:
                 raise AlreadyExists(PACK_TYPE, pack_name(tenant, pack_id), description="being built")
-            self._building[(tenant, pack_id)] = holder
+            reservation = self._building[(tenant, pack_id)] = _Reservation(holder)
+            return reservation
 
-    def _release(self, tenant: str, pack_id: str) -> None:
+    def _release(self, tenant: str, pack_id: str, reservation: _Reservation | None = None) -> None:
+        """Release a claim; with ``reservation``, only that one (not a later claim of the same id)."""
         with self._building_lock:
-            self._building.pop((tenant, pack_id), None)
+            current = self._building.get((tenant, pack_id))
+            if current is not None and (reservation is None or current is reservation):
+                del self._building[(tenant, pack_id)]
+
+    #: Public names for other services of this process (LookalikeService's ExpandLookalike).
+    reserve_pack = _reserve
+    release_pack = _release
 
     def _building_op(self, tenant: str, pack_id: str) -> str | None:
+        """The operation building the pack ("" while it is being accepted), None if none is."""
         with self._building_lock:
-            return self._building.get((tenant, pack_id))
+            reservation = self._building.get((tenant, pack_id))
+            return None if reservation is None else reservation.holder
 
     def check_references(self, tenant: str, spec: spec_pb2.PackSpec, path: str, self_id: str = "") -> None:
         """Every pack a spec references must be one of the tenant's visible packs (NOT_FOUND otherwise).
@@ -360,7 +378,7 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
                 return existing
         pack_id = request.pack_id
         name = pack_name(tenant, pack_id)
-        self._reserve(tenant, pack_id, "")
+        reservation = self._reserve(tenant, pack_id)
         try:
             if await asyncio.to_thread(self.packs.exists, tenant, pack_id):
                 raise AlreadyExists(PACK_TYPE, name)
@@ -375,14 +393,12 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
                 metadata,
                 request_key=f"create:{request.request_id}" if request.request_id else "",
                 fingerprint=fingerprint,
-                on_done=lambda: self._release(tenant, pack_id),
+                on_done=lambda: self._release(tenant, pack_id, reservation),
             )
         except BaseException:
-            self._release(tenant, pack_id)
+            self._release(tenant, pack_id, reservation)
             raise
-        with self._building_lock:
-            if (tenant, pack_id) in self._building:
-                self._building[(tenant, pack_id)] = op.name
+        reservation.holder = op.name
         return op
 
     async def RefreshPack(self, request, context):
@@ -404,7 +420,7 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
                     )
                 ],
             )
-        self._reserve_refresh(tenant, pack_id, request.name)
+        reservation = self._reserve_refresh(tenant, pack_id, request.name)
         try:
             template = pack_pb2.Pack()
             template.CopyFrom(current)
@@ -421,25 +437,26 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
                 "RefreshPack",
                 self._build_job(tenant, pack_id, template),
                 metadata,
-                on_done=lambda: self._release(tenant, pack_id),
+                on_done=lambda: self._release(tenant, pack_id, reservation),
             )
         except BaseException:
-            self._release(tenant, pack_id)
+            self._release(tenant, pack_id, reservation)
             raise
-        with self._building_lock:
-            self._building[(tenant, pack_id)] = op.name
+        reservation.holder = op.name
         return op
 
-    def _reserve_refresh(self, tenant: str, pack_id: str, name: str) -> None:
+    def _reserve_refresh(self, tenant: str, pack_id: str, name: str) -> _Reservation:
         with self._building_lock:
             running = self._building.get((tenant, pack_id))
             if running is not None:
+                holder = running.holder
                 raise FailedPrecondition(
                     "PACK_BUILDING",
-                    f"{name} is being built by {running or 'another call'}; wait for it to finish",
-                    [("PACK_BUILDING", name, running or "build in progress")],
+                    f"{name} is being built by {holder or 'another call'}; wait for it to finish",
+                    [("PACK_BUILDING", name, holder or "build in progress")],
                 )
-            self._building[(tenant, pack_id)] = ""
+            reservation = self._building[(tenant, pack_id)] = _Reservation()
+            return reservation
 
     # --- EstimatePackSize ---------------------------------------------------------------------------
 
@@ -622,13 +639,14 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
     # --- UploadPack ---------------------------------------------------------------------------------
 
     async def UploadPack(self, request_iterator, context):
-        reserved: list[tuple[str, str]] = []
+        reserved: list[tuple[str, str, _Reservation]] = []
 
         async def on_header(header: UploadHeader) -> None:
             self.tenancy.authorize(context, header.tenant)
             name = pack_name(header.tenant, header.pack_id)
-            self._reserve(header.tenant, header.pack_id, "upload")
-            reserved.append((header.tenant, header.pack_id))
+            reserved.append(
+                (header.tenant, header.pack_id, self._reserve(header.tenant, header.pack_id, "upload"))
+            )
             if await asyncio.to_thread(self.packs.exists, header.tenant, header.pack_id):
                 raise AlreadyExists(PACK_TYPE, name)
 
@@ -672,8 +690,8 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
             span.set_attribute(attributes.UPLOAD_MATCHED, stats.matched)
             span.set_attribute(attributes.UPLOAD_INVALID, stats.invalid)
         finally:
-            for tenant, pack_id in reserved:
-                self._release(tenant, pack_id)
+            for tenant, pack_id, reservation in reserved:
+                self._release(tenant, pack_id, reservation)
         return audience_service_pb2.UploadPackResponse(pack=stored, stats=stats, invalid_rows=invalid)
 
     # --- GetPackPersona -----------------------------------------------------------------------------
