@@ -89,7 +89,7 @@ class GatewaySettings(BaseServiceSettings):
 
     # --- HTTP/JSON ------------------------------------------------------------------------
     #: Port of the HTTP/JSON side; 0 picks a free one, -1 disables it.
-    http_port: int = Field(default=-1, ge=-1, le=65535)
+    http_port: int = Field(default=8080, ge=-1, le=65535)
     #: Largest HTTP request body, in bytes (defaults to max_message_bytes).
     http_max_body_bytes: int | None = Field(default=None, gt=0)
 

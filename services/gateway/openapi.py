@@ -1,6 +1,7 @@
 """An OpenAPI 3.1 document of the HTTP/JSON routes, generated from the proto descriptors.
 
-``python -m services.gateway.openapi > openapi/openapi.json`` writes it; the gateway serves the same
+``python -m services.gateway.openapi > openapi/openapi.json`` (or ``flashcrowd gateway openapi``) writes
+it; the gateway serves the same
 document at ``/openapi.json``. Schemas follow protobuf's JSON mapping: lowerCamelCase names, 64-bit
 integers as strings, enums as their names, Timestamp/Duration as strings.
 """
@@ -251,7 +252,7 @@ def descriptor_of(full_name: str) -> descriptor.Descriptor:
 
 def main() -> None:
     json.dump(openapi_document(), sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    sys.stdout.write("\n")  # same bytes as services.gateway.cli.render()
 
 
 if __name__ == "__main__":

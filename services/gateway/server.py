@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -18,6 +19,8 @@ from services.gateway.handlers import generic_handlers
 from services.gateway.http import HttpFrontend
 from services.gateway.proxy import Gateway
 from services.runtime import HealthServicer, ServiceDefinition, create_server
+
+logger = logging.getLogger(__name__)
 
 #: What reflection lists: every proxied service (so grpcurl can describe them) and the gateway's own.
 SERVICE_NAMES: Sequence[str] = catalog.PUBLIC_SERVICES
@@ -52,6 +55,7 @@ async def build(settings: GatewaySettings) -> tuple[ServiceDefinition, GatewayAp
     if settings.http_port >= 0:
         app.http = HttpFrontend(gateway, settings)
         app.http_port = await app.http.start(settings.host, settings.http_port)
+        logger.info("HTTP/JSON serving", extra={"host": settings.host, "http_port": app.http_port})
     definition = ServiceDefinition(names=SERVICE_NAMES, register=_register(gateway), on_stop=[app.close])
     return definition, app
 
