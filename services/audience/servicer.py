@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -33,6 +33,7 @@ from flashcrowd.audience.v1 import audience_service_pb2, audience_service_pb2_gr
 from google.protobuf import empty_pb2
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
+from pyroaring import BitMap
 
 from services.audience import builder as pack_builder
 from services.audience import persona as pack_persona
@@ -43,10 +44,13 @@ from services.audience.operations import JobContext, OperationCancelled, Operati
 from services.audience.packstore import PackStore
 from services.audience.spec_validation import validate_spec
 from services.audience.tenancy import (
+    LIVE_PACK_TYPE,
     PACK_TYPE,
     Tenancy,
     check_id,
+    is_live_pack_name,
     pack_name,
+    parse_live_pack_name,
     parse_pack_name,
     parse_parent,
 )
@@ -167,6 +171,17 @@ def scale_estimate(sample_size: int, fraction: float) -> tuple[int, int, int]:
 # --- the servicer -----------------------------------------------------------------------------------
 
 
+class LiveMembership(Protocol):
+    """What CheckMembership needs from live packs (sliding windows kept by a real-time service)."""
+
+    def live_members(self, tenant: str, live_pack_id: str) -> tuple[int, BitMap]:
+        """``(last stream sequence applied, current members)``; ``NotFound`` for an unknown live pack.
+
+        Called on the event loop for every check: it must return at once (in-memory state).
+        """
+        ...
+
+
 @dataclass(eq=False)
 class _Reservation:
     """A pack id claimed by one build or upload of this process; ``holder`` names it when known."""
@@ -196,6 +211,9 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
         self._building: dict[tuple[str, str], _Reservation] = {}
         self._building_lock = threading.Lock()
         self._estimates = asyncio.Semaphore(settings.max_concurrent_builds)
+        #: Set by a live-pack service running in this process: CheckMembership then answers
+        #: ``tenants/{t}/livePacks/{id}`` names from it; without one they are NOT_FOUND.
+        self.live_packs: LiveMembership | None = None
 
     # --- helpers ------------------------------------------------------------------------------------
 
@@ -549,17 +567,34 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
             if not 1 <= n_ids <= MAX_CHECK_IDS:
                 problems.append(("user_ids", f"between 1 and {MAX_CHECK_IDS} ids, got {n_ids}"))
             raise InvalidArgument(problems)
-        keys = []
+        targets: list[tuple[bool, str]] = []  # (is live, id)
         for i, name in enumerate(request.packs):
-            pack_tenant, pack_id = parse_pack_name(name, f"packs[{i}]")
+            live = is_live_pack_name(name)
+            if live:
+                pack_tenant, pack_id = parse_live_pack_name(name, f"packs[{i}]")
+            else:
+                pack_tenant, pack_id = parse_pack_name(name, f"packs[{i}]")
             if pack_tenant != tenant:  # another tenant's pack: as if it did not exist
-                raise NotFound(PACK_TYPE, name)
-            keys.append(pack_id)
-        cached = [await self.membership.get(tenant, pack_id) for pack_id in keys]
-        flags = check_batch(
-            [c.bitmap for c in cached], as_user_ids(request.user_ids), [c.dense for c in cached]
-        )
-        return membership_response(request.packs, [c.version for c in cached], flags)
+                raise NotFound(LIVE_PACK_TYPE if live else PACK_TYPE, name)
+            targets.append((live, pack_id))
+        bitmaps: list[BitMap] = []
+        dense: list[np.ndarray | None] = []
+        versions: list[int] = []
+        for (live, pack_id), name in zip(targets, request.packs, strict=True):
+            if live:
+                if self.live_packs is None:  # no live-pack service in this process
+                    raise NotFound(LIVE_PACK_TYPE, name)
+                version, bitmap = self.live_packs.live_members(tenant, pack_id)
+                bitmaps.append(bitmap)
+                dense.append(None)
+            else:
+                cached = await self.membership.get(tenant, pack_id)
+                version = cached.version
+                bitmaps.append(cached.bitmap)
+                dense.append(cached.dense)
+            versions.append(version)
+        flags = check_batch(bitmaps, as_user_ids(request.user_ids), dense)
+        return membership_response(request.packs, versions, flags)
 
     # --- ExportPack ---------------------------------------------------------------------------------
 
@@ -751,4 +786,11 @@ def _references(spec: spec_pb2.PackSpec, path: str) -> Iterator[tuple[spec_pb2.P
             yield from _references(operand, f"{path}.exclude.subtract[{i}]")
 
 
-__all__ = ["AudienceServicer", "ExportToken", "sample_shard", "scale_estimate", "shard_fraction"]
+__all__ = [
+    "AudienceServicer",
+    "ExportToken",
+    "LiveMembership",
+    "sample_shard",
+    "scale_estimate",
+    "shard_fraction",
+]

@@ -25,7 +25,10 @@ from services.runtime import InvalidArgument, NotFound
 _OPERATION_NAME = re.compile(r"tenants/([^/]+)/operations/([a-z0-9]{1,64})")
 _OPERATIONS_PARENT = re.compile(r"tenants/([^/]+?)(?:/operations)?")
 
+_LIVE_PACK_NAME = re.compile(r"tenants/([^/]+)/livePacks/([^/]+)")
+
 TENANT_TYPE = "flashcrowd.dev/Tenant"
+LIVE_PACK_TYPE = "flashcrowd.dev/LivePack"
 OPERATION_TYPE = "google.longrunning.Operation"
 
 
@@ -59,6 +62,21 @@ def parse_pack_name(value: str, field: str = "name") -> tuple[str, str]:
         return _parse_pack_name(value)
     except ValueError as error:
         raise InvalidArgument(field, str(error)[:300]) from None
+
+
+def is_live_pack_name(value: str) -> bool:
+    """Does ``value`` name a live pack (``tenants/{t}/livePacks/{id}``), well-formed or not?"""
+    return "/livePacks/" in value
+
+
+def parse_live_pack_name(value: str, field: str = "name") -> tuple[str, str]:
+    """``tenants/{t}/livePacks/{id}`` -> ``(t, id)``."""
+    match = _LIVE_PACK_NAME.fullmatch(value)
+    if match is None or not is_valid_id(match.group(1)) or not is_valid_id(match.group(2)):
+        raise InvalidArgument(
+            field, f"expected tenants/{{tenant}}/livePacks/{{id}} ({ID_RULE}), got {value[:120]!r}"
+        )
+    return match.group(1), match.group(2)
 
 
 def parse_operation_name(value: str, field: str = "name") -> tuple[str, str]:
@@ -118,13 +136,16 @@ class Tenancy:
 
 
 __all__ = [
+    "LIVE_PACK_TYPE",
     "OPERATION_TYPE",
     "PACK_TYPE",
     "TENANT_TYPE",
     "Tenancy",
     "check_id",
+    "is_live_pack_name",
     "operation_name",
     "pack_name",
+    "parse_live_pack_name",
     "parse_operation_name",
     "parse_operations_parent",
     "parse_pack_name",

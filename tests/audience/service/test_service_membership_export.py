@@ -167,3 +167,48 @@ async def test_export_tokens_are_bound_to_pack_version_and_format(svc) -> None:
         details = error_details(caught.value)
         assert details.code == grpc.StatusCode.INVALID_ARGUMENT, label
         assert [f for f, _ in details.field_violations] == ["page_token"], label
+
+
+async def test_check_membership_on_live_packs(svc) -> None:
+    from pyroaring import BitMap
+
+    from services.runtime import NotFound
+
+    tenant = svc.new_tenant()
+    start, end = svc.dataset.start, svc.dataset.end
+    stored = await svc.create_pack(tenant, behavior([ET.EVENT_TYPE_PAY], start, end), options=INCLUDE_BOTS)
+    live_name = f"tenants/{tenant}/livePacks/warm-clickers"
+    request = api.CheckMembershipRequest(
+        parent=f"tenants/{tenant}", packs=[live_name, stored.name], user_ids=[1, 2, 3, 4]
+    )
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:  # no live-pack service in this process
+        await svc.stub.CheckMembership(request)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+    class Live:
+        def live_members(self, tenant_id: str, live_id: str) -> tuple[int, BitMap]:
+            if (tenant_id, live_id) != (tenant, "warm-clickers"):
+                raise NotFound("flashcrowd.dev/LivePack", f"tenants/{tenant_id}/livePacks/{live_id}")
+            return 42, BitMap([2, 4])
+
+    svc.app.servicer.live_packs = Live()
+    try:
+        response = await svc.stub.CheckMembership(request)
+        assert (response.results[0].pack, response.results[0].version) == (live_name, 42)
+        assert list(response.results[0].members) == [False, True, False, True]
+        assert response.results[1].version == 1
+        for name, code in (
+            (f"tenants/{tenant}/livePacks/other", grpc.StatusCode.NOT_FOUND),
+            ("tenants/someone-else/livePacks/warm-clickers", grpc.StatusCode.NOT_FOUND),
+            (f"tenants/{tenant}/livePacks/Bad_Id", grpc.StatusCode.INVALID_ARGUMENT),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await svc.stub.CheckMembership(
+                    api.CheckMembershipRequest(parent=f"tenants/{tenant}", packs=[name], user_ids=[1])
+                )
+            assert caught.value.code() == code, name
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                assert [f for f, _ in error_details(caught.value).field_violations] == ["packs[0]"]
+    finally:
+        svc.app.servicer.live_packs = None
