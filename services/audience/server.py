@@ -54,6 +54,9 @@ class AudienceApp:
         operations_pb2_grpc.add_OperationsServicer_to_server(self.operations_servicer, server)
 
     async def close(self) -> None:
+        for stop in getattr(self, "extra_stops", ()):  # live packs, event bus (services.audience.live)
+            await stop()
+        self.extra_stops = []
         await self.operations.close(self.settings.grace_seconds)
 
 
@@ -105,13 +108,25 @@ async def build_service(settings: AudienceSettings, store: ObjectStore | None = 
     return _definition(app)
 
 
+#: Module providing ``live_service(app) -> ServiceDefinition``: live packs (LivePackService) and the
+#: EventService on the event bus, served by this process too.
+LIVE_MODULE = "services.audience.live"
+
+
+def _live_definition(app: AudienceApp) -> ServiceDefinition | None:
+    return importlib.import_module(LIVE_MODULE).live_service(app)
+
+
 def _definition(app: AudienceApp) -> ServiceDefinition:
     names = list(app.service_names)
     registers = [app.register]
-    extra = _lookalike_definition(app)
-    if extra is not None:
-        names.extend(extra.names)
-        registers.append(extra.register)
+    stops = []
+    for extra in (_lookalike_definition(app), _live_definition(app)):
+        if extra is not None:
+            names.extend(extra.names)
+            registers.append(extra.register)
+            stops.extend(extra.on_stop)
+    app.extra_stops = stops  # awaited by app.close() as well, for callers of create_audience_server
 
     def register(server: grpc.aio.Server) -> None:
         for fn in registers:
