@@ -20,6 +20,8 @@ COMMANDS: list[str] = [
     "services.cli.gen",
     "services.cli.pack",
     "services.cli.demo",
+    "services.cli.data",
+    "services.cli.lookalike",
 ]
 
 

@@ -1,0 +1,382 @@
+"""``LookalikeService``: train clustering models and expand seed packs, as long-running operations.
+
+Served by the audience process (``services.audience.server`` imports ``lookalike_service(app)``
+from here) with the same object store, pack store, tenancy and operation manager as
+``AudienceService``: ExpandLookalike's operations are ordinary ``tenants/{t}/operations/{id}``.
+
+Every check that can fail is done before the operation starts, so a bad request fails the call
+itself and nothing is written (the pack store makes a version visible only after data and manifest):
+
+=====================  ===========================================================================
+INVALID_ARGUMENT       malformed names/ids (field named); ``reach_fraction`` outside [1%, 10%];
+                       ``reach_size`` outside [1, 10% of the model's population]; no reach;
+                       ``seed_pack`` below the minimum seed size (``FLASHCROWD_LOOKALIKE_MIN_SEED``,
+                       default 100) counted in the pack *and* in the model's population — the
+                       message gives both numbers; ``profile`` with unknown values;
+                       ``cluster_count`` outside [2, 1024] or above the population
+NOT_FOUND              unknown or other tenants' ``seed_pack`` / ``exclude_packs[i]`` (exactly as
+                       if missing); unknown ``model``
+FAILED_PRECONDITION    no model trained yet; the model was built from another feature schema (or
+                       its snapshot is gone); no event dataset; fewer eligible users than the reach
+ALREADY_EXISTS         ``pack_id`` names a pack that is not a lookalike (a lookalike pack gets a
+                       new version: re-expanding is how a lookalike is refreshed)
+=====================  ===========================================================================
+
+Training operations belong to the caller's tenant when the gateway names one, else to the
+``FLASHCROWD_LOOKALIKE_OPERATIONS_TENANT`` (default ``platform``): models are platform-wide
+(``lookalikeModels/{m}``), trained over the whole population. Bots (the audience service's rule)
+are removed from seeds and never selected, unless ``FLASHCROWD_LOOKALIKE_EXCLUDE_BOTS=false``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import grpc
+from flashcrowd.audience.v1 import audience_service_pb2, lookalike_pb2, lookalike_pb2_grpc, pack_pb2, spec_pb2
+from google.protobuf import timestamp_pb2
+from opentelemetry import trace
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from pyroaring import BitMap
+
+from services.audience.lookalike import pipeline
+from services.audience.lookalike.expand import (
+    MAX_REACH_FRACTION,
+    MIN_REACH_FRACTION,
+    ExpandError,
+    ExpandResult,
+    resolve_reach,
+)
+from services.audience.lookalike.model import DEFAULT_CLUSTERS, MODEL_ID, LookalikeModel
+from services.audience.operations import JobContext
+from services.audience.tenancy import PACK_TYPE, check_id, pack_name, parse_pack_name, parse_parent
+from services.runtime import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    ServiceDefinition,
+    load_settings,
+)
+from services.storage import ObjectStore
+
+if TYPE_CHECKING:
+    from services.audience.server import AudienceApp
+
+logger = logging.getLogger(__name__)
+tracer = trace.get_tracer("flashcrowd.audience.lookalike")
+
+LOOKALIKE_SERVICE = lookalike_pb2.DESCRIPTOR.services_by_name["LookalikeService"].full_name
+MODEL_TYPE = "flashcrowd.dev/LookalikeModel"
+MAX_CLUSTERS = 1024
+_MIN_SECONDS, _MAX_SECONDS = -62135596800, 253402300799
+
+__all__ = ["LOOKALIKE_SERVICE", "LookalikeServicer", "LookalikeSettings", "lookalike_service", "model_proto"]
+
+
+class LookalikeSettings(BaseSettings):
+    """``FLASHCROWD_LOOKALIKE_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="FLASHCROWD_LOOKALIKE_", extra="ignore", frozen=True)
+
+    #: Where snapshots, models and expansion records live in the store.
+    root: str = "lookalike/"
+    #: Smallest seed expanded (members in the pack and in the model's population).
+    min_seed: int = Field(default=100, ge=1)
+    #: Remove bots from seeds and never select them.
+    exclude_bots: bool = True
+    #: Tenant that owns training operations of direct (non-gateway) callers.
+    operations_tenant: str = "platform"
+
+
+def _ts(moment: datetime) -> timestamp_pb2.Timestamp:
+    out = timestamp_pb2.Timestamp()
+    out.FromDatetime(moment.astimezone(UTC))
+    return out
+
+
+def model_proto(model: LookalikeModel) -> lookalike_pb2.LookalikeModel:
+    return lookalike_pb2.LookalikeModel(
+        name=model.name,
+        algorithm=str(model.manifest.get("algorithm", "")),
+        cluster_count=model.cluster_count,
+        feature_schema=model.feature_schema,
+        feature_snapshot=model.feature_snapshot,
+        population_size=model.population,
+        create_time=_ts(model.created),
+    )
+
+
+def _model_id(name: str, field: str) -> str:
+    try:
+        return pipeline.model_id_of(name)
+    except ValueError as error:
+        raise InvalidArgument(field, str(error)) from None
+
+
+class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
+    """The three RPCs; see the module doc."""
+
+    def __init__(self, app: AudienceApp, settings: LookalikeSettings | None = None) -> None:
+        self.app = app
+        self.settings = settings or LookalikeSettings()
+        self.root = self.settings.root if self.settings.root.endswith("/") else self.settings.root + "/"
+        self._training: set[str] = set()
+
+    @property
+    def store(self) -> ObjectStore:
+        return self.app.store
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def _reserve_pack(self, tenant: str, pack_id: str) -> None:
+        reserve = getattr(self.app.servicer, "_reserve", None)  # shared with CreatePack/UploadPack
+        if reserve is not None:
+            reserve(tenant, pack_id, "")
+
+    def _release_pack(self, tenant: str, pack_id: str) -> None:
+        release = getattr(self.app.servicer, "_release", None)
+        if release is not None:
+            release(tenant, pack_id)
+
+    def _own_pack(self, tenant: str, name: str, field: str) -> str:
+        ref_tenant, ref_pack = parse_pack_name(name, field)
+        if ref_tenant != tenant:  # another tenant's pack: exactly as if it did not exist
+            raise NotFound(PACK_TYPE, name, description=f"named by {field}", metadata={"field": field})
+        return ref_pack
+
+    def _bitmap(self, tenant: str, pack_id: str, field: str) -> tuple[BitMap, pack_pb2.Pack]:
+        try:
+            return self.app.packs.load_bitmap(tenant, pack_id)
+        except NotFound:
+            raise NotFound(
+                PACK_TYPE,
+                pack_name(tenant, pack_id),
+                description=f"named by {field}",
+                metadata={"field": field},
+            ) from None
+
+    def _bots(self) -> BitMap:
+        if not self.settings.exclude_bots:
+            return BitMap()
+        from services.audience.bots import bot_bitmap
+
+        return bot_bitmap(self.app.servicer.dataset())
+
+    # --- RPCs -----------------------------------------------------------------------------------
+
+    async def GetLookalikeModel(self, request, context):
+        model_id = _model_id(request.name, "name")
+        try:
+            model = await asyncio.to_thread(pipeline.resolve_model, self.store, self.root, model_id)
+        except pipeline.LookalikeError as error:
+            raise pipeline.as_service_error(error, "name") from None
+        return model_proto(model)
+
+    async def TrainLookalikeModel(self, request, context):
+        problems: list[tuple[str, str]] = []
+        if not request.model_id:
+            problems.append(("model_id", "required"))
+        elif not MODEL_ID.fullmatch(request.model_id):
+            problems.append(("model_id", f"invalid id {request.model_id[:80]!r}: 1-63 chars of [a-z0-9-], "
+                                         "starting with a letter"))  # fmt: skip
+        clusters = request.cluster_count or DEFAULT_CLUSTERS
+        if not 2 <= clusters <= MAX_CLUSTERS:
+            problems.append(
+                ("cluster_count", f"{request.cluster_count} is outside [2, {MAX_CLUSTERS}] (0 = 64)")
+            )
+        as_of = None
+        if request.HasField("as_of"):
+            if not (
+                _MIN_SECONDS <= request.as_of.seconds <= _MAX_SECONDS and 0 <= request.as_of.nanos < 10**9
+            ):
+                problems.append(("as_of", "not a valid timestamp (years 1-9999)"))
+            else:
+                as_of = request.as_of.ToDatetime(UTC)
+        if problems:
+            raise InvalidArgument(problems)
+        tenant = self.app.tenancy.trusted_tenant(context) or self.settings.operations_tenant
+        dataset = await asyncio.to_thread(self.app.servicer.dataset)
+        population = dataset.population_size()
+        if clusters > population:
+            raise InvalidArgument(
+                "cluster_count", f"{clusters} clusters for a population of {population:,} users"
+            )
+        if request.model_id in self._training:
+            raise AlreadyExists(
+                MODEL_TYPE, f"lookalikeModels/{request.model_id}", description="being trained"
+            )
+        name = f"lookalikeModels/{request.model_id}"
+        metadata = lookalike_pb2.TrainLookalikeModelMetadata(model=name, stage="queued")
+        model_id = request.model_id
+        self._training.add(model_id)
+
+        def job(ctx: JobContext) -> lookalike_pb2.LookalikeModel:
+            def progress(stage: str, fraction: float) -> None:
+                base = {"features": (0.0, 50.0), "fit": (50.0, 80.0), "score": (80.0, 95.0)}
+                lo, hi = base.get(stage, (95.0, 99.0))
+                ctx.progress(stage, lo + (hi - lo) * max(0.0, min(1.0, fraction)))
+
+            with tracer.start_as_current_span(
+                "lookalike.train",
+                attributes={"flashcrowd.lookalike.model": name, "flashcrowd.operation": ctx.operation},
+            ):
+                ctx.progress("features", 0.0)
+                model, _snapshot = pipeline.train(
+                    self.store, dataset, model_id=model_id, root=self.root, clusters=clusters, as_of=as_of,
+                    progress=progress,
+                )  # fmt: skip
+                return model_proto(model)
+
+        try:
+            return await self.app.operations.start(
+                tenant, "TrainLookalikeModel", job, metadata, on_done=lambda: self._training.discard(model_id)
+            )
+        except BaseException:
+            self._training.discard(model_id)
+            raise
+
+    async def ExpandLookalike(self, request, context):
+        tenant = self.app.tenancy.authorize(context, parse_parent(request.parent, "parent"))
+        problems: list[tuple[str, str]] = []
+        try:
+            check_id(request.pack_id, "pack_id", "pack id")
+        except InvalidArgument as error:
+            problems.extend(error.violations)
+        if not request.seed_pack:
+            problems.append(("seed_pack", "required (tenants/{tenant}/packs/{pack})"))
+        reach = request.WhichOneof("reach")
+        fraction = request.reach_fraction if reach == "reach_fraction" else None
+        size = request.reach_size if reach == "reach_size" else None
+        if reach is None:
+            problems.append(("reach_fraction", f"set reach_fraction in [{MIN_REACH_FRACTION:g}, "
+                                               f"{MAX_REACH_FRACTION:g}] or reach_size"))  # fmt: skip
+        elif fraction is not None:
+            try:
+                resolve_reach(1_000_000, fraction=fraction)
+            except ExpandError as error:
+                problems.append((error.field, f"{fraction:g} is outside [{MIN_REACH_FRACTION:g}, "
+                                              f"{MAX_REACH_FRACTION:g}] of the population"))  # fmt: skip
+        elif size is not None and size < 1:
+            problems.append(("reach_size", f"{size} users: must be at least 1"))
+        if request.HasField("profile"):
+            problems.extend(_profile_violations(request.profile))
+        model_id = _model_id(request.model, "model") if request.model else ""
+        if problems:
+            raise InvalidArgument(problems)
+        domain = pipeline.ExpandRequest(
+            tenant=tenant,
+            pack_id=request.pack_id,
+            seed_pack=self._own_pack(tenant, request.seed_pack, "seed_pack"),
+            exclude_packs=[
+                self._own_pack(tenant, n, f"exclude_packs[{i}]") for i, n in enumerate(request.exclude_packs)
+            ],
+            model_id=model_id,
+            reach_fraction=fraction,
+            reach_size=size,
+            include_seed=request.include_seed,
+            age_bands=tuple(request.profile.age_bands),
+            genders=tuple(request.profile.genders),
+            regions=tuple(request.profile.regions),
+            interests=tuple(request.profile.interests),
+        )
+
+        def prepare() -> pipeline.PreparedExpansion:
+            return pipeline.prepare_expansion(
+                self.store,
+                self.root,
+                self.app.packs,
+                self.app.servicer.dataset,
+                domain,
+                min_seed=self.settings.min_seed,
+                bots=self._bots(),
+            )
+
+        name = pack_name(tenant, request.pack_id)
+        self._reserve_pack(tenant, request.pack_id)
+        try:
+            prepared = await asyncio.to_thread(prepare)
+            metadata = audience_service_pb2.BuildPackMetadata(
+                pack=name, version=prepared.version, stage="queued"
+            )
+            return await self.app.operations.start(
+                tenant,
+                "ExpandLookalike",
+                self._expand_job(prepared),
+                metadata,
+                on_done=lambda: self._release_pack(tenant, request.pack_id),
+            )
+        except BaseException:
+            self._release_pack(tenant, request.pack_id)
+            raise
+
+    def _expand_job(self, prepared: pipeline.PreparedExpansion):
+        name = pack_name(prepared.request.tenant, prepared.request.pack_id)
+        model = prepared.inputs.model
+
+        def job(ctx: JobContext) -> lookalike_pb2.ExpandLookalikeResponse:
+            def progress(stage: str, fraction_done: float) -> None:
+                ctx.progress(stage, 5.0 + 85.0 * max(0.0, min(1.0, fraction_done)))
+
+            with tracer.start_as_current_span(
+                "lookalike.expand",
+                attributes={"flashcrowd.pack.name": name, "flashcrowd.lookalike.model": model.name,
+                            "flashcrowd.operation": ctx.operation},
+            ) as span:  # fmt: skip
+                ctx.progress("score", 0.0)
+                stored, result = pipeline.execute_expansion(
+                    self.store,
+                    self.root,
+                    self.app.packs,
+                    prepared,
+                    min_seed=self.settings.min_seed,
+                    progress=progress,
+                    # last chance to cancel: nothing is written before this
+                    before_publish=lambda: ctx.progress("publish", 95.0),
+                )
+                self.app.membership.invalidate(prepared.request.tenant, prepared.request.pack_id)
+                span.set_attribute("flashcrowd.pack.size", stored.size)
+                return response_proto(stored, result)
+
+        return job
+
+
+def response_proto(stored: pack_pb2.Pack, result: ExpandResult) -> lookalike_pb2.ExpandLookalikeResponse:
+    return lookalike_pb2.ExpandLookalikeResponse(
+        pack=stored,
+        seed_matched=result.seed_matched,
+        clusters_covered=result.clusters_covered,
+        seed_concentration=result.seed_concentration,
+        lift_curve=[
+            lookalike_pb2.LiftStep(reach_fraction=f, size=n, expected_lift=0.0 if math.isnan(lift) else lift)
+            for f, n, lift in result.lift_curve
+        ],
+    )
+
+
+def _profile_violations(profile: spec_pb2.ProfileFilter) -> list[tuple[str, str]]:
+    from services.audience.spec_validation import violations
+
+    found = violations(spec_pb2.PackSpec(profile=profile), field="x")
+    out = []
+    for path, description in found:
+        path = path.replace("x.profile", "profile", 1)
+        if "empty profile filter" in description:
+            continue  # an empty filter here just means "no constraint"
+        out.append((path, description))
+    return out
+
+
+def lookalike_service(app: AudienceApp) -> ServiceDefinition:
+    """What the audience server registers: the LookalikeService over the app's components."""
+    settings = load_settings(LookalikeSettings)
+    servicer = LookalikeServicer(app, settings)
+
+    def register(server: grpc.aio.Server) -> None:
+        lookalike_pb2_grpc.add_LookalikeServiceServicer_to_server(servicer, server)
+
+    return ServiceDefinition(names=[LOOKALIKE_SERVICE], register=register)
