@@ -1,0 +1,377 @@
+"""Sale monitor: live sale counters from the event stream (GetSaleStats, WatchSale).
+
+Counters are kept per minute of event time and per ``(campaign_id, item_id)`` of the events (0 when
+an event has none), for the last ``horizon`` of the stream (replayed on start). A query sums the
+minutes of ``[start, end)`` (minute granularity) over the keys in the scope and derives the ratios;
+events are de-duplicated by ``event_id``. The clock is event time (newest event time seen, advanced
+by wall time since), like live packs, so a replay faster than real time is watched at its pace.
+
+Derived metrics (``SaleCounters``): ``stock_left`` = stock of the scope's hook products - paid
+hook pieces + refunded hook pieces; hook loss = (unit cost - sale price) x net pieces sold;
+``projected_loss_fen`` = hook loss if the whole stock sells at the current sell-through (0 until a
+piece sells) + coupon cost; ``roi`` = (paid GMV - refunded - coupon cost - hook loss) / (coupon
+cost + hook loss).
+
+``python -m services.retarget.sale_monitor`` serves SaleMonitorService and, when
+``FLASHCROWD_RETARGET_TARGET`` is set, runs the campaign rules (``services.retarget.rules``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import polars as pl
+from flashcrowd.retarget.v1 import sale_monitor_pb2, sale_monitor_pb2_grpc
+from google.protobuf import timestamp_pb2
+from pyroaring import BitMap64
+
+from services.events.bus import BusUnavailable, EventBus, Subscription, open_bus
+from services.events.codec import decode_batch
+from services.events.config import RealtimeSettings
+from services.events.schema import EventType
+from services.runtime import InvalidArgument, ServiceDefinition, run_service
+from services.storage import open_store
+
+__all__ = ["COUNTERS", "SaleMonitor", "SaleMonitorServicer", "SaleScope", "build"]
+
+logger = logging.getLogger(__name__)
+
+MINUTE_US = 60_000_000
+_E = EventType
+#: Stored counters, in this order, per (minute, campaign_id, item_id).
+COUNTERS = (
+    "views",
+    "clicks",
+    "live_entries",
+    "add_to_cart",
+    "orders",
+    "paid_orders",
+    "paid_gmv_fen",
+    "refunds",
+    "refunded_fen",
+    "coupons_claimed",
+    "coupons_redeemed",
+    "coupon_cost_fen",
+)
+_COUNT_OF = {
+    "views": _E.PRODUCT_VIEW,
+    "clicks": _E.CLICK,
+    "live_entries": _E.LIVE_ENTER,
+    "add_to_cart": _E.ADD_CART,
+    "orders": _E.ORDER,
+    "paid_orders": _E.PAY,
+    "refunds": _E.REFUND,
+    "coupons_claimed": _E.COUPON_CLAIM,
+    "coupons_redeemed": _E.COUPON_REDEEM,
+}
+_SUM_OF = {"paid_gmv_fen": _E.PAY, "refunded_fen": _E.REFUND, "coupon_cost_fen": _E.COUPON_REDEEM}
+
+
+@dataclass(frozen=True)
+class HookProduct:
+    item_id: int
+    stock: int
+    sale_price_fen: int
+    unit_cost_fen: int
+
+
+@dataclass(frozen=True)
+class SaleScope:
+    item_ids: frozenset[int] = frozenset()
+    campaign_ids: frozenset[int] = frozenset()
+    hooks: tuple[HookProduct, ...] = ()
+    coupon_discount_fen: int = 0
+
+    @classmethod
+    def from_pb(cls, scope: sale_monitor_pb2.SaleScope, field: str = "scope") -> SaleScope:
+        hooks = []
+        for i, h in enumerate(scope.hook_products):
+            if h.item_id == 0 or h.stock < 0 or h.sale_price_fen < 0 or h.unit_cost_fen < 0:
+                raise InvalidArgument(
+                    f"{field}.hook_products[{i}]", "item_id required; stock and amounts >= 0"
+                )
+            hooks.append(HookProduct(h.item_id, h.stock, h.sale_price_fen, h.unit_cost_fen))
+        if scope.coupon_discount_fen < 0:
+            raise InvalidArgument(f"{field}.coupon_discount_fen", "must be >= 0")
+        return cls(
+            frozenset(scope.item_ids), frozenset(scope.campaign_ids), tuple(hooks), scope.coupon_discount_fen
+        )
+
+    def matches(self, campaign_id: int, item_id: int) -> bool:
+        hook_items = {h.item_id for h in self.hooks}
+        item_ok = not self.item_ids or item_id in self.item_ids or item_id in hook_items
+        return item_ok and (not self.campaign_ids or campaign_id in self.campaign_ids)
+
+
+class SaleMonitor:
+    """Per-minute counters fed from the bus."""
+
+    def __init__(
+        self, bus: EventBus, *, horizon: timedelta = timedelta(hours=6), clock=time.monotonic
+    ) -> None:
+        self.bus = bus
+        self.horizon = horizon
+        self.clock = clock
+        #: minute -> (campaign_id, item_id) -> counters
+        self.minutes: dict[int, dict[tuple[int, int], np.ndarray]] = defaultdict(dict)
+        self.seq = 0
+        self._seen = BitMap64()
+        self._watermark_us: int | None = None
+        self._watermark_at = 0.0
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.ready = asyncio.Event()
+
+    def now_us(self) -> int:
+        if self._watermark_us is None:
+            return int(datetime.now(UTC).timestamp() * 1_000_000)
+        return self._watermark_us + int((self.clock() - self._watermark_at) * 1_000_000)
+
+    def apply(self, frame: pl.DataFrame, seq: int) -> None:
+        if frame.height:
+            fresh = BitMap64(frame.get_column("event_id").to_numpy()) - self._seen
+            if len(fresh) != frame.height:
+                frame = frame.unique(subset="event_id", keep="first", maintain_order=True)
+                frame = frame.filter(pl.col("event_id").is_in(list(fresh)))
+            self._seen |= fresh
+        if frame.height:
+            newest = int(frame.get_column("ts").dt.epoch("us").max())
+            if self._watermark_us is None or newest > self._watermark_us:
+                self._watermark_us, self._watermark_at = newest, self.clock()
+            t = pl.col("event_type")
+            aggs = [(t == int(code)).sum().alias(name) for name, code in _COUNT_OF.items()]
+            aggs += [
+                pl.col("amount_fen").filter(t == int(code)).sum().alias(n) for n, code in _SUM_OF.items()
+            ]
+            grouped = (
+                frame.with_columns(
+                    (pl.col("ts").dt.epoch("us") // MINUTE_US).alias("_m"),
+                    pl.col("campaign_id").fill_null(0),
+                    pl.col("item_id").fill_null(0),
+                )
+                .group_by("_m", "campaign_id", "item_id")
+                .agg(aggs)
+            )
+            for row in grouped.iter_rows():
+                minute, campaign, item, *values = row
+                bucket = self.minutes[int(minute)]
+                key = (int(campaign), int(item))
+                ordered = dict(zip([*_COUNT_OF, *_SUM_OF], values, strict=True))
+                vector = np.array([int(ordered[n] or 0) for n in COUNTERS], dtype=np.int64)
+                if key in bucket:
+                    bucket[key] += vector
+                else:
+                    bucket[key] = vector
+            oldest = (self.now_us() - int(self.horizon.total_seconds() * 1_000_000)) // MINUTE_US
+            for minute in [m for m in self.minutes if m < oldest]:
+                del self.minutes[minute]
+        self.seq = max(self.seq, seq)
+
+    def stats(
+        self, scope: SaleScope, start_us: int, end_us: int, group_by: int = 0
+    ) -> sale_monitor_pb2.SaleStats:
+        first, last = start_us // MINUTE_US, (end_us - 1) // MINUTE_US
+        total = np.zeros(len(COUNTERS), dtype=np.int64)
+        groups: dict[str, np.ndarray] = {}
+        hook_sold: dict[int, int] = defaultdict(int)
+        hooks = {h.item_id: h for h in scope.hooks}
+        for minute, keys in self.minutes.items():
+            if not first <= minute <= last:
+                continue
+            for (campaign, item), vector in keys.items():
+                if not scope.matches(campaign, item):
+                    continue
+                total += vector
+                if item in hooks:
+                    hook_sold[item] += int(
+                        vector[COUNTERS.index("paid_orders")] - vector[COUNTERS.index("refunds")]
+                    )
+                if group_by == sale_monitor_pb2.SALE_GROUP_BY_CAMPAIGN:
+                    key = f"campaign/{campaign}"
+                elif group_by == sale_monitor_pb2.SALE_GROUP_BY_ITEM:
+                    key = f"item/{item}"
+                else:
+                    continue
+                groups[key] = groups.get(key, np.zeros(len(COUNTERS), dtype=np.int64)) + vector
+        out = sale_monitor_pb2.SaleStats(stream_sequence=self.seq)
+        out.start_time.FromMicroseconds(start_us)
+        out.end_time.FromMicroseconds(end_us)
+        out.total.CopyFrom(_counters("total", total, scope, hook_sold))
+        for key in sorted(groups):
+            item = int(key.split("/")[1]) if key.startswith("item/") else None
+            sold = {item: hook_sold[item]} if item in hooks else {}
+            sub_scope = SaleScope(
+                hooks=tuple(h for h in scope.hooks if h.item_id == item),
+                coupon_discount_fen=scope.coupon_discount_fen,
+            )
+            out.groups.append(_counters(key, groups[key], sub_scope, sold))
+        return out
+
+    # ---- feeding --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        sub: Subscription | None = None
+        backoff = 0.5
+        while not self._stopping.is_set():
+            try:
+                if sub is None:
+                    if self.seq:
+                        sub = await self.bus.subscribe("sale-monitor", start_seq=self.seq + 1)
+                    else:
+                        start = datetime.now(UTC) - self.horizon
+                        sub = await self.bus.subscribe("sale-monitor", start_time=start)
+                batch = await sub.fetch(256, 0.5 if self.ready.is_set() else 0.2)
+                if not batch:
+                    self.ready.set()
+                for d in batch:
+                    self.apply(decode_batch(d.payload), d.seq)
+                backoff = 0.5
+            except BusUnavailable as error:
+                logger.warning("sale monitor: bus unavailable (%s); retrying", error)
+                sub = None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), backoff)
+                backoff = min(backoff * 2, 10.0)
+        if sub is not None:
+            await sub.close()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self.run(), name="sale-monitor")
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 10)
+
+
+def _ratio(a: float, b: float) -> float:
+    return float(a) / float(b) if b else 0.0
+
+
+def _counters(
+    key: str, vector: np.ndarray, scope: SaleScope, hook_sold: dict[int, int]
+) -> sale_monitor_pb2.SaleCounters:
+    values = {name: int(v) for name, v in zip(COUNTERS, vector, strict=True)}
+    if scope.coupon_discount_fen:
+        values["coupon_cost_fen"] = values["coupons_redeemed"] * scope.coupon_discount_fen
+    hook_loss = projected = 0
+    stock_left = -1
+    if scope.hooks:
+        stock_left = 0
+        for hook in scope.hooks:
+            sold = max(0, hook_sold.get(hook.item_id, 0))
+            per_piece = max(0, hook.unit_cost_fen - hook.sale_price_fen)
+            hook_loss += per_piece * sold
+            if sold:
+                projected += per_piece * max(hook.stock, sold)
+            stock_left += max(0, hook.stock - sold)
+    cost = values["coupon_cost_fen"] + hook_loss
+    net = values["paid_gmv_fen"] - values["refunded_fen"] - cost
+    return sale_monitor_pb2.SaleCounters(
+        key=key,
+        **values,
+        stock_left=stock_left,
+        ctr=_ratio(values["clicks"], values["views"]),
+        cvr=_ratio(values["paid_orders"], values["clicks"]),
+        roi=_ratio(net, cost),
+        projected_loss_fen=projected + values["coupon_cost_fen"],
+    )
+
+
+def metrics_of(counters: sale_monitor_pb2.SaleCounters) -> dict[str, float]:
+    """Flat metric map of one SaleCounters (what rules compare)."""
+    names = (*COUNTERS, "stock_left", "ctr", "cvr", "roi", "projected_loss_fen")
+    return {name: float(getattr(counters, name)) for name in names}
+
+
+# ---------------------------------------------------------------------------------------------------
+# gRPC
+
+
+def _us(ts: timestamp_pb2.Timestamp) -> int:
+    return ts.ToMicroseconds()
+
+
+class SaleMonitorServicer(sale_monitor_pb2_grpc.SaleMonitorServiceServicer):
+    def __init__(self, monitor: SaleMonitor, *, interval: float = 1.0) -> None:
+        self.monitor = monitor
+        self.interval = interval
+
+    def _range(self, request, end_us: int | None) -> tuple[int, int]:
+        end = end_us if end_us is not None else self.monitor.now_us()
+        start = _us(request.start_time) if request.HasField("start_time") else end - 3_600_000_000
+        if start >= end:
+            raise InvalidArgument("start_time", "must be before end_time")
+        return start, end
+
+    async def GetSaleStats(self, request, context):
+        if not request.parent.startswith("tenants/"):
+            raise InvalidArgument("parent", "required (tenants/{tenant})")
+        scope = SaleScope.from_pb(request.scope)
+        end = _us(request.end_time) if request.HasField("end_time") else None
+        start, end = self._range(request, end)
+        return self.monitor.stats(scope, start, end, request.group_by)
+
+    async def WatchSale(self, request, context) -> AsyncIterator[sale_monitor_pb2.SaleStats]:
+        if not request.parent.startswith("tenants/"):
+            raise InvalidArgument("parent", "required (tenants/{tenant})")
+        scope = SaleScope.from_pb(request.scope)
+        start, _ = self._range(request, None)
+        while True:
+            end = max(self.monitor.now_us(), start + 1)
+            yield self.monitor.stats(scope, start, end, request.group_by)
+            await asyncio.sleep(self.interval)
+
+
+def sale_monitor_definition(monitor: SaleMonitor) -> tuple[list[str], object]:
+    servicer = SaleMonitorServicer(monitor)
+    name = sale_monitor_pb2.DESCRIPTOR.services_by_name["SaleMonitorService"].full_name
+    return [name], lambda server: sale_monitor_pb2_grpc.add_SaleMonitorServiceServicer_to_server(
+        servicer, server
+    )
+
+
+class MonitorSettings(RealtimeSettings):
+    #: Hours of stream the counters cover (replayed on start).
+    monitor_horizon_hours: float = 6.0
+    #: Retarget service (host:port) whose campaigns' rules are evaluated; empty = no rules.
+    retarget_target: str = ""
+    #: Seconds between two rule evaluations.
+    rules_interval_seconds: float = 1.0
+    #: Comma-separated tenant ids whose RUNNING campaigns' rules are evaluated.
+    rules_tenants: str = ""
+
+
+async def build(settings: MonitorSettings) -> ServiceDefinition:
+    bus = open_bus(settings.bus_url, shard_count=settings.bus_shards)
+    monitor = SaleMonitor(bus, horizon=timedelta(hours=settings.monitor_horizon_hours))
+    monitor.start()
+    names, register = sale_monitor_definition(monitor)
+    stops = [monitor.stop]
+    if settings.retarget_target:
+        from services.retarget.rules import RuleEngine
+
+        engine = RuleEngine.connect(
+            settings.retarget_target,
+            settings,
+            monitor,
+            store=open_store(settings.store_url),
+            interval=settings.rules_interval_seconds,
+        )
+        engine.start()
+        stops.insert(0, engine.stop)
+    return ServiceDefinition(names=names, register=register, on_stop=[*stops, bus.close])
+
+
+if __name__ == "__main__":
+    run_service("sale-monitor", MonitorSettings, build)
