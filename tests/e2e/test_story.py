@@ -12,7 +12,6 @@ import time
 
 import aiohttp
 import grpc.aio
-import pytest
 from flashcrowd.gateway.v1 import gateway_service_pb2 as gw
 from flashcrowd.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
 
@@ -130,12 +129,6 @@ async def test_seed_story_across_processes(processes: Processes) -> None:
     processes.launch_trace = gateway_span.trace_id
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="retarget's ExportPack client span never ends (services/retarget/audience.py reads the stream "
-    "with call.read(); the OpenTelemetry aio interceptor ends stream spans only under async-for), so the "
-    "audience ExportPack span's parent is never exported",
-)
 async def test_launch_trace_is_one_tree(processes: Processes) -> None:
     """Every span of the launch trace descends from the gateway's server span (one tree, one root)."""
     trace_id = getattr(processes, "launch_trace", None)
