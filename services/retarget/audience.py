@@ -51,10 +51,12 @@ class AudienceError(Exception):
     """The audience service failed in a way a launch should retry (or give up on, with this reason)."""
 
 
-def _translate(error: grpc.aio.AioRpcError, pack: str) -> ServiceError | AudienceError:
+def _translate(
+    error: grpc.aio.AioRpcError, pack: str, field: str = "audience_pack"
+) -> ServiceError | AudienceError:
     code = error.code()
     if code is grpc.StatusCode.NOT_FOUND:
-        return NotFound(d.PACK_TYPE, pack, metadata={"field": "audience_pack"})
+        return NotFound(d.PACK_TYPE, pack, metadata={"field": field})
     if code is grpc.StatusCode.FAILED_PRECONDITION:
         return FailedPrecondition(d.PACK_NOT_READY, f"audience pack {pack}: {error.details()}")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -76,7 +78,7 @@ class AudienceClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def get_pack(self, tenant: str, pack: str) -> PackInfo:
+    async def get_pack(self, tenant: str, pack: str, *, field: str = "audience_pack") -> PackInfo:
         """The pack's current version and size; NOT_FOUND / FAILED_PRECONDITION (not ready)."""
         try:
             response = await self._stub.GetPack(
@@ -86,7 +88,7 @@ class AudienceClient:
                 wait_for_ready=False,
             )
         except grpc.aio.AioRpcError as error:
-            raise _translate(error, pack) from None
+            raise _translate(error, pack, field) from None
         if response.state != pack_pb2.Pack.STATE_READY:
             state = pack_pb2.Pack.State.Name(response.state)
             raise FailedPrecondition(

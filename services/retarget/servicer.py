@@ -111,14 +111,14 @@ class RetargetServicer(retarget_service_pb2_grpc.RetargetServiceServicer):
     ) -> campaign_pb2.Campaign:
         spec = validation.campaign_spec(request, self.now())
         _guard_parent(context, spec.tenant)
-        await self._check_pack(spec.tenant, spec.audience_pack)
+        await self._check_pack(spec.tenant, spec.audience_pack, "campaign.audience_pack")
         row = await self.db.run(repo.create_campaign, spec, self.now())
         return convert.campaign_proto(row)
 
-    async def _check_pack(self, tenant: str, pack: str) -> None:
+    async def _check_pack(self, tenant: str, pack: str, field: str) -> None:
         """The pack must exist now (NOT_FOUND otherwise); it may still be building."""
         try:
-            await self.app.audience.get_pack(tenant, pack)
+            await self.app.audience.get_pack(tenant, pack, field=field)
         except FailedPrecondition as error:
             if error.reason != d.PACK_NOT_READY:
                 raise
@@ -219,7 +219,7 @@ class RetargetServicer(retarget_service_pb2_grpc.RetargetServiceServicer):
             raise InvalidArgument("campaign_id", "must match [a-z]([a-z0-9-]{0,61}[a-z0-9])?")
         pack = validation.pack_ref(request.audience_pack, tenant, "audience_pack")
         await self.db.run(repo.get_campaign, tenant, campaign_id, write=False)
-        await self._check_pack(tenant, pack)
+        await self._check_pack(tenant, pack, "audience_pack")
         row = await self.db.run(
             repo.copy_campaign, tenant, campaign_id, request.campaign_id, pack, self.now()
         )
