@@ -7,21 +7,16 @@ NOT_FOUND to them, like every other resource.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 from flashcrowd.gateway.v1 import gateway_service_pb2 as pb
 from google.protobuf import empty_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
-from services.gateway.auth import (
-    API_KEY_TYPE,
-    TENANT_TYPE,
-    Authenticator,
-    KeyStore,
-    Principal,
-    valid_tenant_id,
-)
+from services.gateway.auth import Authenticator, Principal
 from services.gateway.catalog import ALL_SCOPES
+from services.gateway.keystore import API_KEY_TYPE, TENANT_TYPE, KeyStore, valid_tenant_id
 from services.runtime import InvalidArgument, NotFound, PermissionDenied
 
 LocalHandler = Callable[[Principal, Message], Awaitable[Message]]
@@ -80,7 +75,9 @@ class GatewayApi:
         self._require_system(principal)
         if not request.tenant_id:
             raise InvalidArgument("tenant_id", "required")
-        record = self.store.create_tenant(request.tenant_id, request.tenant.display_name)
+        record = await asyncio.to_thread(
+            self.store.create_tenant, request.tenant_id, request.tenant.display_name
+        )
         return pb.Tenant(
             name=f"tenants/{record.tenant_id}",
             display_name=record.display_name,
@@ -91,7 +88,7 @@ class GatewayApi:
         assert isinstance(request, pb.DeleteTenantRequest)
         self._require_system(principal)
         tenant = _tenant_of(request.name, "name")
-        self.store.delete_tenant(tenant)
+        await asyncio.to_thread(self.store.delete_tenant, tenant)
         self.authenticator.invalidate()
         return empty_pb2.Empty()
 
@@ -105,7 +102,7 @@ class GatewayApi:
         unknown = sorted(set(scopes) - ALL_SCOPES)
         if unknown:
             raise InvalidArgument("scopes", f"unknown scopes {unknown}; known: {sorted(ALL_SCOPES)}")
-        record, secret = self.store.create_key(tenant, scopes)
+        record, secret = await asyncio.to_thread(self.store.create_key, tenant, scopes)
         return pb.CreateApiKeyResponse(
             api_key=pb.ApiKey(
                 name=f"tenants/{tenant}/apiKeys/{record.key_id}",
@@ -122,7 +119,7 @@ class GatewayApi:
             raise InvalidArgument("name", "must be tenants/{tenant}/apiKeys/{key}")
         tenant, key_id = parts[1], parts[3]
         self._require_tenant_admin(principal, tenant, API_KEY_TYPE, request.name)
-        self.store.revoke_key(tenant, key_id)
+        await asyncio.to_thread(self.store.revoke_key, tenant, key_id)
         self.authenticator.invalidate()
         return empty_pb2.Empty()
 

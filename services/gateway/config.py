@@ -62,6 +62,8 @@ class GatewaySettings(BaseServiceSettings):
     # --- authentication -------------------------------------------------------------------
     #: SQLite file of tenants and hashed API keys; ``:memory:`` keeps them for the process only.
     keystore_path: str = "gateway-keys.sqlite3"
+    #: Shared key store for several replicas (``postgresql://user@host/db``); overrides keystore_path.
+    keystore_url: str = ""
     #: An API key (``fc_<id>_<secret>``) with the system admin scope, for creating the first tenants.
     bootstrap_admin_key: SecretStr | None = None
     #: Seconds a verified API key / tenant lookup is reused before the store is read again.

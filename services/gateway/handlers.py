@@ -58,9 +58,9 @@ class _StreamCall:
         self.header: HeaderLookup | None = None
         self.acquired = False
 
-    def admit(self) -> None:
+    async def admit(self) -> None:
         self.header = metadata_lookup(self.context)
-        self.principal = self.gateway.admit(self.info, self.header)
+        self.principal = await self.gateway.admit(self.info, self.header)
         self.tenant = self.principal.tenant or ""
         trace.get_current_span().set_attribute(attributes.TENANT, self.tenant)
         self.gateway.streams.acquire(self.tenant)
@@ -104,7 +104,7 @@ def _unary_stream(gateway: Gateway, info: MethodInfo) -> Callable[..., Any]:
         state = _StreamCall(gateway, info, context)
         call = None
         try:
-            state.admit()
+            await state.admit()
             parsed = gateway.parse(info, request)
             if info.checks_resources:
                 gateway.check_resources(info, parsed, state.principal)
@@ -174,8 +174,8 @@ class _Pump:
 def _stream_request(gateway: Gateway, info: MethodInfo) -> Callable[..., Any]:
     """Client-streaming and bidi: each message is checked as it passes, then forwarded as bytes."""
 
-    def open_call(state: _StreamCall, requests: AsyncIterator[bytes]) -> _Pump:
-        state.admit()
+    async def open_call(state: _StreamCall, requests: AsyncIterator[bytes]) -> _Pump:
+        await state.admit()
         pump = _Pump(gateway, info, state.principal)
         pump.call = gateway.backends[info.backend].call(info)(
             pump.messages(requests), timeout=state.timeout(), metadata=state.metadata(), wait_for_ready=False
@@ -188,7 +188,7 @@ def _stream_request(gateway: Gateway, info: MethodInfo) -> Callable[..., Any]:
             state = _StreamCall(gateway, info, context)
             pump: _Pump | None = None
             try:
-                pump = open_call(state, requests)
+                pump = await open_call(state, requests)
                 try:
                     response = await pump.call
                 except (grpc.aio.AioRpcError, asyncio.CancelledError) as error:
@@ -218,7 +218,7 @@ def _stream_request(gateway: Gateway, info: MethodInfo) -> Callable[..., Any]:
         state = _StreamCall(gateway, info, context)
         pump: _Pump | None = None
         try:
-            pump = open_call(state, requests)
+            pump = await open_call(state, requests)
             try:
                 async for response in pump.call:
                     yield response

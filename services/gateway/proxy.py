@@ -28,9 +28,10 @@ from opentelemetry import trace
 
 from services.gateway import catalog
 from services.gateway.admin import GatewayApi
-from services.gateway.auth import Authenticator, KeyStore, Principal
+from services.gateway.auth import Authenticator, Principal
 from services.gateway.catalog import MethodInfo, iter_resource_values
 from services.gateway.config import GatewaySettings
+from services.gateway.keystore import open_keystore
 from services.gateway.limits import RateLimiter, RetryBudget, StreamLimiter
 from services.gateway.metrics import GatewayMetrics
 from services.runtime import (
@@ -153,7 +154,7 @@ class Gateway:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.store = KeyStore(settings.keystore_path)
+        self.store = open_keystore(settings.keystore_url, settings.keystore_path)
         self.authenticator = Authenticator(settings, self.store)
         self.api = GatewayApi(self.store, self.authenticator)
         self.local_handlers = self.api.handlers()
@@ -175,9 +176,9 @@ class Gateway:
         self.store.close()
 
     # --- admission ---------------------------------------------------------------------------
-    def admit(self, info: MethodInfo, header: HeaderLookup) -> Principal:
+    async def admit(self, info: MethodInfo, header: HeaderLookup) -> Principal:
         """Authenticate, check the scope, bind the tenant and take a rate-limit token."""
-        principal = self.authenticator.authenticate(header)
+        principal = await self.authenticator.authenticate(header)
         if not principal.allows(info.scopes):
             raise PermissionDenied(
                 f"{info.name} needs one of the scopes {sorted(info.scopes)}",
@@ -254,7 +255,7 @@ class Gateway:
         tenant = ""
         code = 0
         try:
-            principal = self.admit(info, header)
+            principal = await self.admit(info, header)
             tenant = principal.tenant or ""
             if tenant:
                 trace.get_current_span().set_attribute(attributes.TENANT, tenant)

@@ -265,5 +265,5 @@ async def test_keys_are_stored_hashed(fake_stack) -> None:
     _, key_id, secret = raw.split("_", 2)
     record = store.get_key(key_id)
     assert record is not None and record.secret_sha256 != secret.encode()
-    dump = "\n".join(store._db.iterdump())
+    dump = store.dump()
     assert secret not in dump and raw not in dump
