@@ -40,12 +40,14 @@ from google.protobuf import duration_pb2  # noqa: E402
 
 from services.audience.live import LivePackEngine, Series, compile_live_spec  # noqa: E402
 from services.events.bus import JetStreamBus  # noqa: E402
-from services.events.codec import encode_batch, events_from_proto, shard_table, split_batches  # noqa: E402
+from services.events.codec import encode_batch, events_from_proto  # noqa: E402
 from services.events.ingest import EventIngestor  # noqa: E402
 from services.events.schema import validate_events  # noqa: E402
 
 
-def make_requests(n_events: int, batch: int = 1000, first_id: int = 1) -> list[event_service_pb2.IngestEventsRequest]:
+def make_requests(
+    n_events: int, batch: int = 1000, first_id: int = 1
+) -> list[event_service_pb2.IngestEventsRequest]:
     now = datetime.now(UTC) - timedelta(seconds=2)
     rng = np.random.default_rng(1)
     users = rng.integers(1, 5_000_000, n_events)
@@ -55,7 +57,11 @@ def make_requests(n_events: int, batch: int = 1000, first_id: int = 1) -> list[e
         req = event_service_pb2.IngestEventsRequest()
         for i in range(lo, min(lo + batch, n_events)):
             e = req.events.add(
-                event_id=first_id + i, user_id=int(users[i]), event_type=int(types[i]), item_id=100001, campaign_id=900002
+                event_id=first_id + i,
+                user_id=int(users[i]),
+                event_type=int(types[i]),
+                item_id=100001,
+                campaign_id=900002,
             )
             e.event_time.FromDatetime(now)
         out.append(req)
@@ -79,7 +85,9 @@ def start_server(url: str, stream: str, prefix: str) -> tuple[subprocess.Popen, 
 
 
 async def grpc_ingest(port: int, requests, in_flight: int = 8) -> float:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)]
+    ) as ch:
         await asyncio.wait_for(ch.channel_ready(), 30)
         stub = event_service_pb2_grpc.EventServiceStub(ch)
         chunks = [requests[i::in_flight] for i in range(in_flight)]
@@ -169,7 +177,9 @@ def memory() -> tuple[int, int]:
             {
                 "event_type": np.full(users.size, 5, dtype=np.uint8),
                 "user_id": users.astype(np.uint32),
-                "ts": pl.Series(np.full(users.size, minute * 60_000_000, dtype=np.int64)).cast(pl.Datetime("us", "UTC")),
+                "ts": pl.Series(np.full(users.size, minute * 60_000_000, dtype=np.int64)).cast(
+                    pl.Datetime("us", "UTC")
+                ),
                 "item_id": np.zeros(users.size, dtype=np.uint32),
                 "category_id": np.zeros(users.size, dtype=np.uint32),
                 "campaign_id": np.zeros(users.size, dtype=np.uint32),
@@ -209,11 +219,11 @@ async def main() -> None:
         print(f"ratio gRPC ingest / raw publish: {grpc_rate / raw_rate:.2f}")
         print("server time per event (us): " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
 
-        load = subprocess.Popen(
-            [sys.executable, "-c", "import asyncio,sys; sys.path[:0]=['.', 'gen']; import bench.realtime as b; "
-             f"asyncio.run(b.grpc_ingest({port}, b.make_requests({args.events}, first_id=1 << 50)))"],
-            cwd=ROOT,
-        )  # fmt: skip
+        loader = (
+            "import asyncio, sys; sys.path[:0] = ['.', 'gen']; import bench.realtime as b; "
+            f"asyncio.run(b.grpc_ingest({port}, b.make_requests({args.events}, first_id=1 << 50)))"
+        )
+        load = subprocess.Popen([sys.executable, "-c", loader], cwd=ROOT)
         p50, p99 = await freshness(bus)
         load.wait(120)
         print(f"freshness IngestEvents return -> live-pack member, under load: p50 {p50 * 1000:.1f} ms, "

@@ -329,28 +329,37 @@ class JetStreamBus(EventBus):
 
     async def start(self) -> None:
         """Connect and ensure the stream; raises ``BusUnavailable`` if NATS cannot be reached."""
-        import nats
         from nats.js import api
 
         async with self._lock:
             if self._nc is None or self._nc.is_closed:
+                from nats.aio.client import Client
+
+                client = Client()
                 try:
-                    self._nc = await nats.connect(
-                        servers=self.servers,
-                        connect_timeout=self.connect_timeout,
-                        allow_reconnect=True,
-                        max_reconnect_attempts=-1,
-                        reconnect_time_wait=0.5,
-                        # While disconnected, publishes fail at once instead of piling up.
-                        pending_size=0,
-                        error_cb=self._on_error,
-                        disconnected_cb=self._on_disconnect,
-                        reconnected_cb=self._on_reconnect,
+                    # Bounded: with unlimited reconnects nats-py would retry the first connect forever.
+                    await asyncio.wait_for(
+                        client.connect(
+                            servers=self.servers,
+                            connect_timeout=self.connect_timeout,
+                            allow_reconnect=True,
+                            max_reconnect_attempts=-1,
+                            reconnect_time_wait=0.5,
+                            # While disconnected, publishes fail at once instead of piling up.
+                            pending_size=0,
+                            error_cb=self._on_error,
+                            disconnected_cb=self._on_disconnect,
+                            reconnected_cb=self._on_reconnect,
+                        ),
+                        timeout=self.connect_timeout + 0.5,
                     )
+                    self._nc = client
                 except Exception as error:
                     self._nc = None
+                    with contextlib.suppress(Exception):
+                        await client.close()
                     raise BusUnavailable(
-                        f"cannot connect to NATS at {', '.join(self.servers)}: {error}"
+                        f"cannot connect to NATS at {', '.join(self.servers)}: {error!r}"
                     ) from error
                 self._js = self._nc.jetstream(
                     timeout=self.connect_timeout, publish_async_max_pending=self.max_pending
