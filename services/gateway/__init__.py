@@ -1,5 +1,5 @@
 """The gateway: one authenticated gRPC + HTTP/JSON entry in front of the audience and retarget services.
 
-See ``docs``-style overview in ``services/gateway/README.md``; entry points are
+See ``services/gateway/README.md``; entry points are
 ``services.gateway.server.create_gateway_server`` and ``python -m services.gateway``.
 """

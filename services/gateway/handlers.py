@@ -13,7 +13,7 @@ from opentelemetry import trace
 
 from services.gateway import catalog
 from services.gateway.catalog import METHODS, MethodInfo
-from services.gateway.proxy import _AUTH_HEADERS, BackendError, Gateway, HeaderLookup
+from services.gateway.proxy import CALLER_HEADERS, BackendError, Gateway, HeaderLookup
 from services.runtime import ServiceError, Unauthenticated, attributes
 
 
@@ -22,7 +22,7 @@ def metadata_lookup(context: grpc.aio.ServicerContext) -> HeaderLookup:
     found: dict[str, str] = {}
     for item in context.invocation_metadata() or ():
         key, value = item[0], item[1]
-        if key in _AUTH_HEADERS:
+        if key in CALLER_HEADERS:
             if key in found:
                 raise Unauthenticated(f"{key} sent more than once", reason="AMBIGUOUS_CREDENTIALS")
             found[key] = value if isinstance(value, str) else ""
@@ -96,7 +96,7 @@ class _StreamCall:
 
 
 def _translate(gateway: Gateway, info: MethodInfo, error: grpc.aio.AioRpcError) -> Exception:
-    return gateway._backend_error(gateway.backends[info.backend], error)
+    return gateway.backend_error(gateway.backends[info.backend], error)
 
 
 def _unary_stream(gateway: Gateway, info: MethodInfo) -> Callable[..., Any]:

@@ -23,7 +23,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from services.gateway.config import GatewaySettings
 from services.gateway.openapi import openapi_document
-from services.gateway.proxy import _AUTH_HEADERS, BackendError, Gateway, HeaderLookup
+from services.gateway.proxy import CALLER_HEADERS, BackendError, Gateway, HeaderLookup
 from services.gateway.transcoding import Route, all_routes, build_request
 from services.runtime import InvalidArgument, ServiceError, Unauthenticated
 
@@ -100,7 +100,7 @@ def _status_of(error: Exception) -> status_pb2.Status:
 
 def _header_lookup(request: web.Request) -> HeaderLookup:
     found: dict[str, str] = {}
-    for name in _AUTH_HEADERS:
+    for name in CALLER_HEADERS:
         values = request.headers.getall(name, [])
         if len(values) > 1:
             raise Unauthenticated(f"{name} sent more than once", reason="AMBIGUOUS_CREDENTIALS")

@@ -56,7 +56,7 @@ HeaderLookup = Callable[[str], str | None]
 #: Caller metadata relayed to backends; everything else (credentials, x-flashcrowd-*) stays here.
 FORWARDED_HEADERS = ("x-request-id",)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_AUTH_HEADERS = ("authorization", "x-api-key", *FORWARDED_HEADERS)
+CALLER_HEADERS = ("authorization", "x-api-key", *FORWARDED_HEADERS)
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 
 
@@ -329,10 +329,10 @@ class Gateway:
                         self.metrics.retries.add(1, {"rpc.method": info.name})
                         await asyncio.sleep(pause)
                         continue
-                raise self._backend_error(pool, error) from None
+                raise self.backend_error(pool, error) from None
 
     @staticmethod
-    def _backend_error(pool: BackendPool, error: grpc.aio.AioRpcError) -> Exception:
+    def backend_error(pool: BackendPool, error: grpc.aio.AioRpcError) -> Exception:
         code = error.code()
         details = _status_details(error)
         if details is None and code is grpc.StatusCode.UNAVAILABLE:
