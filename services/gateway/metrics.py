@@ -27,8 +27,8 @@ TRANSPORT = "flashcrowd.gateway.transport"  # "grpc" or "http"
 class GatewayMetrics:
     """Instruments created once from the global meter provider (set up by ``setup_telemetry``)."""
 
-    def __init__(self) -> None:
-        meter = metrics.get_meter("flashcrowd.gateway")
+    def __init__(self, meter_provider: metrics.MeterProvider | None = None) -> None:
+        meter = metrics.get_meter("flashcrowd.gateway", meter_provider=meter_provider)
         self.requests = meter.create_counter(METRIC_REQUESTS, unit="{request}", description="Calls handled")
         self.duration = meter.create_histogram(
             METRIC_DURATION, unit="s", description="Time from receiving a call to answering it"
