@@ -188,16 +188,16 @@ class HttpFrontend:
 
     def _route(self, request: web.Request) -> tuple[Route, dict[str, str]]:
         raw_path = request.rel_url.raw_path
-        allowed = False
+        allowed: list[str] = []
         for route in self.routes:
             values = route.match(raw_path)
             if values is None:
                 continue
             if route.http_method == request.method:
                 return route, values
-            allowed = True
+            allowed.append(route.http_method)
         if allowed:
-            raise web.HTTPMethodNotAllowed(request.method, [r.http_method for r in self.routes])
+            raise web.HTTPMethodNotAllowed(request.method, sorted(set(allowed)))
         raise web.HTTPNotFound(reason=f"no route for {request.method} {request.path}")
 
     async def dispatch(self, request: web.Request) -> web.Response:
