@@ -1,6 +1,6 @@
 """Gateway overhead: GetPack and CheckMembership through the gateway vs direct to the audience service.
 
-    .venv/bin/python bench/gateway_overhead.py [--seconds 4] [--concurrency 16] [--users 20000]
+    .venv/bin/python bench/gateway_overhead.py [--seconds 4] [--concurrency 16] [--users 20000] [--heavy]
 
 One run starts the audience service and the gateway as separate processes on loopback (a generated
 world in a tmp store, a pack built once), then measures, alternating direct and gateway rounds:
@@ -123,6 +123,9 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--users", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=2, help="alternating direct/gateway rounds per figure")
+    parser.add_argument(
+        "--heavy", action="store_true", help="also CheckMembership of users/2 ids and GetPackPersona"
+    )
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
@@ -203,15 +206,29 @@ async def main() -> None:
                 "gateway": lambda: via_gateway.CheckMembership(check, metadata=keyed),
             },
         }
+        if args.heavy:
+            # Heavier calls show that the gateway's cost is a constant per call, not a factor.
+            big = apb.CheckMembershipRequest(
+                parent=f"tenants/{TENANT}", packs=[pack], user_ids=list(range(args.users // 2))
+            )
+            persona = apb.GetPackPersonaRequest(name=pack)
+            calls["CheckMembership/10k"] = {
+                "direct": lambda: direct.CheckMembership(big, metadata=trusted),
+                "gateway": lambda: via_gateway.CheckMembership(big, metadata=keyed),
+            }
+            calls["GetPackPersona"] = {
+                "direct": lambda: direct.GetPackPersona(persona, metadata=trusted),
+                "gateway": lambda: via_gateway.GetPackPersona(persona, metadata=keyed),
+            }
         print(
             f"gateway overhead: {args.users} users, rounds of {args.seconds:g}s x {args.rounds}, "
             f"throughput at concurrency {args.concurrency}, cpus={os.cpu_count()}"
         )
-        print(f"{'method':<16}{'path':<9}{'p50 ms':>8}{'p99 ms':>8}{'calls/s':>10}")
+        print(f"{'method':<20}{'path':<9}{'p50 ms':>8}{'p99 ms':>8}{'calls/s':>10}")
         verdicts: list[str] = []
         for method, paths in calls.items():
             for call in paths.values():  # warm up both paths (connections, caches)
-                for _ in range(200):
+                for _ in range(20 if method != "GetPack" and method != "CheckMembership" else 200):
                     await call()
             latencies: dict[str, list[float]] = {"direct": [], "gateway": []}
             rates: dict[str, list[float]] = {"direct": [], "gateway": []}
@@ -224,7 +241,7 @@ async def main() -> None:
                 for path in paths
             }
             for path, (p50, p99, rate) in figures.items():
-                print(f"{method:<16}{path:<9}{p50:>8.2f}{p99:>8.2f}{rate:>10.0f}")
+                print(f"{method:<20}{path:<9}{p50:>8.2f}{p99:>8.2f}{rate:>10.0f}")
             d, g = figures["direct"], figures["gateway"]
             ratio50, ratio99, share = g[0] / d[0], g[1] / d[1], g[2] / d[2]
             ok = ratio50 < 1.3 and ratio99 < 1.3 and share > 0.75
