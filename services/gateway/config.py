@@ -84,6 +84,8 @@ class GatewaySettings(BaseServiceSettings):
     default_rate_limit: RateLimit = RateLimit(rate=200.0, burst=400.0)
     #: Per-method buckets, per tenant (JSON object; see the module doc).
     rate_limits: dict[str, RateLimit] = Field(default_factory=dict)
+    #: Failed authentications one address may make (per second, burst) before it is refused for a while.
+    auth_failure_limit: RateLimit = RateLimit(rate=5.0, burst=50.0)
     #: Streaming calls one tenant may have open at once.
     max_streams_per_tenant: int = Field(default=8, ge=1)
     #: Largest metadata (all headers of one call) accepted, in bytes.

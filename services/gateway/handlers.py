@@ -36,7 +36,9 @@ async def _abort(context: grpc.aio.ServicerContext, error: BackendError) -> None
 def _unary_unary(gateway: Gateway, info: MethodInfo) -> Callable[..., Any]:
     async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
-            return await gateway.unary(info, request, metadata_lookup(context), context.time_remaining())
+            return await gateway.unary(
+                info, request, metadata_lookup(context), context.time_remaining(), peer=context.peer()
+            )
         except BackendError as error:
             await _abort(context, error)
             raise  # not reached: abort raises
@@ -60,7 +62,7 @@ class _StreamCall:
 
     async def admit(self) -> None:
         self.header = metadata_lookup(self.context)
-        self.principal = await self.gateway.admit(self.info, self.header)
+        self.principal = await self.gateway.admit(self.info, self.header, self.context.peer())
         self.tenant = self.principal.tenant or ""
         trace.get_current_span().set_attribute(attributes.TENANT, self.tenant)
         self.gateway.streams.acquire(self.tenant)

@@ -239,7 +239,13 @@ class HttpFrontend:
             message = build_request(route, path_values, query, body)
             data = message.SerializeToString()
             raw_response = await self.gateway.unary(
-                route.info, data, header, timeout, message=message, transport="http"
+                route.info,
+                data,
+                header,
+                timeout,
+                message=message,
+                transport="http",
+                peer=request.remote or "",
             )
             reply = route.info.response_class.FromString(raw_response)
             return web.json_response(json_format.MessageToDict(reply))

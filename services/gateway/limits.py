@@ -106,6 +106,50 @@ class StreamLimiter:
         return self._open.get(tenant, 0)
 
 
+class AuthFailureLimiter:
+    """Failed authentications per peer address: past the burst, the peer is refused for a while
+    without any credential check (so floods of made-up keys never reach the key store)."""
+
+    def __init__(self, limit: RateLimit, max_peers: int = 50_000) -> None:
+        self.limit = limit
+        self.max_peers = max_peers
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def check(self, peer: str) -> None:
+        bucket = self._buckets.get(peer)
+        if bucket is None:
+            return
+        bucket.add(0)  # refill
+        if bucket.tokens < 1:
+            wait = (1 - bucket.tokens) / bucket.rate
+            raise ResourceExhausted(
+                "too many failed authentications from this address",
+                retry_after_seconds=max(wait, 0.001),
+                violations=[(peer, f"{self.limit.rate:g} failed authentications per second")],
+                reason="AUTH_FAILURES",
+            )
+
+    def failed(self, peer: str) -> None:
+        bucket = self._buckets.get(peer)
+        if bucket is None:
+            bucket = self._buckets[peer] = TokenBucket(self.limit.rate, self.limit.burst)
+            if len(self._buckets) > self.max_peers:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(peer)
+        bucket.take()
+
+
+def peer_address(peer: str) -> str:
+    """``ipv4:10.0.0.1:5123`` / ``ipv6:[::1]:5123`` / ``10.0.0.1`` -> the address without the port."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    if kind == "ipv6":
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return peer
+
+
 class RetryBudget:
     """Retries may add at most ``ratio`` of calls plus ``min_per_second`` (Finagle-style budget).
 
@@ -142,4 +186,4 @@ class RetryBudget:
         return False
 
 
-__all__ = ["RateLimiter", "RetryBudget", "StreamLimiter", "TokenBucket"]
+__all__ = ["AuthFailureLimiter", "RateLimiter", "RetryBudget", "StreamLimiter", "TokenBucket", "peer_address"]

@@ -32,7 +32,7 @@ from services.gateway.auth import Authenticator, Principal
 from services.gateway.catalog import MethodInfo, iter_resource_values
 from services.gateway.config import GatewaySettings
 from services.gateway.keystore import open_keystore
-from services.gateway.limits import RateLimiter, RetryBudget, StreamLimiter
+from services.gateway.limits import AuthFailureLimiter, RateLimiter, RetryBudget, StreamLimiter, peer_address
 from services.gateway.metrics import GatewayMetrics
 from services.runtime import (
     DeadlineExceeded,
@@ -41,6 +41,7 @@ from services.runtime import (
     PermissionDenied,
     ResourceExhausted,
     ServiceError,
+    Unauthenticated,
     Unavailable,
     attributes,
     channel_options,
@@ -160,6 +161,7 @@ class Gateway:
         self.local_handlers = self.api.handlers()
         self.rate_limiter = RateLimiter(settings)
         self.streams = StreamLimiter(settings.max_streams_per_tenant)
+        self.auth_failures = AuthFailureLimiter(settings.auth_failure_limit)
         self.retry_budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_min_per_second)
         self.metrics = GatewayMetrics()
         self.backends: dict[str, BackendPool] = {
@@ -176,9 +178,17 @@ class Gateway:
         self.store.close()
 
     # --- admission ---------------------------------------------------------------------------
-    async def admit(self, info: MethodInfo, header: HeaderLookup) -> Principal:
+    async def admit(self, info: MethodInfo, header: HeaderLookup, peer: str = "") -> Principal:
         """Authenticate, check the scope, bind the tenant and take a rate-limit token."""
-        principal = await self.authenticator.authenticate(header)
+        address = peer_address(peer)
+        if address:
+            self.auth_failures.check(address)
+        try:
+            principal = await self.authenticator.authenticate(header)
+        except Unauthenticated:
+            if address:
+                self.auth_failures.failed(address)
+            raise
         if not principal.allows(info.scopes):
             raise PermissionDenied(
                 f"{info.name} needs one of the scopes {sorted(info.scopes)}",
@@ -249,13 +259,14 @@ class Gateway:
         *,
         message: Message | None = None,
         transport: str = "grpc",
+        peer: str = "",
     ) -> bytes:
         """Admit, check and forward one unary call; raises ServiceError or BackendError."""
         started = time.perf_counter()
         tenant = ""
         code = 0
         try:
-            principal = await self.admit(info, header)
+            principal = await self.admit(info, header, peer)
             tenant = principal.tenant or ""
             if tenant:
                 trace.get_current_span().set_attribute(attributes.TENANT, tenant)

@@ -106,3 +106,31 @@ async def test_concurrent_streams_per_tenant(limited) -> None:
     third = stub.ExportPack(export, metadata=stack.auth("alpha"))
     assert len([page async for page in third]) == 3
     assert stack.app.gateway.streams.open_streams("alpha") == 0
+
+
+async def test_failed_authentications_are_limited_per_address(tmp_path, rsa_public_pem, fake_backend) -> None:
+    settings = gateway_settings(
+        tmp_path,
+        rsa_public_pem,
+        audience_target=fake_backend.target,
+        auth_failure_limit={"rate": 2, "burst": 3},
+    )
+    stack = await start_stack(settings, {"alpha": ALL})
+    try:
+        stub = pb_grpc.AudienceServiceStub(stack.channel)
+        bad = (("x-api-key", "fc_0123456789abcdef_" + "x" * 43),)
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.GetPack(GET, metadata=bad)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # The address is now refused outright, whatever it sends, until its bucket refills.
+        for metadata in (bad, stack.auth("alpha")):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.GetPack(GET, metadata=metadata)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            details = error_details(caught.value)
+            assert details.reason == "AUTH_FAILURES" and 0 < details.retry_after_seconds <= 0.5
+        await asyncio.sleep(details.retry_after_seconds + 0.05)
+        assert (await stub.GetPack(GET, metadata=stack.auth("alpha"))).size == 42
+    finally:
+        await stack.close()
