@@ -216,6 +216,11 @@ async def run_demo(options: DemoOptions) -> None:
         await demo.build_packs()
         await demo.show_persona("clickers-not-buyers")
         await demo.check_membership()
+        from services.audience.lookalike.demo import lookalike_step
+
+        await lookalike_step(
+            demo._channels[0], tenant=TENANT, seed_pack=demo.packs["purchasers"].name, title="6. Lookalike"
+        )
     finally:
         await demo.close()
     render.section("Done", f"everything the demo wrote is under {options.workdir}")
