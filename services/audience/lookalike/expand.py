@@ -152,7 +152,7 @@ class _Variant:
         if len(labels) == 0:
             return
         self.counts += np.bincount(labels, minlength=self.k)
-        for j in range(self.d):  # bincount per column: much faster than np.add.at
+        for j in range(self.d):  # one bincount per column: faster than np.add.at or a one-hot matmul
             self.sums[:, j] += np.bincount(labels, weights=x[:, j], minlength=self.k)
 
     def finalize(self, sizes: np.ndarray, params: ScoringParams) -> None:
@@ -232,8 +232,8 @@ class _Moments:
     def add(self, x: np.ndarray) -> None:
         if len(x) == 0:
             return
-        x64 = x.astype(np.float64, copy=False)
-        s, q = x64.sum(axis=0), np.square(x64).sum(axis=0)
+        s = x.sum(axis=0, dtype=np.float64)
+        q = np.einsum("ij,ij->j", x, x).astype(np.float64)  # no n x d temporary
         self.s = s if self.s is None else self.s + s
         self.q = q if self.q is None else self.q + q
         self.n += len(x)
@@ -286,7 +286,8 @@ def rank_population(
 ) -> Ranking:
     """Three passes over standardised chunks: candidate dims, cells + seed sums, distances.
 
-    ``chunks()`` must yield the same ``(ids, x)`` sequence each time it is called.
+    ``chunks()`` must yield the same ``(ids, x)`` sequence each time it is called; the ``x`` arrays
+    are modified in place (masked columns zeroed), so they must not be the caller's.
     """
     k, d = centers.shape
     pop, cand = _Moments(), _Moments()
@@ -313,7 +314,7 @@ def rank_population(
     stats = SeedStats(k, d, params)
     label_parts = []
     for (ids, x), seed_mask in zip(chunks(), seed_parts, strict=True):
-        xm = x * mask
+        xm = np.multiply(x, mask, out=x)  # in place: chunks are fresh or the cache, unmasked no longer needed
         labels, _ = assign(c, xm)
         stats.add_chunk(xm, labels, seed_mask, fold_of(ids))
         label_parts.append(labels)
@@ -322,7 +323,7 @@ def rank_population(
         progress("score", 0.6)
     d2_parts: dict[str, list[np.ndarray]] = {name: [] for name in stats.variants}
     for (_ids, x), labels in zip(chunks(), label_parts, strict=True):
-        d2 = stats.distances(x * mask, labels)
+        d2 = stats.distances(np.multiply(x, mask, out=x), labels)  # idempotent on the cache
         stats.add_spread(d2, labels)
         for name, values in d2.items():
             d2_parts[name].append(values.astype(np.float32))
@@ -340,7 +341,9 @@ def score_in_memory(
     params: ScoringParams | None = None,
 ) -> Ranking:
     """``rank_population`` over arrays already in memory (the eval, small populations)."""
-    return rank_population(centers, lambda: iter([(ids, x)]), np.unique(seed_ids), params or ScoringParams())
+    own = np.array(x, dtype=np.float32, order="C")  # rank_population masks its chunks in place
+    params = params or ScoringParams()
+    return rank_population(centers, lambda: iter([(ids, own)]), np.unique(seed_ids), params)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,7 +441,7 @@ def expand(
     min_seed: int = DEFAULT_MIN_SEED,
     params: ScoringParams | None = None,
     lift_steps: Sequence[float] = LIFT_STEPS,
-    cache_bytes: int = 2 << 30,
+    cache_bytes: int = 1 << 30,
     seed_field: str = "seed_pack",
     progress: Callable[[str, float], None] | None = None,
 ) -> ExpandResult:

@@ -380,8 +380,10 @@ class Scaler:
         return cls(mean, scale)
 
     def transform(self, raw: np.ndarray) -> np.ndarray:
-        z = (raw.astype(np.float64, copy=False) - self.mean) / self.scale
-        return np.clip(z, -CLIP, CLIP).astype(np.float32)
+        """Standardised float32 copy of ``raw`` (computed in float32: this runs over every user)."""
+        z = np.subtract(raw, self.mean.astype(np.float32), dtype=np.float32, order="C")  # rows: C order
+        z *= (1.0 / self.scale).astype(np.float32)
+        return np.clip(z, -CLIP, CLIP, out=z)
 
     def to_json(self) -> dict[str, list[float]]:
         return {"mean": [float(x) for x in self.mean], "scale": [float(x) for x in self.scale]}
@@ -453,7 +455,7 @@ class FeatureSnapshot:
             lf = lf.filter(pl.col("user_id").is_in(pl.Series(user_ids, dtype=pl.UInt32)))
         df = lf.collect()
         ids = df.get_column("user_id").to_numpy().astype(np.uint32, copy=False)
-        raw = df.select(self.schema.columns).to_numpy().astype(np.float32, copy=False)
+        raw = df.select(self.schema.columns).to_numpy(order="c").astype(np.float32, copy=False)
         return ids, raw
 
     def iter_shards(self, user_ids: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
