@@ -95,7 +95,13 @@ async def latency_round(call: Call, seconds: float) -> list[float]:
     return samples
 
 
-async def throughput_round(call: Call, seconds: float, concurrency: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc), for CPU cost per call."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def throughput_round(call: Call, seconds: float, concurrency: int) -> tuple[float, int]:
     done = 0
     end = time.perf_counter() + seconds
 
@@ -107,7 +113,7 @@ async def throughput_round(call: Call, seconds: float, concurrency: int) -> floa
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return done / (time.perf_counter() - started)
+    return done / (time.perf_counter() - started), done
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -224,7 +230,10 @@ async def main() -> None:
             f"gateway overhead: {args.users} users, rounds of {args.seconds:g}s x {args.rounds}, "
             f"throughput at concurrency {args.concurrency}, cpus={os.cpu_count()}"
         )
-        print(f"{'method':<20}{'path':<9}{'p50 ms':>8}{'p99 ms':>8}{'calls/s':>10}")
+        print(
+            f"{'method':<20}{'path':<9}{'p50 ms':>8}{'p99 ms':>8}{'calls/s':>10}"
+            f"{'audience cpu/call':>19}{'gateway cpu/call':>18}"
+        )
         verdicts: list[str] = []
         for method, paths in calls.items():
             for call in paths.values():  # warm up both paths (connections, caches)
@@ -232,16 +241,27 @@ async def main() -> None:
                     await call()
             latencies: dict[str, list[float]] = {"direct": [], "gateway": []}
             rates: dict[str, list[float]] = {"direct": [], "gateway": []}
+            # CPU seconds of (audience, gateway) and calls, during the throughput rounds of each path.
+            cpu: dict[str, list[float]] = {"direct": [0.0, 0.0, 0], "gateway": [0.0, 0.0, 0]}
             for _ in range(args.rounds):
                 for path, call in paths.items():
                     latencies[path] += await latency_round(call, args.seconds / 2)
-                    rates[path].append(await throughput_round(call, args.seconds / 2, args.concurrency))
+                    before = (cpu_seconds(audience.pid), cpu_seconds(gateway.pid))
+                    rate, count = await throughput_round(call, args.seconds / 2, args.concurrency)
+                    cpu[path][0] += cpu_seconds(audience.pid) - before[0]
+                    cpu[path][1] += cpu_seconds(gateway.pid) - before[1]
+                    cpu[path][2] += count
+                    rates[path].append(rate)
             figures = {
                 path: (pct(latencies[path], 0.5), pct(latencies[path], 0.99), statistics.mean(rates[path]))
                 for path in paths
             }
             for path, (p50, p99, rate) in figures.items():
-                print(f"{method:<20}{path:<9}{p50:>8.2f}{p99:>8.2f}{rate:>10.0f}")
+                a_cpu, g_cpu, count = cpu[path]
+                per_call = f"{a_cpu / count * 1e6:>16.0f}us" + (
+                    f"{g_cpu / count * 1e6:>16.0f}us" if path == "gateway" else f"{'-':>18}"
+                )
+                print(f"{method:<20}{path:<9}{p50:>8.2f}{p99:>8.2f}{rate:>10.0f}{per_call}")
             d, g = figures["direct"], figures["gateway"]
             ratio50, ratio99, share = g[0] / d[0], g[1] / d[1], g[2] / d[2]
             ok = ratio50 < 1.3 and ratio99 < 1.3 and share > 0.75
