@@ -45,7 +45,8 @@ def stage(name: str, store_dir: Path, clusters: int) -> dict:
         t0 = time.perf_counter()
         model = pipeline.train_model(store, snap, model_id="bench", clusters=clusters)
         started = t0
-        out.update(users=model.population, clusters=model.cluster_count, fit_seconds=model.manifest["fit_seconds"])
+        fit = model.manifest["fit_seconds"]
+        out.update(users=model.population, clusters=model.cluster_count, fit_seconds=fit)
     elif name == "expand":
         import polars as pl
 
@@ -65,7 +66,7 @@ def stage(name: str, store_dir: Path, clusters: int) -> dict:
             users=result.population,
             seed=result.seed_matched,
             selected=len(result.members),
-            expected_lift_5=[lift for f, _n, lift in result.lift_curve if abs(f - 0.05) < 1e-9][0],
+            expected_lift_5=next(lift for f, _n, lift in result.lift_curve if abs(f - 0.05) < 1e-9),
             timings={k: round(v, 2) for k, v in result.timings.items()},
         )
     out["seconds"] = round(time.perf_counter() - started, 2)
@@ -86,7 +87,9 @@ def run_stage(name: str, store_dir: Path, clusters: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--users", type=int, nargs="+", default=[1_000_000, 5_000_000])
     parser.add_argument("--days", type=int, default=8)
     parser.add_argument("--clusters", type=int, default=64)
@@ -104,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (store_dir / "data" / "manifest.json").exists():
             t0 = time.perf_counter()
             subprocess.run(
-                [str(ROOT / ".venv" / "bin" / "flashcrowd"), "gen", "--users", str(users), "--days", str(args.days),
-                 "--store", str(store_dir), "--no-progress", "--overwrite"],
+                [str(ROOT / ".venv" / "bin" / "flashcrowd"), "gen", "--users", str(users),
+                 "--days", str(args.days), "--store", str(store_dir), "--no-progress", "--overwrite"],
                 check=True, capture_output=True,
             )  # fmt: skip
             print(f"generated {users:,} users in {time.perf_counter() - t0:.0f}s -> {store_dir}", flush=True)
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if r["stage"] == "features":
             notes = f"{r['shards']} shards x {r['columns']} columns"
         elif r["stage"] == "fit":
-            notes = f"k={r['clusters']}, MiniBatchKMeans fit {r['fit_seconds']}s (sample <= 500k), rest = assign all"
+            notes = f"k={r['clusters']}, fit {r['fit_seconds']}s on <= 500k sampled users, rest = assign all"
         elif r["stage"] == "expand":
             notes = f"seed {r['seed']:,}, 5% = {r['selected']:,}, expected lift {r['expected_lift_5']:.2f}x"
         print(
