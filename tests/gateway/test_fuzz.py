@@ -28,6 +28,7 @@ FUZZ_SETTINGS = settings(
     max_examples=10,
     deadline=None,
     derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
@@ -87,7 +88,9 @@ UNARY = [info for info in FUZZED if not info.streaming]
 
 
 @pytest.mark.parametrize("info", UNARY, ids=[info.key for info in UNARY])
-@settings(max_examples=5, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=5, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
 @given(payload=st.binary(min_size=1, max_size=200))
 async def test_fuzz_raw_bytes(real_stack, info: MethodInfo, payload: bytes) -> None:
     """Bytes that may not even be a protobuf: INVALID_ARGUMENT from the gateway, or a valid call."""
