@@ -108,7 +108,26 @@ class GatewaySettings(BaseServiceSettings):
             if not path.is_file():
                 raise ValueError("expected PEM text or the path of a PEM file")
             text = path.read_text()
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+        try:
+            load_pem_public_key(text.encode())
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"not a PEM public key: {error}") from None
         return text
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _known_methods(cls, value: dict[str, RateLimit]) -> dict[str, RateLimit]:
+        from services.gateway.catalog import METHODS
+
+        names: set[str] = set()
+        for info in METHODS.values():
+            names.update({info.full, info.full.lstrip("/"), info.key, info.name})
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}: use Method, Service/Method or /pkg.Service/Method")
+        return value
 
     @field_validator("trusted_tenant_header", mode="before")
     @classmethod
