@@ -61,7 +61,7 @@ class GatewaySettings(BaseServiceSettings):
 
     # --- authentication -------------------------------------------------------------------
     #: SQLite file of tenants and hashed API keys; ``:memory:`` keeps them for the process only.
-    keystore_path: str = "gateway-keys.sqlite3"
+    keystore_path: str = "./var/gateway-keys.sqlite3"
     #: Shared key store for several replicas (``postgresql://user@host/db``); overrides keystore_path.
     keystore_url: str = ""
     #: An API key (``fc_<id>_<secret>``) with the system admin scope, for creating the first tenants.
