@@ -595,8 +595,10 @@ def claim_coupon(
             d.TEMPLATE_EXPIRED, f"{t_name} is no longer valid", metadata={"couponTemplate": t_name}
         )
     # Counts never decrease, so a user already at the limit is refused without taking the lock.
-    count_sql = "SELECT COUNT(*) AS n FROM coupons WHERE template_pk = ? AND user_id = ?"
-    if tx.scalar(count_sql, (template["id"], user_id)) >= template["per_user_limit"]:
+    held = tx.scalar(
+        "SELECT COUNT(*) AS n FROM coupons WHERE template_pk = ? AND user_id = ?", (template["id"], user_id)
+    )
+    if held >= template["per_user_limit"]:
         raise exhausted_error(template, d.PER_USER_LIMIT)
     # The one conditional update that makes overselling impossible (and takes the row lock).
     moved = tx.one(
@@ -611,17 +613,16 @@ def claim_coupon(
         fresh = template_by_pk(tx, template["id"])
         stock_gone = fresh["total_stock"] and fresh["issued_count"] >= fresh["total_stock"]
         raise exhausted_error(fresh, d.OUT_OF_STOCK if stock_gone else d.BUDGET_EXHAUSTED)
-    held = tx.scalar(count_sql, (template["id"], user_id))
-    if held >= template["per_user_limit"]:
-        raise exhausted_error(template, d.PER_USER_LIMIT)
-    coupon_id = d.new_coupon_id()
-    tx.execute(
+    # Only the insert and the commit run under the lock. ``held`` was read before it: if the same
+    # user claimed concurrently, UNIQUE (template_pk, user_id, seq) refuses this row, the whole
+    # transaction (counter included) rolls back, and the retry counts again and answers
+    # PER_USER_LIMIT. The limit is structural: seq never exceeds per_user_limit.
+    row = tx.one(
         "INSERT INTO coupons (coupon_id, tenant, template_pk, campaign_pk, arm_id, user_id, seq,"
-        " source, state,"
-        " face_value_fen, issue_us, expire_us, claim_us, claim_request_id, update_us)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, 'CLAIM', 'ISSUED', ?, ?, ?, ?, ?, ?)",
+        " source, state, face_value_fen, issue_us, expire_us, claim_us, claim_request_id, update_us)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, 'CLAIM', 'ISSUED', ?, ?, ?, ?, ?, ?) RETURNING *",
         (
-            coupon_id,
+            d.new_coupon_id(),
             tenant,
             template["id"],
             campaign["id"] if campaign else None,
@@ -636,7 +637,8 @@ def claim_coupon(
             now,
         ),
     )
-    return coupon_by_id(tx, coupon_id), False
+    assert row is not None
+    return {**row, "template_id": template_id, "campaign_id": campaign_id or None}, False
 
 
 # --- redemption and refund ---------------------------------------------------------------------
