@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from flashcrowd.audience.v1 import audience_service_pb2, event_service_pb2, lookalike_pb2
+from flashcrowd.audience.v1 import audience_service_pb2, event_service_pb2, live_pack_pb2, lookalike_pb2
 from flashcrowd.gateway.v1 import gateway_service_pb2
-from flashcrowd.retarget.v1 import retarget_service_pb2
+from flashcrowd.retarget.v1 import retarget_service_pb2, sale_monitor_pb2
 from google.api import annotations_pb2, http_pb2
 from google.longrunning import operations_proto_pb2
 from google.protobuf import descriptor, message_factory
@@ -22,6 +22,7 @@ from google.protobuf.message import Message
 
 AUDIENCE = "audience"
 RETARGET = "retarget"
+SALE_MONITOR = "sale_monitor"  # python -m services.retarget.sale_monitor
 LOCAL = "local"  # served by the gateway itself
 ROUTED = "routed"  # google.longrunning.Operations: the backend is found from the operation name
 
@@ -33,7 +34,9 @@ SERVICES: dict[str, str] = {
     "flashcrowd.audience.v1.AudienceService": AUDIENCE,
     "flashcrowd.audience.v1.LookalikeService": AUDIENCE,
     "flashcrowd.audience.v1.EventService": AUDIENCE,
+    "flashcrowd.audience.v1.LivePackService": AUDIENCE,
     "flashcrowd.retarget.v1.RetargetService": RETARGET,
+    "flashcrowd.retarget.v1.SaleMonitorService": SALE_MONITOR,
     OPERATIONS_SERVICE: ROUTED,
     GATEWAY_SERVICE: LOCAL,
 }
@@ -42,7 +45,9 @@ _FILES = {
     "flashcrowd.audience.v1.AudienceService": audience_service_pb2.DESCRIPTOR,
     "flashcrowd.audience.v1.LookalikeService": lookalike_pb2.DESCRIPTOR,
     "flashcrowd.audience.v1.EventService": event_service_pb2.DESCRIPTOR,
+    "flashcrowd.audience.v1.LivePackService": live_pack_pb2.DESCRIPTOR,
     "flashcrowd.retarget.v1.RetargetService": retarget_service_pb2.DESCRIPTOR,
+    "flashcrowd.retarget.v1.SaleMonitorService": sale_monitor_pb2.DESCRIPTOR,
     OPERATIONS_SERVICE: operations_proto_pb2.DESCRIPTOR,
     GATEWAY_SERVICE: gateway_service_pb2.DESCRIPTOR,
 }
@@ -75,6 +80,13 @@ SCOPES: dict[str, frozenset[str]] = {
     "LookalikeService/TrainLookalikeModel": _S({ADMIN}),
     "LookalikeService/GetLookalikeModel": _S({PACKS_READ}),
     "LookalikeService/ExpandLookalike": _S({PACKS_WRITE}),
+    "LivePackService/CreateLivePack": _S({PACKS_WRITE}),
+    "LivePackService/GetLivePack": _S({PACKS_READ}),
+    "LivePackService/ListLivePacks": _S({PACKS_READ}),
+    "LivePackService/DeleteLivePack": _S({PACKS_WRITE}),
+    "LivePackService/SnapshotLivePack": _S({PACKS_WRITE}),
+    "SaleMonitorService/GetSaleStats": _S({CAMPAIGNS_READ}),
+    "SaleMonitorService/WatchSale": _S({CAMPAIGNS_READ}),
     "EventService/IngestEvents": _S({EVENTS_WRITE}),
     "EventService/IngestEventBatch": _S({EVENTS_WRITE}),
     "RetargetService/CreateCouponTemplate": _S({CAMPAIGNS_WRITE}),
@@ -116,6 +128,9 @@ IDEMPOTENT: frozenset[str] = frozenset(
         "AudienceService/CheckMembership",
         "AudienceService/GetPackPersona",
         "LookalikeService/GetLookalikeModel",
+        "LivePackService/GetLivePack",
+        "LivePackService/ListLivePacks",
+        "SaleMonitorService/GetSaleStats",
         "RetargetService/GetCouponTemplate",
         "RetargetService/ListCouponTemplates",
         "RetargetService/GetCampaign",
@@ -356,6 +371,7 @@ __all__ = [
     "PUBLIC_SERVICES",
     "RETARGET",
     "ROUTED",
+    "SALE_MONITOR",
     "MethodInfo",
     "iter_resource_values",
     "methods_of",

@@ -36,6 +36,8 @@ class GatewaySettings(BaseServiceSettings):
     audience_target: str = "127.0.0.1:50051"
     #: ``host:port`` of the retarget service (RetargetService, its LROs).
     retarget_target: str = "127.0.0.1:50052"
+    #: ``host:port`` of the sale monitor (SaleMonitorService, ``python -m services.retarget.sale_monitor``).
+    sale_monitor_target: str = "127.0.0.1:50053"
     #: Channels per backend (each its own HTTP/2 connection), used round-robin.
     channel_pool_size: int = Field(default=2, ge=1, le=64)
     #: Longest a connection attempt to a backend may take before calls fail UNAVAILABLE.

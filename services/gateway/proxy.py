@@ -167,6 +167,7 @@ class Gateway:
         self.backends: dict[str, BackendPool] = {
             catalog.AUDIENCE: BackendPool(catalog.AUDIENCE, settings.audience_target, settings),
             catalog.RETARGET: BackendPool(catalog.RETARGET, settings.retarget_target, settings),
+            catalog.SALE_MONITOR: BackendPool(catalog.SALE_MONITOR, settings.sale_monitor_target, settings),
         }
         self.operation_routes = _OperationRoutes()
         self._tenant_header = settings.trusted_tenant_header
@@ -444,6 +445,7 @@ _COLLECTION_TYPES = {
     "coupons": "flashcrowd.dev/Coupon",
     "operations": "google.longrunning.Operation",
     "apiKeys": "flashcrowd.dev/ApiKey",
+    "livePacks": "flashcrowd.dev/LivePack",
 }
 
 

@@ -89,6 +89,7 @@ def gateway_settings(tmp_path: Path, rsa_public_pem: str, **overrides: object) -
         "retry_initial_backoff_seconds": 0.02,
         "retry_max_backoff_seconds": 0.1,
         "connect_timeout_seconds": 0.5,
+        "sale_monitor_target": "127.0.0.1:1",
     }
     values.update(overrides)
     return load_settings(GatewaySettings, **values)
