@@ -11,7 +11,14 @@ import grpc
 import pytest
 from flashcrowd.audience.v1 import audience_service_pb2 as apb
 from flashcrowd.audience.v1 import audience_service_pb2_grpc as apb_grpc
-from flashcrowd.audience.v1 import lookalike_pb2, lookalike_pb2_grpc, pack_pb2, spec_pb2
+from flashcrowd.audience.v1 import (
+    live_pack_pb2,
+    live_pack_pb2_grpc,
+    lookalike_pb2,
+    lookalike_pb2_grpc,
+    pack_pb2,
+    spec_pb2,
+)
 from flashcrowd.retarget.v1 import campaign_pb2
 from flashcrowd.retarget.v1 import retarget_service_pb2 as rpb
 from flashcrowd.retarget.v1 import retarget_service_pb2_grpc as rpb_grpc
@@ -101,6 +108,11 @@ async def test_other_tenants_packs_are_not_found(real_stack, alpha_world) -> Non
                 parent="tenants/beta", seed_pack=pack, pack_id="lal", reach_fraction=0.05
             ),
             metadata=md,
+        )
+    )
+    await expect_not_found(
+        live_pack_pb2_grpc.LivePackServiceStub(gateway.channel).GetLivePack(
+            live_pack_pb2.GetLivePackRequest(name="tenants/alpha/livePacks/l1"), metadata=md
         )
     )
     # Alpha's pack is untouched.

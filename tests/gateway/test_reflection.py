@@ -38,3 +38,21 @@ async def test_health_per_service(fake_stack) -> None:
     for service in ("", *PUBLIC_SERVICES):
         reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_every_backend_service_is_fronted(real_stack) -> None:
+    """A service a backend starts serving but the gateway does not front fails here, not in production."""
+
+    def backend_services(target: str) -> set[str]:
+        with grpc.insecure_channel(target) as channel:
+            return set(ProtoReflectionDescriptorDatabase(channel).get_services())
+
+    served: set[str] = set()
+    for target in (real_stack.audience_target, real_stack.retarget_target):
+        served |= await asyncio.to_thread(backend_services, target)
+    internal = {
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    }
+    assert served - internal <= set(PUBLIC_SERVICES), sorted(served - internal - set(PUBLIC_SERVICES))
