@@ -22,6 +22,7 @@ COMMANDS: list[str] = [
     "services.cli.demo",
     "services.cli.data",
     "services.cli.lookalike",
+    "services.gateway.cli",
 ]
 
 

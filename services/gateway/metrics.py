@@ -1,9 +1,8 @@
 """Gateway metrics: requests, latency and errors per method and tenant.
 
 Attribute keys are the runtime's (``attributes.TENANT``) and OpenTelemetry's RPC conventions
-(``rpc.service``, ``rpc.method``, ``rpc.grpc.status_code``). The instrument names extend the
-``flashcrowd.gateway.*`` family of ``services.runtime.attributes`` (which holds
-``METRIC_GATEWAY_RATE_LIMITED``); they are read from there when the runtime defines them.
+(``rpc.service``, ``rpc.method``, ``rpc.grpc.status_code``); instrument names are the runtime's
+``flashcrowd.gateway.*`` constants in ``services.runtime.attributes``.
 """
 
 from __future__ import annotations
@@ -12,10 +11,10 @@ from opentelemetry import metrics
 
 from services.runtime import attributes
 
-METRIC_REQUESTS = getattr(attributes, "METRIC_GATEWAY_REQUESTS", "flashcrowd.gateway.requests")
-METRIC_DURATION = getattr(attributes, "METRIC_GATEWAY_DURATION", "flashcrowd.gateway.duration")
-METRIC_ERRORS = getattr(attributes, "METRIC_GATEWAY_ERRORS", "flashcrowd.gateway.errors")
-METRIC_RETRIES = getattr(attributes, "METRIC_GATEWAY_RETRIES", "flashcrowd.gateway.retries")
+METRIC_REQUESTS = attributes.METRIC_GATEWAY_REQUESTS
+METRIC_DURATION = attributes.METRIC_GATEWAY_DURATION
+METRIC_ERRORS = attributes.METRIC_GATEWAY_ERRORS
+METRIC_RETRIES = attributes.METRIC_GATEWAY_RETRIES
 METRIC_RATE_LIMITED = attributes.METRIC_GATEWAY_RATE_LIMITED
 
 RPC_SERVICE = "rpc.service"

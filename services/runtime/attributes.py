@@ -45,3 +45,7 @@ METRIC_COUPONS_ISSUED = "flashcrowd.coupon.issued"  # counter, {coupon}
 METRIC_COUPONS_REDEEMED = "flashcrowd.coupon.redeemed"  # counter, {coupon}
 METRIC_EVENTS_INGESTED = "flashcrowd.event.ingested"  # counter, {event}
 METRIC_GATEWAY_RATE_LIMITED = "flashcrowd.gateway.rate_limited"  # counter, {request}
+METRIC_GATEWAY_REQUESTS = "flashcrowd.gateway.requests"  # counter, {request}
+METRIC_GATEWAY_DURATION = "flashcrowd.gateway.duration"  # histogram, s
+METRIC_GATEWAY_ERRORS = "flashcrowd.gateway.errors"  # counter, {request}
+METRIC_GATEWAY_RETRIES = "flashcrowd.gateway.retries"  # counter, {retry}
