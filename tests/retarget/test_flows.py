@@ -598,3 +598,44 @@ async def test_report_uplift_against_holdout(rt: Rt) -> None:
     assert report.revenue_fen == by_arm["ten"].revenue_fen + by_arm["pct"].revenue_fen
     assert holdout.p_value == 1.0
     assert report.projected_loss_fen >= report.coupon_cost_fen
+
+
+async def test_simulated_responses_feed_the_report(rt: Rt) -> None:
+    """The demo's simulation (generator behaviour model) through the service's own RPCs."""
+    from services.events.dataset import EventDataset
+    from services.retarget.simulate import simulate_responses
+    from services.storage import LocalObjectStore
+
+    tenant = rt.tenant()
+    campaign, _, _ = await two_arm_campaign(
+        rt, tenant, rt.audience.users[12000:18000], holdout_basis_points=2000
+    )
+    await rt.launch(campaign.name)
+    sale = rt.audience.world["sale"]
+    dataset = EventDataset(LocalObjectStore(rt.audience.store_url))
+    summary = await simulate_responses(
+        stub=rt.stub,
+        database=rt.app.db,
+        dataset=dataset,
+        campaign=campaign.name,
+        item_id=sale["retarget_item_id"],
+        item_price_fen=sale["retarget_price_fen"],
+        item_category_id=1,
+        seed=3,
+    )
+    assert (
+        summary.members == 6000
+        and summary.claimed > 0
+        and summary.redeemed > 0
+        and summary.holdout_orders > 0
+    )
+    report = await rt.stub.GetCampaignReport(api.GetCampaignReportRequest(campaign=campaign.name))
+    by_arm = {a.arm_id: a for a in report.arms}
+    assert sum(a.claimed for a in report.arms) == summary.claimed
+    assert sum(a.redeemed for a in report.arms) == summary.redeemed - summary.refunded
+    assert by_arm["holdout"].orders == summary.holdout_orders
+    treated_orders = by_arm["ten"].orders + by_arm["pct"].orders
+    assert treated_orders == summary.redeemed - summary.refunded + summary.orders_without_coupon
+    assert report.coupon_cost_fen == sum(a.coupon_cost_fen for a in report.arms)
+    assert 0.0 <= by_arm["pct"].p_value <= 1.0
+    await invariants_clean(rt)
