@@ -23,6 +23,7 @@ COMMANDS: list[str] = [
     "services.cli.data",
     "services.cli.lookalike",
     "services.gateway.cli",
+    "services.retarget.cli",
 ]
 
 
