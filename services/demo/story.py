@@ -40,6 +40,7 @@ from services.events.generator import GenConfig, generate
 from services.storage import LocalObjectStore
 
 TENANT = "tenants/demo-shop"
+DEMO_PERSONA_MIN_SIZE = 500
 
 
 @dataclass
@@ -87,7 +88,11 @@ class Demo:
 
     async def start_services(self) -> None:
         render.section("2. Services", "in this process, real gRPC on loopback")
-        settings = AudienceSettings(store_url=self.store.url, port=0, log_json=False)
+        # A 50k-user world sells 500 hook T-shirts to ~600 buyers: below the production persona
+        # minimum (1,000), so the demo lowers it to show the buyers' persona next to the lookalike.
+        settings = AudienceSettings(
+            store_url=self.store.url, port=0, log_json=False, persona_min_size=DEMO_PERSONA_MIN_SIZE
+        )
         server, port, app = await create_audience_server(settings, store=self.store)
         self._servers.append((server, app))
         self.audience_target = f"127.0.0.1:{port}"
@@ -96,6 +101,7 @@ class Demo:
         self.audience = aud_grpc.AudienceServiceStub(ch)
         self.operations = operations_pb2_grpc.OperationsStub(ch)
         render.note(f"audience  {self.audience_target}  (AudienceService, Operations, health, reflection)")
+        render.note(f"persona privacy minimum lowered to {DEMO_PERSONA_MIN_SIZE} for this small world")
 
     async def close(self) -> None:
         for ch in self._channels:
@@ -211,6 +217,9 @@ async def run_demo(options: DemoOptions) -> None:
     options.workdir.mkdir(parents=True)
     demo = Demo(options)
     await asyncio.to_thread(demo.generate_world)
+    from services.demo.realtime import realtime_step, use_demo_bus
+
+    use_demo_bus()  # audience and sale monitor of this process share one in-process event bus
     await demo.start_services()
     try:
         await demo.build_packs()
@@ -221,6 +230,7 @@ async def run_demo(options: DemoOptions) -> None:
         await lookalike_step(
             demo._channels[0], tenant=TENANT, seed_pack=demo.packs["purchasers"].name, title="6. Lookalike"
         )
+        await realtime_step(demo, tenant=TENANT, title="7. T-0, live")
     finally:
         await demo.close()
     render.section("Done", f"everything the demo wrote is under {options.workdir}")
