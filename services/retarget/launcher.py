@@ -60,6 +60,7 @@ class Launcher:
         self.owner = settings.instance_id or socket.gethostname()
         self.lease_us = int(settings.launch_lease_seconds * 1_000_000)
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._again: set[int] = set()
         self._closing = False
         telemetry = current_telemetry()
         self._issued_counter = (
@@ -69,11 +70,14 @@ class Launcher:
         )
 
     def ensure(self, campaign_pk: int) -> None:
-        """Start the launch task of a RUNNING campaign unless one is already running here."""
+        """Start the launch task of a RUNNING campaign unless one is running here; a task that is
+        still winding down (a pause followed at once by a resume) looks at the campaign again
+        when it ends."""
         if self._closing:
             return
         task = self._tasks.get(campaign_pk)
         if task is not None and not task.done():
+            self._again.add(campaign_pk)
             return
         task = asyncio.create_task(self._run(campaign_pk), name=f"launch-{campaign_pk}")
         self._tasks[campaign_pk] = task
@@ -114,6 +118,13 @@ class Launcher:
     # -- the task ----------------------------------------------------------------------------
 
     async def _run(self, campaign_pk: int) -> None:
+        while True:
+            self._again.discard(campaign_pk)
+            await self._run_once(campaign_pk)
+            if campaign_pk not in self._again or self._closing:
+                return
+
+    async def _run_once(self, campaign_pk: int) -> None:
         failures = 0
         while True:
             try:
@@ -153,8 +164,15 @@ class Launcher:
 
     async def _launch(self, campaign_pk: int) -> bool:
         campaign = await self._lease(campaign_pk)
-        if campaign is None:
-            return False  # not RUNNING any more, or another live process has it
+        while campaign is None:
+            # Not RUNNING any more, or another process holds the lease: if that process died,
+            # its lease expires and this one takes over.
+            current = await self.db.run(repo.campaign_by_pk, campaign_pk, write=False)
+            if current is None or current["state"] != d.RUNNING:
+                return False
+            wait = (current["launch_lease_until_us"] - self.clock()) / 1e6
+            await asyncio.sleep(min(max(wait, 0.05), self.settings.launch_lease_seconds))
+            campaign = await self._lease(campaign_pk)
         # Issuing starts at start_time: wait for it, renewing the lease meanwhile.
         while campaign["start_us"] is not None and self.clock() < campaign["start_us"]:
             wait = min((campaign["start_us"] - self.clock()) / 1e6, self.settings.launch_lease_seconds / 3)

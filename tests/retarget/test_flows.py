@@ -639,3 +639,57 @@ async def test_simulated_responses_feed_the_report(rt: Rt) -> None:
     assert report.coupon_cost_fen == sum(a.coupon_cost_fen for a in report.arms)
     assert 0.0 <= by_arm["pct"].p_value <= 1.0
     await invariants_clean(rt)
+
+
+async def test_paced_launch_and_a_launch_that_fails_loudly(rt: Rt) -> None:
+    """delivery_rate_per_second paces issuing; a pack gone while paused fails the resumed launch
+    with the reason in the progress and the operation, and ResumeCampaign can retry it."""
+    from flashcrowd.audience.v1 import audience_service_pb2
+
+    tenant = rt.tenant()
+    users = rt.audience.users[18000:19500]
+    pack = await rt.audience.upload(tenant, users)
+    template = await rt.template(tenant)
+    campaign = await rt.campaign(tenant, pack.name, template.name, delivery_rate_per_second=500)
+    started = time.monotonic()
+    await rt.launch(campaign.name, wait=False)
+    await asyncio.sleep(1.0)
+    paused = await rt.stub.PauseCampaign(api.PauseCampaignRequest(name=campaign.name, reason="check"))
+    elapsed = time.monotonic() - started
+    assert 0 < paused.progress.issued <= 500 * elapsed + 500  # one batch of slack
+    assert paused.progress.issued < len(users)
+    await rt.audience.stub.DeletePack(audience_service_pb2.DeletePackRequest(name=pack.name))
+    await rt.stub.ResumeCampaign(api.ResumeCampaignRequest(name=campaign.name))
+    failed = await rt.wait_state(campaign.name, (Campaign.STATE_PAUSED,), timeout=30)
+    assert failed.progress.stop_reason.startswith("LAUNCH_FAILED: PACK_NOT_FOUND"), failed.progress
+    operation = await rt.ops.GetOperation(
+        operations_pb2.GetOperationRequest(name=f"{campaign.name}/operations/launch")
+    )
+    assert operation.done and operation.error.code == grpc.StatusCode.ABORTED.value[0]
+    assert "PACK_NOT_FOUND" in operation.error.message
+    assert (await rt.get(campaign.name)).progress.issued == failed.progress.issued  # nothing more issued
+    await invariants_clean(rt)
+
+
+async def test_a_dead_owners_launch_is_taken_over_when_its_lease_expires(rt: Rt) -> None:
+    tenant = rt.tenant()
+    users = rt.audience.users[19500:20000]
+    pack = await rt.audience.upload(tenant, users)
+    template = await rt.template(tenant)
+    campaign = await rt.campaign(tenant, pack.name, template.name)
+    campaign_id = campaign.name.rsplit("/", 1)[1]
+
+    def orphan(tx):  # type: ignore[no-untyped-def]
+        """A launch started by a process on another host that died right away."""
+        now = d.now_us()
+        row, _ = repo.start_launch(tx, tenant, campaign_id, pack.version, pack.size, now)
+        assert repo.acquire_lease(tx, row["id"], "other-host", now, 1_500_000) is not None
+        return row["id"]
+
+    pk = await rt.sql(orphan)
+    started = time.monotonic()
+    rt.app.launcher.ensure(pk)  # what a restarting server does for every RUNNING campaign
+    finished = await rt.wait_state(campaign.name, (Campaign.STATE_COMPLETED,), timeout=30)
+    assert time.monotonic() - started >= 1.0  # it waited for the lease to expire
+    assert finished.progress.processed == finished.progress.issued == len(users)
+    await invariants_clean(rt)
