@@ -39,7 +39,9 @@ from typing import Any, ParamSpec, TypeVar
 import psycopg
 import psycopg.errors
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from services.runtime import Aborted, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -322,7 +324,17 @@ class Database:
         loop = asyncio.get_running_loop()
         context = contextvars.copy_context()
         bound = functools.partial(self.call, fn, *args, **kwargs)
-        return await loop.run_in_executor(self._executor, context.run, bound)
+        try:
+            return await loop.run_in_executor(self._executor, context.run, bound)
+        except TransientError as error:
+            raise Aborted(f"the ledger is busy, retry: {error}", retry_after_seconds=0.2) from error
+        except (psycopg.OperationalError, PoolTimeout) as error:
+            # Connection lost or pool exhausted. A write may or may not have committed: callers
+            # retry with the same idempotency key / request id, which makes that safe.
+            logger.warning("ledger unavailable", exc_info=True)
+            raise Unavailable(
+                f"the ledger is unavailable: {type(error).__name__}", retry_after_seconds=1.0
+            ) from error
 
     def close(self) -> None:
         if self._closed:

@@ -32,7 +32,7 @@ from services.retarget import repository as repo
 from services.retarget.audience import AudienceClient, AudienceError
 from services.retarget.config import RetargetSettings
 from services.retarget.db import Database, TransientError, UniqueConflict
-from services.runtime import ServiceError, Unavailable, attributes, current_telemetry
+from services.runtime import Aborted, ServiceError, Unavailable, attributes, current_telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class Launcher:
                 return
             except asyncio.CancelledError:
                 raise
-            except (Unavailable, AudienceError, TransientError, UniqueConflict) as error:
+            except (Unavailable, Aborted, AudienceError, TransientError, UniqueConflict) as error:
                 # A run that issued something before failing starts the count afresh.
                 failures = 1 if getattr(error, "progressed", False) else failures + 1
                 if failures >= MAX_ATTEMPTS:
@@ -285,6 +285,6 @@ class Launcher:
                 empty = np.asarray([], dtype=np.uint64)
                 await batch(empty, empty.astype(np.int64), empty.astype(bool), cursor, True)
             return progressed
-        except (Unavailable, AudienceError, TransientError, UniqueConflict) as error:
+        except (Unavailable, Aborted, AudienceError, TransientError, UniqueConflict) as error:
             error.progressed = progressed  # type: ignore[attr-defined]
             raise

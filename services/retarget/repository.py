@@ -1014,8 +1014,7 @@ def issue_batch(
             else math.inf
         )
         expire = expire_us_for(template, now)
-        if template["valid_end_us"] is not None and now >= template["valid_end_us"]:
-            stock_left = 0  # an expired template issues nothing more
+        expired = template["valid_end_us"] is not None and now >= template["valid_end_us"]
         t_name = d.template_name(tenant, template["template_id"])
         ids = iter(d.new_coupon_ids(len(users)))
         count = 0
@@ -1026,6 +1025,10 @@ def issue_batch(
                 outcome[i] = d.OUTCOME_PER_USER_LIMIT
                 continue
             loss_room = loss_left // face if loss_left != math.inf else math.inf
+            if expired:  # an expired template issues nothing more
+                outcome[i] = d.OUTCOME_TEMPLATE_EXPIRED
+                stop_reason = stop_reason or f"{d.TEMPLATE_EXPIRED}: {t_name}"
+                continue
             if count >= stock_left:
                 outcome[i] = d.OUTCOME_OUT_OF_STOCK
                 stop_reason = stop_reason or f"{d.OUT_OF_STOCK}: {t_name}"
