@@ -9,6 +9,9 @@ start sequence or a start time, and acknowledge what they have made durable.
 Two implementations, chosen by ``open_bus(url)``:
 
 * ``memory://`` — ``MemoryBus``: in-process, for the embedded demo and unit tests (lost on exit).
+  ``memory://NAME`` is one bus per process and name, shared by every ``open_bus`` of that URL
+  (reference-counted: the last ``close`` closes it), so several services run in one process (the
+  demo: audience and sale monitor) share a stream the way separate processes share NATS.
 * ``nats://host:port`` — ``JetStreamBus``: NATS JetStream via ``nats-py``. One stream (default
   ``FLASHCROWD_EVENTS``) over subjects ``flashcrowd.events.<shard>``; de-duplication by the
   ``Nats-Msg-Id`` header inside the stream's ``duplicate_window``; file storage.
@@ -189,12 +192,20 @@ class MemoryBus(EventBus):
         self._closed = False
         #: Tests flip this to simulate an outage.
         self.down = False
+        #: Holders of a named (shared) bus; ``close`` closes it when the last one lets go.
+        self._refs = 1
+        self._shared_key: str | None = None
 
     async def start(self) -> None:
         return None
 
     async def close(self) -> None:
+        self._refs -= 1
+        if self._refs > 0:
+            return
         self._closed = True
+        if self._shared_key is not None and _SHARED_MEMORY.get(self._shared_key) is self:
+            del _SHARED_MEMORY[self._shared_key]
 
     @property
     def available(self) -> bool:
@@ -557,12 +568,31 @@ class _JetStreamSubscription(Subscription):
                 await self._bus._js.delete_consumer(self._bus.stream, self._consumer)
 
 
+#: Named in-process buses (``memory://NAME``) of this process.
+_SHARED_MEMORY: dict[str, MemoryBus] = {}
+
+
 def open_bus(url: str = "memory://", *, shard_count: int = 4, **options) -> EventBus:
-    """``memory://`` or ``nats://host:port[,host:port][?stream=NAME&subjects=PREFIX&dedup_window=S]``."""
+    """``memory://[NAME]`` or ``nats://host:port[,host:port][?stream=NAME&subjects=PREFIX&dedup_window=S]``.
+
+    ``memory://`` is a private in-process bus; ``memory://NAME`` the process's shared bus of that name.
+    """
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme == "memory":
-        return MemoryBus(shard_count, **{k: v for k, v in options.items() if k == "duplicate_window"})
+        kwargs = {k: v for k, v in options.items() if k == "duplicate_window"}
+        name = (parts.netloc + parts.path).strip("/")
+        if not name:
+            return MemoryBus(shard_count, **kwargs)
+        bus = _SHARED_MEMORY.get(name)
+        if bus is None:
+            bus = _SHARED_MEMORY[name] = MemoryBus(shard_count, **kwargs)
+            bus.url, bus._shared_key = f"memory://{name}", name
+        elif bus.shard_count != shard_count:
+            raise ValueError(f"memory://{name} is open with {bus.shard_count} shards, not {shard_count}")
+        else:
+            bus._refs += 1
+        return bus
     if scheme in ("nats", "tls"):
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         servers = [f"{scheme}://{host}" for host in parts.netloc.split(",") if host]
