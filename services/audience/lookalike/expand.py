@@ -6,14 +6,31 @@ Scoring (per user ``u`` in cluster ``c``)::
     lift_c  = rate_c / r0                                  seed over-representation of the cluster
     d2_u    = |x_u - m_c|²                                 m_c = mean of the seed members in c
                                                            (the seed mean if c has none)
-    score_u = log(lift_c) - beta · d2_u / mean_{v in c} d2_v
+    w       = (S_w + λI)⁻¹ (μ_seed - μ_rest)               S_w = pooled within-cluster covariance
+    t_u     = w · (x_u - x̄_c) / sd_w(w · x)                the seed direction, inside the cluster
+    score_u = log(lift_c) + gamma · t_u - beta · d2_u / mean_{v in c} d2_v
 
 The first term is the seed's over-representation in the user's cluster, shrunk towards 1 for
 clusters with little evidence (``prior`` pseudo-members at the base rate, so one seed member in a
-tiny cluster does not make it the best cluster); the second refines inside the cluster by the
-distance to the seed's members there, relative to the cluster's own spread, so that the edge of a
-good cluster can rank below the core of the next one. Ties are broken by distance, then user id:
-the ranking is total and deterministic, so the reach is honoured exactly.
+tiny cluster does not make it the best cluster). The other two refine *inside* the cluster (both
+are zero on average over a cluster's members, so they reorder a cluster and let the edge of a good
+cluster fall below the core of the next one, but never move a whole cluster):
+
+* ``t_u`` is the Mahalanobis form of "closer to the seed than to the rest": with a metric ``M``,
+  ``|x - μ_rest|²_M - |x - μ_seed|²_M = 2 (μ_seed - μ_rest)ᵀ M x + const``; with ``M`` the inverse
+  within-cluster covariance (ridge ``λ`` = ``ridge`` × its mean variance) it weighs each feature
+  by how much it separates the seed from the rest *given the others*. This is what the plain
+  distance cannot express: when seed members are more active (or more recent) than the rest, the
+  most active candidates are the most seed-like, not the ones at the seed's average activity.
+* ``d2_u`` is the distance to the seed members of the same cluster, relative to its spread.
+
+``gamma`` and ``beta`` are chosen per expansion from a small grid (``ScoringParams.gammas`` /
+``betas``), by the AUC with which scores computed from one half of the seed find the other half
+(on a deterministic sample of at most ``select_sample`` users): a diffuse seed leans on the
+seed direction, a seed that lives in a few cells on the cells and the distance. Everything is
+closed form from per-cluster sums and one d×d scatter matrix, so the cost is a few matrix
+products per shard. Ties are broken by distance, then user id: the ranking is total and
+deterministic, so the reach is honoured exactly.
 
 Expected lift is measured, not assumed: the seed is split in two halves by a hash of the user id;
 the scores computed from one half rank the population without it, and the lift at reach ``f`` is
@@ -34,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy import sparse
 
 from services.audience.lookalike.features import FeatureSnapshot
 from services.audience.lookalike.model import LookalikeModel, assign
@@ -85,8 +103,15 @@ class ScoringParams:
     """Tuning of the score (see the module doc); the defaults are what the eval chose."""
 
     prior: float = 2.0  # pseudo-seed-members (at the base rate) added to every cluster
-    beta: float = 0.5  # weight of the in-cluster distance term
+    betas: tuple[float, ...] = (0.0, 0.25, 0.5)  # candidate weights of the in-cluster distance term
+    gammas: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)  # candidate weights of the seed direction
+    ridge: float = 0.1  # ridge of the within-cluster covariance, as a share of its mean variance
     min_dim_variance: float = 0.05  # columns whose candidate variance is below this share are dropped
+    select_sample: int = 200_000  # users (at most) on which gamma/beta are chosen
+
+    def __post_init__(self) -> None:
+        if not self.betas or not self.gammas:
+            raise ValueError("betas and gammas need at least one value each")
 
 
 def fold_of(user_ids: np.ndarray) -> np.ndarray:
@@ -141,12 +166,18 @@ class _Variant:
     centroids: np.ndarray = field(init=False)
     spread_sum: np.ndarray = field(init=False)
     spread_n: np.ndarray = field(init=False)
+    direction: np.ndarray = field(init=False)  # w: the seed direction in the within-cluster metric
+    t_center: np.ndarray = field(init=False)  # w · (cluster mean), per cluster
+    t_scale: float = field(init=False)  # within-cluster standard deviation of w · x
 
     def __post_init__(self) -> None:
         self.counts = np.zeros(self.k, np.int64)
         self.sums = np.zeros((self.k, self.d), np.float64)
         self.spread_sum = np.zeros(self.k, np.float64)
         self.spread_n = np.zeros(self.k, np.int64)
+        self.direction = np.zeros(self.d, np.float64)
+        self.t_center = np.zeros(self.k, np.float64)
+        self.t_scale = 1.0
 
     def add(self, x: np.ndarray, labels: np.ndarray) -> None:
         if len(labels) == 0:
@@ -155,7 +186,7 @@ class _Variant:
         for j in range(self.d):  # one bincount per column: faster than np.add.at or a one-hot matmul
             self.sums[:, j] += np.bincount(labels, weights=x[:, j], minlength=self.k)
 
-    def finalize(self, sizes: np.ndarray, params: ScoringParams) -> None:
+    def finalize(self, sizes: np.ndarray, params: ScoringParams, within: _Within) -> None:
         total = int(self.counts.sum())
         population = int(sizes.sum())
         r0 = total / population if population else 0.0
@@ -165,11 +196,19 @@ class _Variant:
             return
         rate = (self.counts + params.prior * r0) / (sizes + params.prior)
         self.lift = rate / r0
-        overall = self.sums.sum(axis=0) / total
+        seed_sum = self.sums.sum(axis=0)
+        overall = seed_sum / total
         cent = np.where(
             self.counts[:, None] > 0, self.sums / np.maximum(self.counts, 1)[:, None], overall[None, :]
         )
         self.centroids = cent.astype(np.float32)
+        rest = population - total
+        if rest > 0:
+            rest_mean = (within.total_sum - seed_sum) / rest
+            self.direction = within.solve(overall - rest_mean)
+            self.t_center = within.cluster_means @ self.direction
+            sd = math.sqrt(max(float(self.direction @ within.cov @ self.direction), 0.0))
+            self.t_scale = sd if sd > 1e-12 else 1.0
 
     def distances(self, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
         diff = x - self.centroids[labels]
@@ -179,10 +218,66 @@ class _Variant:
         self.spread_sum += np.bincount(labels, weights=d2, minlength=self.k)
         self.spread_n += np.bincount(labels, minlength=self.k)
 
-    def score(self, d2: np.ndarray, labels: np.ndarray, params: ScoringParams) -> np.ndarray:
+    def parts(self, d2: np.ndarray, t: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, ...]:
+        """``(log lift, t, relative d2)`` per user: the score is ``a + gamma·t - beta·d2``."""
         spread = self.spread_sum / np.maximum(self.spread_n, 1)
         spread = np.where(spread > 1e-9, spread, 1.0)
-        return (np.log(self.lift)[labels] - params.beta * d2 / spread[labels]).astype(np.float64)
+        a = np.log(self.lift)[labels]
+        tt = (t.astype(np.float64) - self.t_center[labels]) / self.t_scale
+        return a, tt, d2 / spread[labels]
+
+    def score(
+        self, d2: np.ndarray, t: np.ndarray, labels: np.ndarray, gamma: float, beta: float
+    ) -> np.ndarray:
+        a, tt, rel = self.parts(d2, t, labels)
+        return (a + gamma * tt - beta * rel).astype(np.float64)
+
+
+@dataclass
+class _Within:
+    """Population sums per cluster and the scatter matrix: the pooled within-cluster covariance."""
+
+    k: int
+    d: int
+    ridge: float
+    cluster_sums: np.ndarray = field(init=False)
+    scatter: np.ndarray = field(init=False)
+    cluster_means: np.ndarray = field(init=False)
+    total_sum: np.ndarray = field(init=False)
+    cov: np.ndarray = field(init=False)
+    _inverse: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cluster_sums = np.zeros((self.k, self.d), np.float64)
+        self.scatter = np.zeros((self.d, self.d), np.float64)
+
+    def add(self, x: np.ndarray, labels: np.ndarray) -> None:
+        if len(labels) == 0:
+            return
+        onehot = sparse.csr_matrix(
+            (np.ones(len(labels), np.float32), (labels, np.arange(len(labels)))), shape=(self.k, len(labels))
+        )
+        self.cluster_sums += np.asarray(onehot @ x, dtype=np.float64)
+        self.scatter += (x.T @ x).astype(np.float64)  # one sgemm per chunk
+
+    def finalize(self, sizes: np.ndarray, dims: np.ndarray) -> None:
+        n = max(int(sizes.sum()), 1)
+        self.total_sum = self.cluster_sums.sum(axis=0)
+        self.cluster_means = self.cluster_sums / np.maximum(sizes, 1)[:, None]
+        between = (self.cluster_means * sizes[:, None]).T @ self.cluster_means
+        cov = (self.scatter - between) / n
+        cov = (cov + cov.T) / 2
+        keep = np.outer(dims, dims)
+        self.cov = np.where(keep, cov, 0.0)
+        used = max(int(dims.sum()), 1)
+        mean_var = float(np.trace(self.cov)) / used
+        lam = self.ridge * mean_var if mean_var > 1e-12 else 1.0
+        self._inverse = np.linalg.pinv(self.cov + lam * np.diag(dims.astype(np.float64)) + np.diag(~dims))
+        self._inverse[~dims, :] = 0.0
+        self._inverse[:, ~dims] = 0.0
+
+    def solve(self, v: np.ndarray) -> np.ndarray:
+        return self._inverse @ v
 
 
 class SeedStats:
@@ -191,28 +286,87 @@ class SeedStats:
     def __init__(self, k: int, d: int, params: ScoringParams) -> None:
         self.k, self.d, self.params = k, d, params
         self.sizes = np.zeros(k, np.int64)
+        self.within = _Within(k, d, params.ridge)
         self.variants = {"all": _Variant(k, d), "fold0": _Variant(k, d), "fold1": _Variant(k, d)}
+        self.gamma = params.gammas[0]
+        self.beta = params.betas[0]
 
     def add_chunk(self, x: np.ndarray, labels: np.ndarray, seed_mask: np.ndarray, folds: np.ndarray) -> None:
         self.sizes += np.bincount(labels, minlength=self.k)
+        self.within.add(x, labels)
         xs, ls, fs = x[seed_mask], labels[seed_mask], folds[seed_mask]
         self.variants["all"].add(xs, ls)
         for f in (0, 1):
             self.variants[f"fold{f}"].add(xs[fs == f], ls[fs == f])
 
-    def finalize(self) -> None:
+    def finalize(self, dims: np.ndarray) -> None:
+        self.within.finalize(self.sizes, dims)
         for v in self.variants.values():
-            v.finalize(self.sizes, self.params)
+            v.finalize(self.sizes, self.params, self.within)
 
     def distances(self, x: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
         return {name: v.distances(x, labels) for name, v in self.variants.items()}
+
+    def projections(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        w = np.stack([v.direction for v in self.variants.values()], axis=1).astype(np.float32)
+        t = x @ w
+        return {name: t[:, i] for i, name in enumerate(self.variants)}
 
     def add_spread(self, d2: dict[str, np.ndarray], labels: np.ndarray) -> None:
         for name, v in self.variants.items():
             v.add_spread(d2[name], labels)
 
-    def scores(self, d2: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, np.ndarray]:
-        return {name: v.score(d2[name], labels, self.params) for name, v in self.variants.items()}
+    def choose_weights(
+        self,
+        ids: np.ndarray,
+        seed_mask: np.ndarray,
+        d2: dict[str, np.ndarray],
+        t: dict[str, np.ndarray],
+        labels: np.ndarray,
+    ) -> dict[tuple[float, float], float]:
+        """Pick ``(gamma, beta)``: the grid point whose fold scores best find the other fold.
+
+        On a deterministic sample (by a hash of the user id) of at most ``select_sample`` users,
+        half of them seed members when the seed is large; returns the mean held-out AUC per point.
+        """
+        p = self.params
+        if len(p.gammas) * len(p.betas) == 1:
+            self.gamma, self.beta = p.gammas[0], p.betas[0]
+            return {}
+        h = _sample_hash(ids)
+        n_seed = int(seed_mask.sum())
+        n_rest = len(ids) - n_seed
+        seed_rate = min(1.0, (p.select_sample / 2) / max(n_seed, 1))
+        rest_rate = min(1.0, (p.select_sample - min(n_seed, p.select_sample / 2)) / max(n_rest, 1))
+        take = np.where(seed_mask, h < seed_rate, h < rest_rate)
+        idx = np.flatnonzero(take)
+        folds = fold_of(ids[idx])
+        seed = seed_mask[idx]
+        aucs: dict[tuple[float, float], list[float]] = {}
+        for f in (0, 1):
+            name = f"fold{f}"
+            keep = ~(seed & (folds == f))
+            positive = (seed & (folds != f))[keep]
+            if not 0 < int(positive.sum()) < len(positive):
+                continue
+            a, tt, rel = self.variants[name].parts(d2[name][idx], t[name][idx], labels[idx])
+            a, tt, rel = a[keep], tt[keep], rel[keep]
+            for gamma in p.gammas:
+                for beta in p.betas:
+                    aucs.setdefault((gamma, beta), []).append(_auc(positive, a + gamma * tt - beta * rel))
+        if not aucs:
+            return {}
+        mean = {gb: float(np.mean(v)) for gb, v in aucs.items()}
+        self.gamma, self.beta = max(mean, key=lambda gb: mean[gb])  # first of equals: grid order
+        return mean
+
+    def scores(
+        self, d2: dict[str, np.ndarray], t: dict[str, np.ndarray], labels: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        return {
+            name: v.score(d2[name], t[name], labels, self.gamma, self.beta)
+            for name, v in self.variants.items()
+        }
 
     @property
     def lift(self) -> np.ndarray:
@@ -221,6 +375,38 @@ class SeedStats:
     @property
     def seed_counts(self) -> np.ndarray:
         return self.variants["all"].counts
+
+
+_SAMPLE_HASH = 0x9E3779B1
+
+
+def _sample_hash(user_ids: np.ndarray) -> np.ndarray:
+    """A uniform value in [0, 1) per user id, independent of the fold hash."""
+    u = user_ids.astype(np.uint64)
+    return ((u * np.uint64(_SAMPLE_HASH) + np.uint64(0x7F4A7C15)) & np.uint64(0xFFFFFFFF)).astype(
+        np.float64
+    ) / 2.0**32
+
+
+def _auc(positive: np.ndarray, score: np.ndarray) -> float:
+    """Mann-Whitney AUC with ties counted half."""
+    ranks = _average_ranks(score)
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="stable")
+    sorted_values = values[order]
+    new = np.concatenate([[True], sorted_values[1:] != sorted_values[:-1]])
+    group = np.cumsum(new) - 1
+    starts = np.flatnonzero(new)
+    ends = np.append(starts[1:], len(values))
+    avg = (starts + ends + 1) / 2.0  # 1-based average rank of each tie group
+    ranks = np.empty(len(values), np.float64)
+    ranks[order] = avg[group]
+    return ranks
 
 
 @dataclass
@@ -268,6 +454,13 @@ class Ranking:
     d2: dict[str, np.ndarray]
     stats: SeedStats
     dims: np.ndarray  # bool per column: used for cells and distances
+    #: held-out seed AUC per (gamma, beta) of the grid
+    selection: dict[tuple[float, float], float] = field(default_factory=dict)
+
+    @property
+    def weights(self) -> tuple[float, float]:
+        """The chosen ``(gamma, beta)``."""
+        return self.stats.gamma, self.stats.beta
 
     @property
     def seed_matched(self) -> int:
@@ -284,7 +477,8 @@ def rank_population(
     on_small_seed: Callable[[int], None] | None = None,
     progress: Callable[[str, float], None] | None = None,
 ) -> Ranking:
-    """Three passes over standardised chunks: candidate dims, cells + seed sums, distances.
+    """Three passes over standardised chunks: candidate dims, cells + seed and cluster sums,
+    distances + projections on the seed direction; then the refinement weights are chosen.
 
     ``chunks()`` must yield the same ``(ids, x)`` sequence each time it is called; the ``x`` arrays
     are modified in place (masked columns zeroed), so they must not be the caller's.
@@ -318,19 +512,25 @@ def rank_population(
         labels, _ = assign(c, xm)
         stats.add_chunk(xm, labels, seed_mask, fold_of(ids))
         label_parts.append(labels)
-    stats.finalize()
+    stats.finalize(dims)
     if progress is not None:
         progress("score", 0.6)
     d2_parts: dict[str, list[np.ndarray]] = {name: [] for name in stats.variants}
+    t_parts: dict[str, list[np.ndarray]] = {name: [] for name in stats.variants}
     for (_ids, x), labels in zip(chunks(), label_parts, strict=True):
-        d2 = stats.distances(np.multiply(x, mask, out=x), labels)  # idempotent on the cache
+        xm = np.multiply(x, mask, out=x)  # idempotent on the cache
+        d2 = stats.distances(xm, labels)
         stats.add_spread(d2, labels)
         for name, values in d2.items():
             d2_parts[name].append(values.astype(np.float32))
+        for name, values in stats.projections(xm).items():
+            t_parts[name].append(values)
     labels = np.concatenate(label_parts) if label_parts else np.zeros(0, np.int32)
     d2_all = {n: np.concatenate(p) if p else np.zeros(0, np.float32) for n, p in d2_parts.items()}
-    scores = stats.scores(d2_all, labels)
-    return Ranking(all_ids, labels, all_seed, scores, d2_all, stats, dims)
+    t_all = {n: np.concatenate(p) if p else np.zeros(0, np.float32) for n, p in t_parts.items()}
+    selection = stats.choose_weights(all_ids, all_seed, d2_all, t_all, labels)
+    scores = stats.scores(d2_all, t_all, labels)
+    return Ranking(all_ids, labels, all_seed, scores, d2_all, stats, dims, selection)
 
 
 def score_in_memory(
@@ -363,6 +563,7 @@ class ExpandResult:
     cluster_count: int
     timings: dict[str, float]
     requested: int
+    refinement: dict[str, float] = field(default_factory=dict)  # chosen gamma/beta, held-out AUC
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -376,6 +577,7 @@ class ExpandResult:
                 {"reach_fraction": f, "size": n, "expected_lift": round(lift, 4)}
                 for f, n, lift in self.lift_curve
             ],
+            "refinement": {k: round(v, 4) for k, v in self.refinement.items()},
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
         }
 
@@ -530,6 +732,10 @@ def expand(
             values.append(_lift_at(scores[name], d2_all[name], ids, hidden, shown, m))
         finite = [v for v in values if not math.isnan(v)]
         curve.append((round(f, 6), m, float(np.mean(finite)) if finite else float("nan")))
+    gamma, beta = ranking.weights
+    refinement = {"gamma": gamma, "beta": beta}
+    if ranking.selection:
+        refinement["heldout_seed_auc"] = ranking.selection[(gamma, beta)]
     timings["report_seconds"] = time.perf_counter() - t4
     timings["total_seconds"] = time.perf_counter() - started
     return ExpandResult(
@@ -544,4 +750,5 @@ def expand(
         cluster_count=k,
         timings=timings,
         requested=requested,
+        refinement=refinement,
     )
