@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-console = Console(highlight=False)
+# Wide enough for the funnel tables even when stdout is a pipe (rich assumes 80 columns there).
+console = Console(highlight=False, width=max(shutil.get_terminal_size((120, 40)).columns, 110))
 
 
 def section(title: str, subtitle: str = "") -> None:

@@ -34,6 +34,7 @@ from services.audience.config import AudienceSettings
 from services.audience.server import create_audience_server
 from services.audience.spec_io import spec_from_data
 from services.demo import render
+from services.demo.retarget import retarget_step, start_retarget
 from services.demo.specs import story_specs
 from services.events.dataset import EventDataset
 from services.events.generator import GenConfig, generate
@@ -102,6 +103,7 @@ class Demo:
         self.operations = operations_pb2_grpc.OperationsStub(ch)
         render.note(f"audience  {self.audience_target}  (AudienceService, Operations, health, reflection)")
         render.note(f"persona privacy minimum lowered to {DEMO_PERSONA_MIN_SIZE} for this small world")
+        await start_retarget(self)
 
     async def close(self) -> None:
         for ch in self._channels:
@@ -231,6 +233,12 @@ async def run_demo(options: DemoOptions) -> None:
             demo._channels[0], tenant=TENANT, seed_pack=demo.packs["purchasers"].name, title="6. Lookalike"
         )
         await realtime_step(demo, tenant=TENANT, title="7. T-0, live")
+        await retarget_step(
+            demo,
+            tenant=TENANT,
+            audience_pack=demo.packs["clickers-not-buyers"].name,
+            title="8. After the sale",
+        )
     finally:
         await demo.close()
     render.section("Done", f"everything the demo wrote is under {options.workdir}")
