@@ -95,6 +95,7 @@ SCOPES: dict[str, frozenset[str]] = {
     "RetargetService/CreateCampaign": _S({CAMPAIGNS_WRITE}),
     "RetargetService/GetCampaign": _S({CAMPAIGNS_READ}),
     "RetargetService/ListCampaigns": _S({CAMPAIGNS_READ}),
+    "RetargetService/UpdateCampaign": _S({CAMPAIGNS_WRITE}),
     "RetargetService/LaunchCampaign": _S({CAMPAIGNS_WRITE}),
     "RetargetService/PauseCampaign": _S({CAMPAIGNS_WRITE}),
     "RetargetService/ResumeCampaign": _S({CAMPAIGNS_WRITE}),

@@ -27,10 +27,11 @@ from flashcrowd.retarget.v1 import coupon_pb2 as flashcrowd_dot_retarget_dot_v1_
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.longrunning import operations_pb2 as google_dot_longrunning_dot_operations__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-flashcrowd/retarget/v1/retarget_service.proto\x12\x16\x66lashcrowd.retarget.v1\x1a%flashcrowd/retarget/v1/campaign.proto\x1a#flashcrowd/retarget/v1/coupon.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a#google/longrunning/operations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9c\x01\n\x1b\x43reateCouponTemplateRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12 \n\x12\x63oupon_template_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x45\n\x0f\x63oupon_template\x18\x03 \x01(\x0b\x32&.flashcrowd.retarget.v1.CouponTemplateB\x04\xe2\x41\x01\x02\".\n\x18GetCouponTemplateRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"Y\n\x1aListCouponTemplatesRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"x\n\x1bListCouponTemplatesResponse\x12@\n\x10\x63oupon_templates\x18\x01 \x03(\x0b\x32&.flashcrowd.retarget.v1.CouponTemplate\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x82\x01\n\x15\x43reateCampaignRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x38\n\x08\x63\x61mpaign\x18\x03 \x01(\x0b\x32 .flashcrowd.retarget.v1.CampaignB\x04\xe2\x41\x01\x02\"(\n\x12GetCampaignRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"c\n\x14ListCampaignsRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\"e\n\x15ListCampaignsResponse\x12\x33\n\tcampaigns\x18\x01 \x03(\x0b\x32 .flashcrowd.retarget.v1.Campaign\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"+\n\x15LaunchCampaignRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\":\n\x14PauseCampaignRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06reason\x18\x02 \x01(\t\"+\n\x15ResumeCampaignRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"+\n\x15\x43\x61ncelCampaignRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"a\n\x13\x43opyCampaignRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1b\n\raudience_pack\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\"p\n\x12\x43laimCouponRequest\x12\x1d\n\x0f\x63oupon_template\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07user_id\x18\x02 \x01(\x04\x42\x04\xe2\x41\x01\x02\x12\x10\n\x08\x63\x61mpaign\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xdb\x01\n\x13RedeemCouponRequest\x12\x14\n\x06\x63oupon\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07user_id\x18\x02 \x01(\x04\x42\x04\xe2\x41\x01\x02\x12\x16\n\x08order_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1e\n\x10order_amount_fen\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x10\n\x08item_ids\x18\x05 \x03(\r\x12\x1d\n\x0fidempotency_key\x18\x06 \x01(\tB\x04\xe2\x41\x01\x02\x12.\n\norder_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x83\x01\n\x14RedeemCouponResponse\x12.\n\x06\x63oupon\x18\x01 \x01(\x0b\x32\x1e.flashcrowd.retarget.v1.Coupon\x12\x14\n\x0c\x64iscount_fen\x18\x02 \x01(\x03\x12\x13\n\x0bpayable_fen\x18\x03 \x01(\x03\x12\x10\n\x08replayed\x18\x04 \x01(\x08\"f\n\x17RefundRedemptionRequest\x12\x14\n\x06\x63oupon\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08order_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1d\n\x0fidempotency_key\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\"]\n\x13StreamOffersRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x10\n\x08\x63\x61mpaign\x18\x02 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"\x9d\x01\n\x05Offer\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x02 \x01(\t\x12\x0e\n\x06\x61rm_id\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\x04\x12\x0e\n\x06\x63oupon\x18\x05 \x01(\t\x12\x10\n\x08item_ids\x18\x06 \x03(\r\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"2\n\x18GetCampaignReportRequest\x12\x16\n\x08\x63\x61mpaign\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x32\xb8\x13\n\x0fRetargetService\x12\xb4\x01\n\x14\x43reateCouponTemplate\x12\x33.flashcrowd.retarget.v1.CreateCouponTemplateRequest\x1a&.flashcrowd.retarget.v1.CouponTemplate\"?\x82\xd3\xe4\x93\x02\x39\"&/v1/{parent=tenants/*}/couponTemplates:\x0f\x63oupon_template\x12\x9d\x01\n\x11GetCouponTemplate\x12\x30.flashcrowd.retarget.v1.GetCouponTemplateRequest\x1a&.flashcrowd.retarget.v1.CouponTemplate\".\x82\xd3\xe4\x93\x02(\x12&/v1/{name=tenants/*/couponTemplates/*}\x12\xae\x01\n\x13ListCouponTemplates\x12\x32.flashcrowd.retarget.v1.ListCouponTemplatesRequest\x1a\x33.flashcrowd.retarget.v1.ListCouponTemplatesResponse\".\x82\xd3\xe4\x93\x02(\x12&/v1/{parent=tenants/*}/couponTemplates\x12\x95\x01\n\x0e\x43reateCampaign\x12-.flashcrowd.retarget.v1.CreateCampaignRequest\x1a .flashcrowd.retarget.v1.Campaign\"2\x82\xd3\xe4\x93\x02,\" /v1/{parent=tenants/*}/campaigns:\x08\x63\x61mpaign\x12\x85\x01\n\x0bGetCampaign\x12*.flashcrowd.retarget.v1.GetCampaignRequest\x1a .flashcrowd.retarget.v1.Campaign\"(\x82\xd3\xe4\x93\x02\"\x12 /v1/{name=tenants/*/campaigns/*}\x12\x96\x01\n\rListCampaigns\x12,.flashcrowd.retarget.v1.ListCampaignsRequest\x1a-.flashcrowd.retarget.v1.ListCampaignsResponse\"(\x82\xd3\xe4\x93\x02\"\x12 /v1/{parent=tenants/*}/campaigns\x12\xaf\x01\n\x0eLaunchCampaign\x12-.flashcrowd.retarget.v1.LaunchCampaignRequest\x1a\x1d.google.longrunning.Operation\"O\xca\x41\x1a\n\x08\x43\x61mpaign\x12\x0eLaunchProgress\x82\xd3\xe4\x93\x02,\"\'/v1/{name=tenants/*/campaigns/*}:launch:\x01*\x12\x92\x01\n\rPauseCampaign\x12,.flashcrowd.retarget.v1.PauseCampaignRequest\x1a .flashcrowd.retarget.v1.Campaign\"1\x82\xd3\xe4\x93\x02+\"&/v1/{name=tenants/*/campaigns/*}:pause:\x01*\x12\x95\x01\n\x0eResumeCampaign\x12-.flashcrowd.retarget.v1.ResumeCampaignRequest\x1a .flashcrowd.retarget.v1.Campaign\"2\x82\xd3\xe4\x93\x02,\"\'/v1/{name=tenants/*/campaigns/*}:resume:\x01*\x12\x95\x01\n\x0e\x43\x61ncelCampaign\x12-.flashcrowd.retarget.v1.CancelCampaignRequest\x1a .flashcrowd.retarget.v1.Campaign\"2\x82\xd3\xe4\x93\x02,\"\'/v1/{name=tenants/*/campaigns/*}:cancel:\x01*\x12\x8f\x01\n\x0c\x43opyCampaign\x12+.flashcrowd.retarget.v1.CopyCampaignRequest\x1a .flashcrowd.retarget.v1.Campaign\"0\x82\xd3\xe4\x93\x02*\"%/v1/{name=tenants/*/campaigns/*}:copy:\x01*\x12\x9d\x01\n\x0b\x43laimCoupon\x12*.flashcrowd.retarget.v1.ClaimCouponRequest\x1a\x1e.flashcrowd.retarget.v1.Coupon\"B\x82\xd3\xe4\x93\x02<\"7/v1/{coupon_template=tenants/*/couponTemplates/*}:claim:\x01*\x12\x9d\x01\n\x0cRedeemCoupon\x12+.flashcrowd.retarget.v1.RedeemCouponRequest\x1a,.flashcrowd.retarget.v1.RedeemCouponResponse\"2\x82\xd3\xe4\x93\x02,\"\'/v1/{coupon=tenants/*/coupons/*}:redeem:\x01*\x12\x97\x01\n\x10RefundRedemption\x12/.flashcrowd.retarget.v1.RefundRedemptionRequest\x1a\x1e.flashcrowd.retarget.v1.Coupon\"2\x82\xd3\xe4\x93\x02,\"\'/v1/{coupon=tenants/*/coupons/*}:refund:\x01*\x12\\\n\x0cStreamOffers\x12+.flashcrowd.retarget.v1.StreamOffersRequest\x1a\x1d.flashcrowd.retarget.v1.Offer0\x01\x12\xa2\x01\n\x11GetCampaignReport\x12\x30.flashcrowd.retarget.v1.GetCampaignReportRequest\x1a&.flashcrowd.retarget.v1.CampaignReport\"3\x82\xd3\xe4\x93\x02-\x12+/v1/{campaign=tenants/*/campaigns/*}/reportb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-flashcrowd/retarget/v1/retarget_service.proto\x12\x16\x66lashcrowd.retarget.v1\x1a%flashcrowd/retarget/v1/campaign.proto\x1a#flashcrowd/retarget/v1/coupon.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a#google/longrunning/operations.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9c\x01\n\x1b\x43reateCouponTemplateRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12 \n\x12\x63oupon_template_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x45\n\x0f\x63oupon_template\x18\x03 \x01(\x0b\x32&.flashcrowd.retarget.v1.CouponTemplateB\x04\xe2\x41\x01\x02\".\n\x18GetCouponTemplateRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"Y\n\x1aListCouponTemplatesRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"x\n\x1bListCouponTemplatesResponse\x12@\n\x10\x63oupon_templates\x18\x01 \x03(\x0b\x32&.flashcrowd.retarget.v1.CouponTemplate\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x82\x01\n\x15\x43reateCampaignRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x38\n\x08\x63\x61mpaign\x18\x03 \x01(\x0b\x32 .flashcrowd.retarget.v1.CampaignB\x04\xe2\x41\x01\x02\"(\n\x12GetCampaignRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"c\n\x14ListCampaignsRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\"e\n\x15ListCampaignsResponse\x12\x33\n\tcampaigns\x18\x01 \x03(\x0b\x32 .flashcrowd.retarget.v1.Campaign\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xbb\x01\n\x15UpdateCampaignRequest\x12\x38\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32 .flashcrowd.retarget.v1.CampaignB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x37\n\x0brule_firing\x18\x03 \x01(\x0b\x32\".flashcrowd.retarget.v1.RuleFiring\"+\n\x15LaunchCampaignRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"s\n\x14PauseCampaignRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x37\n\x0brule_firing\x18\x03 \x01(\x0b\x32\".flashcrowd.retarget.v1.RuleFiring\"+\n\x15ResumeCampaignRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"+\n\x15\x43\x61ncelCampaignRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x9a\x01\n\x13\x43opyCampaignRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1b\n\raudience_pack\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x37\n\x0brule_firing\x18\x04 \x01(\x0b\x32\".flashcrowd.retarget.v1.RuleFiring\"p\n\x12\x43laimCouponRequest\x12\x1d\n\x0f\x63oupon_template\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07user_id\x18\x02 \x01(\x04\x42\x04\xe2\x41\x01\x02\x12\x10\n\x08\x63\x61mpaign\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xdb\x01\n\x13RedeemCouponRequest\x12\x14\n\x06\x63oupon\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07user_id\x18\x02 \x01(\x04\x42\x04\xe2\x41\x01\x02\x12\x16\n\x08order_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1e\n\x10order_amount_fen\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x10\n\x08item_ids\x18\x05 \x03(\r\x12\x1d\n\x0fidempotency_key\x18\x06 \x01(\tB\x04\xe2\x41\x01\x02\x12.\n\norder_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x83\x01\n\x14RedeemCouponResponse\x12.\n\x06\x63oupon\x18\x01 \x01(\x0b\x32\x1e.flashcrowd.retarget.v1.Coupon\x12\x14\n\x0c\x64iscount_fen\x18\x02 \x01(\x03\x12\x13\n\x0bpayable_fen\x18\x03 \x01(\x03\x12\x10\n\x08replayed\x18\x04 \x01(\x08\"f\n\x17RefundRedemptionRequest\x12\x14\n\x06\x63oupon\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08order_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1d\n\x0fidempotency_key\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\"]\n\x13StreamOffersRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x10\n\x08\x63\x61mpaign\x18\x02 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"\x9d\x01\n\x05Offer\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x02 \x01(\t\x12\x0e\n\x06\x61rm_id\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\x04\x12\x0e\n\x06\x63oupon\x18\x05 \x01(\t\x12\x10\n\x08item_ids\x18\x06 \x03(\r\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"2\n\x18GetCampaignReportRequest\x12\x16\n\x08\x63\x61mpaign\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x32\xd9\x14\n\x0fRetargetService\x12\xb4\x01\n\x14\x43reateCouponTemplate\x12\x33.flashcrowd.retarget.v1.CreateCouponTemplateRequest\x1a&.flashcrowd.retarget.v1.CouponTemplate\"?\x82\xd3\xe4\x93\x02\x39\"&/v1/{parent=tenants/*}/couponTemplates:\x0f\x63oupon_template\x12\x9d\x01\n\x11GetCouponTemplate\x12\x30.flashcrowd.retarget.v1.GetCouponTemplateRequest\x1a&.flashcrowd.retarget.v1.CouponTemplate\".\x82\xd3\xe4\x93\x02(\x12&/v1/{name=tenants/*/couponTemplates/*}\x12\xae\x01\n\x13ListCouponTemplates\x12\x32.flashcrowd.retarget.v1.ListCouponTemplatesRequest\x1a\x33.flashcrowd.retarget.v1.ListCouponTemplatesResponse\".\x82\xd3\xe4\x93\x02(\x12&/v1/{parent=tenants/*}/couponTemplates\x12\x95\x01\n\x0e\x43reateCampaign\x12-.flashcrowd.retarget.v1.CreateCampaignRequest\x1a .flashcrowd.retarget.v1.Campaign\"2\x82\xd3\xe4\x93\x02,\" /v1/{parent=tenants/*}/campaigns:\x08\x63\x61mpaign\x12\x85\x01\n\x0bGetCampaign\x12*.flashcrowd.retarget.v1.GetCampaignRequest\x1a .flashcrowd.retarget.v1.Campaign\"(\x82\xd3\xe4\x93\x02\"\x12 /v1/{name=tenants/*/campaigns/*}\x12\x96\x01\n\rListCampaigns\x12,.flashcrowd.retarget.v1.ListCampaignsRequest\x1a-.flashcrowd.retarget.v1.ListCampaignsResponse\"(\x82\xd3\xe4\x93\x02\"\x12 /v1/{parent=tenants/*}/campaigns\x12\x9e\x01\n\x0eUpdateCampaign\x12-.flashcrowd.retarget.v1.UpdateCampaignRequest\x1a .flashcrowd.retarget.v1.Campaign\";\x82\xd3\xe4\x93\x02\x35\x32)/v1/{campaign.name=tenants/*/campaigns/*}:\x08\x63\x61mpaign\x12\xaf\x01\n\x0eLaunchCampaign\x12-.flashcrowd.retarget.v1.LaunchCampaignRequest\x1a\x1d.google.longrunning.Operation\"O\xca\x41\x1a\n\x08\x43\x61mpaign\x12\x0eLaunchProgress\x82\xd3\xe4\x93\x02,\"\'/v1/{name=tenants/*/campaigns/*}:launch:\x01*\x12\x92\x01\n\rPauseCampaign\x12,.flashcrowd.retarget.v1.PauseCampaignRequest\x1a .flashcrowd.retarget.v1.Campaign\"1\x82\xd3\xe4\x93\x02+\"&/v1/{name=tenants/*/campaigns/*}:pause:\x01*\x12\x95\x01\n\x0eResumeCampaign\x12-.flashcrowd.retarget.v1.ResumeCampaignRequest\x1a .flashcrowd.retarget.v1.Campaign\"2\x82\xd3\xe4\x93\x02,\"\'/v1/{name=tenants/*/campaigns/*}:resume:\x01*\x12\x95\x01\n\x0e\x43\x61ncelCampaign\x12-.flashcrowd.retarget.v1.CancelCampaignRequest\x1a .flashcrowd.retarget.v1.Campaign\"2\x82\xd3\xe4\x93\x02,\"\'/v1/{name=tenants/*/campaigns/*}:cancel:\x01*\x12\x8f\x01\n\x0c\x43opyCampaign\x12+.flashcrowd.retarget.v1.CopyCampaignRequest\x1a .flashcrowd.retarget.v1.Campaign\"0\x82\xd3\xe4\x93\x02*\"%/v1/{name=tenants/*/campaigns/*}:copy:\x01*\x12\x9d\x01\n\x0b\x43laimCoupon\x12*.flashcrowd.retarget.v1.ClaimCouponRequest\x1a\x1e.flashcrowd.retarget.v1.Coupon\"B\x82\xd3\xe4\x93\x02<\"7/v1/{coupon_template=tenants/*/couponTemplates/*}:claim:\x01*\x12\x9d\x01\n\x0cRedeemCoupon\x12+.flashcrowd.retarget.v1.RedeemCouponRequest\x1a,.flashcrowd.retarget.v1.RedeemCouponResponse\"2\x82\xd3\xe4\x93\x02,\"\'/v1/{coupon=tenants/*/coupons/*}:redeem:\x01*\x12\x97\x01\n\x10RefundRedemption\x12/.flashcrowd.retarget.v1.RefundRedemptionRequest\x1a\x1e.flashcrowd.retarget.v1.Coupon\"2\x82\xd3\xe4\x93\x02,\"\'/v1/{coupon=tenants/*/coupons/*}:refund:\x01*\x12\\\n\x0cStreamOffers\x12+.flashcrowd.retarget.v1.StreamOffersRequest\x1a\x1d.flashcrowd.retarget.v1.Offer0\x01\x12\xa2\x01\n\x11GetCampaignReport\x12\x30.flashcrowd.retarget.v1.GetCampaignReportRequest\x1a&.flashcrowd.retarget.v1.CampaignReport\"3\x82\xd3\xe4\x93\x02-\x12+/v1/{campaign=tenants/*/campaigns/*}/reportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -57,6 +58,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETCAMPAIGNREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
   _globals['_LISTCAMPAIGNSREQUEST'].fields_by_name['parent']._loaded_options = None
   _globals['_LISTCAMPAIGNSREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002'
+  _globals['_UPDATECAMPAIGNREQUEST'].fields_by_name['campaign']._loaded_options = None
+  _globals['_UPDATECAMPAIGNREQUEST'].fields_by_name['campaign']._serialized_options = b'\342A\001\002'
   _globals['_LAUNCHCAMPAIGNREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_LAUNCHCAMPAIGNREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
   _globals['_PAUSECAMPAIGNREQUEST'].fields_by_name['name']._loaded_options = None
@@ -107,6 +110,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RETARGETSERVICE'].methods_by_name['GetCampaign']._serialized_options = b'\202\323\344\223\002\"\022 /v1/{name=tenants/*/campaigns/*}'
   _globals['_RETARGETSERVICE'].methods_by_name['ListCampaigns']._loaded_options = None
   _globals['_RETARGETSERVICE'].methods_by_name['ListCampaigns']._serialized_options = b'\202\323\344\223\002\"\022 /v1/{parent=tenants/*}/campaigns'
+  _globals['_RETARGETSERVICE'].methods_by_name['UpdateCampaign']._loaded_options = None
+  _globals['_RETARGETSERVICE'].methods_by_name['UpdateCampaign']._serialized_options = b'\202\323\344\223\00252)/v1/{campaign.name=tenants/*/campaigns/*}:\010campaign'
   _globals['_RETARGETSERVICE'].methods_by_name['LaunchCampaign']._loaded_options = None
   _globals['_RETARGETSERVICE'].methods_by_name['LaunchCampaign']._serialized_options = b'\312A\032\n\010Campaign\022\016LaunchProgress\202\323\344\223\002,\"\'/v1/{name=tenants/*/campaigns/*}:launch:\001*'
   _globals['_RETARGETSERVICE'].methods_by_name['PauseCampaign']._loaded_options = None
@@ -125,46 +130,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RETARGETSERVICE'].methods_by_name['RefundRedemption']._serialized_options = b'\202\323\344\223\002,\"\'/v1/{coupon=tenants/*/coupons/*}:refund:\001*'
   _globals['_RETARGETSERVICE'].methods_by_name['GetCampaignReport']._loaded_options = None
   _globals['_RETARGETSERVICE'].methods_by_name['GetCampaignReport']._serialized_options = b'\202\323\344\223\002-\022+/v1/{campaign=tenants/*/campaigns/*}/report'
-  _globals['_CREATECOUPONTEMPLATEREQUEST']._serialized_start=283
-  _globals['_CREATECOUPONTEMPLATEREQUEST']._serialized_end=439
-  _globals['_GETCOUPONTEMPLATEREQUEST']._serialized_start=441
-  _globals['_GETCOUPONTEMPLATEREQUEST']._serialized_end=487
-  _globals['_LISTCOUPONTEMPLATESREQUEST']._serialized_start=489
-  _globals['_LISTCOUPONTEMPLATESREQUEST']._serialized_end=578
-  _globals['_LISTCOUPONTEMPLATESRESPONSE']._serialized_start=580
-  _globals['_LISTCOUPONTEMPLATESRESPONSE']._serialized_end=700
-  _globals['_CREATECAMPAIGNREQUEST']._serialized_start=703
-  _globals['_CREATECAMPAIGNREQUEST']._serialized_end=833
-  _globals['_GETCAMPAIGNREQUEST']._serialized_start=835
-  _globals['_GETCAMPAIGNREQUEST']._serialized_end=875
-  _globals['_LISTCAMPAIGNSREQUEST']._serialized_start=877
-  _globals['_LISTCAMPAIGNSREQUEST']._serialized_end=976
-  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_start=978
-  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_end=1079
-  _globals['_LAUNCHCAMPAIGNREQUEST']._serialized_start=1081
-  _globals['_LAUNCHCAMPAIGNREQUEST']._serialized_end=1124
-  _globals['_PAUSECAMPAIGNREQUEST']._serialized_start=1126
-  _globals['_PAUSECAMPAIGNREQUEST']._serialized_end=1184
-  _globals['_RESUMECAMPAIGNREQUEST']._serialized_start=1186
-  _globals['_RESUMECAMPAIGNREQUEST']._serialized_end=1229
-  _globals['_CANCELCAMPAIGNREQUEST']._serialized_start=1231
-  _globals['_CANCELCAMPAIGNREQUEST']._serialized_end=1274
-  _globals['_COPYCAMPAIGNREQUEST']._serialized_start=1276
-  _globals['_COPYCAMPAIGNREQUEST']._serialized_end=1373
-  _globals['_CLAIMCOUPONREQUEST']._serialized_start=1375
-  _globals['_CLAIMCOUPONREQUEST']._serialized_end=1487
-  _globals['_REDEEMCOUPONREQUEST']._serialized_start=1490
-  _globals['_REDEEMCOUPONREQUEST']._serialized_end=1709
-  _globals['_REDEEMCOUPONRESPONSE']._serialized_start=1712
-  _globals['_REDEEMCOUPONRESPONSE']._serialized_end=1843
-  _globals['_REFUNDREDEMPTIONREQUEST']._serialized_start=1845
-  _globals['_REFUNDREDEMPTIONREQUEST']._serialized_end=1947
-  _globals['_STREAMOFFERSREQUEST']._serialized_start=1949
-  _globals['_STREAMOFFERSREQUEST']._serialized_end=2042
-  _globals['_OFFER']._serialized_start=2045
-  _globals['_OFFER']._serialized_end=2202
-  _globals['_GETCAMPAIGNREPORTREQUEST']._serialized_start=2204
-  _globals['_GETCAMPAIGNREPORTREQUEST']._serialized_end=2254
-  _globals['_RETARGETSERVICE']._serialized_start=2257
-  _globals['_RETARGETSERVICE']._serialized_end=4745
+  _globals['_CREATECOUPONTEMPLATEREQUEST']._serialized_start=317
+  _globals['_CREATECOUPONTEMPLATEREQUEST']._serialized_end=473
+  _globals['_GETCOUPONTEMPLATEREQUEST']._serialized_start=475
+  _globals['_GETCOUPONTEMPLATEREQUEST']._serialized_end=521
+  _globals['_LISTCOUPONTEMPLATESREQUEST']._serialized_start=523
+  _globals['_LISTCOUPONTEMPLATESREQUEST']._serialized_end=612
+  _globals['_LISTCOUPONTEMPLATESRESPONSE']._serialized_start=614
+  _globals['_LISTCOUPONTEMPLATESRESPONSE']._serialized_end=734
+  _globals['_CREATECAMPAIGNREQUEST']._serialized_start=737
+  _globals['_CREATECAMPAIGNREQUEST']._serialized_end=867
+  _globals['_GETCAMPAIGNREQUEST']._serialized_start=869
+  _globals['_GETCAMPAIGNREQUEST']._serialized_end=909
+  _globals['_LISTCAMPAIGNSREQUEST']._serialized_start=911
+  _globals['_LISTCAMPAIGNSREQUEST']._serialized_end=1010
+  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_start=1012
+  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_end=1113
+  _globals['_UPDATECAMPAIGNREQUEST']._serialized_start=1116
+  _globals['_UPDATECAMPAIGNREQUEST']._serialized_end=1303
+  _globals['_LAUNCHCAMPAIGNREQUEST']._serialized_start=1305
+  _globals['_LAUNCHCAMPAIGNREQUEST']._serialized_end=1348
+  _globals['_PAUSECAMPAIGNREQUEST']._serialized_start=1350
+  _globals['_PAUSECAMPAIGNREQUEST']._serialized_end=1465
+  _globals['_RESUMECAMPAIGNREQUEST']._serialized_start=1467
+  _globals['_RESUMECAMPAIGNREQUEST']._serialized_end=1510
+  _globals['_CANCELCAMPAIGNREQUEST']._serialized_start=1512
+  _globals['_CANCELCAMPAIGNREQUEST']._serialized_end=1555
+  _globals['_COPYCAMPAIGNREQUEST']._serialized_start=1558
+  _globals['_COPYCAMPAIGNREQUEST']._serialized_end=1712
+  _globals['_CLAIMCOUPONREQUEST']._serialized_start=1714
+  _globals['_CLAIMCOUPONREQUEST']._serialized_end=1826
+  _globals['_REDEEMCOUPONREQUEST']._serialized_start=1829
+  _globals['_REDEEMCOUPONREQUEST']._serialized_end=2048
+  _globals['_REDEEMCOUPONRESPONSE']._serialized_start=2051
+  _globals['_REDEEMCOUPONRESPONSE']._serialized_end=2182
+  _globals['_REFUNDREDEMPTIONREQUEST']._serialized_start=2184
+  _globals['_REFUNDREDEMPTIONREQUEST']._serialized_end=2286
+  _globals['_STREAMOFFERSREQUEST']._serialized_start=2288
+  _globals['_STREAMOFFERSREQUEST']._serialized_end=2381
+  _globals['_OFFER']._serialized_start=2384
+  _globals['_OFFER']._serialized_end=2541
+  _globals['_GETCAMPAIGNREPORTREQUEST']._serialized_start=2543
+  _globals['_GETCAMPAIGNREPORTREQUEST']._serialized_end=2593
+  _globals['_RETARGETSERVICE']._serialized_start=2596
+  _globals['_RETARGETSERVICE']._serialized_end=5245
 # @@protoc_insertion_point(module_scope)

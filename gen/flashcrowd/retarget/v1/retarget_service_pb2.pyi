@@ -5,6 +5,7 @@ from flashcrowd.retarget.v1 import coupon_pb2 as _coupon_pb2
 from google.api import annotations_pb2 as _annotations_pb2
 from google.api import field_behavior_pb2 as _field_behavior_pb2
 from google.longrunning import operations_pb2 as _operations_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -84,6 +85,16 @@ class ListCampaignsResponse(_message.Message):
     next_page_token: str
     def __init__(self, campaigns: _Optional[_Iterable[_Union[_campaign_pb2.Campaign, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
+class UpdateCampaignRequest(_message.Message):
+    __slots__ = ("campaign", "update_mask", "rule_firing")
+    CAMPAIGN_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_MASK_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIRING_FIELD_NUMBER: _ClassVar[int]
+    campaign: _campaign_pb2.Campaign
+    update_mask: _field_mask_pb2.FieldMask
+    rule_firing: _campaign_pb2.RuleFiring
+    def __init__(self, campaign: _Optional[_Union[_campaign_pb2.Campaign, _Mapping]] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ..., rule_firing: _Optional[_Union[_campaign_pb2.RuleFiring, _Mapping]] = ...) -> None: ...
+
 class LaunchCampaignRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -91,12 +102,14 @@ class LaunchCampaignRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class PauseCampaignRequest(_message.Message):
-    __slots__ = ("name", "reason")
+    __slots__ = ("name", "reason", "rule_firing")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIRING_FIELD_NUMBER: _ClassVar[int]
     name: str
     reason: str
-    def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    rule_firing: _campaign_pb2.RuleFiring
+    def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ..., rule_firing: _Optional[_Union[_campaign_pb2.RuleFiring, _Mapping]] = ...) -> None: ...
 
 class ResumeCampaignRequest(_message.Message):
     __slots__ = ("name",)
@@ -111,14 +124,16 @@ class CancelCampaignRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class CopyCampaignRequest(_message.Message):
-    __slots__ = ("name", "campaign_id", "audience_pack")
+    __slots__ = ("name", "campaign_id", "audience_pack", "rule_firing")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CAMPAIGN_ID_FIELD_NUMBER: _ClassVar[int]
     AUDIENCE_PACK_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIRING_FIELD_NUMBER: _ClassVar[int]
     name: str
     campaign_id: str
     audience_pack: str
-    def __init__(self, name: _Optional[str] = ..., campaign_id: _Optional[str] = ..., audience_pack: _Optional[str] = ...) -> None: ...
+    rule_firing: _campaign_pb2.RuleFiring
+    def __init__(self, name: _Optional[str] = ..., campaign_id: _Optional[str] = ..., audience_pack: _Optional[str] = ..., rule_firing: _Optional[_Union[_campaign_pb2.RuleFiring, _Mapping]] = ...) -> None: ...
 
 class ClaimCouponRequest(_message.Message):
     __slots__ = ("coupon_template", "user_id", "campaign", "request_id")

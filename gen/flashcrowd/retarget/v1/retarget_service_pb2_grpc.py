@@ -75,6 +75,11 @@ class RetargetServiceStub:
                 request_serializer=flashcrowd_dot_retarget_dot_v1_dot_retarget__service__pb2.ListCampaignsRequest.SerializeToString,
                 response_deserializer=flashcrowd_dot_retarget_dot_v1_dot_retarget__service__pb2.ListCampaignsResponse.FromString,
                 _registered_method=True)
+        self.UpdateCampaign = channel.unary_unary(
+                '/flashcrowd.retarget.v1.RetargetService/UpdateCampaign',
+                request_serializer=flashcrowd_dot_retarget_dot_v1_dot_retarget__service__pb2.UpdateCampaignRequest.SerializeToString,
+                response_deserializer=flashcrowd_dot_retarget_dot_v1_dot_campaign__pb2.Campaign.FromString,
+                _registered_method=True)
         self.LaunchCampaign = channel.unary_unary(
                 '/flashcrowd.retarget.v1.RetargetService/LaunchCampaign',
                 request_serializer=flashcrowd_dot_retarget_dot_v1_dot_retarget__service__pb2.LaunchCampaignRequest.SerializeToString,
@@ -175,6 +180,16 @@ class RetargetServiceServicer:
 
     def ListCampaigns(self, request, context):
         """Lists campaigns, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateCampaign(self, request, context):
+        """Updates the mutable fields of a campaign named by `update_mask` (display_name,
+        delivery_rate_per_second, loss_cap_fen, end_time, rules) in DRAFT, RUNNING or PAUSED;
+        a running launch applies a new delivery rate, loss cap or end time from its next batch.
+        A non-empty `campaign.etag` must match (ABORTED otherwise).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -282,6 +297,11 @@ def add_RetargetServiceServicer_to_server(servicer, server):
                     servicer.ListCampaigns,
                     request_deserializer=flashcrowd_dot_retarget_dot_v1_dot_retarget__service__pb2.ListCampaignsRequest.FromString,
                     response_serializer=flashcrowd_dot_retarget_dot_v1_dot_retarget__service__pb2.ListCampaignsResponse.SerializeToString,
+            ),
+            'UpdateCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateCampaign,
+                    request_deserializer=flashcrowd_dot_retarget_dot_v1_dot_retarget__service__pb2.UpdateCampaignRequest.FromString,
+                    response_serializer=flashcrowd_dot_retarget_dot_v1_dot_campaign__pb2.Campaign.SerializeToString,
             ),
             'LaunchCampaign': grpc.unary_unary_rpc_method_handler(
                     servicer.LaunchCampaign,
@@ -504,6 +524,33 @@ class RetargetService:
             '/flashcrowd.retarget.v1.RetargetService/ListCampaigns',
             flashcrowd_dot_retarget_dot_v1_dot_retarget__service__pb2.ListCampaignsRequest.SerializeToString,
             flashcrowd_dot_retarget_dot_v1_dot_retarget__service__pb2.ListCampaignsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flashcrowd.retarget.v1.RetargetService/UpdateCampaign',
+            flashcrowd_dot_retarget_dot_v1_dot_retarget__service__pb2.UpdateCampaignRequest.SerializeToString,
+            flashcrowd_dot_retarget_dot_v1_dot_campaign__pb2.Campaign.FromString,
             options,
             channel_credentials,
             insecure,
