@@ -54,8 +54,25 @@ STANDARD_LABELS = (
 )
 #: The gRPC services: Deployments whose pods the HPA/PDB/NetworkPolicy rules must cover.
 SERVICES = ("audience", "retarget", "gateway")
-#: Backends only the gateway (and, for audience, retarget) may call; datastores only their clients.
-BACKENDS = ("audience", "retarget")
+#: Single-writer processes: exactly one pod at any time (replicas 1, strategy Recreate, no HPA).
+#: The compactor read-modify-writes the dataset manifest; the sale monitor's rule engine has no
+#: leader election.
+SINGLETONS = ("compactor", "sale-monitor")
+#: Backends only their labelled callers may reach (gateway; retarget -> audience; sale-monitor ->
+#: retarget); datastores only their clients.
+BACKENDS = ("audience", "retarget", "sale-monitor")
+#: Pods labelled as NATS clients must be told where it is: without FLASHCROWD_BUS_URL they would
+#: silently run on the in-process ``memory://`` bus and never see an event.
+NATS_CLIENT_LABEL = "flashcrowd.io/access-nats"
+#: State that must be shared by every replica of a Deployment: (deployment, variable, why).
+SHARED_STATE = (
+    (
+        "gateway",
+        "FLASHCROWD_KEYSTORE_URL",
+        "without it every replica keeps its own SQLite key store and a key created through one "
+        "replica is unknown to the others",
+    ),
+)
 DATASTORES = ("minio", "postgres", "nats")
 PLACEHOLDER_DIGEST = "sha256:" + "0" * 64
 DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
@@ -597,6 +614,87 @@ def _selects(selector: Mapping[str, Any] | None, labels: Mapping[str, str]) -> b
     return True
 
 
+def _env_sources(index: Index, container: Mapping[str, Any]) -> dict[str, str | None]:
+    """Every variable a container gets: the literal value, or None when it comes from a reference
+    (Secret, ConfigMap key, downward API). ``env`` overrides ``envFrom``, as in Kubernetes."""
+    found: dict[str, str | None] = dict(_env(index, {"envFrom": container.get("envFrom")}))
+    for item in container.get("env", []) or []:
+        found[item["name"]] = item.get("value")
+    return found
+
+
+def check_wiring(index: Index) -> list[Problem]:
+    """Shared state and the event bus: settings whose absence still starts the process, wrongly."""
+    problems = []
+    for w in index.workloads:
+        if w.labels.get(NATS_CLIENT_LABEL) != "true":
+            continue
+        for c in w.containers(init=False):
+            if not is_ours(c.get("image", "")):
+                continue
+            env = _env_sources(index, c)
+            if "FLASHCROWD_BUS_URL" not in env:
+                problems.append(
+                    Problem(
+                        w.ref,
+                        f"container '{c['name']}' is a NATS client ({NATS_CLIENT_LABEL}) but gets no "
+                        "FLASHCROWD_BUS_URL: it would run on the in-process memory:// bus",
+                    )
+                )
+            elif (env["FLASHCROWD_BUS_URL"] or "").startswith("memory://"):
+                problems.append(
+                    Problem(
+                        w.ref,
+                        f"container '{c['name']}': FLASHCROWD_BUS_URL is {env['FLASHCROWD_BUS_URL']!r}, "
+                        "an in-process bus no other pod shares",
+                    )
+                )
+    for name, variable, why in SHARED_STATE:
+        deployment = index.get("Deployment", name)
+        if deployment is None:
+            continue
+        w = Workload(deployment, deployment["spec"]["template"])
+        for c in w.containers(init=False):
+            if not is_ours(c.get("image", "")):
+                continue
+            env = _env_sources(index, c)
+            # None: from a Secret/ConfigMap reference (resolved by _check_references); "": unset.
+            if variable not in env or env[variable] == "":
+                problems.append(Problem(w.ref, f"container '{c['name']}' gets no {variable}: {why}"))
+    return problems
+
+
+def check_singletons(index: Index) -> list[Problem]:
+    """Single-writer Deployments run one pod, never two at once, and are never autoscaled."""
+    problems = []
+    hpa_targets = {
+        h["spec"]["scaleTargetRef"].get("name")
+        for h in index.by_kind.get("HorizontalPodAutoscaler", {}).values()
+        if h["spec"]["scaleTargetRef"].get("kind") == "Deployment"
+    }
+    for name in SINGLETONS:
+        deployment = index.get("Deployment", name)
+        if deployment is None:
+            problems.append(Problem(f"Deployment/{name}", "missing from the overlay"))
+            continue
+        replicas = deployment["spec"].get("replicas", 1)
+        if replicas != 1:
+            problems.append(
+                Problem(ref(deployment), f"must run exactly one replica (single writer), got {replicas}")
+            )
+        strategy = (deployment["spec"].get("strategy") or {}).get("type", "RollingUpdate")
+        if strategy != "Recreate":
+            problems.append(
+                Problem(
+                    ref(deployment),
+                    f"strategy must be Recreate (got {strategy}): a rolling update runs two writers at once",
+                )
+            )
+        if name in hpa_targets:
+            problems.append(Problem(ref(deployment), "must not be autoscaled (single writer)"))
+    return problems
+
+
 def check_services(index: Index) -> list[Problem]:
     problems = []
     for service in index.by_kind.get("Service", {}).values():
@@ -736,6 +834,8 @@ def check_policy(
     for name in SERVICES:
         if index.get("Deployment", name) is None:
             problems.append(Problem(f"Deployment/{name}", "missing from the overlay"))
+    problems += check_singletons(index)
+    problems += check_wiring(index)
     problems += check_services(index)
     problems += check_network_policies(index)
     problems += check_namespace(index)

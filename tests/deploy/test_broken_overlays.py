@@ -245,6 +245,50 @@ def cronjob_may_overlap(k8s: Path) -> str:
     return "dev"
 
 
+@case
+def compactor_scaled_out_with_rolling_updates(k8s: Path) -> str:
+    path = k8s / "base" / "compactor" / "deployment.yaml"
+    _edit(path, "  replicas: 1\n", "  replicas: 2\n")
+    _edit(path, "    type: Recreate\n", "    type: RollingUpdate\n")
+    return "dev"
+
+
+@case
+def dev_without_nats(k8s: Path) -> str:
+    _edit(k8s / "overlays" / "dev" / "kustomization.yaml", "  - ../../components/nats\n", "")
+    return "dev"
+
+
+@case
+def prod_bus_clients_without_the_nats_secret(k8s: Path) -> str:
+    _edit(k8s / "overlays" / "prod" / "kustomization.yaml", "  - path: nats-from-secret.yaml\n", "")
+    return "prod"
+
+
+@case
+def gateway_without_shared_keystore(k8s: Path) -> str:
+    _edit(
+        k8s / "base" / "gateway" / "deployment.yaml",
+        "            - name: FLASHCROWD_KEYSTORE_URL\n"
+        "              valueFrom:\n"
+        "                secretKeyRef:\n"
+        "                  name: flashcrowd-gateway-keystore\n"
+        "                  key: url\n",
+        "",
+    )
+    return "prod"
+
+
+@case
+def sale_monitor_open_to_every_pod(k8s: Path) -> str:
+    path = k8s / "components" / "network-policies" / "backends.yaml"
+    text = path.read_text()
+    start = text.index("---\n# sale-monitor (SaleMonitorService)")
+    end = text.index("---\n", start + 4)
+    path.write_text(text[:start] + text[end:])
+    return "dev"
+
+
 # --- the tests ------------------------------------------------------------------------------------
 
 
@@ -375,8 +419,42 @@ def test_without_network_policies(reports) -> None:
     assert (
         "NetworkPolicy/*: no default-deny policy (podSelector {}, Ingress and Egress, no rules)" in problems
     )
-    for name in ("audience", "retarget", "minio", "postgres", "nats"):
+    for name in ("audience", "retarget", "sale-monitor", "minio", "postgres", "nats"):
         assert f"NetworkPolicy/{name}-ingress: no ingress policy selects the {name} pods" in problems
+
+
+def test_single_writer_must_stay_single(reports) -> None:
+    problems = problems_of(reports, "compactor_scaled_out_with_rolling_updates")
+    assert "Deployment/compactor: must run exactly one replica (single writer), got 2" in problems
+    assert (
+        "Deployment/compactor: strategy must be Recreate (got RollingUpdate): a rolling update runs "
+        "two writers at once"
+    ) in problems
+
+
+def test_bus_clients_without_a_bus_url(reports) -> None:
+    for case_name in ("dev_without_nats", "prod_bus_clients_without_the_nats_secret"):
+        problems = problems_of(reports, case_name)
+        for name in ("audience", "compactor", "sale-monitor"):
+            assert (
+                f"Deployment/{name}: container '{name}' is a NATS client (flashcrowd.io/access-nats) but "
+                "gets no FLASHCROWD_BUS_URL: it would run on the in-process memory:// bus"
+            ) in problems, (case_name, problems)
+
+
+def test_gateway_without_shared_keystore(reports) -> None:
+    problems = problems_of(reports, "gateway_without_shared_keystore")
+    assert any(
+        p.startswith("Deployment/gateway: container 'gateway' gets no FLASHCROWD_KEYSTORE_URL: ")
+        for p in problems
+    ), problems
+
+
+def test_sale_monitor_needs_its_ingress_policy(reports) -> None:
+    assert (
+        "NetworkPolicy/sale-monitor-ingress: no ingress policy selects the sale-monitor pods"
+        in problems_of(reports, "sale_monitor_open_to_every_pod")
+    )
 
 
 def test_schema_error_names_object_and_field(reports) -> None:

@@ -9,6 +9,16 @@ import pytest
 from tests.deploy.conftest import k8scheck
 
 SERVICES = ("audience", "retarget", "gateway")
+#: Every long-running process of the image: Deployment name -> ``python -m`` module.
+PROCESSES = {
+    "audience": "services.audience",
+    "retarget": "services.retarget",
+    "gateway": "services.gateway",
+    "compactor": "services.events.compactor",
+    "sale-monitor": "services.retarget.sale_monitor",
+}
+#: terminationGracePeriodSeconds where it is not the services' 30 s.
+TERMINATION = {"compactor": 60}  # + the final flush of the micro-batch (up to 30 s)
 
 
 def _get(objs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -25,18 +35,29 @@ def test_overlay_passes_every_policy(rendered, declared_secrets, overlay: str) -
     assert not problems, "\n".join(map(str, problems))
 
 
+def test_every_deployment_of_the_image_is_listed_here(rendered) -> None:
+    """The per-process tests below cover every Deployment of our image, not just the first three."""
+    for objs in rendered.values():
+        ours = {
+            w.name
+            for w in k8scheck.Index(objs).workloads
+            if w.kind == "Deployment" and any(k8scheck.is_ours(c["image"]) for c in w.containers())
+        }
+        assert ours == set(PROCESSES)
+
+
 @pytest.mark.parametrize("overlay", ["dev", "prod"])
-@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("service", PROCESSES)
 def test_service_pods_probe_the_grpc_health_service(rendered, overlay: str, service: str) -> None:
     container = _pod(_get(rendered[overlay], "Deployment", service))["containers"][0]
-    assert container["args"] == [f"services.{service}"]
+    assert container["args"] == [PROCESSES[service]]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"] == {"port": 50051}, probe  # service "" = overall health
     assert container["ports"][0] == {"name": "grpc", "containerPort": 50051, "protocol": "TCP"}
 
 
 @pytest.mark.parametrize("overlay", ["dev", "prod"])
-@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("service", PROCESSES)
 def test_service_pods_are_restricted_and_bounded(rendered, overlay: str, service: str) -> None:
     pod = _pod(_get(rendered[overlay], "Deployment", service))
     container = pod["containers"][0]
@@ -59,7 +80,7 @@ def test_service_pods_are_restricted_and_bounded(rendered, overlay: str, service
 
 
 @pytest.mark.parametrize("overlay", ["dev", "prod"])
-@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("service", PROCESSES)
 def test_shutdown_budget_and_service_name(rendered, overlay: str, service: str) -> None:
     objs = rendered[overlay]
     deployment = _get(objs, "Deployment", service)
@@ -71,8 +92,11 @@ def test_shutdown_budget_and_service_name(rendered, overlay: str, service: str) 
     assert container["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
     grace = float(config["data"]["FLASHCROWD_GRACE_SECONDS"])
     pre_stop = float(container["lifecycle"]["preStop"]["exec"]["command"][1])
-    assert (grace, pre_stop, pod["terminationGracePeriodSeconds"]) == (20, 5, 30)
-    assert pod["terminationGracePeriodSeconds"] > grace + pre_stop
+    termination = pod["terminationGracePeriodSeconds"]
+    assert (grace, pre_stop, termination) == (20, 5, TERMINATION.get(service, 30))
+    assert termination > grace + pre_stop
+    if service == "compactor":  # stop(): waits max(grace, 30 s) for the last micro-batch
+        assert termination > pre_stop + grace + max(grace, 30)
     env = {e["name"]: e for e in container["env"]}
     assert env["OTEL_SERVICE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == (
         "metadata.labels['app.kubernetes.io/component']"
@@ -92,19 +116,74 @@ def test_config_wires_the_services_together(rendered) -> None:
             for o in objs
             if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith(f"{name}-config-")
         )["data"]
-        for name in SERVICES
+        for name in PROCESSES
     }
     assert data["gateway"]["FLASHCROWD_AUDIENCE_TARGET"] == "dns:///audience-headless:50051"
     assert data["gateway"]["FLASHCROWD_RETARGET_TARGET"] == "dns:///retarget-headless:50051"
     assert data["gateway"]["FLASHCROWD_HTTP_PORT"] == "8080"
     assert data["retarget"]["FLASHCROWD_AUDIENCE_TARGET"] == "dns:///audience-headless:50051"
     assert data["audience"]["FLASHCROWD_BUS_URL"] == "nats://nats:4222"
+    assert data["gateway"]["FLASHCROWD_SALE_MONITOR_TARGET"] == "dns:///sale-monitor-headless:50051"
+    assert data["sale-monitor"]["FLASHCROWD_RETARGET_TARGET"] == "dns:///retarget-headless:50051"
+    for name in ("compactor", "sale-monitor"):
+        assert data[name]["FLASHCROWD_BUS_URL"] == "nats://nats:4222"
+    # The compactor writes the dataset the audience service reads.
+    assert data["compactor"]["FLASHCROWD_DATASET_PREFIX"] == data["audience"]["FLASHCROWD_DATASET_PREFIX"]
+    assert "FLASHCROWD_KEYSTORE_PATH" not in data["gateway"]
     store = next(
         o for o in objs if o["kind"] == "Secret" and o["metadata"]["name"].startswith("flashcrowd-store-")
     )
     import base64
 
     assert base64.b64decode(store["data"]["url"]).decode() == "s3://minio:9000/flashcrowd?secure=false"
+    keystore = next(
+        o
+        for o in objs
+        if o["kind"] == "Secret" and o["metadata"]["name"].startswith("flashcrowd-gateway-keystore-")
+    )
+    assert base64.b64decode(keystore["data"]["url"]).decode().startswith("postgresql://")
+    assert "@postgres:5432/" in base64.b64decode(keystore["data"]["url"]).decode()
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_gateway_replicas_share_one_key_store(rendered, overlay: str) -> None:
+    pod = _pod(_get(rendered[overlay], "Deployment", "gateway"))
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    ref = env["FLASHCROWD_KEYSTORE_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"].startswith("flashcrowd-gateway-keystore") and ref["key"] == "url"
+    assert not ref.get("optional"), "a missing Secret must stop the pod, not fall back to SQLite"
+    assert pod["containers"][0].get("volumeMounts") == [{"name": "tmp", "mountPath": "/tmp"}], (
+        "no per-pod state volume"
+    )
+    labels = _get(rendered[overlay], "Deployment", "gateway")["spec"]["template"]["metadata"]["labels"]
+    assert labels["flashcrowd.io/access-database"] == "true"
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+@pytest.mark.parametrize("name", ["compactor", "sale-monitor"])
+def test_single_writers_run_one_pod_at_a_time(rendered, overlay: str, name: str) -> None:
+    objs = rendered[overlay]
+    deployment = _get(objs, "Deployment", name)
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    for kind in ("HorizontalPodAutoscaler", "PodDisruptionBudget"):
+        assert not [
+            o
+            for o in objs
+            if o["kind"] == kind
+            and name
+            in (
+                o["spec"].get("scaleTargetRef", {}).get("name"),
+                o["spec"].get("selector", {}).get("matchLabels", {}).get("app.kubernetes.io/name"),
+            )
+        ]
+
+
+@pytest.mark.parametrize("name", ["audience", "compactor", "sale-monitor"])
+def test_prod_bus_clients_read_nats_from_the_secret(rendered, name: str) -> None:
+    container = _pod(_get(rendered["prod"], "Deployment", name))["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["FLASHCROWD_BUS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "flashcrowd-nats", "key": "url"}
 
 
 def test_every_image_is_pinned(rendered) -> None:

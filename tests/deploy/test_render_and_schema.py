@@ -17,11 +17,14 @@ def test_every_overlay_is_found() -> None:
 def test_overlay_renders_the_platform(rendered, overlay: str) -> None:
     kinds = Counter(obj["kind"] for obj in rendered[overlay])
     names = {(obj["kind"], obj["metadata"]["name"]) for obj in rendered[overlay]}
-    for service in ("audience", "retarget", "gateway"):
+    for service in ("audience", "retarget", "gateway", "sale-monitor"):
         assert ("Deployment", service) in names
         assert ("Service", service) in names
         assert ("Service", f"{service}-headless") in names
         assert ("ServiceAccount", service) in names
+    # The compactor serves nothing but its health: no Service.
+    assert ("Deployment", "compactor") in names and ("ServiceAccount", "compactor") in names
+    assert not {n for k, n in names if k == "Service" and n.startswith("compactor")}
     assert ("Deployment", "otel-collector") in names
     assert ("Job", "retarget-migrate") in names
     assert ("CronJob", "pack-refresh") in names and ("CronJob", "lookalike-train") in names
