@@ -135,6 +135,20 @@ def campaign_proto(row: Row) -> campaign_pb2.Campaign:
     return campaign
 
 
+def rule_firing_proto(entry: dict[str, Any]) -> campaign_pb2.RuleFiring:
+    """A ``rule_firing`` audit entry (repository.rule_firings) as the report shows it."""
+    action = entry.get("action") or "ACTION_UNSPECIFIED"
+    actions = campaign_pb2.Rule.Action
+    firing = campaign_pb2.RuleFiring(
+        rule_id=entry.get("rule_id", ""),
+        action=actions.Value(action) if action in actions.keys() else 0,  # noqa: SIM118
+        metrics={name: float(value) for name, value in (entry.get("metrics") or {}).items()},
+        outcome=entry.get("outcome", ""),
+    )
+    _set_time(firing, "fire_time", entry.get("fire_time_us") or entry["create_us"])
+    return firing
+
+
 def coupon_proto(row: Row, now: int) -> coupon_pb2.Coupon:
     """From a coupon row (with template_id / campaign_id joined) or a stored snapshot."""
     tenant = row["tenant"]

@@ -187,22 +187,27 @@ class Launcher:
         weights = [arm["weight"] for arm in arms]
         seed, holdout_bp = campaign["hash_seed"], campaign["holdout_bp"]
         tenant, pack, version = campaign["tenant"], campaign["audience_pack"], campaign["pack_version"]
-        rate = campaign["delivery_rate"]
-        batch_size = (
-            self.settings.launch_batch_size
-            if not rate
-            else max(1, min(self.settings.launch_batch_size, rate))
-        )
+        # Pacing is re-read from every batch's result: UpdateCampaign (a BOOST rule) may change
+        # the delivery rate or the end time of a running launch.
+        rate: int = campaign["delivery_rate"]
+        end_us: int | None = campaign["end_us"]
+
+        def size_for(rate: int) -> int:
+            limit = self.settings.launch_batch_size
+            return limit if not rate else max(1, min(limit, rate))
+
+        batch_size = size_for(rate)
         cursor: tuple[str, int] = (campaign["launch_page_token"], campaign["launch_page_offset"])
         check_existing = True
-        started = asyncio.get_running_loop().time()
-        issued_here = 0
+        loop = asyncio.get_running_loop()
+        #: Earliest loop time of the next batch: each issued coupon books 1/rate s at its rate.
+        next_at = loop.time()
         progressed = False
 
         async def batch(
             users: np.ndarray, arm_idx: np.ndarray, hold: np.ndarray, nxt: tuple[str, int], last: bool
         ) -> bool:
-            nonlocal cursor, check_existing, issued_here, progressed
+            nonlocal cursor, check_existing, progressed, rate, end_us, batch_size, next_at
             args = dict(
                 campaign_pk=campaign_pk,
                 owner=self.owner,
@@ -232,7 +237,6 @@ class Launcher:
             check_existing = False
             cursor = nxt
             progressed = True
-            issued_here += result.issued
             if result.issued:
                 self.on_delivered()
                 if self._issued_counter is not None:
@@ -246,11 +250,20 @@ class Launcher:
                     extra={"campaign_pk": campaign_pk, "stop_reason": result.stop_reason},
                 )
                 return True  # the caller reads the stream to its end
-            if rate:  # pace deliveries: issued so far in this run / rate seconds
-                ahead = issued_here / rate - (asyncio.get_running_loop().time() - started)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
-            if campaign["end_us"] is not None and self.clock() >= campaign["end_us"]:
+            if result.delivery_rate != rate:
+                logger.info(
+                    "delivery rate changed",
+                    extra={"campaign_pk": campaign_pk, "from": rate, "to": result.delivery_rate},
+                )
+            rate, end_us = result.delivery_rate, result.end_us
+            batch_size = size_for(rate)
+            if rate:  # pace deliveries: this batch's coupons at the rate in force for it
+                next_at = max(next_at, loop.time() - 1.0) + result.issued / rate
+                if next_at > loop.time():
+                    await asyncio.sleep(next_at - loop.time())
+            else:
+                next_at = loop.time()
+            if end_us is not None and self.clock() >= end_us:
                 await self.db.run(repo.stop_launch, campaign_pk, self.owner, "END_TIME", self.clock())
                 return False
             return True

@@ -34,6 +34,7 @@ from typing import Any
 from services.retarget import domain as d
 from services.retarget.db import Row, Tx
 from services.runtime import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -93,6 +94,18 @@ class CampaignSpec:
 
 
 @dataclass(frozen=True)
+class CampaignUpdate:
+    tenant: str
+    campaign_id: str
+    #: The caller's etag ("" = unconditional).
+    etag: str
+    #: campaigns column -> new value (only the fields of the update mask).
+    values: dict[str, Any]
+    #: The rules engine's firing carried out by this update (validation.rule_firing), or None.
+    firing: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class OrderFact:
     order_id: str
     user_id: int
@@ -117,6 +130,33 @@ def audit_entries(tx: Tx, tenant: str, subject: str) -> list[Row]:
         "SELECT action, detail, create_us FROM audit_log WHERE tenant = ? AND subject = ? ORDER BY id",
         (tenant, subject),
     )
+
+
+#: audit_log action of a rule firing (detail: rule_id, action, fire_time_us, metrics, outcome).
+RULE_FIRING = "rule_firing"
+#: At most this many firings (the newest) are listed in a report.
+MAX_REPORTED_FIRINGS = 100
+
+
+def record_firing(tx: Tx, campaign: Row, firing: dict[str, Any] | None, outcome: str, now: int) -> None:
+    """Audit a rule firing on ``campaign`` with what the service did about it."""
+    if firing is None:
+        return
+    name = d.campaign_name(campaign["tenant"], campaign["campaign_id"])
+    audit(tx, campaign["tenant"], name, RULE_FIRING, {**firing, "outcome": outcome}, now)
+
+
+def rule_firings(
+    tx: Tx, tenant: str, subject: str, limit: int = MAX_REPORTED_FIRINGS
+) -> list[dict[str, Any]]:
+    """The newest ``limit`` firings recorded on a campaign, newest (fire time) first."""
+    rows = tx.all(
+        "SELECT detail, create_us FROM audit_log WHERE tenant = ? AND subject = ? AND action = ?"
+        " ORDER BY id DESC LIMIT ?",
+        (tenant, subject, RULE_FIRING, limit),
+    )
+    firings = [{"create_us": row["create_us"], **json.loads(row["detail"])} for row in rows]
+    return sorted(firings, key=lambda f: f.get("fire_time_us") or f["create_us"], reverse=True)
 
 
 def expire_us_for(template: Row, issue_us: int) -> int | None:
@@ -364,13 +404,59 @@ def start_launch(
     return row, True
 
 
-def pause_campaign(tx: Tx, tenant: str, campaign_id: str, reason: str, now: int) -> Row:
+def pause_campaign(
+    tx: Tx, tenant: str, campaign_id: str, reason: str, now: int, firing: dict[str, Any] | None = None
+) -> Row:
     campaign = get_campaign(tx, tenant, campaign_id, lock=True)
     if campaign["state"] == d.PAUSED:
+        record_firing(tx, campaign, firing, "no-op: already paused", now)
         return campaign
     if campaign["state"] not in (d.RUNNING, d.COMPLETED):
         raise state_conflict(campaign, "pause")
-    return _transition(tx, campaign, d.PAUSED, now, "pause", {"reason": reason}, launch_owner="")
+    row = _transition(tx, campaign, d.PAUSED, now, "pause", {"reason": reason}, launch_owner="")
+    record_firing(tx, campaign, firing, f"paused (was {campaign['state']})", now)
+    return row
+
+
+def etag_of(campaign: Row) -> str:
+    return f'W/"{campaign["version"]}"'
+
+
+def update_campaign(tx: Tx, update: CampaignUpdate, now: int) -> Row:
+    """AIP-134 update of the mutable fields; a running launch applies them from its next batch."""
+    campaign = get_campaign(tx, update.tenant, update.campaign_id, field="campaign.name", lock=True)
+    name = d.campaign_name(update.tenant, update.campaign_id)
+    if update.etag and update.etag not in (etag_of(campaign), f'"{campaign["version"]}"'):
+        raise Aborted(
+            f"campaign {name} changed since etag {update.etag}; read it again (etag {etag_of(campaign)})",
+            reason="ETAG_MISMATCH",
+            metadata={"field": "campaign.etag", "etag": etag_of(campaign)},
+        )
+    if campaign["state"] not in (d.DRAFT, d.RUNNING, d.PAUSED):
+        raise state_conflict(campaign, "update")
+    end_us = update.values.get("end_us")
+    if end_us is not None and campaign["start_us"] is not None and end_us <= campaign["start_us"]:
+        raise InvalidArgument("campaign.end_time", "must be after start_time")
+    changes = {col: value for col, value in update.values.items() if campaign[col] != value}
+    if not changes:
+        record_firing(tx, campaign, update.firing, "no-op: no field changed", now)
+        return campaign
+    sets = ", ".join(f"{col} = ?" for col in changes)
+    row = tx.one(
+        f"UPDATE campaigns SET {sets}, update_us = ?, version = version + 1 WHERE id = ? RETURNING *",
+        [*changes.values(), now, campaign["id"]],
+    )
+    assert row is not None
+    detail = {
+        col: {"from": campaign[col], "to": value} if col != "rules" else {"rules": len(json.loads(value))}
+        for col, value in changes.items()
+    }
+    audit(tx, update.tenant, name, "update", {"fields": detail}, now)
+    described = ", ".join(
+        f"{col} {campaign[col]} -> {value}" for col, value in changes.items() if col != "rules"
+    )
+    record_firing(tx, campaign, update.firing, f"updated: {described or 'rules'}", now)
+    return row
 
 
 def resume_campaign(tx: Tx, tenant: str, campaign_id: str, now: int) -> Row:
@@ -399,7 +485,15 @@ def cancel_campaign(tx: Tx, tenant: str, campaign_id: str, now: int) -> tuple[Ro
     return row, voided
 
 
-def copy_campaign(tx: Tx, tenant: str, campaign_id: str, new_id: str, audience_pack: str, now: int) -> Row:
+def copy_campaign(
+    tx: Tx,
+    tenant: str,
+    campaign_id: str,
+    new_id: str,
+    audience_pack: str,
+    now: int,
+    firing: dict[str, Any] | None = None,
+) -> Row:
     source = get_campaign(tx, tenant, campaign_id)
     default = template_by_pk(tx, source["template_pk"])
     arms = json.loads(source["arms"])
@@ -427,6 +521,7 @@ def copy_campaign(tx: Tx, tenant: str, campaign_id: str, new_id: str, audience_p
         {"from": d.campaign_name(tenant, campaign_id)},
         now,
     )
+    record_firing(tx, source, firing, f"copied to {d.campaign_name(tenant, new_id)} on {audience_pack}", now)
     return row
 
 
@@ -877,6 +972,9 @@ class BatchResult:
     completed: bool = False
     stop_reason: str = ""
     skipped_existing: int = 0
+    #: The campaign's pacing as of this batch (UpdateCampaign may change them mid-launch).
+    delivery_rate: int = 0
+    end_us: int | None = None
 
 
 def acquire_lease(tx: Tx, campaign_pk: int, owner: str, now: int, lease_us: int) -> Row | None:
@@ -1168,6 +1266,8 @@ def issue_batch(
         completed=exhausted,
         stop_reason=row["stop_reason"],
         skipped_existing=skipped_existing,
+        delivery_rate=campaign["delivery_rate"],
+        end_us=campaign["end_us"],
     )
 
 

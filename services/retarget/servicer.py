@@ -25,6 +25,7 @@ from services.retarget.audience import TENANT_HEADER
 from services.retarget.db import UniqueConflict
 from services.runtime import (
     Aborted,
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -202,10 +203,47 @@ class RetargetServicer(retarget_service_pb2_grpc.RetargetServiceServicer):
     ) -> campaign_pb2.Campaign:
         tenant, campaign_id = validation.campaign_ref(request.name)
         _guard(context, tenant, d.CAMPAIGN_TYPE, request.name)
+        violations: list[tuple[str, str]] = []
         if len(request.reason) > validation.MAX_TEXT:
-            raise InvalidArgument("reason", f"must be at most {validation.MAX_TEXT} characters")
-        row = await self.db.run(repo.pause_campaign, tenant, campaign_id, request.reason, self.now())
+            violations.append(("reason", f"must be at most {validation.MAX_TEXT} characters"))
+        firing = validation.rule_firing(violations, request, self.now())
+        if violations:
+            raise InvalidArgument(violations)
+        async with self._firing_refusals(tenant, campaign_id, firing):
+            row = await self.db.run(
+                repo.pause_campaign, tenant, campaign_id, request.reason, self.now(), firing
+            )
         return convert.campaign_proto(row)
+
+    async def UpdateCampaign(
+        self, request: retarget_service_pb2.UpdateCampaignRequest, context: grpc.aio.ServicerContext
+    ) -> campaign_pb2.Campaign:
+        if request.HasField("campaign") and request.campaign.name:
+            tenant, _ = validation.campaign_ref(request.campaign.name, "campaign.name")
+            _guard(context, tenant, d.CAMPAIGN_TYPE, request.campaign.name)
+        update = validation.campaign_update(request, self.now())
+        async with self._firing_refusals(update.tenant, update.campaign_id, update.firing):
+            row = await self.db.run(repo.update_campaign, update, self.now())
+        return convert.campaign_proto(row)
+
+    @contextlib.asynccontextmanager
+    async def _firing_refusals(self, tenant: str, campaign_id: str, firing: dict | None):
+        """A rule firing whose action the ledger refused (state conflict, copy already made) is
+        still audited on the campaign, with the refusal as its outcome (the action's transaction
+        rolled back, so this is a transaction of its own)."""
+        try:
+            yield
+        except (FailedPrecondition, AlreadyExists) as error:
+            if firing is not None:
+                outcome = f"no-op ({error.code.name}): {error.message}"
+
+                def record(tx: repo.Tx) -> None:
+                    campaign = repo.get_campaign(tx, tenant, campaign_id)
+                    repo.record_firing(tx, campaign, firing, outcome, self.now())
+
+                with contextlib.suppress(ServiceError):
+                    await self.db.run(record)
+            raise
 
     async def ResumeCampaign(
         self, request: retarget_service_pb2.ResumeCampaignRequest, context: grpc.aio.ServicerContext
@@ -230,14 +268,19 @@ class RetargetServicer(retarget_service_pb2_grpc.RetargetServiceServicer):
     ) -> campaign_pb2.Campaign:
         tenant, campaign_id = validation.campaign_ref(request.name)
         _guard(context, tenant, d.CAMPAIGN_TYPE, request.name)
+        violations: list[tuple[str, str]] = []
         if not d.valid_id(request.campaign_id):
-            raise InvalidArgument("campaign_id", "must match [a-z]([a-z0-9-]{0,61}[a-z0-9])?")
+            violations.append(("campaign_id", "must match [a-z]([a-z0-9-]{0,61}[a-z0-9])?"))
+        firing = validation.rule_firing(violations, request, self.now())
+        if violations:
+            raise InvalidArgument(violations)
         pack = validation.pack_ref(request.audience_pack, tenant, "audience_pack")
         await self.db.run(repo.get_campaign, tenant, campaign_id, write=False)
         await self._check_pack(tenant, pack, "audience_pack")
-        row = await self.db.run(
-            repo.copy_campaign, tenant, campaign_id, request.campaign_id, pack, self.now()
-        )
+        async with self._firing_refusals(tenant, campaign_id, firing):
+            row = await self.db.run(
+                repo.copy_campaign, tenant, campaign_id, request.campaign_id, pack, self.now(), firing
+            )
         return convert.campaign_proto(row)
 
     # -- coupons -----------------------------------------------------------------------------
@@ -389,12 +432,15 @@ class RetargetServicer(retarget_service_pb2_grpc.RetargetServiceServicer):
         _guard(context, tenant, d.CAMPAIGN_TYPE, request.campaign)
         now = self.now()
 
-        def read(tx: repo.Tx) -> repo.CampaignFacts:
+        def read(tx: repo.Tx) -> tuple[repo.CampaignFacts, list[dict]]:
             campaign = repo.get_campaign(tx, tenant, campaign_id, field="campaign")
-            return repo.campaign_facts(tx, campaign, now)
+            firings = repo.rule_firings(tx, tenant, d.campaign_name(tenant, campaign_id))
+            return repo.campaign_facts(tx, campaign, now), firings
 
-        facts = await self.db.run(read, write=False)
-        return report.campaign_report(facts, request.campaign)
+        facts, firings = await self.db.run(read, write=False)
+        out = report.campaign_report(facts, request.campaign)
+        out.rule_firings.extend(convert.rule_firing_proto(firing) for firing in firings)
+        return out
 
 
 class LaunchOperationsServicer(operations_pb2_grpc.OperationsServicer):

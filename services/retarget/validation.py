@@ -12,6 +12,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from flashcrowd.retarget.v1 import campaign_pb2, coupon_pb2, retarget_service_pb2
 from google.protobuf import json_format
@@ -19,7 +20,13 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.retarget import domain as d
-from services.retarget.repository import ArmInput, CampaignSpec, RedeemRequest, TemplateSpec
+from services.retarget.repository import (
+    ArmInput,
+    CampaignSpec,
+    CampaignUpdate,
+    RedeemRequest,
+    TemplateSpec,
+)
 from services.runtime import InvalidArgument, NotFound
 
 MAX_STOCK = 10**9
@@ -259,6 +266,13 @@ def _rules(violations: Violations, tenant: str, rules: Sequence[campaign_pb2.Rul
     return json.dumps([json_format.MessageToDict(rule, preserving_proto_field_name=True) for rule in rules])
 
 
+def _rate(violations: Violations, rate: int) -> None:
+    if rate < 0:
+        violations.append(("campaign.delivery_rate_per_second", "must not be negative (0 = unlimited)"))
+    elif rate > MAX_RATE:
+        violations.append(("campaign.delivery_rate_per_second", f"must be at most {MAX_RATE}"))
+
+
 def campaign_spec(request: retarget_service_pb2.CreateCampaignRequest, now: int) -> CampaignSpec:
     tenant = tenant_of_parent(request.parent)
     violations: Violations = []
@@ -313,10 +327,7 @@ def campaign_spec(request: retarget_service_pb2.CreateCampaignRequest, now: int)
     elif end is not None and end <= now:
         violations.append(("campaign.end_time", "must be in the future"))
     _fen(violations, "campaign.loss_cap_fen", c.loss_cap_fen, positive=False)
-    if c.delivery_rate_per_second < 0:
-        violations.append(("campaign.delivery_rate_per_second", "must not be negative (0 = unlimited)"))
-    elif c.delivery_rate_per_second > MAX_RATE:
-        violations.append(("campaign.delivery_rate_per_second", f"must be at most {MAX_RATE}"))
+    _rate(violations, c.delivery_rate_per_second)
     rules_json = _rules(violations, tenant, c.rules)
     _fail(violations)
     # References to other tenants' resources are NOT_FOUND, like any unknown resource.
@@ -341,6 +352,106 @@ def campaign_spec(request: retarget_service_pb2.CreateCampaignRequest, now: int)
         delivery_rate=c.delivery_rate_per_second,
         rules_json=rules_json,
     )
+
+
+#: UpdateCampaign: mask path -> campaigns column. Every other Campaign field is immutable (fixed at
+#: creation, or output only).
+MUTABLE_CAMPAIGN_FIELDS = {
+    "display_name": "display_name",
+    "delivery_rate_per_second": "delivery_rate",
+    "loss_cap_fen": "loss_cap_fen",
+    "end_time": "end_us",
+    "rules": "rules",
+}
+MAX_FIRING_METRICS = 64
+
+
+def _populated(c: campaign_pb2.Campaign, path: str) -> bool:
+    if path == "end_time":
+        return c.HasField("end_time")
+    if path == "rules":
+        return len(c.rules) > 0
+    return bool(getattr(c, path))
+
+
+def campaign_update(request: retarget_service_pb2.UpdateCampaignRequest, now: int) -> CampaignUpdate:
+    """AIP-134: the mask names the fields to change (``*`` = all mutable ones; empty = the mutable
+    fields set in ``campaign``); unknown, immutable or nested paths are INVALID_ARGUMENT."""
+    if not request.HasField("campaign"):
+        raise InvalidArgument("campaign", "is required")
+    c = request.campaign
+    tenant, campaign_id = campaign_ref(c.name, "campaign.name")
+    violations: Violations = []
+    known = {f.name for f in campaign_pb2.Campaign.DESCRIPTOR.fields}
+    paths: list[str] = []
+    if request.HasField("update_mask") and request.update_mask.paths:
+        for i, path in enumerate(request.update_mask.paths):
+            f = f"update_mask.paths[{i}]"
+            if path == "*":
+                paths.extend(MUTABLE_CAMPAIGN_FIELDS)
+            elif path in MUTABLE_CAMPAIGN_FIELDS:
+                paths.append(path)
+            elif path.split(".")[0] in MUTABLE_CAMPAIGN_FIELDS:
+                violations.append((f, f"{path!r}: update {path.split('.')[0]!r} as a whole"))
+            elif path.split(".")[0] in known:
+                violations.append((f, f"{path!r} is immutable or output only"))
+            else:
+                violations.append((f, f"{path!r} is not a Campaign field"))
+    else:
+        paths = [path for path in MUTABLE_CAMPAIGN_FIELDS if _populated(c, path)]
+        if not paths:
+            violations.append(("update_mask", "names no field, and campaign sets no mutable field"))
+    _fail(violations)
+    values: dict[str, Any] = {}
+    for path in dict.fromkeys(paths):
+        if path == "display_name":
+            _text(violations, "campaign.display_name", c.display_name)
+            values["display_name"] = c.display_name
+        elif path == "delivery_rate_per_second":
+            _rate(violations, c.delivery_rate_per_second)
+            values["delivery_rate"] = c.delivery_rate_per_second
+        elif path == "loss_cap_fen":
+            _fen(violations, "campaign.loss_cap_fen", c.loss_cap_fen, positive=False)
+            values["loss_cap_fen"] = c.loss_cap_fen
+        elif path == "end_time":
+            end = None
+            if c.HasField("end_time"):
+                end = _timestamp_us(violations, "campaign.end_time", c.end_time)
+                if end is not None and end <= now:
+                    violations.append(("campaign.end_time", "must be in the future"))
+            values["end_us"] = end
+        elif path == "rules":
+            values["rules"] = _rules(violations, tenant, c.rules)
+    firing = rule_firing(violations, request, now)
+    _fail(violations)
+    return CampaignUpdate(tenant, campaign_id, c.etag, values, firing)
+
+
+def rule_firing(violations: Violations, request: Any, now: int) -> dict[str, Any] | None:
+    """The ``rule_firing`` of an action request (the rules engine's audit entry), as stored."""
+    if not request.HasField("rule_firing"):
+        return None
+    firing = request.rule_firing
+    f = "rule_firing"
+    if not d.valid_arm_id(firing.rule_id):
+        violations.append((f"{f}.rule_id", "must match [a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"))
+    actions = (campaign_pb2.Rule.ACTION_STOP, campaign_pb2.Rule.ACTION_BOOST, campaign_pb2.Rule.ACTION_COPY)
+    if firing.action not in actions:
+        violations.append((f"{f}.action", "is required"))
+    if len(firing.metrics) > MAX_FIRING_METRICS:
+        violations.append((f"{f}.metrics", f"at most {MAX_FIRING_METRICS} metrics"))
+    for name, value in firing.metrics.items():
+        if len(name) > 64 or not math.isfinite(value):
+            violations.append((f"{f}.metrics[{name[:64]!r}]", "name at most 64 characters, value finite"))
+    fire_us = now
+    if firing.HasField("fire_time"):
+        fire_us = _timestamp_us(violations, f"{f}.fire_time", firing.fire_time) or now
+    return {
+        "rule_id": firing.rule_id,
+        "action": campaign_pb2.Rule.Action.Name(firing.action) if firing.action in actions else "",
+        "fire_time_us": fire_us,
+        "metrics": dict(sorted(firing.metrics.items())),
+    }
 
 
 # --- claims, redemptions, refunds --------------------------------------------------------------

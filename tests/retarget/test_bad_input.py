@@ -362,3 +362,81 @@ async def test_other_requests_and_other_tenants(rt: Rt, counts: Callable[[], Any
         drain(api.StreamOffersRequest(parent=f"tenants/{tenant}", campaign=foreign)), NOT_FOUND, "campaign"
     )
     assert await counts() == before
+
+
+async def test_update_campaign_bad_input(rt: Rt, counts: Callable[[], Any]) -> None:
+    from google.protobuf import field_mask_pb2
+
+    tenant, other = rt.tenant(), rt.tenant()
+    pack = (await rt.audience.upload(tenant, rt.audience.users[:20])).name
+    template = await rt.template(tenant, "base")
+    start = TS(seconds=2_000_000_000)
+    campaign = await rt.campaign(tenant, pack, template.name, "editable", start_time=start)
+    name = campaign.name
+    before = await counts()
+    s = rt.stub
+
+    def update(*paths: str, rule_firing: Any = None, **fields: Any) -> Any:
+        fields.setdefault("name", name)
+        request = api.UpdateCampaignRequest(
+            campaign=campaign_pb2.Campaign(**fields), update_mask=field_mask_pb2.FieldMask(paths=list(paths))
+        )
+        if rule_firing is not None:
+            request.rule_firing.CopyFrom(rule_firing)
+        return s.UpdateCampaign(request)
+
+    # the mask: unknown, immutable / output-only, nested paths, nothing to update
+    await _fails(update("budget"), INVALID, "update_mask.paths[0]")
+    await _fails(update("display_name", "audience_pack"), INVALID, "update_mask.paths[1]")
+    for immutable in ("coupon_template", "arms", "holdout_basis_points", "start_time", "state", "etag"):
+        await _fails(update(immutable), INVALID, "update_mask.paths[0]")
+    await _fails(update("end_time.seconds"), INVALID, "update_mask.paths[0]")
+    await _fails(update(), INVALID, "update_mask")
+    # the values, named like CreateCampaign names them
+    await _fails(
+        update("delivery_rate_per_second", delivery_rate_per_second=-1),
+        INVALID,
+        "campaign.delivery_rate_per_second",
+    )
+    await _fails(
+        update("delivery_rate_per_second", delivery_rate_per_second=10**7),
+        INVALID,
+        "campaign.delivery_rate_per_second",
+    )
+    await _fails(update("loss_cap_fen", loss_cap_fen=-5), INVALID, "campaign.loss_cap_fen")
+    await _fails(update("display_name", display_name="x" * 201), INVALID, "campaign.display_name")
+    await _fails(update("end_time", end_time=TS(seconds=1_000_000_000)), INVALID, "campaign.end_time")
+    await _fails(update("end_time", end_time=TS(seconds=1_999_999_999)), INVALID, "campaign.end_time")
+    bad_boost = campaign_pb2.Rule(
+        rule_id="b",
+        action=campaign_pb2.Rule.ACTION_BOOST,
+        metric="roi",
+        comparison=campaign_pb2.Rule.COMPARISON_GREATER,
+        threshold=1,
+    )
+    await _fails(update("rules", rules=[bad_boost]), INVALID, "campaign.rules[0].boost_rate_ceiling")
+    nan = campaign_pb2.RuleFiring(
+        rule_id="b", action=campaign_pb2.Rule.ACTION_BOOST, metrics={"roi": float("nan")}
+    )
+    await _fails(
+        update("display_name", display_name="ok", rule_firing=nan), INVALID, "rule_firing.metrics['roi']"
+    )
+    # the name
+    await _fails(s.UpdateCampaign(api.UpdateCampaignRequest()), INVALID, "campaign")
+    await _fails(update("display_name", name="campaigns/x"), INVALID, "campaign.name")
+    # other tenants and unknown campaigns are NOT_FOUND; a stale etag is ABORTED
+    await _fails(update("display_name", name=f"tenants/{other}/campaigns/editable"), NOT_FOUND)
+    await _fails(update("display_name", name=f"tenants/{tenant}/campaigns/nope"), NOT_FOUND)
+    await _fails(
+        s.UpdateCampaign(
+            api.UpdateCampaignRequest(campaign=campaign_pb2.Campaign(name=name, display_name="x")),
+            metadata=(("x-flashcrowd-tenant", other),),
+        ),
+        NOT_FOUND,
+    )
+    await _fails(
+        update("display_name", display_name="x", etag='W/"999"'),
+        grpc.StatusCode.ABORTED,
+        reason="ETAG_MISMATCH",
+    )
+    assert await counts() == before
