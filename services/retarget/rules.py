@@ -8,12 +8,18 @@ for ``sustain`` and the rule's ``cooldown`` has passed since its last firing:
 * STOP -> ``PauseCampaign`` (issuing and claims stop); a campaign already paused is left alone.
 * COPY -> ``CopyCampaign`` onto ``copy_to_pack`` with the deterministic id ``<campaign>-<rule>``
   (ALREADY_EXISTS means an earlier firing made it).
-* BOOST -> recorded only: the retarget API has no UpdateCampaign to raise the delivery rate yet.
+* BOOST -> ``UpdateCampaign`` of ``delivery_rate_per_second`` (with the etag read by the listing;
+  ABORTED re-reads and retries): the rate doubles, capped at the rule's ``boost_rate_ceiling``. A
+  campaign already at the ceiling (or unlimited, rate 0) needs nothing: the rule does not fire.
+  The running launch paces its next batch at the new rate.
 
-Each firing is written to the audit log (``rules/firings/{tenant}/{campaign}/...json`` in the object
-store: rule, action, time, the metric values that triggered it, outcome); the pause reason carries
-the same JSON, so retarget's own audit log has it too. Cooldowns survive restarts (read back from
-the audit log).
+Every action request carries the firing (``rule_firing``: rule, action, time, the metric values
+that triggered it); retarget writes it to the campaign's audit log in the action's own transaction
+(a refused action in one of its own) with what it did as the outcome, and ``GetCampaignReport``
+lists them. Retarget's ledger is thus the record the report reads, with no store access and no
+extra RPC. The engine also keeps its own copy (``rules/firings/{tenant}/{campaign}/...json`` in the
+object store, with the engine's outcome, including RPCs that failed before reaching the ledger);
+cooldowns survive restarts by reading it back.
 """
 
 from __future__ import annotations
@@ -29,17 +35,26 @@ from datetime import UTC, datetime
 import grpc
 import grpc.aio
 from flashcrowd.retarget.v1 import campaign_pb2, retarget_service_pb2, retarget_service_pb2_grpc
-from google.protobuf import json_format
+from google.protobuf import field_mask_pb2, json_format
 
 from services.retarget.sale_monitor import SaleMonitor, SaleScope, metrics_of
 from services.runtime import BaseServiceSettings, make_channel
 from services.storage import ObjectStore
 
-__all__ = ["RuleEngine", "compare"]
+__all__ = ["RuleEngine", "boost_target", "compare"]
 
 logger = logging.getLogger(__name__)
 
 Rule = campaign_pb2.Rule
+
+
+def boost_target(campaign: campaign_pb2.Campaign, rule: campaign_pb2.Rule) -> int | None:
+    """The delivery rate a BOOST firing sets: double the current one, never above the ceiling;
+    None when there is nothing to raise (at or above the ceiling, or unlimited)."""
+    rate, ceiling = campaign.delivery_rate_per_second, rule.boost_rate_ceiling
+    if rate <= 0 or ceiling <= 0 or rate >= ceiling:
+        return None
+    return min(rate * 2, ceiling)
 
 
 def compare(value: float, comparison: int, threshold: float) -> bool:
@@ -169,44 +184,82 @@ class RuleEngine:
         cooldown = rule.cooldown.ToTimedelta().total_seconds()
         if state.last_fired is not None and now - state.last_fired < cooldown:
             return None
+        if rule.action == Rule.ACTION_BOOST and boost_target(campaign, rule) is None:
+            return None  # already at the ceiling: nothing to do, nothing fires
         state.last_fired = now
-        outcome = await self._act(campaign, rule, metrics)
-        firing = campaign_pb2.RuleFiring(
-            rule_id=rule.rule_id, action=rule.action, metrics=metrics, outcome=outcome
-        )
+        firing = campaign_pb2.RuleFiring(rule_id=rule.rule_id, action=rule.action, metrics=metrics)
         firing.fire_time.FromDatetime(datetime.now(UTC))
+        firing.outcome = await self._act(campaign, rule, metrics, firing)
         await asyncio.to_thread(self._record, campaign.name, firing)
-        logger.info("rule %s fired on %s: %s", rule.rule_id, campaign.name, outcome)
+        logger.info("rule %s fired on %s: %s", rule.rule_id, campaign.name, firing.outcome)
         return firing
 
     async def _act(
-        self, campaign: campaign_pb2.Campaign, rule: campaign_pb2.Rule, metrics: dict[str, float]
+        self,
+        campaign: campaign_pb2.Campaign,
+        rule: campaign_pb2.Rule,
+        metrics: dict[str, float],
+        firing: campaign_pb2.RuleFiring,
     ) -> str:
         trigger = {"rule": rule.rule_id, rule.metric: metrics[rule.metric], "threshold": rule.threshold}
         try:
             if rule.action == Rule.ACTION_STOP:
                 await self.stub.PauseCampaign(
-                    retarget_service_pb2.PauseCampaignRequest(name=campaign.name, reason=json.dumps(trigger))
+                    retarget_service_pb2.PauseCampaignRequest(
+                        name=campaign.name, reason=json.dumps(trigger), rule_firing=firing
+                    )
                 )
                 return f"paused: {rule.metric}={metrics[rule.metric]:g}"
             if rule.action == Rule.ACTION_COPY:
                 campaign_id = f"{campaign.name.rsplit('/', 1)[1]}-{rule.rule_id}"[:63].rstrip("-")
                 copy = await self.stub.CopyCampaign(
                     retarget_service_pb2.CopyCampaignRequest(
-                        name=campaign.name, campaign_id=campaign_id, audience_pack=rule.copy_to_pack
+                        name=campaign.name,
+                        campaign_id=campaign_id,
+                        audience_pack=rule.copy_to_pack,
+                        rule_firing=firing,
                     )
                 )
                 return f"copied to {copy.name}"
             if rule.action == Rule.ACTION_BOOST:
-                return (
-                    f"not applied: retarget has no UpdateCampaign to raise the delivery rate to "
-                    f"{rule.boost_rate_ceiling}/s"
-                )
+                return await self._boost(campaign, rule, firing)
         except grpc.aio.AioRpcError as error:
             if error.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
                 return f"no-op ({error.code().name}): {error.details()}"
             return f"failed ({error.code().name}): {error.details()}"
         return "unknown action"
+
+    async def _boost(
+        self, campaign: campaign_pb2.Campaign, rule: campaign_pb2.Rule, firing: campaign_pb2.RuleFiring
+    ) -> str:
+        """Raise the delivery rate towards the ceiling; a concurrent change (ABORTED on the etag)
+        re-reads the campaign and tries again."""
+        for attempt in range(3):
+            target = boost_target(campaign, rule)
+            if target is None:
+                return f"no-op: delivery rate already {campaign.delivery_rate_per_second or 'unlimited'}/s"
+            try:
+                updated = await self.stub.UpdateCampaign(
+                    retarget_service_pb2.UpdateCampaignRequest(
+                        campaign=campaign_pb2.Campaign(
+                            name=campaign.name, delivery_rate_per_second=target, etag=campaign.etag
+                        ),
+                        update_mask=field_mask_pb2.FieldMask(paths=["delivery_rate_per_second"]),
+                        rule_firing=firing,
+                    )
+                )
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.ABORTED or attempt == 2:
+                    raise
+                campaign = await self.stub.GetCampaign(
+                    retarget_service_pb2.GetCampaignRequest(name=campaign.name)
+                )
+                continue
+            return (
+                f"boosted: delivery rate {campaign.delivery_rate_per_second} -> "
+                f"{updated.delivery_rate_per_second}/s (ceiling {rule.boost_rate_ceiling})"
+            )
+        return "unreachable"
 
     # ---- loop -----------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Sale monitor counters and the quick stop / copy rules against a real retarget service."""
+"""Sale monitor counters and the quick stop / boost / copy rules against a real retarget service."""
 
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ async def test_watch_sale_streams_updates_over_grpc() -> None:
 
 
 @pytest.mark.timeout(90)
-async def test_stop_and_copy_rules_fire_once_through_retarget(tmp_path, nats_url, monkeypatch) -> None:
+async def test_stop_boost_and_copy_rules_fire_through_retarget(tmp_path, nats_url, monkeypatch) -> None:
     bus = await make_jetstream_bus(nats_url)
     monkeypatch.setenv("FLASHCROWD_BUS_URL", f"{bus.url}?stream={bus.stream}&subjects={bus.subject_prefix}")
     audience_settings = load_settings(
@@ -190,6 +190,16 @@ async def test_stop_and_copy_rules_fire_once_through_retarget(tmp_path, nats_url
                 copy_to_pack="tenants/t1/packs/warm-snap",
                 scope=scope,
             ),
+            campaign_pb2.Rule(
+                rule_id="push",
+                action=campaign_pb2.Rule.ACTION_BOOST,
+                metric="clicks",
+                comparison=campaign_pb2.Rule.COMPARISON_GREATER_OR_EQUAL,
+                threshold=50,
+                cooldown=duration_pb2.Duration(seconds=2),
+                boost_rate_ceiling=3,
+                scope=scope,
+            ),
         ]
         campaign = await stub.CreateCampaign(
             retarget_service_pb2.CreateCampaignRequest(
@@ -212,9 +222,22 @@ async def test_stop_and_copy_rules_fire_once_through_retarget(tmp_path, nats_url
         assert got.state == campaign_pb2.Campaign.STATE_RUNNING
 
         store = LocalObjectStore(tmp_path / "audit")
-        engine = RuleEngine(stub, monitor, ["t1"], store=store, interval=0.1)
+        clock = [1000.0]
+        engine = RuleEngine(stub, monitor, ["t1"], store=store, interval=0.1, clock=lambda: clock[0])
+
+        async def rate() -> int:
+            got = await stub.GetCampaign(retarget_service_pb2.GetCampaignRequest(name=campaign.name))
+            return got.delivery_rate_per_second
+
         fired = await engine.evaluate()
-        assert [f.rule_id for f in fired] == ["clone"]  # stock not gone yet
+        assert [f.rule_id for f in fired] == ["clone", "push"]  # stock not gone yet
+        assert fired[1].outcome == "boosted: delivery rate 1 -> 2/s (ceiling 3)" and await rate() == 2
+        clock[0] += 1  # inside the boost's 2 s cooldown: nothing fires
+        assert await engine.evaluate() == [] and await rate() == 2
+        clock[0] += 2  # x2 would be 4: capped at the ceiling
+        assert [f.rule_id for f in await engine.evaluate()] == ["push"] and await rate() == 3
+        clock[0] += 3  # at the ceiling: no change, no firing
+        assert await engine.evaluate() == [] and await rate() == 3
         pays = [
             make_event(
                 1000 + i,
@@ -245,8 +268,23 @@ async def test_stop_and_copy_rules_fire_once_through_retarget(tmp_path, nats_url
         again = RuleEngine(stub, monitor, ["t1"], store=store)
         assert await again.evaluate() == []
         log = again.audit_log(campaign.name)
-        assert [f.rule_id for f in log] == ["sold-out", "clone"]
-        assert log[0].outcome.startswith("paused") and log[1].metrics["clicks"] == 60
+        assert [f.rule_id for f in log] == ["sold-out", "push", "push", "clone"]
+        assert log[0].outcome.startswith("paused") and log[3].metrics["clicks"] == 60
+
+        # The report lists the same firings from retarget's own audit log, with what it did.
+        report = await stub.GetCampaignReport(
+            retarget_service_pb2.GetCampaignReportRequest(campaign=campaign.name)
+        )
+        firings = list(report.rule_firings)
+        assert [f.rule_id for f in firings] == ["sold-out", "push", "push", "clone"]
+        assert [f.fire_time for f in firings] == [f.fire_time for f in log]
+        assert firings[0].metrics["stock_left"] == 0 and firings[0].outcome.startswith("paused")
+        assert firings[1].outcome == "updated: delivery_rate 2 -> 3"
+        assert firings[2].outcome == "updated: delivery_rate 1 -> 2" and firings[2].metrics["clicks"] == 60
+        assert (
+            firings[3].outcome
+            == "copied to tenants/t1/campaigns/retarget-clone on tenants/t1/packs/warm-snap"
+        )
     finally:
         await channel.close()
         await a_channel.close()
@@ -256,3 +294,17 @@ async def test_stop_and_copy_rules_fire_once_through_retarget(tmp_path, nats_url
         await a_server.stop(0.2)
         await a_app.close()
         await drop_stream(bus)
+
+
+def test_boost_doubles_the_rate_within_the_ceiling() -> None:
+    from services.retarget.rules import boost_target
+
+    def target(rate: int, ceiling: int) -> int | None:
+        campaign = campaign_pb2.Campaign(delivery_rate_per_second=rate)
+        return boost_target(campaign, campaign_pb2.Rule(boost_rate_ceiling=ceiling))
+
+    assert target(100, 1000) == 200
+    assert target(600, 1000) == 1000  # never above the ceiling
+    assert target(1000, 1000) is None  # at the ceiling: nothing to do
+    assert target(2000, 1000) is None  # set above it by hand: a boost never lowers it
+    assert target(0, 1000) is None  # unlimited already
