@@ -46,9 +46,10 @@ from services.audience.tenancy import (
     parse_live_pack_name,
     parse_parent,
 )
-from services.events.bus import BusUnavailable, EventBus, Subscription, open_bus
+from services.events.bus import BusUnavailable, EventBus, open_bus
 from services.events.codec import decode_batch
 from services.events.config import RealtimeSettings
+from services.events.follower import StreamFollower
 from services.events.schema import EventType
 from services.runtime import AlreadyExists, InvalidArgument, NotFound, ServiceDefinition, load_settings
 from services.storage import ObjectNotFound, ObjectStore
@@ -281,8 +282,10 @@ class LivePackState:
         return base
 
 
-class LivePackEngine:
+class LivePackEngine(StreamFollower):
     """All live packs of a process, fed from the bus."""
+
+    consumer = "live-packs"
 
     def __init__(
         self,
@@ -293,25 +296,13 @@ class LivePackEngine:
         margin: timedelta = timedelta(minutes=5),
         clock=time.monotonic,
     ) -> None:
-        self.bus = bus
+        super().__init__(bus, clock=clock)
         self.store = store
         self.prefix = prefix
         self.margin = margin
-        self.clock = clock
         self.packs: dict[tuple[str, str], LivePackState] = {}
-        self.seq = 0
-        self._watermark_us: int | None = None
-        self._watermark_at = 0.0
-        self._task: asyncio.Task | None = None
-        self._stopping = asyncio.Event()
-        self.ready = asyncio.Event()
 
     # ---- clock ----------------------------------------------------------------------------------
-
-    def now_us(self) -> int:
-        if self._watermark_us is None:
-            return int(datetime.now(UTC).timestamp() * 1_000_000)
-        return self._watermark_us + int((self.clock() - self._watermark_at) * 1_000_000)
 
     def now_minute(self) -> int:
         return self.now_us() // MINUTE_US
@@ -404,10 +395,7 @@ class LivePackEngine:
     def apply(self, frame: pl.DataFrame, seq: int, targets: Iterable[LivePackState] | None = None) -> None:
         """Apply one decoded batch (stream sequence ``seq``) to every pack (or ``targets``)."""
         if frame.height:
-            newest = int(frame.get_column("ts").dt.epoch("us").max())
-            if self._watermark_us is None or newest > self._watermark_us:
-                self._watermark_us = newest
-                self._watermark_at = self.clock()
+            self.observe(int(frame.get_column("ts").dt.epoch("us").max()))
         now_minute = self.now_minute()
         for state in list(targets if targets is not None else self.packs.values()):
             floor = now_minute - state.window_minutes
@@ -439,47 +427,10 @@ class LivePackEngine:
         finally:
             await sub.close()
 
-    async def run(self) -> None:
-        """Replay the stream from the longest window back, then follow it; retries while the bus is down."""
-        sub: Subscription | None = None
-        backoff = 0.5
-        while not self._stopping.is_set():
-            try:
-                if sub is None:
-                    if self.seq:
-                        sub = await self.bus.subscribe("live-packs", start_seq=self.seq + 1)
-                    else:
-                        longest = max((s.window_minutes for s in self.packs.values()), default=60)
-                        sub = await self.bus.subscribe(
-                            "live-packs", start_time=self._start_time(max(longest, 60))
-                        )
-                batch = await sub.fetch(256, 0.5 if self.ready.is_set() else 0.2)
-                if not batch:
-                    self.ready.set()  # caught up with the stream
-                for d in batch:
-                    self.apply(decode_batch(d.payload), d.seq)
-                backoff = 0.5
-            except BusUnavailable as error:
-                logger.warning("live packs: bus unavailable (%s); retrying", error)
-                if sub is not None:
-                    with contextlib.suppress(Exception):
-                        await sub.close()
-                sub = None
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), backoff)
-                backoff = min(backoff * 2, 10.0)
-        if sub is not None:
-            await sub.close()
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self.run(), name="live-packs")
-
-    async def stop(self) -> None:
-        self._stopping.set()
-        if self._task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._task, 10)
+    def first_start_time(self) -> datetime:
+        """Replay from the longest window back (at least an hour) when there is no checkpoint."""
+        longest = max((s.window_minutes for s in self.packs.values()), default=60)
+        return self._start_time(max(longest, 60))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ cost + hook loss).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -33,9 +32,9 @@ from flashcrowd.retarget.v1 import sale_monitor_pb2, sale_monitor_pb2_grpc
 from google.protobuf import timestamp_pb2
 from pyroaring import BitMap64
 
-from services.events.bus import BusUnavailable, EventBus, Subscription, open_bus
-from services.events.codec import decode_batch
+from services.events.bus import EventBus, open_bus
 from services.events.config import RealtimeSettings
+from services.events.follower import StreamFollower
 from services.events.schema import EventType
 from services.runtime import InvalidArgument, ServiceDefinition, run_service
 from services.storage import open_store
@@ -111,29 +110,19 @@ class SaleScope:
         return item_ok and (not self.campaign_ids or campaign_id in self.campaign_ids)
 
 
-class SaleMonitor:
+class SaleMonitor(StreamFollower):
     """Per-minute counters fed from the bus."""
+
+    consumer = "sale-monitor"
 
     def __init__(
         self, bus: EventBus, *, horizon: timedelta = timedelta(hours=6), clock=time.monotonic
     ) -> None:
-        self.bus = bus
+        super().__init__(bus, clock=clock)
         self.horizon = horizon
-        self.clock = clock
         #: minute -> (campaign_id, item_id) -> counters
         self.minutes: dict[int, dict[tuple[int, int], np.ndarray]] = defaultdict(dict)
-        self.seq = 0
         self._seen = BitMap64()
-        self._watermark_us: int | None = None
-        self._watermark_at = 0.0
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task | None = None
-        self.ready = asyncio.Event()
-
-    def now_us(self) -> int:
-        if self._watermark_us is None:
-            return int(datetime.now(UTC).timestamp() * 1_000_000)
-        return self._watermark_us + int((self.clock() - self._watermark_at) * 1_000_000)
 
     def apply(self, frame: pl.DataFrame, seq: int) -> None:
         if frame.height:
@@ -143,9 +132,7 @@ class SaleMonitor:
                 frame = frame.filter(pl.col("event_id").is_in(list(fresh)))
             self._seen |= fresh
         if frame.height:
-            newest = int(frame.get_column("ts").dt.epoch("us").max())
-            if self._watermark_us is None or newest > self._watermark_us:
-                self._watermark_us, self._watermark_at = newest, self.clock()
+            self.observe(int(frame.get_column("ts").dt.epoch("us").max()))
             t = pl.col("event_type")
             aggs = [(t == int(code)).sum().alias(name) for name, code in _COUNT_OF.items()]
             aggs += [
@@ -217,41 +204,8 @@ class SaleMonitor:
 
     # ---- feeding --------------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        sub: Subscription | None = None
-        backoff = 0.5
-        while not self._stopping.is_set():
-            try:
-                if sub is None:
-                    if self.seq:
-                        sub = await self.bus.subscribe("sale-monitor", start_seq=self.seq + 1)
-                    else:
-                        start = datetime.now(UTC) - self.horizon
-                        sub = await self.bus.subscribe("sale-monitor", start_time=start)
-                batch = await sub.fetch(256, 0.5 if self.ready.is_set() else 0.2)
-                if not batch:
-                    self.ready.set()
-                for d in batch:
-                    self.apply(decode_batch(d.payload), d.seq)
-                backoff = 0.5
-            except BusUnavailable as error:
-                logger.warning("sale monitor: bus unavailable (%s); retrying", error)
-                sub = None
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), backoff)
-                backoff = min(backoff * 2, 10.0)
-        if sub is not None:
-            await sub.close()
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self.run(), name="sale-monitor")
-
-    async def stop(self) -> None:
-        self._stopping.set()
-        if self._task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._task, 10)
+    def first_start_time(self) -> datetime:
+        return datetime.now(UTC) - self.horizon
 
 
 def _ratio(a: float, b: float) -> float:
