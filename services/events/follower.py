@@ -9,6 +9,7 @@ than real time slides windows with it.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
@@ -24,7 +25,7 @@ from services.events.codec import decode_batch
 logger = logging.getLogger(__name__)
 
 
-class StreamFollower:
+class StreamFollower(abc.ABC):
     """Base of stream consumers kept in memory; subclasses implement ``apply``."""
 
     #: Durable consumer name on the bus.
@@ -54,12 +55,13 @@ class StreamFollower:
 
     # ---- what subclasses provide -----------------------------------------------------------------
 
+    @abc.abstractmethod
     def first_start_time(self) -> datetime:
         """Where to start replaying when there is no checkpoint yet."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def apply(self, frame: pl.DataFrame, seq: int) -> None:
-        raise NotImplementedError
+        """Fold one decoded batch (stream sequence ``seq``) into the state."""
 
     # ---- the loop ----------------------------------------------------------------------------------
 
