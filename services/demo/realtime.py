@@ -23,7 +23,9 @@ shared in-process bus (``memory://flashcrowd-demo``); ``await realtime_step(demo
    (CI logs). When the stock is gone the replay waits for the rule to pause the campaign and shows
    the audit entry;
 4. shows the per-item counters of one ``WatchSale`` update, snapshots the live pack into an
-   ordinary pack (``SnapshotLivePack``) and launches the jacket retarget campaign on the snapshot.
+   ordinary pack (``SnapshotLivePack``) and launches a small retarget campaign on the snapshot: a
+   recall of the warm non-payers to the rest of the live room (the room is live until T+60; the
+   story's next step runs the after-sale jacket test on the batch "clickers, not buyers" pack).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ BEFORE, AFTER = 5, 30
 LIVE_PACK_ID = "warm-clickers"
 SNAPSHOT_ID = "warm-clickers-t30"
 PUSH_CAMPAIGN = "t0-live-coupon"
-RETARGET_CAMPAIGN = "jacket-warm-clickers"
+RETARGET_CAMPAIGN = "t30-recall-warm-clickers"
 #: Unit cost assumed for the hook T-shirt (the world gives list and sale price only).
 HOOK_UNIT_COST_FEN = 6000
 Campaign = campaign_pb2.Campaign
@@ -196,24 +198,11 @@ class _Stops:
 
 
 async def _start_retarget(demo: Any) -> str:
-    if getattr(demo, "retarget_target", None):
-        return demo.retarget_target
-    from services.retarget.config import RetargetSettings
-    from services.retarget.server import create_retarget_server
-    from services.runtime import load_settings
+    """The story's retarget server (``services.demo.retarget``), started here if the story has none."""
+    if not getattr(demo, "retarget_target", None):
+        from services.demo.retarget import start_retarget
 
-    settings = load_settings(
-        RetargetSettings,
-        database_url=f"sqlite:///{demo.opt.workdir / 'retarget.db'}",
-        audience_target=demo.audience_target,
-        port=0,
-        grace_seconds=0.5,
-        log_json=False,
-    )
-    server, port, app = await create_retarget_server(settings)
-    demo._servers.append((server, app))
-    demo.retarget_target = f"127.0.0.1:{port}"
-    render.note(f"retarget  {demo.retarget_target}  (RetargetService, Operations; SQLite ledger)")
+        await start_retarget(demo)
     return demo.retarget_target
 
 
@@ -609,6 +598,7 @@ class _Step:
                     f"{campaign.progress.issued:,} coupons issued before the stop",
                 ),
             ],
+            right=2,
         )
 
     async def show_items(self) -> None:
@@ -638,7 +628,7 @@ class _Step:
         )
 
     async def retarget_snapshot(self) -> dict[str, Any]:
-        """Snapshot the live pack into an ordinary pack and launch the jacket campaign on it."""
+        """Snapshot the live pack into an ordinary pack and launch a small recall campaign on it."""
         sale, retarget = self.sale, self.retarget
         snapshot = await self.live.SnapshotLivePack(
             live_pack_pb2.SnapshotLivePackRequest(
@@ -651,16 +641,20 @@ class _Step:
             f"SnapshotLivePack -> {snapshot.name} v{snapshot.version}: {snapshot.size:,} members "
             f"(live pack at the last minute: {self.live_size:,})"
         )
-        jacket = await retarget.CreateCouponTemplate(
+        # The room is live until T+60: call the warm non-payers back to what is left (the hook is gone).
+        rest = [i for i in sale["live_item_ids"] if i != sale["hook_item_id"]]
+        coupon = sale["live_coupon"]
+        recall = await retarget.CreateCouponTemplate(
             retarget_service_pb2.CreateCouponTemplateRequest(
                 parent=self.tenant,
-                coupon_template_id="jacket-40-off",
+                coupon_template_id="live-room-recall",
                 coupon_template=coupon_pb2.CouponTemplate(
-                    display_name="windbreaker jacket: 40 off",
-                    fixed_amount=coupon_pb2.FixedAmountOff(amount_fen=4000),
-                    applicable_item_ids=[sale["retarget_item_id"]],
+                    display_name="back to the live room: 20 off 199 (the T-shirt is sold out)",
+                    fixed_amount=coupon_pb2.FixedAmountOff(amount_fen=coupon["discount_fen"]),
+                    min_spend_fen=coupon["threshold_fen"],
+                    applicable_item_ids=rest,
                     per_user_limit=1,
-                    valid_for=duration_pb2.Duration(seconds=3 * 86_400),
+                    valid_for=duration_pb2.Duration(seconds=3600),
                 ),
             )
         )
@@ -669,10 +663,10 @@ class _Step:
                 parent=self.tenant,
                 campaign_id=RETARGET_CAMPAIGN,
                 campaign=campaign_pb2.Campaign(
-                    display_name="Jacket offer to warm clickers who did not pay",
+                    display_name="T+30 recall: warm clickers who did not pay, while the room is live",
                     audience_pack=snapshot.name,
-                    offer_item_ids=[sale["retarget_item_id"]],
-                    coupon_template=jacket.name,
+                    offer_item_ids=rest,
+                    coupon_template=recall.name,
                     holdout_basis_points=1000,
                 ),
             )

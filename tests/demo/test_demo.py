@@ -1,8 +1,8 @@
 """``flashcrowd demo`` end to end: the whole story as a subprocess on a small world, output checked.
 
-30,000 users is the smallest world where every step has something to show with seed 7: the hook
-T-shirt sells out (T+2 min), the clickers-not-buyers pack is above the persona privacy minimum, and
-the lookalike has a seed. Stdout is not a terminal here, so the live view prints one line per
+30,000 users is a small world where every step has something to show with seed 7: the hook T-shirt
+sells out (T+2 min), the clickers-not-buyers pack is above the persona privacy minimum, and the
+lookalike has a seed. Stdout is not a terminal here, so the live view prints one line per
 simulated minute (what CI logs show).
 """
 
@@ -51,7 +51,7 @@ def test_flashcrowd_demo_tells_the_whole_story(tmp_path: Path) -> None:
 
     # Every step's header, in order.
     titles = ["1. A world of behaviour", "2. Services", "3. Crowd packs", "4. Persona", "5. Ad serving",
-              "6. Lookalike", "7. T-0, live", "Done"]  # fmt: skip
+              "6. Lookalike", "7. T-0, live", "8. After the sale", "Done"]  # fmt: skip
     positions = [out.find(t) for t in titles]
     assert all(p >= 0 for p in positions) and positions == sorted(positions), list(
         zip(titles, positions, strict=True)
@@ -107,5 +107,9 @@ def test_flashcrowd_demo_tells_the_whole_story(tmp_path: Path) -> None:
     assert done, live[-3000:]
     assert _int(done.group(1)) + _int(done.group(2)) == _int(snap.group(1))
     assert re.search(r"replayed [\d,]+ events accepted \(0 duplicates, 0 rejected\)", flat)
+
+    # 8: the after-sale test on the batch pack.
+    after = " ".join(out[out.find("8. After the sale") :].split())
+    assert "campaigns/after-sale-jacket" in after and "funnel and ROI per arm" in after
 
     assert elapsed < 90, f"the demo took {elapsed:.0f} s"
