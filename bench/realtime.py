@@ -1,16 +1,26 @@
 """Real-time benchmarks: ingest throughput (gRPC -> JetStream vs raw nats-py), live-pack freshness, memory.
 
-    .venv/bin/python bench/realtime.py [--nats nats://127.0.0.1:4222] [--events 300000]
+    .venv/bin/python bench/realtime.py [--nats nats://127.0.0.1:4222] [--events 500000] [--raw-messages 5000]
+                                       [--rounds 3]
 
 1. Ingest: an EventService process (``python -m services.events.ingest``, bus on NATS) receives
-   client batches of 1,000 events over one IngestEvents stream (8 requests in flight); events/s per
-   server process. Same run: raw nats-py publishing the same events, already encoded, in messages of
-   1,000 (256 publishes in flight, ``publish_async``). Plus where the server's time goes (in-process
-   EventIngestor stage timings).
-2. Freshness: after each IngestEventBatch returns, how long until the event's user is a member of a
+   client batches of 1,000 events over IngestEvents streams (8 in flight); events/s per server
+   process, and the server's CPU per event (``/proc``); median of ``--rounds`` rounds, interleaved
+   with the raw publishes so that load from elsewhere on the machine hits both alike. The client
+   sends requests serialized once beforehand, so that on a small machine its CPU goes to the
+   transport, not to re-serializing.
+   Same run, raw nats-py publishing the same events, encoded by the service's own encoder, in
+   messages of 1,000 (``--raw-messages`` messages, cycling a pool of distinct payloads; the
+   service's headers; as many publishes in flight as the service allows), and in messages of the
+   size the service really publishes (a request's events split over the shards).
+2. Where the time goes: the same requests through ``EventIngestor`` in this process (decode,
+   validate, encode, publish per event), the protobuf parse of a request (upb) for comparison, and
+   two no-op EventService processes on the same server factory, as ceilings of the gRPC hop: one
+   that only counts the request bytes, one that also parses them with protobuf.
+3. Freshness: after each IngestEventBatch returns, how long until the event's user is a member of a
    live pack (``LivePackEngine`` following the same stream in this process), p50 / p99, while the
    ingest load of (1) runs from another process.
-3. Memory of a live pack's per-minute Roaring buckets: per 1M members in one minute, and per
+4. Memory of a live pack's per-minute Roaring buckets: per 1M members in one minute, and per
    window minute for a 15-minute window over 1M active users.
 """
 
@@ -19,6 +29,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -35,19 +47,21 @@ sys.path.insert(0, str(ROOT / "gen"))
 
 import grpc  # noqa: E402
 import grpc.aio  # noqa: E402
-from flashcrowd.audience.v1 import event_service_pb2, event_service_pb2_grpc, events_pb2, spec_pb2  # noqa: E402
+from flashcrowd.audience.v1 import event_service_pb2, events_pb2, spec_pb2  # noqa: E402
 from google.protobuf import duration_pb2  # noqa: E402
 
 from services.audience.live import LivePackEngine, Series, compile_live_spec  # noqa: E402
-from services.events.bus import JetStreamBus  # noqa: E402
-from services.events.codec import encode_batch, events_from_proto  # noqa: E402
+from services.events.bus import HEADER_COUNT, HEADER_FORMAT, HEADER_MSG_ID, JetStreamBus  # noqa: E402
+from services.events.codec import batches_from_columns, shard_table  # noqa: E402
+from services.events.columns import columns_from_wire, validate_columns  # noqa: E402
 from services.events.ingest import EventIngestor  # noqa: E402
-from services.events.schema import validate_events  # noqa: E402
+from services.events.sharding import buckets_np  # noqa: E402
+
+INGEST_METHOD = "/flashcrowd.audience.v1.EventService/IngestEvents"
 
 
-def make_requests(
-    n_events: int, batch: int = 1000, first_id: int = 1
-) -> list[event_service_pb2.IngestEventsRequest]:
+def make_requests(n_events: int, batch: int = 1000, first_id: int = 1) -> list[bytes]:
+    """Serialized IngestEventsRequests of ``batch`` events (live-room traffic of 5M users)."""
     now = datetime.now(UTC) - timedelta(seconds=2)
     rng = np.random.default_rng(1)
     users = rng.integers(1, 5_000_000, n_events)
@@ -64,16 +78,18 @@ def make_requests(
                 campaign_id=900002,
             )
             e.event_time.FromDatetime(now)
-        out.append(req)
+        out.append(req.SerializeToString())
     return out
 
 
-def start_server(url: str, stream: str, prefix: str) -> tuple[subprocess.Popen, int]:
-    import socket
-
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def start_server(url: str, stream: str, prefix: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
     env = {
         **os.environ,
         "FLASHCROWD_BUS_URL": f"{url}?stream={stream}&subjects={prefix}",
@@ -84,12 +100,63 @@ def start_server(url: str, stream: str, prefix: str) -> tuple[subprocess.Popen, 
     return proc, port
 
 
-async def grpc_ingest(port: int, requests, in_flight: int = 8) -> float:
+def start_floor_server(mode: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--floor-server", mode, "--port", str(port)], cwd=ROOT)
+    return proc, port
+
+
+async def serve_floor(mode: str, port: int) -> None:
+    """A no-op EventService on the shared server factory: the gRPC hop alone (``bytes``) or with
+    the protobuf parse of each request (``proto``)."""
+    from services.runtime import BaseServiceSettings, create_server, load_settings
+
+    response = event_service_pb2.IngestEventsResponse
+
+    async def ingest(requests, context):
+        async for request in requests:
+            # ``bytes``: acknowledges the request without looking at it (the client counts events).
+            yield response(accepted=len(request.events) if mode == "proto" else 0)
+
+    def register(server: grpc.aio.Server) -> None:
+        parse = event_service_pb2.IngestEventsRequest.FromString if mode == "proto" else None
+        handler = grpc.stream_stream_rpc_method_handler(
+            ingest, request_deserializer=parse, response_serializer=response.SerializeToString
+        )
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "flashcrowd.audience.v1.EventService", {"IngestEvents": handler}
+                ),
+            )
+        )
+
+    settings = load_settings(BaseServiceSettings, port=port, log_json=False)
+    server, _ = await create_server(settings, service_names=[], register=register)
+    await server.wait_for_termination()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def grpc_ingest(
+    port: int, requests: list[bytes], in_flight: int = 8, pid: int | None = None, events: int | None = None
+):
+    """``(events/s, server CPU seconds, events)`` of IngestEvents over ``in_flight`` streams.
+
+    Events are counted from the answers (accepted + duplicates) unless ``events`` is given.
+    """
     async with grpc.aio.insecure_channel(
         f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)]
     ) as ch:
         await asyncio.wait_for(ch.channel_ready(), 30)
-        stub = event_service_pb2_grpc.EventServiceStub(ch)
+        call = ch.stream_stream(
+            INGEST_METHOD,
+            request_serializer=None,  # already serialized
+            response_deserializer=event_service_pb2.IngestEventsResponse.FromString,
+        )
         chunks = [requests[i::in_flight] for i in range(in_flight)]
 
         async def one(chunk) -> int:
@@ -97,44 +164,69 @@ async def grpc_ingest(port: int, requests, in_flight: int = 8) -> float:
                 for r in chunk:
                     yield r
 
-            return sum([r.accepted + r.duplicates async for r in stub.IngestEvents(gen())])
+            return sum([r.accepted + r.duplicates async for r in call(gen())])
 
+        cpu0 = cpu_seconds(pid) if pid else 0.0
         start = time.perf_counter()
         done = sum(await asyncio.gather(*(one(c) for c in chunks)))
         elapsed = time.perf_counter() - start
-    assert done == sum(len(r.events) for r in requests), done
-    return done / elapsed
+        cpu = cpu_seconds(pid) - cpu0 if pid else 0.0
+    done = done if events is None else events
+    return done / elapsed, cpu, done
 
 
-async def raw_publish(url: str, stream: str, prefix: str, requests) -> float:
+def encoded_payloads(requests: list[bytes], shards: int, now: datetime) -> list:
+    """The requests' events as the service encodes them (validated, per shard)."""
+    table = shard_table(shards)
+    out = []
+    for r in requests:
+        columns = columns_from_wire(r)
+        ok, _ = validate_columns(columns, now=now)
+        valid = columns.take(np.flatnonzero(ok))
+        out.extend(batches_from_columns(valid, buckets_np(valid.user_id), table))
+    return out
+
+
+async def raw_publish(
+    url: str, prefix: str, batches: list, messages: int, pending: int
+) -> tuple[float, float]:
+    """(events/s, publisher CPU s per event) of nats-py publishing ``messages`` of these payloads (cycled)."""
     import nats
 
-    # Same events, validated and encoded as the service would, in messages of 1,000.
-    payloads = []
-    for r in requests:
-        valid, _ = validate_events(events_from_proto(r.events))
-        payloads.append(encode_batch(valid))
     nc = await nats.connect(url)
-    js = nc.jetstream(publish_async_max_pending=256)
+    js = nc.jetstream(publish_async_max_pending=pending)
+    token = uuid.uuid4().hex[:8]
+    events = 0
+    cpu = time.process_time()
     start = time.perf_counter()
     futures = []
-    for i, p in enumerate(payloads):
-        futures.append(await js.publish_async(f"{prefix}.{i % 4}", p, headers={"Nats-Msg-Id": f"raw-{i}"}))
+    for i in range(messages):
+        b = batches[i % len(batches)]
+        headers = {HEADER_MSG_ID: f"raw-{token}-{i}", HEADER_COUNT: str(b.count), HEADER_FORMAT: b.format}
+        futures.append(await js.publish_async(f"{prefix}.{b.shard}", b.payload, headers=headers))
+        events += b.count
     await asyncio.gather(*futures)
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     await nc.close()
-    return sum(len(r.events) for r in requests) / elapsed
+    return events / elapsed, cpu / events
 
 
-async def stage_timings(bus: JetStreamBus, requests) -> dict[str, float]:
+async def stage_timings(bus: JetStreamBus, requests: list[bytes]) -> dict[str, float]:
+    """Nanoseconds per event of each ingest stage, in this process, one request after the other."""
     ingestor = EventIngestor(bus)
+    await ingestor.ingest(requests[0])
     totals: dict[str, float] = {}
-    for r in requests:
-        result = await ingestor.ingest(r.events)
+    for r in requests[1:]:
+        result = await ingestor.ingest(r)
         for k, v in result.timings.items():
             totals[k] = totals.get(k, 0.0) + v
-    n = sum(len(r.events) for r in requests)
-    return {k: v / n * 1e6 for k, v in totals.items()}  # microseconds per event
+    n = 1000 * (len(requests) - 1)
+    parse = time.perf_counter()
+    for r in requests:
+        event_service_pb2.IngestEventsRequest.FromString(r)
+    totals["protobuf parse (upb), for comparison"] = time.perf_counter() - parse
+    return {k: v / n * 1e9 for k, v in totals.items()}
 
 
 async def freshness(bus: JetStreamBus, samples: int = 200) -> tuple[float, float]:
@@ -198,27 +290,80 @@ def memory() -> tuple[int, int]:
     return per_million, window.memory_bytes() // 15
 
 
+def spread(values: list[float]) -> str:
+    """Median [min-max] of a few rounds."""
+    return f"{statistics.median(values):,.0f} [{min(values):,.0f}-{max(values):,.0f}]"
+
+
+async def measure_ingest(args, bus: JetStreamBus, prefix: str, proc: subprocess.Popen, port: int) -> None:
+    await grpc_ingest(port, make_requests(20_000, first_id=1 << 45), pid=proc.pid)  # warm-up
+    now = datetime.now(UTC)
+    requests = make_requests(args.events)
+    per_1000 = encoded_payloads(requests[:200], 1, now)
+    per_shard = encoded_payloads(requests[:200], bus.shard_count, now)
+    rates, cpus, raws, raw_cpus, shardeds, sharded_cpus = [], [], [], [], [], []
+    for k in range(args.rounds):  # interleaved, so that load from elsewhere hits all alike
+        if k:
+            requests = make_requests(args.events, first_id=1 + (k << 32))
+        rate, cpu, done = await grpc_ingest(port, requests, pid=proc.pid)
+        rates.append(rate)
+        cpus.append(cpu / done * 1e9)
+        raw, raw_cpu = await raw_publish(args.nats, prefix, per_1000, args.raw_messages, bus.max_pending)
+        raws.append(raw)
+        raw_cpus.append(raw_cpu * 1e9)
+        sharded, sharded_cpu = await raw_publish(
+            args.nats, prefix, per_shard, args.raw_messages, bus.max_pending
+        )
+        shardeds.append(sharded)
+        sharded_cpus.append(sharded_cpu * 1e9)
+    rate, raw, sharded = (statistics.median(v) for v in (rates, raws, shardeds))
+    mean = sum(b.count for b in per_shard) / len(per_shard)
+    print(f"(median [min-max] of {args.rounds} interleaved rounds on {os.cpu_count()} CPUs shared by client, "
+          "server and nats-server)")  # fmt: skip
+    print(f"ingest via gRPC into JetStream: {spread(rates)} events/s per server process ({done:,} events "
+          f"a round, client batches of 1,000, 8 streams); server CPU {spread(cpus)} ns/event")  # fmt: skip
+    print(f"raw nats-py publish, same encoded events, 1,000 per message: {spread(raws)} events/s "
+          f"({args.raw_messages:,} messages a round); publisher CPU {spread(raw_cpus)} ns/event")  # fmt: skip
+    print(f"raw nats-py publish at the service's message size ({mean:,.0f} events: a request over "
+          f"{bus.shard_count} shards): {spread(shardeds)} events/s; publisher CPU {spread(sharded_cpus)} "
+          "ns/event")  # fmt: skip
+    print(f"ratio gRPC ingest / raw publish: {rate / raw:.2f} (1,000 per message); "
+          f"{rate / sharded:.2f} (at the service's message size)")  # fmt: skip
+
+    stages = await stage_timings(bus, make_requests(100_000, first_id=1 << 41))
+    print("server stages in-process, ns/event: " + ", ".join(f"{k} {v:,.0f}" for k, v in stages.items()))
+    for mode in ("bytes", "proto"):
+        floor, floor_port = start_floor_server(mode)
+        try:
+            await grpc_ingest(floor_port, requests[:20], pid=floor.pid)
+            f_rate, f_cpu, f_done = await grpc_ingest(floor_port, requests, pid=floor.pid, events=done)
+        finally:
+            floor.terminate()
+            floor.wait(10)
+        what = "the gRPC hop alone" if mode == "bytes" else "gRPC hop + protobuf parse"
+        print(f"ceiling, no-op EventService ({what}): {f_rate:,.0f} events/s, server CPU "
+              f"{f_cpu / f_done * 1e9:,.0f} ns/event = {f_rate / raw:.2f} of raw publish")  # fmt: skip
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--nats", default="nats://127.0.0.1:4222")
-    parser.add_argument("--events", type=int, default=300_000)
+    parser.add_argument("--events", type=int, default=500_000)
+    parser.add_argument("--raw-messages", type=int, default=5_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--floor-server", choices=["bytes", "proto"], help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.floor_server:
+        await serve_floor(args.floor_server, args.port)
+        return
     token = uuid.uuid4().hex[:10]
     stream, prefix = f"BENCH_{token.upper()}", f"bench.{token}"
     bus = JetStreamBus(args.nats, stream=stream, subject_prefix=prefix, duplicate_window=30)
     await bus.start()
     proc, port = start_server(args.nats, stream, prefix)
     try:
-        requests = make_requests(args.events)
-        grpc_rate = await grpc_ingest(port, requests)
-        raw_rate = await raw_publish(args.nats, stream, prefix, make_requests(args.events, first_id=1 << 40))
-        stages = await stage_timings(bus, make_requests(50_000, first_id=1 << 41))
-        print(f"ingest via gRPC into JetStream: {grpc_rate:,.0f} events/s per server process "
-              f"({args.events:,} events, client batches of 1,000)")  # fmt: skip
-        print(f"raw nats-py publish, same encoded events, 1,000 per message: {raw_rate:,.0f} events/s")
-        print(f"ratio gRPC ingest / raw publish: {grpc_rate / raw_rate:.2f}")
-        print("server time per event (us): " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
-
+        await measure_ingest(args, bus, prefix, proc, port)
         loader = (
             "import asyncio, sys; sys.path[:0] = ['.', 'gen']; import bench.realtime as b; "
             f"asyncio.run(b.grpc_ingest({port}, b.make_requests({args.events}, first_id=1 << 50)))"

@@ -424,6 +424,11 @@ class JetStreamBus(EventBus):
             return []
         await self._ensure()
         futures: list[asyncio.Future] = []
+        # nats-py bounds publishes in flight with a semaphore and waits for it with
+        # asyncio.wait_for(timeout), a task per message (~9 us). When there is room for the whole
+        # batch the wait cannot stall, so skip the timeout (wait_for(None) just awaits).
+        room = self._js.publish_async_pending() + len(batches) <= self.max_pending
+        stall = None if room else timeout
         try:
             for batch in batches:
                 headers = {
@@ -433,7 +438,7 @@ class JetStreamBus(EventBus):
                 }
                 futures.append(
                     await self._js.publish_async(
-                        self.subject(batch.shard), batch.payload, wait_stall=timeout, headers=headers
+                        self.subject(batch.shard), batch.payload, wait_stall=stall, headers=headers
                     )
                 )
             _, pending = await asyncio.wait(futures, timeout=timeout)

@@ -5,6 +5,10 @@ with exactly the columns of ``EVENTS_SCHEMA`` (validated, ``bucket`` filled in).
 deterministic: ``<shard>-<sha256 of the event ids, in order>[:32]``, so a client retry of the same
 request produces the same batches and the bus stores each one once (within its de-duplication
 window); consumers additionally de-duplicate by ``event_id``.
+
+Ingest builds them with ``batches_from_columns`` (numpy columns -> one Arrow record batch in shard
+order -> zero-copy slices, each serialized once behind the cached schema message);
+``split_batches`` does the same from a validated polars frame.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from services.events.bus import OutgoingBatch
+from services.events.columns import EventColumns
 from services.events.schema import EVENTS_SCHEMA
 from services.events.sharding import NUM_BUCKETS, Shard
 
@@ -24,6 +30,7 @@ __all__ = [
     "MAX_EVENTS_PER_MESSAGE",
     "PAYLOAD_FORMAT",
     "batch_message_id",
+    "batches_from_columns",
     "decode_batch",
     "encode_batch",
     "events_from_proto",
@@ -103,6 +110,80 @@ def encode_batch(frame: pl.DataFrame) -> bytes:
     sink = io.BytesIO()
     frame.write_ipc_stream(sink, compression="uncompressed")
     return sink.getvalue()
+
+
+#: The Arrow schema polars writes for EVENTS_SCHEMA, its IPC message, and the stream's end marker.
+ARROW_SCHEMA = pl.DataFrame(schema=EVENTS_SCHEMA).to_arrow().schema
+_SCHEMA_MESSAGE = ARROW_SCHEMA.serialize().to_pybytes()
+_END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+
+
+_TYPES = [field.type for field in ARROW_SCHEMA]
+
+
+def _array(kind: pa.DataType, values: np.ndarray, absent: np.ndarray | None = None) -> pa.Array:
+    """An Arrow array over the numpy buffer (no copy); ``absent`` rows null (ids where 0 = n/a)."""
+    data = pa.py_buffer(values)
+    if absent is None or not absent.any():
+        return pa.Array.from_buffers(kind, values.size, [None, data], null_count=0)
+    present = np.packbits(~absent, bitorder="little")
+    return pa.Array.from_buffers(
+        kind, values.size, [pa.py_buffer(present), data], null_count=int(absent.sum())
+    )
+
+
+def batches_from_columns(
+    valid: EventColumns,
+    bucket: np.ndarray,
+    shards: np.ndarray,
+    *,
+    max_events: int = MAX_EVENTS_PER_MESSAGE,
+) -> list[OutgoingBatch]:
+    """Validated columns (``bucket`` per row) -> messages of at most ``max_events`` events of one shard.
+
+    The same split as ``split_batches`` (request order kept inside a shard, a pure function of the
+    events), encoded once: one record batch in shard order, sliced per message.
+    """
+    n = len(valid)
+    if n == 0:
+        return []
+    shard_of_row = shards[bucket]
+    order = np.argsort(shard_of_row, kind="stable")
+    ids = valid.event_id[order]
+    columns = [
+        (ids, None),
+        (valid.user_id[order].astype(np.uint32), None),
+        (bucket[order], None),
+        (valid.ts[order], None),
+        (valid.event_type[order].astype(np.uint8), None),
+    ]
+    for name in ("item_id", "category_id", "campaign_id", "video_id", "order_id"):
+        values = getattr(valid, name)[order]
+        columns.append((values, values == 0))
+    columns.append((valid.amount_fen[order], None))
+    batch = pa.RecordBatch.from_arrays(
+        [_array(kind, values, absent) for kind, (values, absent) in zip(_TYPES, columns, strict=True)],
+        schema=ARROW_SCHEMA,
+    )
+    sizes = np.bincount(shard_of_row, minlength=int(shards.max()) + 1).tolist()
+    out: list[OutgoingBatch] = []
+    start = 0
+    for shard, size in enumerate(sizes):
+        end = start + size
+        for lo in range(start, end, max_events):
+            hi = min(lo + max_events, end)
+            body = batch.slice(lo, hi - lo).serialize()
+            out.append(
+                OutgoingBatch(
+                    shard=shard,
+                    payload=b"".join((_SCHEMA_MESSAGE, body, _END_OF_STREAM)),
+                    msg_id=batch_message_id(shard, ids[lo:hi]),
+                    count=hi - lo,
+                    format=PAYLOAD_FORMAT,
+                )
+            )
+        start = end
+    return out
 
 
 def decode_batch(payload: bytes) -> pl.DataFrame:

@@ -1,13 +1,17 @@
 """EventService: validated events into the durable event bus, acknowledged only once stored.
 
 ``python -m services.events.ingest`` serves it alone; the audience service and the demo can mount
-the same servicer. Per request: proto events -> columns -> ``validate_events`` (bad events are
-returned one by one with index, field and reason; the valid rest goes on) -> duplicates of an event
-id inside the request dropped -> per-shard messages of up to 1,000 events with deterministic ids
-(``services.events.codec``) -> ``bus.publish`` waits for every message's confirmation. Any
-confirmation missing within ``FLASHCROWD_INGEST_ACK_TIMEOUT`` -> UNAVAILABLE and nothing of the
-request is acknowledged; a retry with the same events creates no duplicates (same message ids, and
-consumers de-duplicate by event id).
+the same servicer. Per request: the serialized request -> numpy columns straight from the wire
+(``services.events.columns``; protobuf parses whatever that decoder does not handle) ->
+``validate_columns`` (bad events are returned one by one with index, field and reason; the valid
+rest goes on) -> duplicates of an event id inside the request dropped -> per-shard messages of up to
+1,000 events with deterministic ids (``services.events.codec``) -> ``bus.publish`` waits for every
+message's confirmation. Any confirmation missing within ``FLASHCROWD_INGEST_ACK_TIMEOUT`` ->
+UNAVAILABLE and nothing of the request is acknowledged; a retry with the same events creates no
+duplicates (same message ids, and consumers de-duplicate by event id).
+
+The handlers are registered without a request deserializer (``add_event_service``): they receive
+the request bytes, so no Python object is built per event.
 
 Unary ``IngestEventBatch`` answers INVALID_ARGUMENT (BadRequest, one violation per bad event)
 when no event of the batch is valid; otherwise it answers OK with the rejects listed.
@@ -22,19 +26,46 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import grpc
+import numpy as np
 from flashcrowd.audience.v1 import event_service_pb2, event_service_pb2_grpc
+from google.protobuf.message import DecodeError
 
 from services.events.bus import BusUnavailable, EventBus, open_bus
-from services.events.codec import PROTO_FIELD, events_from_proto, shard_table, split_batches
+from services.events.codec import PROTO_FIELD, batches_from_columns, shard_table
+from services.events.columns import EventColumns, columns_from_proto, columns_from_wire, validate_columns
 from services.events.config import RealtimeSettings
-from services.events.schema import Reject, validate_events
+from services.events.schema import Reject
+from services.events.sharding import buckets_np
 from services.runtime import InvalidArgument, ServiceDefinition, Unavailable, run_service
 
-__all__ = ["EventIngestor", "EventServicer", "IngestResult", "build", "event_service_definition"]
+__all__ = [
+    "EventIngestor",
+    "EventServicer",
+    "IngestResult",
+    "add_event_service",
+    "build",
+    "event_service_definition",
+    "to_columns",
+]
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = event_service_pb2.DESCRIPTOR.services_by_name["EventService"].full_name
+
+
+def to_columns(events: bytes | Sequence | EventColumns) -> EventColumns:
+    """A serialized IngestEvents/IngestEventBatch request, proto events, or columns -> columns."""
+    if isinstance(events, EventColumns):
+        return events
+    if isinstance(events, bytes | bytearray | memoryview):
+        columns = columns_from_wire(events)
+        if columns is not None:
+            return columns
+        try:  # a shape the vectorised decoder leaves to protobuf (merged fields, unknown fields...)
+            events = event_service_pb2.IngestEventBatchRequest.FromString(bytes(events)).events
+        except DecodeError as error:
+            raise InvalidArgument("events", f"malformed request: {error}") from None
+    return columns_from_proto(events)
 
 
 @dataclass
@@ -66,10 +97,22 @@ class EventIngestor:
         self.retention = retention
         self._shards = shard_table(bus.shard_count)
 
-    async def ingest(self, events: Sequence, *, now: datetime | None = None) -> IngestResult:
-        """Store the valid events of one batch; ``BusUnavailable`` if the bus did not confirm them all."""
+    async def ingest(
+        self, events: bytes | Sequence | EventColumns, *, now: datetime | None = None
+    ) -> IngestResult:
+        """Store the valid events of one batch; ``BusUnavailable`` if the bus did not confirm them all.
+
+        ``events``: the serialized request (what EventService receives), proto events or columns.
+        """
+        t0 = time.perf_counter()
+        columns = to_columns(events)
+        return await self.ingest_columns(columns, now=now, decode_seconds=time.perf_counter() - t0)
+
+    async def ingest_columns(
+        self, columns: EventColumns, *, now: datetime | None = None, decode_seconds: float = 0.0
+    ) -> IngestResult:
         result = IngestResult()
-        if len(events) == 0:
+        if len(columns) == 0:
             return result
         if not self.bus.available:
             # Fail fast (no validation work) while the bus is known to be down; start() retries.
@@ -79,17 +122,22 @@ class EventIngestor:
                 raise
             if not self.bus.available:
                 raise BusUnavailable("event bus unavailable")
-        t0 = time.perf_counter()
-        frame = events_from_proto(events)
         t1 = time.perf_counter()
-        valid, rejects = validate_events(
-            frame, now=now or datetime.now(UTC), max_future_skew=self.max_future, retention=self.retention
+        ok, rejects = validate_columns(
+            columns, now=now or datetime.now(UTC), max_future_skew=self.max_future, retention=self.retention
         )
         result.rejected = [(i, PROTO_FIELD.get(f, f), reason) for i, f, reason in rejects]
-        unique = valid.unique(subset="event_id", keep="first", maintain_order=True)
-        result.duplicates = valid.height - unique.height
+        keep = np.flatnonzero(ok) if rejects else None
+        ids = columns.event_id if keep is None else columns.event_id[keep]
+        unique = _first_occurrences(ids)
+        if unique is not None:  # repeated event ids inside the request: keep the first
+            result.duplicates = ids.size - unique.size
+            keep = unique if keep is None else keep[unique]
+        valid = columns if keep is None else columns.take(keep)
         t2 = time.perf_counter()
-        batches = split_batches(unique, self._shards, max_events=self.message_events)
+        batches = batches_from_columns(
+            valid, buckets_np(valid.user_id), self._shards, max_events=self.message_events
+        )
         t3 = time.perf_counter()
         acks = await self.bus.publish(batches, timeout=self.ack_timeout)
         t4 = time.perf_counter()
@@ -99,8 +147,25 @@ class EventIngestor:
             else:
                 result.accepted += batch.count
         result.messages = len(batches)
-        result.timings = {"decode": t1 - t0, "validate": t2 - t1, "encode": t3 - t2, "publish": t4 - t3}
+        result.timings = {
+            "decode": decode_seconds,
+            "validate": t2 - t1,
+            "encode": t3 - t2,
+            "publish": t4 - t3,
+        }
         return result
+
+
+def _first_occurrences(ids: np.ndarray) -> np.ndarray | None:
+    """Sorted positions of each id's first occurrence; None when every id is unique (the usual case)."""
+    if ids.size < 2:
+        return None
+    ordered = np.sort(ids)
+    if not (ordered[1:] == ordered[:-1]).any():
+        return None
+    _, first = np.unique(ids, return_index=True)
+    first.sort()
+    return first
 
 
 def _violations(rejected: list[Reject]) -> list[tuple[str, str]]:
@@ -120,9 +185,9 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
         if count > self.max_events:
             raise InvalidArgument("events", f"at most {self.max_events} events per request, got {count}")
 
-    async def _ingest(self, events: Sequence) -> IngestResult:
+    async def _ingest(self, columns: EventColumns) -> IngestResult:
         try:
-            return await self.ingestor.ingest(events)
+            return await self.ingestor.ingest_columns(columns)
         except BusUnavailable as error:
             logger.warning("ingest unavailable: %s", error)
             raise Unavailable(
@@ -132,16 +197,17 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
             ) from None
 
     async def IngestEventBatch(
-        self, request: event_service_pb2.IngestEventBatchRequest, context: grpc.aio.ServicerContext
+        self, request: bytes | event_service_pb2.IngestEventBatchRequest, context: grpc.aio.ServicerContext
     ) -> event_service_pb2.IngestEventBatchResponse:
-        if len(request.events) == 0:
+        columns = to_columns(request if isinstance(request, bytes) else request.events)
+        if len(columns) == 0:
             raise InvalidArgument("events", "at least one event is required")
-        self._check_size(len(request.events))
-        result = await self._ingest(request.events)
+        self._check_size(len(columns))
+        result = await self._ingest(columns)
         if result.rejected and result.accepted == 0 and result.duplicates == 0:
             raise InvalidArgument(
                 _violations(result.rejected),
-                message=f"all {len(request.events)} events were rejected",
+                message=f"all {len(columns)} events were rejected",
                 reason="INVALID_EVENTS",
             )
         return event_service_pb2.IngestEventBatchResponse(
@@ -154,8 +220,9 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[event_service_pb2.IngestEventsResponse]:
         async for request in request_iterator:
-            self._check_size(len(request.events))
-            result = await self._ingest(request.events)
+            columns = to_columns(request if isinstance(request, bytes) else request.events)
+            self._check_size(len(columns))
+            result = await self._ingest(columns)
             yield event_service_pb2.IngestEventsResponse(
                 accepted=result.accepted, duplicates=result.duplicates, rejected=_rejected_pb(result.rejected)
             )
@@ -171,12 +238,27 @@ def ingestor_from_settings(settings: RealtimeSettings, bus: EventBus) -> EventIn
     )
 
 
+def add_event_service(servicer: EventServicer, server: grpc.aio.Server) -> None:
+    """Register EventService with raw-bytes requests (the handlers decode them into columns)."""
+    handlers = {
+        "IngestEvents": grpc.stream_stream_rpc_method_handler(
+            servicer.IngestEvents,
+            request_deserializer=None,
+            response_serializer=event_service_pb2.IngestEventsResponse.SerializeToString,
+        ),
+        "IngestEventBatch": grpc.unary_unary_rpc_method_handler(
+            servicer.IngestEventBatch,
+            request_deserializer=None,
+            response_serializer=event_service_pb2.IngestEventBatchResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
 def event_service_definition(settings: RealtimeSettings, bus: EventBus) -> tuple[list[str], object]:
     """``(service names, register)`` for mounting EventService on another service's server."""
     servicer = EventServicer(ingestor_from_settings(settings, bus), max_events=settings.ingest_max_events)
-    return [SERVICE_NAME], lambda server: event_service_pb2_grpc.add_EventServiceServicer_to_server(
-        servicer, server
-    )
+    return [SERVICE_NAME], lambda server: add_event_service(servicer, server)
 
 
 async def build(settings: RealtimeSettings) -> ServiceDefinition:
