@@ -64,6 +64,14 @@ def env_var_name(cls: type[BaseSettings], field_name: str) -> str:
     return f"{prefix}{field_name}".upper()
 
 
+# Values of these variables may carry credentials (URLs with user:password, keys): never echo them.
+_SECRET_HINTS = ("URL", "KEY", "SECRET", "PASSWORD", "TOKEN", "DSN")
+
+
+def _may_hold_secret(variable: str) -> bool:
+    return any(hint in variable.upper() for hint in _SECRET_HINTS)
+
+
 def _describe(cls: type[BaseSettings], error: ValidationError) -> str:
     parts = []
     for item in error.errors(include_url=False):
@@ -72,7 +80,7 @@ def _describe(cls: type[BaseSettings], error: ValidationError) -> str:
         if len(loc) > 1:  # nested model fields: FLASHCROWD_X (field.sub)
             name += " (" + ".".join(str(p) for p in loc) + ")"
         message = item.get("msg", "invalid value")
-        if item.get("type") != "missing" and "input" in item:
+        if item.get("type") != "missing" and "input" in item and not _may_hold_secret(name):
             message += f" (got {item['input']!r})"
         parts.append(f"{name}: {message}")
     return "; ".join(parts)

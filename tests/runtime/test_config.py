@@ -46,3 +46,16 @@ def test_errors_name_every_bad_variable(monkeypatch: pytest.MonkeyPatch) -> None
     assert "'abc'" in message
     assert "FLASHCROWD_SHARD_COUNT: Input should be greater than or equal to 1" in message
     assert "\n" not in message
+
+
+def test_values_of_secret_bearing_variables_are_not_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
+    class WithUrl(BaseServiceSettings):
+        store_url: int = 0  # an int field, so that a URL fails validation
+
+    monkeypatch.setenv("FLASHCROWD_STORE_URL", "s3://AKIA:supersecret@host:9000/bucket")
+    monkeypatch.setenv("FLASHCROWD_PORT", "abc")
+    with pytest.raises(ConfigError) as err:
+        load_settings(WithUrl)
+    text = str(err.value)
+    assert "FLASHCROWD_STORE_URL" in text and "supersecret" not in text
+    assert "'abc'" in text  # ordinary values are still shown
