@@ -57,7 +57,7 @@ UTC_US = pl.Datetime("us", "UTC")
 _MICRO = timedelta(microseconds=1)
 
 # Shortcut kinds that are one behaviour leaf: the event types they count.
-_SIMPLE_SHORTCUTS: dict[int, tuple[int, ...]] = {
+SHORTCUT_EVENT_TYPES: dict[int, tuple[int, ...]] = {
     spec_pb2.Shortcut.KIND_CLICKERS: (ET.EVENT_TYPE_CLICK,),
     spec_pb2.Shortcut.KIND_VIDEO_VIEWERS: (ET.EVENT_TYPE_VIDEO_PLAY, ET.EVENT_TYPE_VIDEO_FINISH),
     spec_pb2.Shortcut.KIND_FOLLOWERS: (ET.EVENT_TYPE_FOLLOW,),
@@ -303,8 +303,8 @@ class _Compiler:
         window = self.window(shortcut)
         flt = shortcut.filter if shortcut.HasField("filter") else None
         kind = shortcut.kind
-        if kind in _SIMPLE_SHORTCUTS:
-            return self.leaf(EventLeaf(EventConditions.of(_SIMPLE_SHORTCUTS[kind], flt), window, 1, path))
+        if kind in SHORTCUT_EVENT_TYPES:
+            return self.leaf(EventLeaf(EventConditions.of(SHORTCUT_EVENT_TYPES[kind], flt), window, 1, path))
         if kind == spec_pb2.Shortcut.KIND_CART_ABANDONERS:
             carted = EventLeaf(
                 EventConditions.of([ET.EVENT_TYPE_ADD_CART], flt), window, 1, f"{path}[add_cart]"

@@ -39,6 +39,7 @@ from flashcrowd.audience.v1 import live_pack_pb2, live_pack_pb2_grpc, pack_pb2, 
 from google.protobuf import empty_pb2, json_format, timestamp_pb2
 from pyroaring import BitMap
 
+from services.audience.compiler import SHORTCUT_EVENT_TYPES
 from services.audience.tenancy import (
     LIVE_PACK_TYPE,
     TENANT_TYPE,
@@ -67,14 +68,9 @@ logger = logging.getLogger(__name__)
 MAX_WINDOW_MINUTES = 24 * 60
 MINUTE_US = 60_000_000
 
-_E = EventType
-_SHORTCUT_TYPES = {
-    spec_pb2.Shortcut.KIND_PURCHASERS: (_E.PAY,),
-    spec_pb2.Shortcut.KIND_CLICKERS: (_E.CLICK,),
-    spec_pb2.Shortcut.KIND_VIDEO_VIEWERS: (_E.VIDEO_PLAY, _E.VIDEO_FINISH),
-    spec_pb2.Shortcut.KIND_FOLLOWERS: (_E.FOLLOW,),
-    spec_pb2.Shortcut.KIND_HIGH_INTENT: (_E.PRODUCT_VIEW,),
-}
+# The batch compiler's one-leaf shortcuts, plus purchasers approximated as payers: a live window
+# keeps no order history to subtract fully refunded payments from.
+_SHORTCUT_TYPES = {**SHORTCUT_EVENT_TYPES, spec_pb2.Shortcut.KIND_PURCHASERS: (int(EventType.PAY),)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -164,8 +160,8 @@ def compile_live_spec(spec: spec_pb2.PackSpec, path: str = "live_pack.spec") -> 
         s = spec.shortcut
         sub = f"{path}.shortcut"
         if s.kind == spec_pb2.Shortcut.KIND_CART_ABANDONERS:
-            carts = _leaf((_E.ADD_CART,), s.window, s.filter, sub)
-            orders = _leaf((_E.ORDER,), s.window, s.filter, sub)
+            carts = _leaf((EventType.ADD_CART,), s.window, s.filter, sub)
+            orders = _leaf((EventType.ORDER,), s.window, s.filter, sub)
             return Node("exclude", children=(Node("leaf", carts), Node("leaf", orders)))
         if s.kind not in _SHORTCUT_TYPES:
             raise InvalidArgument(f"{sub}.kind", "unknown shortcut")
