@@ -2,9 +2,10 @@
 
 Generates a small world, starts the audience and retarget services in this process on free
 loopback ports (local object store, SQLite ledger), and drives them over real gRPC channels the
-way callers would: build the seed story's packs, show a persona, expand the buyers to a lookalike,
-launch the retargeting campaign to clickers-not-buyers with two coupon arms and a holdout,
-simulate redemptions, and print the funnel and ROI.
+way callers would: build the seed story's packs, show a persona, check memberships, expand the
+buyers to a lookalike, replay the sale hour through the ingest path (live counters, a live pack,
+the stop rule), then launch the retargeting campaign to clickers-not-buyers with two coupon arms
+and a holdout, simulate redemptions, and print the funnel and ROI.
 """
 
 from __future__ import annotations
@@ -17,23 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from flashcrowd.audience.v1 import (
-    audience_service_pb2 as aud,
-)
-from flashcrowd.audience.v1 import (
-    audience_service_pb2_grpc as aud_grpc,
-)
-from flashcrowd.audience.v1 import (
-    pack_pb2,
-)
+from flashcrowd.audience.v1 import audience_service_pb2 as aud
+from flashcrowd.audience.v1 import audience_service_pb2_grpc as aud_grpc
+from flashcrowd.audience.v1 import pack_pb2
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
 from services.audience.config import AudienceSettings
+from services.audience.lookalike.demo import lookalike_step
 from services.audience.server import create_audience_server
 from services.audience.spec_io import spec_from_data
 from services.demo import render
+from services.demo.realtime import realtime_step, use_demo_bus
 from services.demo.retarget import retarget_step, start_retarget
 from services.demo.specs import story_specs
 from services.events.dataset import EventDataset
@@ -219,16 +216,12 @@ async def run_demo(options: DemoOptions) -> None:
     options.workdir.mkdir(parents=True)
     demo = Demo(options)
     await asyncio.to_thread(demo.generate_world)
-    from services.demo.realtime import realtime_step, use_demo_bus
-
     use_demo_bus()  # audience and sale monitor of this process share one in-process event bus
     await demo.start_services()
     try:
         await demo.build_packs()
         await demo.show_persona("clickers-not-buyers")
         await demo.check_membership()
-        from services.audience.lookalike.demo import lookalike_step
-
         await lookalike_step(
             demo._channels[0], tenant=TENANT, seed_pack=demo.packs["purchasers"].name, title="6. Lookalike"
         )
