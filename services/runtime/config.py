@@ -38,6 +38,8 @@ class BaseServiceSettings(BaseSettings):
     max_message_bytes: int = Field(default=16 * MIB, gt=0)
     #: None means unbounded; a bound makes excess RPCs queue instead of exhausting memory.
     max_concurrent_rpcs: int | None = Field(default=None, gt=0)
+    #: Calls queued in gRPC core before a handler takes them (bursts); the hard limit is twice this.
+    max_pending_requests: int = Field(default=10_000, ge=100, le=1_000_000)
 
     @field_validator("log_level", mode="before")
     @classmethod

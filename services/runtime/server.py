@@ -54,6 +54,10 @@ def server_options(settings: BaseServiceSettings) -> list[tuple[str, Any]]:
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         # Without this a second server on a taken port shares it silently instead of failing.
         ("grpc.so_reuseport", 0),
+        # gRPC core cancels calls beyond ~1,000 queued before a handler picks them up (hard limit
+        # 3,000): a flash-sale burst of claims would see CANCELLED instead of an answer.
+        ("grpc.server.max_pending_requests", settings.max_pending_requests),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * settings.max_pending_requests),
         *SERVER_KEEPALIVE_OPTIONS,
     ]
 

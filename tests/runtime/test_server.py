@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -77,3 +78,26 @@ async def test_caller_interceptors_run_inside_error_mapping(settings: BaseServic
             assert await unary(b"ok", metadata=[("x-api-key", "k")]) == b"ok:ok"
     finally:
         await server.stop(None)
+
+
+async def test_a_burst_beyond_grpc_cores_default_queue_is_answered_not_cancelled() -> None:
+    # gRPC core's default pending-request queue (1,000) cancels about half of a 4,000-call burst.
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    settings = load_settings(BaseServiceSettings)
+    server, port = await create_server(settings, service_names=[], register=lambda _server: None)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            async def check() -> str:
+                try:
+                    await stub.Check(health_pb2.HealthCheckRequest(), timeout=60)
+                    return "OK"
+                except grpc.aio.AioRpcError as error:
+                    return error.code().name
+
+            outcomes = await asyncio.gather(*(check() for _ in range(4000)))
+        assert set(outcomes) == {"OK"}, {code: outcomes.count(code) for code in set(outcomes)}
+    finally:
+        await server.stop(0)
