@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -15,8 +14,6 @@ from pydantic import Field, field_validator
 from services.runtime import BaseServiceSettings
 from services.storage import DEFAULT_STORE_URL, check_prefix
 
-# gRPC metadata keys are lower-case ASCII; ``-bin`` keys carry bytes, not a tenant id.
-_METADATA_KEY = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 _STORE_SCHEMES = ("file://", "s3://")
 
 
@@ -58,8 +55,6 @@ class AudienceSettings(BaseServiceSettings):
     membership_dense_max_ids: int = Field(default=1 << 28, ge=0, le=1 << 32)
     #: How often (ms) CheckMembership re-reads a cached pack's latest-version pointer.
     membership_refresh_ms: int = Field(default=2000, ge=0)
-    #: Metadata key the gateway sets (and overwrites) with the caller's tenant id.
-    trusted_tenant_header: str = "x-flashcrowd-tenant"
     #: Longest a WaitOperation call blocks when the request sets no (or a longer) timeout.
     max_wait_seconds: float = Field(default=60.0, gt=0)
 
@@ -83,16 +78,6 @@ class AudienceSettings(BaseServiceSettings):
     @classmethod
     def _prefixes(cls, value: Any) -> Any:
         return _prefix(value, name="prefix")
-
-    @field_validator("trusted_tenant_header", mode="before")
-    @classmethod
-    def _header(cls, value: Any) -> Any:
-        if not isinstance(value, str):
-            return value
-        value = value.strip().lower()
-        if not _METADATA_KEY.fullmatch(value) or value.endswith("-bin") or value.startswith("grpc-"):
-            raise ValueError("must be a text gRPC metadata key ([a-z0-9_.-], not grpc-*, not *-bin)")
-        return value
 
 
 __all__ = ["AudienceSettings"]

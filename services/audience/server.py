@@ -24,6 +24,7 @@ from services.audience.packstore import PackStore
 from services.audience.servicer import AudienceServicer
 from services.audience.tenancy import Tenancy
 from services.runtime import ServiceDefinition, create_server
+from services.runtime.assertion import backend_interceptors
 from services.storage import ObjectStore, open_store
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def build_app(settings: AudienceSettings, store: ObjectStore | None = None) -> A
         refresh_ms=settings.membership_refresh_ms,
         dense_max_ids=settings.membership_dense_max_ids,
     )
-    tenancy = Tenancy(settings.trusted_tenant_header)
+    tenancy = Tenancy()
     servicer = AudienceServicer(settings, store, packs, operations, membership, tenancy)
     ops_servicer = OperationsServicer(operations, tenancy, max_wait_seconds=settings.max_wait_seconds)
     return AudienceApp(settings, store, packs, operations, membership, tenancy, servicer, ops_servicer)
@@ -132,7 +133,12 @@ def _definition(app: AudienceApp) -> ServiceDefinition:
         for fn in registers:
             fn(server)
 
-    return ServiceDefinition(names=names, register=register, on_stop=[app.close])
+    return ServiceDefinition(
+        names=names,
+        register=register,
+        interceptors=backend_interceptors(app.settings),
+        on_stop=[app.close],
+    )
 
 
 async def create_audience_server(
@@ -144,7 +150,12 @@ async def create_audience_server(
     """
     app = await asyncio.to_thread(build_app, settings, store)
     definition = _definition(app)
-    server, port = await create_server(settings, service_names=definition.names, register=definition.register)
+    server, port = await create_server(
+        settings,
+        service_names=definition.names,
+        register=definition.register,
+        interceptors=definition.interceptors,
+    )
     return server, port, app
 
 

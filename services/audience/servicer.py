@@ -558,6 +558,7 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
     # --- CheckMembership ----------------------------------------------------------------------------
 
     async def CheckMembership(self, request, context):
+        self.tenancy.require_members(context)
         tenant = self._parent(request.parent, context)
         n_packs, n_ids = len(request.packs), len(request.user_ids)
         if not 1 <= n_packs <= MAX_CHECK_PACKS or not 1 <= n_ids <= MAX_CHECK_IDS:
@@ -599,6 +600,7 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
     # --- ExportPack ---------------------------------------------------------------------------------
 
     async def ExportPack(self, request, context) -> AsyncIterator[audience_service_pb2.ExportPackResponse]:
+        self.tenancy.require_members(context)
         tenant, pack_id = self._pack(request.name, context)
         problems: list[tuple[str, str]] = []
         if request.format not in ExportFormat.values() or request.format == 0:

@@ -1,10 +1,10 @@
 """The calling tenant of an audience RPC, and the resource names that carry it.
 
-Direct callers (tests, batch jobs inside the cluster) name the tenant in ``parent``/``name``. Behind
-the gateway, the trusted metadata header (``x-flashcrowd-tenant`` by default; the gateway sets it and
-overwrites whatever the caller sent) names the authenticated tenant: the tenant of every resource a
-request touches must equal it, else the call fails with NOT_FOUND exactly as if the resource did
-not exist, so that one tenant cannot probe another's pack ids.
+Every call carries the gateway's signed assertion (services/runtime/assertion.py; calls without one
+never reach a servicer). A tenant principal may touch only resources of its own tenant: any other
+fails with NOT_FOUND exactly as if the resource did not exist, so that one tenant cannot probe
+another's pack ids. Platform principals (the platform's services and jobs) act for every tenant, and
+only they get member-level data (``require_members``).
 
 Every RPC goes through ``Tenancy.authorize``; names are parsed with the ``parse_*`` helpers, which
 raise ``InvalidArgument`` naming the request field.
@@ -21,6 +21,8 @@ from services.audience.names import ID_RULE, PACK_TYPE, is_valid_id, pack_name, 
 from services.audience.names import parse_pack_name as _parse_pack_name
 from services.audience.names import parse_tenant_name as _parse_tenant_name
 from services.runtime import InvalidArgument, NotFound
+from services.runtime.assertion import Caller, caller_of, require_platform
+from services.runtime.scopes import MEMBERS_READ
 
 _OPERATION_NAME = re.compile(r"tenants/([^/]+)/operations/([a-z0-9]{1,64})")
 _OPERATIONS_PARENT = re.compile(r"tenants/([^/]+?)(?:/operations)?")
@@ -101,18 +103,16 @@ def parse_operations_parent(value: str, field: str = "name") -> str:
 
 @dataclass(frozen=True)
 class Tenancy:
-    """Checks a request's resources against the trusted tenant header, when there is one."""
+    """Checks a request's resources against the caller the gateway's assertion names."""
 
-    header: str = "x-flashcrowd-tenant"
+    def caller(self, context: grpc.aio.ServicerContext | None) -> Caller | None:
+        """The verified caller, or None for a servicer called without a context (unit tests)."""
+        return caller_of(context)
 
     def trusted_tenant(self, context: grpc.aio.ServicerContext | None) -> str | None:
-        """The tenant the gateway vouched for, or None for a direct caller."""
-        if context is None:
-            return None
-        for key, value in context.invocation_metadata() or ():
-            if key == self.header:
-                return value if isinstance(value, str) else value.decode("utf-8", "replace")
-        return None
+        """The tenant a tenant principal is bound to; None for platform principals."""
+        caller = caller_of(context)
+        return caller.tenant if caller is not None else None
 
     def authorize(
         self,
@@ -127,12 +127,16 @@ class Tenancy:
         ``name`` is the resource the request addressed (``tenants/t/packs/p``); it defaults to the
         tenant itself, for collection calls (ListPacks, CheckMembership).
         """
-        trusted = self.trusted_tenant(context)
-        if trusted is not None and trusted != tenant:
+        caller = caller_of(context)
+        if caller is not None and not caller.may_act_for(tenant):
             if not name:
                 resource_type, name = TENANT_TYPE, tenant_name(tenant)
             raise NotFound(resource_type, name)
         return tenant
+
+    def require_members(self, context: grpc.aio.ServicerContext | None) -> None:
+        """Member-level reads (export, membership): platform principals with ``members.read`` only."""
+        require_platform(context, MEMBERS_READ)
 
 
 __all__ = [

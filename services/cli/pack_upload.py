@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from services.cli.common import CliError
+from services.runtime.assertion import AssertionSigner, Caller, load_assertion_key
 
 TARGET_ENV = "FLASHCROWD_AUDIENCE_TARGET"
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -135,7 +136,16 @@ def run_upload(args: argparse.Namespace) -> int:
         hash_type=hash_type,
     )
     target = args.server or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
-    metadata = (("x-api-key", args.api_key),) if args.api_key else None
+    # Through the gateway with an API key; straight to a backend only with the platform's assertion key.
+    metadata = (
+        (("x-api-key", args.api_key),)
+        if args.api_key
+        else (
+            AssertionSigner(load_assertion_key()).metadata(
+                Caller.platform("cli"), "/flashcrowd.audience.v1.AudienceService/UploadPack"
+            ),
+        )
+    )
     with grpc.insecure_channel(target) as channel:
         stub = audience_service_pb2_grpc.AudienceServiceStub(channel)
         try:

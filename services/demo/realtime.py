@@ -60,6 +60,7 @@ from google.protobuf import duration_pb2, json_format, timestamp_pb2
 
 from services.audience.spec_io import spec_from_data
 from services.demo import render
+from services.runtime.assertion import platform_channel
 
 __all__ = ["DEMO_BUS_URL", "realtime_step", "use_demo_bus"]
 
@@ -221,7 +222,12 @@ async def _start_sale_monitor(demo: Any, tenant: str, retarget_target: str) -> s
         log_json=False,
     )
     definition = await build(settings)
-    server, port = await create_server(settings, service_names=definition.names, register=definition.register)
+    server, port = await create_server(
+        settings,
+        service_names=definition.names,
+        register=definition.register,
+        interceptors=definition.interceptors,
+    )
     demo._servers.append((server, _Stops(definition.on_stop)))
     target = f"127.0.0.1:{port}"
     render.note(
@@ -370,7 +376,7 @@ class _Step:
         self.demo, self.tenant, self.bus, self.pace = demo, tenant, bus, pace
         self.world = demo.world
         self.sale = self.world["sale"]
-        channels = [grpc.aio.insecure_channel(t) for t in (demo.audience_target, retarget, monitor)]
+        channels = [platform_channel(t, "demo") for t in (demo.audience_target, retarget, monitor)]
         demo._channels.extend(channels)
         self.events = event_service_pb2_grpc.EventServiceStub(channels[0])
         self.live = live_pack_pb2_grpc.LivePackServiceStub(channels[0])

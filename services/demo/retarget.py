@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import grpc
 from flashcrowd.retarget.v1 import (
     campaign_pb2,
     coupon_pb2,
@@ -23,6 +22,7 @@ from google.protobuf import duration_pb2
 
 from services.demo import render
 from services.events.dataset import EventDataset
+from services.runtime.assertion import platform_channel
 
 api = retarget_service_pb2
 
@@ -59,7 +59,7 @@ async def retarget_step(demo: Any, *, tenant: str, audience_pack: str, title: st
     sale = demo.world["sale"]
     item_id, price = sale["retarget_item_id"], sale["retarget_price_fen"]
     render.section(title, "clickers who did not buy get a coupon for the jacket")
-    channel = grpc.aio.insecure_channel(demo.retarget_target)
+    channel = platform_channel(demo.retarget_target, "demo")
     try:
         stub = retarget_service_pb2_grpc.RetargetServiceStub(channel)
         ops = operations_pb2_grpc.OperationsStub(channel)

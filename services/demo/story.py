@@ -35,6 +35,7 @@ from services.demo.retarget import retarget_step, start_retarget
 from services.demo.specs import story_specs
 from services.events.dataset import EventDataset
 from services.events.generator import GenConfig, generate
+from services.runtime.assertion import platform_channel
 from services.storage import LocalObjectStore
 
 TENANT = "tenants/demo-shop"
@@ -94,7 +95,7 @@ class Demo:
         server, port, app = await create_audience_server(settings, store=self.store)
         self._servers.append((server, app))
         self.audience_target = f"127.0.0.1:{port}"
-        ch = grpc.aio.insecure_channel(self.audience_target)
+        ch = platform_channel(self.audience_target, "demo")
         self._channels.append(ch)
         self.audience = aud_grpc.AudienceServiceStub(ch)
         self.operations = operations_pb2_grpc.OperationsStub(ch)

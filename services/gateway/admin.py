@@ -15,9 +15,10 @@ from google.protobuf import empty_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from services.gateway.auth import Authenticator, Principal
-from services.gateway.catalog import ALL_SCOPES
-from services.gateway.keystore import API_KEY_TYPE, TENANT_TYPE, KeyStore, valid_tenant_id
+from services.gateway.keystore import API_KEY_TYPE, PLATFORM_OWNER, TENANT_TYPE, KeyStore
 from services.runtime import InvalidArgument, NotFound, PermissionDenied
+from services.runtime.scopes import ALL_SCOPES, PLATFORM_SCOPES, TENANT_SCOPES
+from services.runtime.tenant_ids import valid_tenant_id
 
 LocalHandler = Callable[[Principal, Message], Awaitable[Message]]
 
@@ -28,11 +29,24 @@ def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     return value
 
 
+#: Parent of the platform principals' keys (``platform/apiKeys/{key}``).
+PLATFORM_PARENT = "platform"
+
+
 def _tenant_of(name: str, field: str) -> str:
     prefix, _, tenant = name.partition("/")
     if prefix != "tenants" or not valid_tenant_id(tenant):
         raise InvalidArgument(field, "must be tenants/{tenant}")
     return tenant
+
+
+def _key_owner(parent: str, field: str) -> str:
+    """``tenants/{t}`` -> t; ``platform`` -> the platform owner (keys of platform principals)."""
+    return PLATFORM_OWNER if parent == PLATFORM_PARENT else _tenant_of(parent, field)
+
+
+def _key_parent(owner: str) -> str:
+    return PLATFORM_PARENT if owner == PLATFORM_OWNER else f"tenants/{owner}"
 
 
 class GatewayApi:
@@ -94,18 +108,28 @@ class GatewayApi:
 
     async def create_api_key(self, principal: Principal, request: Message) -> Message:
         assert isinstance(request, pb.CreateApiKeyRequest)
-        tenant = _tenant_of(request.parent, "parent")
-        self._require_tenant_admin(principal, tenant, TENANT_TYPE, request.parent)
+        tenant = _key_owner(request.parent, "parent")
+        if tenant == PLATFORM_OWNER:
+            self._require_system(principal)
+        else:
+            self._require_tenant_admin(principal, tenant, TENANT_TYPE, request.parent)
         scopes = list(request.scopes)
         if not scopes:
             raise InvalidArgument("scopes", "at least one scope is required")
         unknown = sorted(set(scopes) - ALL_SCOPES)
         if unknown:
             raise InvalidArgument("scopes", f"unknown scopes {unknown}; known: {sorted(ALL_SCOPES)}")
+        platform_only = sorted(set(scopes) & PLATFORM_SCOPES)
+        if tenant != PLATFORM_OWNER and platform_only:
+            raise InvalidArgument(
+                "scopes",
+                f"{platform_only} are platform scopes: tenant keys may hold {sorted(TENANT_SCOPES)}; "
+                "create platform keys under parent 'platform'",
+            )
         record, secret = await asyncio.to_thread(self.store.create_key, tenant, scopes)
         return pb.CreateApiKeyResponse(
             api_key=pb.ApiKey(
-                name=f"tenants/{tenant}/apiKeys/{record.key_id}",
+                name=f"{_key_parent(tenant)}/apiKeys/{record.key_id}",
                 scopes=sorted(record.scopes),
                 create_time=_timestamp(record.create_time),
             ),
@@ -114,11 +138,14 @@ class GatewayApi:
 
     async def revoke_api_key(self, principal: Principal, request: Message) -> Message:
         assert isinstance(request, pb.RevokeApiKeyRequest)
-        parts = request.name.split("/")
-        if len(parts) != 4 or parts[0] != "tenants" or parts[2] != "apiKeys" or not valid_tenant_id(parts[1]):
-            raise InvalidArgument("name", "must be tenants/{tenant}/apiKeys/{key}")
-        tenant, key_id = parts[1], parts[3]
-        self._require_tenant_admin(principal, tenant, API_KEY_TYPE, request.name)
+        parent, _, key_id = request.name.rpartition("/apiKeys/")
+        if not key_id or "/" in key_id or not (parent == PLATFORM_PARENT or parent.startswith("tenants/")):
+            raise InvalidArgument("name", "must be tenants/{tenant}/apiKeys/{key} or platform/apiKeys/{key}")
+        tenant = _key_owner(parent, "name")
+        if tenant == PLATFORM_OWNER:
+            self._require_system(principal)
+        else:
+            self._require_tenant_admin(principal, tenant, API_KEY_TYPE, request.name)
         await asyncio.to_thread(self.store.revoke_key, tenant, key_id)
         self.authenticator.invalidate()
         return empty_pb2.Empty()

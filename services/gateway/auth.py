@@ -17,14 +17,16 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import jwt
 
-from services.gateway.catalog import ADMIN, ALL_SCOPES
 from services.gateway.config import GatewaySettings
-from services.gateway.keystore import KeyRecord, KeyStore, TenantRecord, sha256, valid_tenant_id
+from services.gateway.keystore import PLATFORM_OWNER, KeyRecord, KeyStore, TenantRecord, sha256
 from services.runtime import Unauthenticated
+from services.runtime.assertion import Caller
+from services.runtime.scopes import ADMIN, ALL_SCOPES, TENANT_SCOPES
+from services.runtime.tenant_ids import valid_tenant_id
 
 API_KEY = re.compile(r"fc_([0-9a-f]{16})_([A-Za-z0-9_-]{32,128})")
 # Three base64url segments; anything else (spaces, CR/LF, quotes) is refused before PyJWT sees it.
@@ -32,22 +34,59 @@ JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 MAX_CREDENTIAL_LENGTH = 8192
 
 
+PrincipalKind = Literal["tenant", "platform", "system"]
+
+
 @dataclass(frozen=True)
 class Principal:
-    """An authenticated caller. ``tenant`` is None for system administrators (bootstrap key)."""
+    """An authenticated caller.
+
+    * ``tenant``: an advertiser's key or token, bound to ``tenant``; holds tenant scopes only.
+    * ``platform``: one of the platform's own services or jobs (no tenant); may hold platform scopes
+      (members.read, ...) and acts on every tenant's resources.
+    * ``system``: a system administrator (bootstrap key, admin token without tenant): manages tenants
+      and keys, calls no tenant API.
+    """
 
     tenant: str | None
     scopes: frozenset[str]
     method: str  # "api_key" or "jwt"
     subject: str = ""  # key id or JWT sub, for logs
+    kind: PrincipalKind = "tenant"
+
+    def __post_init__(self) -> None:
+        if (self.kind == "tenant") != (self.tenant is not None):
+            raise ValueError("tenant principals, and only they, have a tenant")
+        if self.kind == "tenant":
+            # A tenant never holds a platform scope, whatever its key or token claimed.
+            object.__setattr__(self, "scopes", self.scopes & TENANT_SCOPES)
 
     def allows(self, needed: frozenset[str]) -> bool:
-        """Any one of ``needed`` suffices; ``admin`` implies every scope; empty needs nothing."""
-        return not needed or ADMIN in self.scopes or bool(needed & self.scopes)
+        """Any one of ``needed`` suffices; ``admin`` implies every *tenant* scope; empty needs nothing."""
+        if not needed or needed & self.scopes:
+            return True
+        return ADMIN in self.scopes and bool(needed & TENANT_SCOPES)
 
     @property
     def is_system(self) -> bool:
-        return self.tenant is None and ADMIN in self.scopes
+        return self.kind == "system"
+
+    @property
+    def is_platform(self) -> bool:
+        return self.kind == "platform"
+
+    @property
+    def limit_key(self) -> str:
+        """Whose rate-limit bucket a call takes: the tenant's, or the platform principal's own."""
+        return self.tenant or f"{self.kind}:{self.subject}"
+
+    def caller(self) -> Caller:
+        """What the gateway asserts to backends for this principal."""
+        if self.kind == "tenant":
+            assert self.tenant is not None
+            scopes = TENANT_SCOPES if ADMIN in self.scopes else self.scopes
+            return Caller.for_tenant(self.tenant, self.subject, scopes)
+        return Caller.platform(f"{self.method}:{self.subject}", self.scopes)
 
 
 class _TtlCache:
@@ -197,7 +236,9 @@ class Authenticator:
         if self._bootstrap_digest is not None and hmac.compare_digest(
             sha256(presented), self._bootstrap_digest
         ):
-            return Principal(tenant=None, scopes=frozenset({ADMIN}), method="api_key", subject="bootstrap")
+            return Principal(
+                tenant=None, scopes=frozenset({ADMIN}), method="api_key", subject="bootstrap", kind="system"
+            )
         match = API_KEY.fullmatch(presented)
         if match is None:
             raise Unauthenticated("invalid API key", reason="INVALID_API_KEY")
@@ -207,7 +248,13 @@ class Authenticator:
         expected = record.secret_sha256 if record is not None else b"\0" * 32
         if not hmac.compare_digest(sha256(secret), expected) or record is None:
             raise Unauthenticated("invalid API key", reason="INVALID_API_KEY")
-        if record.revoke_time is not None or not await self._live_tenant(record.tenant):
+        if record.revoke_time is not None:
+            raise Unauthenticated("API key revoked", reason="API_KEY_REVOKED")
+        if record.tenant == PLATFORM_OWNER:
+            return Principal(
+                tenant=None, scopes=record.scopes, method="api_key", subject=key_id, kind="platform"
+            )
+        if not await self._live_tenant(record.tenant):
             raise Unauthenticated("API key revoked", reason="API_KEY_REVOKED")
         return Principal(tenant=record.tenant, scopes=record.scopes, method="api_key", subject=key_id)
 
@@ -220,10 +267,17 @@ class Authenticator:
         scopes = _claim_scopes(claims)
         tenant = claims.get("tenant")
         subject = str(claims.get("sub", ""))[:128]
+        if claims.get("platform") is True:
+            # The platform's own services: no tenant, platform scopes as granted by the token.
+            if tenant is not None:
+                raise Unauthenticated("a platform token names no tenant", reason="INVALID_TOKEN")
+            return Principal(tenant=None, scopes=scopes, method="jwt", subject=subject, kind="platform")
         if tenant is None:
             if ADMIN not in scopes:
                 raise Unauthenticated("token names no tenant", reason="TOKEN_WITHOUT_TENANT")
-            return Principal(tenant=None, scopes=frozenset({ADMIN}), method="jwt", subject=subject)
+            return Principal(
+                tenant=None, scopes=frozenset({ADMIN}), method="jwt", subject=subject, kind="system"
+            )
         # The tenant goes into trusted metadata: only a well-formed, live tenant id gets that far.
         if not isinstance(tenant, str) or not valid_tenant_id(tenant):
             raise Unauthenticated("token tenant is not a valid tenant id", reason="INVALID_TOKEN")

@@ -20,6 +20,20 @@ from google.longrunning import operations_proto_pb2
 from google.protobuf import descriptor, message_factory
 from google.protobuf.message import Message
 
+from services.runtime.scopes import (
+    ADMIN,
+    ALL_SCOPES,
+    CAMPAIGNS_READ,
+    CAMPAIGNS_WRITE,
+    EVENTS_WRITE,
+    MEMBERS_READ,
+    MEMBERS_WRITE,
+    MODELS_TRAIN,
+    PACKS_READ,
+    PACKS_WRITE,
+    PLATFORM_EVENTS_WRITE,
+)
+
 AUDIENCE = "audience"
 RETARGET = "retarget"
 SALE_MONITOR = "sale_monitor"  # python -m services.retarget.sale_monitor
@@ -52,14 +66,7 @@ _FILES = {
     GATEWAY_SERVICE: gateway_service_pb2.DESCRIPTOR,
 }
 
-# --- scopes --------------------------------------------------------------------------------
-PACKS_READ = "packs.read"
-PACKS_WRITE = "packs.write"
-CAMPAIGNS_READ = "campaigns.read"
-CAMPAIGNS_WRITE = "campaigns.write"
-EVENTS_WRITE = "events.write"
-ADMIN = "admin"
-ALL_SCOPES = frozenset({PACKS_READ, PACKS_WRITE, CAMPAIGNS_READ, CAMPAIGNS_WRITE, EVENTS_WRITE, ADMIN})
+# --- scopes (services/runtime/scopes.py says who may hold which) ------------------------------
 #: WhoAmI: any authenticated caller.
 ANY = frozenset[str]()
 
@@ -72,12 +79,13 @@ SCOPES: dict[str, frozenset[str]] = {
     "AudienceService/ListPacks": _S({PACKS_READ}),
     "AudienceService/DeletePack": _S({PACKS_WRITE}),
     "AudienceService/RefreshPack": _S({PACKS_WRITE}),
-    "AudienceService/CheckMembership": _S({PACKS_READ}),
-    "AudienceService/ExportPack": _S({PACKS_READ}),
+    # Member-level: only platform principals (ad serving, offer push, batch jobs).
+    "AudienceService/CheckMembership": _S({MEMBERS_READ}),
+    "AudienceService/ExportPack": _S({MEMBERS_READ}),
     "AudienceService/UploadPack": _S({PACKS_WRITE}),
     "AudienceService/GetPackPersona": _S({PACKS_READ}),
-    # Models are shared by every tenant: training one is an operator's job.
-    "LookalikeService/TrainLookalikeModel": _S({ADMIN}),
+    # Models are platform-owned and shared by every tenant: only the platform trains them.
+    "LookalikeService/TrainLookalikeModel": _S({MODELS_TRAIN}),
     "LookalikeService/GetLookalikeModel": _S({PACKS_READ}),
     "LookalikeService/ExpandLookalike": _S({PACKS_WRITE}),
     "LivePackService/CreateLivePack": _S({PACKS_WRITE}),
@@ -87,8 +95,9 @@ SCOPES: dict[str, frozenset[str]] = {
     "LivePackService/SnapshotLivePack": _S({PACKS_WRITE}),
     "SaleMonitorService/GetSaleStats": _S({CAMPAIGNS_READ}),
     "SaleMonitorService/WatchSale": _S({CAMPAIGNS_READ}),
-    "EventService/IngestEvents": _S({EVENTS_WRITE}),
-    "EventService/IngestEventBatch": _S({EVENTS_WRITE}),
+    # A tenant's own conversion events, or the platform's first-party stream.
+    "EventService/IngestEvents": _S({EVENTS_WRITE, PLATFORM_EVENTS_WRITE}),
+    "EventService/IngestEventBatch": _S({EVENTS_WRITE, PLATFORM_EVENTS_WRITE}),
     "RetargetService/CreateCouponTemplate": _S({CAMPAIGNS_WRITE}),
     "RetargetService/GetCouponTemplate": _S({CAMPAIGNS_READ}),
     "RetargetService/ListCouponTemplates": _S({CAMPAIGNS_READ}),
@@ -101,10 +110,11 @@ SCOPES: dict[str, frozenset[str]] = {
     "RetargetService/ResumeCampaign": _S({CAMPAIGNS_WRITE}),
     "RetargetService/CancelCampaign": _S({CAMPAIGNS_WRITE}),
     "RetargetService/CopyCampaign": _S({CAMPAIGNS_WRITE}),
-    "RetargetService/ClaimCoupon": _S({CAMPAIGNS_WRITE}),
-    "RetargetService/RedeemCoupon": _S({CAMPAIGNS_WRITE}),
-    "RetargetService/RefundRedemption": _S({CAMPAIGNS_WRITE}),
-    "RetargetService/StreamOffers": _S({CAMPAIGNS_READ}),
+    # A user's own coupon: claimed, redeemed, refunded and offered by the platform's serving side.
+    "RetargetService/ClaimCoupon": _S({MEMBERS_WRITE}),
+    "RetargetService/RedeemCoupon": _S({MEMBERS_WRITE}),
+    "RetargetService/RefundRedemption": _S({MEMBERS_WRITE}),
+    "RetargetService/StreamOffers": _S({MEMBERS_READ}),
     "RetargetService/GetCampaignReport": _S({CAMPAIGNS_READ}),
     # An operation belongs to a pack build or a campaign launch: either family's scope reads it.
     "Operations/ListOperations": _S({PACKS_READ, CAMPAIGNS_READ}),

@@ -44,8 +44,6 @@ class GatewaySettings(BaseServiceSettings):
     connect_timeout_seconds: float = Field(default=1.0, gt=0)
     #: Cap of the reconnect backoff, so a restarted backend is found again quickly.
     max_reconnect_backoff_seconds: float = Field(default=2.0, gt=0)
-    #: Metadata key the backends trust for the tenant; the gateway always overwrites it.
-    trusted_tenant_header: str = "x-flashcrowd-tenant"
 
     # --- deadlines and retries ------------------------------------------------------------
     #: Deadline given to backend calls when the caller set none.
@@ -129,15 +127,6 @@ class GatewaySettings(BaseServiceSettings):
         unknown = sorted(set(value) - names)
         if unknown:
             raise ValueError(f"unknown methods {unknown}: use Method, Service/Method or /pkg.Service/Method")
-        return value
-
-    @field_validator("trusted_tenant_header", mode="before")
-    @classmethod
-    def _header(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = value.strip().lower()
-            if not value.startswith("x-") or value.endswith("-bin"):
-                raise ValueError("must be a text metadata key starting with x-")
         return value
 
     @model_validator(mode="after")

@@ -59,13 +59,15 @@ class _StreamCall:
         self.principal: Any = None
         self.header: HeaderLookup | None = None
         self.acquired = False
+        self.limit_key = ""
 
     async def admit(self) -> None:
         self.header = metadata_lookup(self.context)
         self.principal = await self.gateway.admit(self.info, self.header, self.context.peer())
         self.tenant = self.principal.tenant or ""
         trace.get_current_span().set_attribute(attributes.TENANT, self.tenant)
-        self.gateway.streams.acquire(self.tenant)
+        self.limit_key = self.principal.limit_key
+        self.gateway.streams.acquire(self.limit_key)
         self.acquired = True
 
     def timeout(self) -> float | None:
@@ -74,7 +76,7 @@ class _StreamCall:
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         assert self.header is not None
-        return self.gateway.outgoing_metadata(self.principal, self.header)
+        return self.gateway.outgoing_metadata(self.info, self.principal, self.header)
 
     def failed(self, error: Exception) -> None:
         if isinstance(error, ServiceError | BackendError):
@@ -86,7 +88,7 @@ class _StreamCall:
 
     def finish(self) -> None:
         if self.acquired:
-            self.gateway.streams.release(self.tenant)
+            self.gateway.streams.release(self.limit_key)
         self.gateway.metrics.record(
             self.info.service,
             self.info.name,

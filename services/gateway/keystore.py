@@ -18,7 +18,6 @@ Methods are blocking (short queries); the gateway calls them through ``asyncio.t
 from __future__ import annotations
 
 import hashlib
-import re
 import secrets
 import sqlite3
 import threading
@@ -31,14 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from services.runtime import AlreadyExists, InvalidArgument, NotFound
+from services.runtime.tenant_ids import TENANT_ID_RULE, valid_tenant_id
 
-TENANT_ID = re.compile(r"[a-z][a-z0-9-]{0,62}")
 TENANT_TYPE = "flashcrowd.dev/Tenant"
 API_KEY_TYPE = "flashcrowd.dev/ApiKey"
-
-
-def valid_tenant_id(value: object) -> bool:
-    return isinstance(value, str) and TENANT_ID.fullmatch(value) is not None
+#: Owner of platform principals' keys: not a valid tenant id, so never confused with a tenant.
+PLATFORM_OWNER = "_platform"
 
 
 def sha256(text: str) -> bytes:
@@ -96,7 +93,7 @@ class KeyStore(ABC):
     # --- tenants ---
     def create_tenant(self, tenant_id: str, display_name: str = "") -> TenantRecord:
         if not valid_tenant_id(tenant_id):
-            raise InvalidArgument("tenant_id", "must be 1-63 characters of [a-z0-9-], starting with a letter")
+            raise InvalidArgument("tenant_id", f"must be {TENANT_ID_RULE}")
         now = time.time()
         try:
             with self.transaction() as cursor:
@@ -140,10 +137,13 @@ class KeyStore(ABC):
         secret = secrets.token_urlsafe(32)
         record = KeyRecord(key_id, tenant_id, sha256(secret), frozenset(scopes), time.time(), None)
         with self.transaction() as cursor:
-            live = cursor.execute(
-                "SELECT 1 FROM gateway_tenants WHERE tenant_id = ? AND delete_time IS NULL", (tenant_id,)
-            ).fetchone()
-            if live is None:
+            live = (
+                tenant_id == PLATFORM_OWNER
+                or cursor.execute(
+                    "SELECT 1 FROM gateway_tenants WHERE tenant_id = ? AND delete_time IS NULL", (tenant_id,)
+                ).fetchone()
+            )
+            if not live:
                 raise NotFound(TENANT_TYPE, f"tenants/{tenant_id}")
             cursor.execute(
                 "INSERT INTO gateway_api_keys (key_id, tenant_id, secret_sha256, scopes, create_time) "
@@ -197,6 +197,8 @@ CREATE TABLE IF NOT EXISTS gateway_api_keys (
     revoke_time   REAL
 );
 CREATE INDEX IF NOT EXISTS gateway_api_keys_tenant ON gateway_api_keys(tenant_id);
+INSERT OR IGNORE INTO gateway_tenants (tenant_id, display_name, create_time)
+    VALUES ('_platform', 'platform principals', 0);
 """
 
 
@@ -252,6 +254,9 @@ _POSTGRES_SCHEMA = (
         revoke_time   DOUBLE PRECISION
     )""",
     "CREATE INDEX IF NOT EXISTS gateway_api_keys_tenant ON gateway_api_keys(tenant_id)",
+    # The owner row of platform principals' keys ("_platform" is not a valid tenant id).
+    "INSERT INTO gateway_tenants (tenant_id, display_name, create_time) "
+    "VALUES ('_platform', 'platform principals', 0) ON CONFLICT DO NOTHING",
 )
 _SCHEMA_LOCK = 0x6761_7465  # "gate": replicas starting together create the tables once
 
@@ -292,6 +297,7 @@ def open_keystore(url: str, path: str) -> KeyStore:
 
 __all__ = [
     "API_KEY_TYPE",
+    "PLATFORM_OWNER",
     "TENANT_TYPE",
     "KeyRecord",
     "KeyStore",

@@ -48,6 +48,7 @@ from services.runtime import (
     instrumented_channel,
     retry_service_config,
 )
+from services.runtime.assertion import AssertionSigner, settings_key
 from services.runtime.errors import STATUS_DETAILS_KEY
 
 logger = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ class Gateway:
             catalog.SALE_MONITOR: BackendPool(catalog.SALE_MONITOR, settings.sale_monitor_target, settings),
         }
         self.operation_routes = _OperationRoutes()
-        self._tenant_header = settings.trusted_tenant_header
+        self.signer = AssertionSigner(settings_key(settings))
         #: Backend attempts made, per method (tests and the bench read it).
         self.attempts: dict[str, int] = {}
 
@@ -196,12 +197,13 @@ class Gateway:
                 reason="MISSING_SCOPE",
                 metadata={"method": info.name, "scopes": " ".join(sorted(info.scopes))},
             )
-        if info.backend != catalog.LOCAL and principal.tenant is None:
+        if info.backend != catalog.LOCAL and principal.is_system:
             raise PermissionDenied(
-                "system credentials cannot call tenant APIs; use a tenant key", reason="TENANT_REQUIRED"
+                "system credentials cannot call tenant APIs; use a tenant or platform key",
+                reason="TENANT_REQUIRED",
             )
         try:
-            self.rate_limiter.check(principal.tenant or "-system-", info.full)
+            self.rate_limiter.check(principal.limit_key, info.full)
         except ResourceExhausted:
             self.metrics.rate_limited.add(
                 1, {attributes.TENANT: principal.tenant or "", "rpc.method": info.name}
@@ -210,7 +212,15 @@ class Gateway:
         return principal
 
     def check_resources(self, info: MethodInfo, message: Message, principal: Principal) -> None:
-        """Every resource name in the request must be under ``tenants/{caller}``; else NOT_FOUND."""
+        """Every resource name in the request must be under ``tenants/{caller}``; else NOT_FOUND.
+
+        Platform principals act for every tenant: their names only need to be tenant resources.
+        """
+        if principal.is_platform:
+            for path, value, strict in iter_resource_values(message):
+                if strict and not value.startswith("tenants/"):
+                    raise InvalidArgument(path, "must be a resource name under tenants/{tenant}")
+            return
         assert principal.tenant is not None
         own = f"tenants/{principal.tenant}"
         for path, value, strict in iter_resource_values(message):
@@ -240,10 +250,12 @@ class Gateway:
             raise DeadlineExceeded("deadline too short to reach the backend", reason="DEADLINE_TOO_SHORT")
         return loop_now + budget
 
-    def outgoing_metadata(self, principal: Principal, header: HeaderLookup) -> tuple[tuple[str, str], ...]:
-        """The tenant the gateway vouches for, plus a well-formed request id; nothing else of the caller's."""
-        assert principal.tenant is not None
-        metadata: list[tuple[str, str]] = [(self._tenant_header, principal.tenant)]
+    def outgoing_metadata(
+        self, info: MethodInfo, principal: Principal, header: HeaderLookup
+    ) -> tuple[tuple[str, str], ...]:
+        """The signed assertion of who calls (bound to this method), plus a well-formed request id;
+        nothing else of the caller's."""
+        metadata: list[tuple[str, str]] = [self.signer.metadata(principal.caller(), info.full)]
         for name in FORWARDED_HEADERS:
             value = header(name)
             if value is not None and _REQUEST_ID.fullmatch(value):
@@ -281,7 +293,7 @@ class Gateway:
             if info.checks_resources:
                 self.check_resources(info, request, principal)
             deadline = self.deadline(time_remaining)
-            metadata = self.outgoing_metadata(principal, header)
+            metadata = self.outgoing_metadata(info, principal, header)
             if info.backend == catalog.ROUTED:
                 return await self._routed(
                     info, data, request, metadata, deadline, caller_deadline=time_remaining is not None

@@ -1,9 +1,10 @@
 """Client of the audience service: resolve a pack (GetPack) and stream its members (ExportPack).
 
-The caller's tenant travels in ``x-flashcrowd-tenant`` metadata; the audience service answers
-NOT_FOUND for packs of other tenants. Both calls are reads, so the channel retries them on
-UNAVAILABLE; errors come back as the runtime's domain errors so they reach our own callers with
-the right code (a missing pack is NOT_FOUND, an unreachable audience service is UNAVAILABLE).
+Retarget calls as a platform service (``service:retarget``, asserted with the shared key): it
+reads members to issue offers, which no tenant may do. Pack names are checked to belong to the
+campaign's tenant before they get here (validation.pack_ref). Both calls are reads, so the channel
+retries them on UNAVAILABLE; errors come back as the runtime's domain errors so they reach our own
+callers with the right code (a missing pack is NOT_FOUND, an unreachable audience service is UNAVAILABLE).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from services.runtime import (
     Unavailable,
     make_channel,
 )
+from services.runtime.assertion import platform_interceptors
+from services.runtime.scopes import MEMBERS_READ, PACKS_READ
 
-TENANT_HEADER = "x-flashcrowd-tenant"
 SERVICE = "flashcrowd.audience.v1.AudienceService"
 
 
@@ -71,7 +73,10 @@ class AudienceClient:
         self.target = target
         self.timeout = timeout_seconds
         self._channel = make_channel(
-            target, settings, idempotent_methods=[f"{SERVICE}/GetPack", f"{SERVICE}/ExportPack"]
+            target,
+            settings,
+            idempotent_methods=[f"{SERVICE}/GetPack", f"{SERVICE}/ExportPack"],
+            interceptors=platform_interceptors(settings, "service:retarget", (PACKS_READ, MEMBERS_READ)),
         )
         self._stub = audience_service_pb2_grpc.AudienceServiceStub(self._channel)
 
@@ -83,7 +88,6 @@ class AudienceClient:
         try:
             response = await self._stub.GetPack(
                 audience_service_pb2.GetPackRequest(name=pack),
-                metadata=((TENANT_HEADER, tenant),),
                 timeout=self.timeout,
                 wait_for_ready=False,
             )
@@ -110,7 +114,7 @@ class AudienceClient:
             page_token=page_token,
             version=version,
         )
-        call = self._stub.ExportPack(request, metadata=((TENANT_HEADER, tenant),))
+        call = self._stub.ExportPack(request)
         # Iterate the call (rather than call.read()): the OpenTelemetry interceptor ends the client
         # span when the iteration ends, so the stream is read to its end even after the last page.
         messages = call.__aiter__()

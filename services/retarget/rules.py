@@ -39,6 +39,8 @@ from google.protobuf import field_mask_pb2, json_format
 
 from services.retarget.sale_monitor import SaleMonitor, SaleScope, metrics_of
 from services.runtime import BaseServiceSettings, make_channel
+from services.runtime.assertion import platform_interceptors
+from services.runtime.scopes import CAMPAIGNS_READ, CAMPAIGNS_WRITE
 from services.storage import ObjectStore
 
 __all__ = ["RuleEngine", "boost_target", "compare"]
@@ -102,7 +104,13 @@ class RuleEngine:
     def connect(
         cls, target: str, settings: BaseServiceSettings, monitor: SaleMonitor, **kwargs
     ) -> RuleEngine:
-        channel = make_channel(target, settings)
+        channel = make_channel(
+            target,
+            settings,
+            interceptors=platform_interceptors(
+                settings, "service:sale-monitor", (CAMPAIGNS_READ, CAMPAIGNS_WRITE)
+            ),
+        )
         tenants = [t for t in getattr(settings, "rules_tenants", "").split(",") if t]
         engine = cls(retarget_service_pb2_grpc.RetargetServiceStub(channel), monitor, tenants, **kwargs)
         engine._channel = channel

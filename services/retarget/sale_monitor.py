@@ -37,6 +37,7 @@ from services.events.config import RealtimeSettings
 from services.events.follower import StreamFollower
 from services.events.schema import EventType
 from services.runtime import InvalidArgument, ServiceDefinition, run_service
+from services.runtime.assertion import backend_interceptors
 from services.storage import open_store
 
 __all__ = ["COUNTERS", "SaleMonitor", "SaleMonitorServicer", "SaleScope", "build"]
@@ -324,7 +325,12 @@ async def build(settings: MonitorSettings) -> ServiceDefinition:
         )
         engine.start()
         stops.insert(0, engine.stop)
-    return ServiceDefinition(names=names, register=register, on_stop=[*stops, bus.close])
+    return ServiceDefinition(
+        names=names,
+        register=register,
+        interceptors=backend_interceptors(settings),
+        on_stop=[*stops, bus.close],
+    )
 
 
 if __name__ == "__main__":

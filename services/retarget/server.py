@@ -24,6 +24,7 @@ from services.retarget.launcher import Launcher
 from services.retarget.migrations import migrate
 from services.retarget.servicer import LaunchOperationsServicer, RetargetServicer
 from services.runtime import ServiceDefinition, attributes, create_server, current_telemetry
+from services.runtime.assertion import backend_interceptors
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,12 @@ class RetargetApp:
         await self.db.aclose()
 
     def definition(self) -> ServiceDefinition:
-        return ServiceDefinition(names=SERVICE_NAMES, register=self.register, on_stop=[self.close])
+        return ServiceDefinition(
+            names=SERVICE_NAMES,
+            register=self.register,
+            interceptors=backend_interceptors(self.settings),
+            on_stop=[self.close],
+        )
 
 
 async def create_retarget_server(
@@ -121,7 +127,12 @@ async def create_retarget_server(
     """Start a retarget server; the caller stops it (``server.stop``) and then ``app.close()``."""
     app = await RetargetApp.open(settings, clock=clock)
     try:
-        server, port = await create_server(settings, service_names=SERVICE_NAMES, register=app.register)
+        server, port = await create_server(
+            settings,
+            service_names=SERVICE_NAMES,
+            register=app.register,
+            interceptors=backend_interceptors(settings),
+        )
     except BaseException:
         await app.close()
         raise

@@ -21,7 +21,6 @@ from google.protobuf import empty_pb2
 from services.retarget import convert, report, validation
 from services.retarget import domain as d
 from services.retarget import repository as repo
-from services.retarget.audience import TENANT_HEADER
 from services.retarget.db import UniqueConflict
 from services.runtime import (
     Aborted,
@@ -29,11 +28,12 @@ from services.runtime import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
     ResourceExhausted,
     ServiceError,
     attributes,
 )
+from services.runtime.assertion import caller_of, require_platform
+from services.runtime.scopes import MEMBERS_READ, MEMBERS_WRITE
 
 if TYPE_CHECKING:
     from services.retarget.server import RetargetApp
@@ -43,24 +43,17 @@ logger = logging.getLogger(__name__)
 SOLD_OUT_REASONS = (d.OUT_OF_STOCK, d.BUDGET_EXHAUSTED)
 
 
-def _caller_tenant(context: grpc.aio.ServicerContext) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == TENANT_HEADER:
-            return value if isinstance(value, str) else value.decode()
-    return None
-
-
 def _guard(context: grpc.aio.ServicerContext, tenant: str, resource_type: str, name: str) -> None:
-    """A caller authenticated for another tenant (gateway metadata) sees NOT_FOUND."""
-    caller = _caller_tenant(context)
-    if caller is not None and caller != tenant:
+    """A caller authenticated for another tenant (the gateway's assertion) sees NOT_FOUND."""
+    caller = caller_of(context)
+    if caller is not None and not caller.may_act_for(tenant):
         raise NotFound(resource_type, name)
 
 
 def _guard_parent(context: grpc.aio.ServicerContext, tenant: str) -> None:
-    caller = _caller_tenant(context)
-    if caller is not None and caller != tenant:
-        raise PermissionDenied(f"caller tenant may not use tenants/{tenant}", name=f"tenants/{tenant}")
+    caller = caller_of(context)
+    if caller is not None and not caller.may_act_for(tenant):
+        raise NotFound("flashcrowd.dev/Tenant", f"tenants/{tenant}")
 
 
 def _refuse(context: grpc.aio.ServicerContext, error: ServiceError) -> coupon_pb2.Coupon:
@@ -288,6 +281,7 @@ class RetargetServicer(retarget_service_pb2_grpc.RetargetServiceServicer):
     async def ClaimCoupon(
         self, request: retarget_service_pb2.ClaimCouponRequest, context: grpc.aio.ServicerContext
     ) -> coupon_pb2.Coupon:
+        require_platform(context, MEMBERS_WRITE)
         tenant, template_id = validation.template_ref(request.coupon_template, "coupon_template")
         _guard(context, tenant, d.TEMPLATE_TYPE, request.coupon_template)
         user_id = validation.user_id(request.user_id)
@@ -347,6 +341,7 @@ class RetargetServicer(retarget_service_pb2_grpc.RetargetServiceServicer):
     async def RedeemCoupon(
         self, request: retarget_service_pb2.RedeemCouponRequest, context: grpc.aio.ServicerContext
     ) -> retarget_service_pb2.RedeemCouponResponse:
+        require_platform(context, MEMBERS_WRITE)
         now = self.now()
         redeem = validation.redeem_request(request, now)
         _guard(context, redeem.tenant, d.COUPON_TYPE, request.coupon)
@@ -358,6 +353,7 @@ class RetargetServicer(retarget_service_pb2_grpc.RetargetServiceServicer):
     async def RefundRedemption(
         self, request: retarget_service_pb2.RefundRedemptionRequest, context: grpc.aio.ServicerContext
     ) -> coupon_pb2.Coupon:
+        require_platform(context, MEMBERS_WRITE)
         tenant, coupon_id = validation.coupon_ref(request.coupon)
         _guard(context, tenant, d.COUPON_TYPE, request.coupon)
         violations: list[tuple[str, str]] = []
@@ -381,6 +377,7 @@ class RetargetServicer(retarget_service_pb2_grpc.RetargetServiceServicer):
     async def StreamOffers(
         self, request: retarget_service_pb2.StreamOffersRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[retarget_service_pb2.Offer]:
+        require_platform(context, MEMBERS_READ)
         tenant = validation.tenant_of_parent(request.parent)
         _guard_parent(context, tenant)
         campaign_pk = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
-from pydantic import AliasChoices, AliasPath, Field, ValidationError, field_validator
+from pydantic import AliasChoices, AliasPath, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "FLASHCROWD_"
@@ -40,6 +40,18 @@ class BaseServiceSettings(BaseSettings):
     max_concurrent_rpcs: int | None = Field(default=None, gt=0)
     #: Calls queued in gRPC core before a handler takes them (bursts); the hard limit is twice this.
     max_pending_requests: int = Field(default=10_000, ge=100, le=1_000_000)
+    #: Key of the gateway's signed assertions (services/runtime/assertion.py): a Secret shared by the
+    #: gateway and every backend. Unset: generated once under ./var (embedded default).
+    gateway_assertion_key: SecretStr | None = None
+
+    @field_validator("gateway_assertion_key", mode="after")
+    @classmethod
+    def _assertion_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value():
+            from services.runtime.assertion import parse_key
+
+            parse_key(value.get_secret_value())
+        return value or None
 
     @field_validator("log_level", mode="before")
     @classmethod

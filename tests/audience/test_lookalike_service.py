@@ -27,6 +27,7 @@ from services.events.generator import GenConfig, generate
 from services.runtime import error_details
 from services.storage import LocalObjectStore, MinioObjectStore, ObjectStore, publish, read_manifest
 from tests.audience.service.conftest import Service, start_service, stop_service
+from tests.fixtures.channels import AS_TENANT
 from tests.fixtures.s3server import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, s3_url, unique_bucket
 
 WORLD = GenConfig(users=8_000, days=4, seed=5)
@@ -150,7 +151,7 @@ async def test_exclusions_and_profile_constraints(la: Lookalike) -> None:
         reach_size=300, exclude_packs=[f"tenants/{TENANT}/packs/{first.pack_id}"], profile=female
     )
     # Through the gateway: the trusted tenant header names the same tenant.
-    op = await la.expand(second, metadata=(("x-flashcrowd-tenant", TENANT),))
+    op = await la.expand(second, metadata=((AS_TENANT, TENANT),))
     assert not op.HasField("error"), op.error
     members, pack = la.svc.app.packs.load_bitmap(TENANT, second.pack_id)
     excluded, _ = la.svc.app.packs.load_bitmap(TENANT, first.pack_id)
@@ -239,7 +240,7 @@ async def test_bad_expansions_fail_and_write_nothing(la: Lookalike) -> None:
             assert details.precondition_failure.violations[0].subject == "lookalikeModels/old-code"
     # Another tenant's caller (gateway header) cannot use this tenant's seed, nor learn it exists.
     await _fails(
-        la.stub.ExpandLookalike(request(), metadata=(("x-flashcrowd-tenant", "other"),)),
+        la.stub.ExpandLookalike(request(), metadata=((AS_TENANT, "other"),)),
         grpc.StatusCode.NOT_FOUND,
     )
     assert set(la.keys("packs/")) | set(la.keys("lookalike/expansions/")) == before

@@ -2,7 +2,8 @@
 
 ``fake_stack``: gateway -> ``FakeBackend`` (sees deadlines, counts calls, fails on demand).
 ``real_stack`` (in ``test_isolation.py`` and friends): gateway -> real audience (+ retarget).
-Credentials: the bootstrap admin key creates tenants ``alpha`` and ``beta`` with full-scope keys.
+Credentials: the bootstrap admin key creates tenants ``alpha`` and ``beta`` with keys holding every
+tenant scope, and a platform principal's key (``stack.auth("platform")``) with every platform scope.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from flashcrowd.gateway.v1 import gateway_service_pb2 as gw
 from flashcrowd.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
 
-from services.gateway.catalog import ALL_SCOPES
 from services.gateway.config import GatewaySettings
 from services.gateway.server import GatewayApp, create_gateway_server
 from services.runtime import load_settings
+from services.runtime.scopes import ALL_SCOPES, TENANT_SCOPES
 
 from .fakes import FakeBackend
 
@@ -32,7 +33,10 @@ BOOTSTRAP = "bootstrap-admin-key-for-tests-0123456789"
 HS_SECRET = "hs256-test-secret-which-is-long-enough-0123456789"
 AUDIENCE = "flashcrowd"
 ISSUER = "https://issuer.test"
-ALL = sorted(ALL_SCOPES - {"admin"})
+#: Every tenant scope but admin (what a full tenant key holds).
+ALL = sorted(TENANT_SCOPES - {"admin"})
+#: Every scope but admin (a platform key: member-level reads and writes too).
+PLATFORM = sorted(ALL_SCOPES - {"admin"})
 
 
 @pytest.fixture(scope="session")
@@ -134,6 +138,11 @@ async def start_stack(settings: GatewaySettings, tenants: dict[str, list[str]]) 
             gw.CreateApiKeyRequest(parent=f"tenants/{tenant}", scopes=scopes), metadata=boot
         )
         stack.keys[tenant] = response.secret
+    for name in ("platform", "platform-b"):  # two platform principals (their own limits each)
+        platform = await admin.CreateApiKey(
+            gw.CreateApiKeyRequest(parent="platform", scopes=PLATFORM), metadata=boot
+        )
+        stack.keys[name] = platform.secret
     return stack
 
 

@@ -19,8 +19,7 @@ from flashcrowd.audience.v1 import pack_pb2
 from google.longrunning import operations_proto_pb2
 
 from services.runtime import BaseServiceSettings, NotFound, Unavailable, create_server
-
-TENANT_HEADER = "x-flashcrowd-tenant"
+from services.runtime.assertion import Caller, backend_interceptors, caller_of
 
 
 @dataclass
@@ -29,6 +28,7 @@ class Seen:
     tenant: str | None
     time_remaining: float | None
     metadata: dict[str, str]
+    caller: Caller | None = None
 
 
 @dataclass
@@ -44,8 +44,9 @@ class FakeAudience(pb_grpc.AudienceServiceServicer):
     def _record(self, method: str, context: grpc.aio.ServicerContext) -> str:
         self.calls[method] += 1
         metadata = {item[0]: item[1] for item in context.invocation_metadata() or ()}
-        tenant = metadata.get(TENANT_HEADER)
-        self.seen.append(Seen(method, tenant, context.time_remaining(), metadata))
+        caller = caller_of(context)  # verified by the backend's assertion interceptor
+        tenant = caller.tenant if caller is not None else None
+        self.seen.append(Seen(method, tenant, context.time_remaining(), metadata, caller))
         if self.fail_next[method] > 0:
             self.fail_next[method] -= 1
             raise Unavailable("flaky backend")
@@ -117,6 +118,7 @@ class FakeBackend:
             settings,
             service_names=["flashcrowd.audience.v1.AudienceService"],
             register=lambda s: pb_grpc.add_AudienceServiceServicer_to_server(self.servicer, s),
+            interceptors=backend_interceptors(settings),
         )
 
     async def stop(self) -> None:

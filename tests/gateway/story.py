@@ -37,11 +37,16 @@ def clickers_not_buyers() -> spec_pb2.PackSpec:
 
 @dataclass
 class Client:
-    """Stubs over one channel to the gateway, authenticated as one tenant."""
+    """Stubs over one channel to the gateway, authenticated as one tenant.
+
+    ``platform`` is the credential of the platform's serving side (member-level calls: reading a
+    pack's members to deliver offers, a user's claim and redemption), which no tenant may make.
+    """
 
     channel: grpc.aio.Channel
     tenant: str
     metadata: tuple[tuple[str, str], ...]
+    platform: tuple[tuple[str, str], ...] = ()
     audience: apb_grpc.AudienceServiceStub = field(init=False)
     retarget: rpb_grpc.RetargetServiceStub = field(init=False)
     operations: ops_grpc.OperationsStub = field(init=False)
@@ -78,7 +83,7 @@ class Client:
         members: list[int] = []
         call = self.audience.ExportPack(
             apb.ExportPackRequest(name=pack, format=apb.EXPORT_FORMAT_USER_ID, page_size=max(count, 1)),
-            metadata=self.metadata,
+            metadata=self.platform,
         )
         async for page in call:
             members.extend(page.user_ids)
@@ -151,7 +156,7 @@ async def seed_story(client: Client, suffix: str = "") -> StoryResult:
             campaign=campaign.name,
             request_id=f"claim-{member}",
         ),
-        metadata=client.metadata,
+        metadata=client.platform,
     )
     redemption = await client.retarget.RedeemCoupon(
         rpb.RedeemCouponRequest(
@@ -161,7 +166,7 @@ async def seed_story(client: Client, suffix: str = "") -> StoryResult:
             order_amount_fen=20_000,
             idempotency_key=f"redeem-{member}",
         ),
-        metadata=client.metadata,
+        metadata=client.platform,
     )
     report = await client.retarget.GetCampaignReport(
         rpb.GetCampaignReportRequest(campaign=campaign.name), metadata=client.metadata

@@ -269,7 +269,7 @@ async def test_keys_are_stored_hashed(fake_stack) -> None:
     assert secret not in dump and raw not in dump
 
 
-async def test_only_the_tenant_and_request_id_reach_the_backend(fake_stack) -> None:
+async def test_only_the_assertion_and_request_id_reach_the_backend(fake_stack) -> None:
     stack, backend = fake_stack
     stub = pb_grpc.AudienceServiceStub(stack.channel)
     metadata = (
@@ -280,9 +280,13 @@ async def test_only_the_tenant_and_request_id_reach_the_backend(fake_stack) -> N
         ("x-custom", "dropped"),
     )
     await stub.GetPack(GET, metadata=metadata)
-    seen = backend.servicer.seen[-1].metadata
-    assert seen["x-flashcrowd-tenant"] == "alpha" and seen["x-request-id"] == "req-42"
-    assert not {"x-api-key", "authorization", "x-flashcrowd-admin", "x-custom"} & set(seen)
+    last = backend.servicer.seen[-1]
+    seen = last.metadata
+    assert last.caller is not None and last.caller.kind == "tenant" and last.caller.tenant == "alpha"
+    assert seen["x-request-id"] == "req-42" and "x-flashcrowd-assertion" in seen
+    assert not {"x-api-key", "authorization", "x-flashcrowd-admin", "x-flashcrowd-tenant", "x-custom"} & set(
+        seen
+    )
     # A malformed request id is not forwarded either.
     await stub.GetPack(GET, metadata=(*stack.auth("alpha"), ("x-request-id", "a b;c")))
     assert "x-request-id" not in backend.servicer.seen[-1].metadata

@@ -25,7 +25,7 @@ def test_rate_limits_from_json_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ("FLASHCROWD_RATE_LIMITS", '{"GetPack": {"rate": 0, "burst": 1}}'),
         ("FLASHCROWD_JWT_RS256_PUBLIC_KEY", "-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----"),
         ("FLASHCROWD_JWT_RS256_PUBLIC_KEY", "/no/such/key.pem"),
-        ("FLASHCROWD_TRUSTED_TENANT_HEADER", "tenant"),
+        ("FLASHCROWD_GATEWAY_ASSERTION_KEY", "too-short"),
         ("FLASHCROWD_RETRY_MAX_BACKOFF_SECONDS", "0.001"),
     ],
 )

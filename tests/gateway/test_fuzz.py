@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.gateway.catalog import METHODS, MethodInfo
+from tests.fixtures.channels import backend_channel
 
 from .strategies import messages
 
@@ -103,7 +104,7 @@ async def test_fuzz_raw_bytes(real_stack, info: MethodInfo, payload: bytes) -> N
 
 async def test_everyone_still_serving(real_stack) -> None:
     for target in (real_stack.gateway.target, real_stack.audience_target, real_stack.retarget_target):
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with backend_channel(target) as channel:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=5
             )

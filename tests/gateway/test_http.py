@@ -69,11 +69,14 @@ async def test_pack_lifecycle_over_http(http, real_stack) -> None:
     assert persona["pack"] == "tenants/alpha/packs/http-clickers"
     assert all(len(d["buckets"]) <= 3 for d in persona["dimensions"])
 
-    async with http.post(
-        "/v1/tenants/alpha/packs:checkMembership",
-        json={"packs": ["tenants/alpha/packs/http-clickers"], "userIds": ["1", "2", "3"]},
-        headers=alpha,
-    ) as response:
+    check = {"packs": ["tenants/alpha/packs/http-clickers"], "userIds": ["1", "2", "3"]}
+    # Members are for the platform's services: the tenant itself is refused, a platform key answers.
+    async with http.post("/v1/tenants/alpha/packs:checkMembership", json=check, headers=alpha) as response:
+        refused = await response.json()
+        assert response.status == 403, refused
+    assert refused["error"]["details"][0]["reason"] == "MISSING_SCOPE"
+    platform = key(real_stack, "platform")
+    async with http.post("/v1/tenants/alpha/packs:checkMembership", json=check, headers=platform) as response:
         membership = await response.json()
         assert response.status == 200, membership
     assert len(membership["results"][0]["members"]) == 3

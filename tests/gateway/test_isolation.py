@@ -1,8 +1,9 @@
 """Tenant isolation through the gateway, against the real audience and retarget servers.
 
 Tenant beta must not read, export, expand, reference, retarget or poll anything of tenant alpha: every
-attempt answers NOT_FOUND exactly like a missing resource, and a spoofed ``x-flashcrowd-tenant`` is
-ignored. The backends enforce the same rule on their own (checked by calling them directly).
+attempt answers NOT_FOUND exactly like a missing resource (member-level calls are PERMISSION_DENIED to
+every tenant), and spoofed ``x-flashcrowd-*`` metadata is ignored. The backends enforce the same rules
+on their own (checked by calling them directly with a tenant's assertion).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from flashcrowd.retarget.v1 import retarget_service_pb2_grpc as rpb_grpc
 from google.longrunning import operations_pb2 as ops
 
 from services.runtime import error_details
+from tests.fixtures.channels import as_tenant, backend_channel
 
 from .story import CLICKERS, Client
 
@@ -65,6 +67,13 @@ async def expect_not_found(call) -> None:  # type: ignore[no-untyped-def]
     assert "alpha" not in (error_details(caught.value).message or "").replace("tenants/alpha", "")
 
 
+async def expect_denied(call) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, caught.value.details()
+    assert error_details(caught.value).reason == "MISSING_SCOPE"
+
+
 async def test_other_tenants_packs_are_not_found(real_stack, alpha_world) -> None:
     gateway = real_stack.gateway
     beta = Client(gateway.channel, "beta", gateway.auth("beta"))
@@ -75,7 +84,8 @@ async def test_other_tenants_packs_are_not_found(real_stack, alpha_world) -> Non
     await expect_not_found(beta.audience.DeletePack(apb.DeletePackRequest(name=pack), metadata=md))
     await expect_not_found(beta.audience.RefreshPack(apb.RefreshPackRequest(name=pack), metadata=md))
     await expect_not_found(beta.audience.ListPacks(apb.ListPacksRequest(parent="tenants/alpha"), metadata=md))
-    await expect_not_found(
+    # Member-level calls are refused to every tenant principal, before any name is looked at.
+    await expect_denied(
         beta.audience.CheckMembership(
             apb.CheckMembershipRequest(parent="tenants/beta", packs=[pack], user_ids=[1]), metadata=md
         )
@@ -83,7 +93,7 @@ async def test_other_tenants_packs_are_not_found(real_stack, alpha_world) -> Non
     export = beta.audience.ExportPack(
         apb.ExportPackRequest(name=pack, format=apb.EXPORT_FORMAT_USER_ID), metadata=md
     )
-    await expect_not_found(export.read())
+    await expect_denied(export.read())
     # Referencing alpha's pack from inside beta's own spec (nested deep in a set operation).
     nested = spec_pb2.PackSpec(
         union=spec_pb2.SetOperands(
@@ -145,7 +155,7 @@ async def test_other_tenants_campaigns_and_operations_are_not_found(real_stack, 
     await expect_not_found(
         beta.retarget.GetCouponTemplate(rpb.GetCouponTemplateRequest(name=template), metadata=md)
     )
-    await expect_not_found(
+    await expect_denied(
         beta.retarget.ClaimCoupon(rpb.ClaimCouponRequest(coupon_template=template, user_id=1), metadata=md)
     )
     # Retargeting alpha's pack from a campaign of beta's own.
@@ -162,7 +172,7 @@ async def test_other_tenants_campaigns_and_operations_are_not_found(real_stack, 
         )
     )
     stream = beta.retarget.StreamOffers(rpb.StreamOffersRequest(parent="tenants/alpha"), metadata=md)
-    await expect_not_found(stream.read())
+    await expect_denied(stream.read())
     # Operations of both backends.
     for operation in (alpha_world["build_op"], alpha_world["launch_op"]):
         await expect_not_found(
@@ -201,14 +211,14 @@ async def test_spoofed_tenant_header_is_ignored(real_stack, alpha_world) -> None
 
 
 async def test_backends_enforce_the_tenant_themselves(real_stack, alpha_world) -> None:
-    """Defence in depth: with beta's trusted header, the backends refuse alpha's resources too."""
-    beta_header = (("x-flashcrowd-tenant", "beta"),)
-    async with grpc.aio.insecure_channel(real_stack.audience_target) as channel:
+    """Defence in depth: asserted as beta, the backends refuse alpha's resources too."""
+    beta_header = as_tenant("beta")
+    async with backend_channel(real_stack.audience_target) as channel:
         stub = apb_grpc.AudienceServiceStub(channel)
         await expect_not_found(
             stub.GetPack(apb.GetPackRequest(name=alpha_world["pack"].name), metadata=beta_header)
         )
-    async with grpc.aio.insecure_channel(real_stack.retarget_target) as channel:
+    async with backend_channel(real_stack.retarget_target) as channel:
         stub = rpb_grpc.RetargetServiceStub(channel)
         await expect_not_found(
             stub.GetCampaign(rpb.GetCampaignRequest(name=alpha_world["campaign"].name), metadata=beta_header)

@@ -178,7 +178,7 @@ async def test_backend_restart_as_real_server(tmp_path, rsa_public_pem) -> None:
         )
         results = await asyncio.gather(
             stub.GetPack(GET, metadata=stack.auth("alpha")),
-            stub.CheckMembership(check, metadata=stack.auth("alpha")),
+            stub.CheckMembership(check, metadata=stack.auth("platform")),
         )
         assert results[0].size == 42 and list(results[1].results[0].members) == [True]
         assert backend.servicer.calls == {"GetPack": 2, "CheckMembership": 3}

@@ -7,7 +7,7 @@ from .story import Client, seed_story
 
 async def test_seed_story_through_gateway(real_stack) -> None:
     gateway = real_stack.gateway
-    client = Client(gateway.channel, "alpha", gateway.auth("alpha"))
+    client = Client(gateway.channel, "alpha", gateway.auth("alpha"), gateway.auth("platform"))
     result = await seed_story(client)
     assert result.persona.size == result.clickers.size
     assert result.redemption.discount_fen == 1000

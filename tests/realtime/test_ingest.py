@@ -17,6 +17,7 @@ from services.events.codec import decode_batch, shard_table
 from services.events.config import RealtimeSettings
 from services.events.ingest import EventIngestor, event_service_definition
 from services.runtime import create_server, error_details, load_settings
+from tests.fixtures.channels import backend_channel
 
 from .conftest import drop_stream, make_jetstream_bus
 from .events import make_event, make_events
@@ -105,7 +106,7 @@ async def serve(settings: RealtimeSettings, bus: EventBus):
 async def test_grpc_unary_and_streaming(settings: RealtimeSettings, jetstream_bus) -> None:
     server, port = await serve(settings, jetstream_bus)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with backend_channel(f"127.0.0.1:{port}") as channel:
             stub = event_service_pb2_grpc.EventServiceStub(channel)
             events = make_events(1500)
             events[7].event_type = 0
@@ -144,7 +145,7 @@ async def test_unavailable_quickly_when_nats_stops_and_retry_creates_no_duplicat
     bus = await make_jetstream_bus(private_nats.url)
     server, port = await serve(settings, bus)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with backend_channel(f"127.0.0.1:{port}") as channel:
             stub = event_service_pb2_grpc.EventServiceStub(channel)
             acked: set[int] = set()
             batches = [make_events(1000, first_id=1 + 1000 * k, users=100_000) for k in range(6)]
@@ -200,7 +201,7 @@ async def test_grpc_requests_are_decoded_from_the_wire_or_refused(settings: Real
     bus = MemoryBus(4)
     server, port = await serve(settings, bus)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with backend_channel(f"127.0.0.1:{port}") as channel:
             raw = channel.unary_unary(
                 "/flashcrowd.audience.v1.EventService/IngestEventBatch",
                 request_serializer=None,

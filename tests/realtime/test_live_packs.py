@@ -29,6 +29,7 @@ from services.events.bus import MemoryBus
 from services.events.ingest import EventIngestor
 from services.runtime import InvalidArgument, load_settings
 from services.storage import LocalObjectStore
+from tests.fixtures.channels import backend_channel
 
 from .conftest import drop_stream, make_jetstream_bus
 from .events import make_event
@@ -152,7 +153,7 @@ async def test_grpc_live_pack_membership_and_snapshot(tmp_path, nats_url, monkey
     )
     server, port, app = await create_audience_server(settings)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with backend_channel(f"127.0.0.1:{port}") as channel:
             live = live_pack_pb2_grpc.LivePackServiceStub(channel)
             events = event_service_pb2_grpc.EventServiceStub(channel)
             audience = audience_service_pb2_grpc.AudienceServiceStub(channel)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
-import grpc
-import grpc.aio
 import pytest
 from flashcrowd.audience.v1 import events_pb2, live_pack_pb2, live_pack_pb2_grpc
 from flashcrowd.retarget.v1 import (
@@ -29,6 +27,7 @@ from services.retarget.sale_monitor import SaleMonitor, SaleScope, sale_monitor_
 from services.retarget.server import create_retarget_server
 from services.runtime import BaseServiceSettings, create_server, load_settings
 from services.storage import LocalObjectStore
+from tests.fixtures.channels import backend_channel
 
 from .conftest import drop_stream, make_jetstream_bus
 from .events import make_event
@@ -95,7 +94,7 @@ async def test_watch_sale_streams_updates_over_grpc() -> None:
     names, register = sale_monitor_definition(monitor)
     server, port = await create_server(settings, service_names=names, register=register)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with backend_channel(f"127.0.0.1:{port}") as channel:
             stub = sale_monitor_pb2_grpc.SaleMonitorServiceStub(channel)
             call = stub.WatchSale(sale_monitor_pb2.WatchSaleRequest(parent="tenants/t1"))
             first = await call.read()
@@ -133,8 +132,8 @@ async def test_stop_boost_and_copy_rules_fire_through_retarget(tmp_path, nats_ur
     r_server, r_port, r_app = await create_retarget_server(r_settings)
     monitor = SaleMonitor(bus)
     monitor.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{r_port}")
-    a_channel = grpc.aio.insecure_channel(f"127.0.0.1:{a_port}")
+    channel = backend_channel(f"127.0.0.1:{r_port}")
+    a_channel = backend_channel(f"127.0.0.1:{a_port}")
     try:
         # The story: a live "clicked, not paid" pack, snapshotted, targeted by a coupon campaign.
         live = live_pack_pb2_grpc.LivePackServiceStub(a_channel)

@@ -40,6 +40,7 @@ from services.retarget.config import RetargetSettings
 from services.retarget.server import RetargetApp, create_retarget_server
 from services.runtime import load_settings
 from services.storage import LocalObjectStore
+from tests.fixtures.channels import backend_channel
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 WORLD = GenConfig(users=24_000, days=2, seed=11)
@@ -174,7 +175,7 @@ async def audience(audience_store: tuple[LocalObjectStore, str]) -> AsyncIterato
         .collect()
     )
     phone_hash = dict(zip(identity["user_id"].to_list(), identity["sha256"].to_list(), strict=True))
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel = backend_channel(f"127.0.0.1:{port}")
     try:
         yield Audience(
             settings=settings,
@@ -292,7 +293,7 @@ class Rt:
 async def start_rt(kind: str, url: str, audience: Audience, **overrides: Any) -> Rt:
     settings = retarget_settings(url, audience.target, **overrides)
     server, port, app = await create_retarget_server(settings)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel = backend_channel(f"127.0.0.1:{port}")
     return Rt(
         kind=kind,
         url=url,

@@ -13,6 +13,7 @@ from flashcrowd.retarget.v1 import campaign_pb2, coupon_pb2, retarget_service_pb
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from services.runtime import error_details
+from tests.fixtures.channels import AS_TENANT
 
 from .conftest import Rt
 
@@ -280,7 +281,7 @@ async def test_other_requests_and_other_tenants(rt: Rt, counts: Callable[[], Any
     # another tenant's campaign is NOT_FOUND whichever way it is asked for
     await _fails(s.GetCampaign(api.GetCampaignRequest(name=foreign)), NOT_FOUND, reason="CAMPAIGN_NOT_FOUND")
     await _fails(
-        s.GetCampaign(api.GetCampaignRequest(name=campaign.name), metadata=(("x-flashcrowd-tenant", other),)),
+        s.GetCampaign(api.GetCampaignRequest(name=campaign.name), metadata=((AS_TENANT, other),)),
         NOT_FOUND,
     )
     await _fails(s.LaunchCampaign(api.LaunchCampaignRequest(name=foreign)), NOT_FOUND)
@@ -430,7 +431,7 @@ async def test_update_campaign_bad_input(rt: Rt, counts: Callable[[], Any]) -> N
     await _fails(
         s.UpdateCampaign(
             api.UpdateCampaignRequest(campaign=campaign_pb2.Campaign(name=name, display_name="x")),
-            metadata=(("x-flashcrowd-tenant", other),),
+            metadata=((AS_TENANT, other),),
         ),
         NOT_FOUND,
     )

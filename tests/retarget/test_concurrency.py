@@ -18,6 +18,7 @@ from flashcrowd.retarget.v1 import campaign_pb2, coupon_pb2, retarget_service_pb
 
 from services.retarget import repository as repo
 from services.runtime import error_details
+from tests.fixtures.channels import backend_channel
 
 from .conftest import Audience, Rt, start_rt, stop_rt
 
@@ -57,7 +58,7 @@ async def test_claim_burst_never_oversells(pg_rt: Rt) -> None:
     budgeted = await pg_rt.template(
         tenant, "budget", fixed_amount=coupon_pb2.FixedAmountOff(amount_fen=300), budget_cap_fen=12_000
     )
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{pg_rt.port}") for _ in range(CLIENTS)]
+    channels = [backend_channel(f"127.0.0.1:{pg_rt.port}") for _ in range(CLIENTS)]
     stubs = [retarget_service_pb2_grpc.RetargetServiceStub(channel) for channel in channels]
     try:
         # 2,000 claims for 50 coupons: 1,500 users, 250 of whom try twice more (other request ids)

@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.retarget import repository as repo
 from services.retarget.db import Database
 from services.runtime import error_details
+from tests.fixtures.channels import backend_channel
 
 from .conftest import Audience
 
@@ -81,7 +82,7 @@ class Service:
         )
         self.starts += 1
         deadline = time.monotonic() + 30
-        async with grpc.aio.insecure_channel(self.target) as channel:
+        async with backend_channel(self.target) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while True:
                 if self.proc.poll() is not None:
@@ -142,7 +143,7 @@ async def test_sigkill_during_launch_resumes_without_duplicates(
     )
     await service.start()
     try:
-        channel = grpc.aio.insecure_channel(service.target, options=CHANNEL_OPTIONS)
+        channel = backend_channel(service.target, options=CHANNEL_OPTIONS)
         stub = retarget_service_pb2_grpc.RetargetServiceStub(channel)
         parent = f"tenants/{tenant}"
         ten = await stub.CreateCouponTemplate(
@@ -252,7 +253,7 @@ async def test_sigkill_during_redemption_retries(
     tenant = "redeemers"
     service = Service(pg_url, audience.target, tmp_path / "retarget.log")
     await service.start()
-    channel = grpc.aio.insecure_channel(service.target, options=CHANNEL_OPTIONS)
+    channel = backend_channel(service.target, options=CHANNEL_OPTIONS)
     stub = retarget_service_pb2_grpc.RetargetServiceStub(channel)
     try:
         template = await stub.CreateCouponTemplate(

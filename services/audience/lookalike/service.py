@@ -62,6 +62,8 @@ from services.runtime import (
     ServiceDefinition,
     load_settings,
 )
+from services.runtime.assertion import require_platform
+from services.runtime.scopes import MODELS_TRAIN
 from services.storage import ObjectStore
 
 if TYPE_CHECKING:
@@ -178,6 +180,8 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
         return model_proto(model)
 
     async def TrainLookalikeModel(self, request, context):
+        # Models are platform-owned and every tenant expands with them: no tenant may change them.
+        require_platform(context, MODELS_TRAIN)
         problems: list[tuple[str, str]] = []
         if not request.model_id:
             problems.append(("model_id", "required"))

@@ -28,6 +28,7 @@ from services.events.generator import generate
 from services.runtime import load_settings
 from services.storage import LocalObjectStore, MinioObjectStore, ObjectStore
 from tests.audience.conftest import WORLD
+from tests.fixtures.channels import backend_channel
 from tests.fixtures.s3server import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, s3_url, unique_bucket
 
 PERSONA_MIN = 200
@@ -107,7 +108,7 @@ def _settings(store_url: str, **overrides) -> AudienceSettings:
 async def start_service(kind: str, store: ObjectStore, store_url: str, **overrides) -> Service:
     settings = _settings(store_url, **overrides)
     server, port, app = await create_audience_server(settings)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel = backend_channel(f"127.0.0.1:{port}")
     return Service(
         kind=kind,
         store=store,

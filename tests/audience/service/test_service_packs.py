@@ -24,6 +24,7 @@ from tests.audience.service.specs import (
     ref,
     union,
 )
+from tests.fixtures.channels import AS_TENANT
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -341,7 +342,7 @@ async def test_operations_service_contract(svc) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await svc.ops.GetOperation(
             operations_pb2.GetOperationRequest(name=finished.name),
-            metadata=(("x-flashcrowd-tenant", "someone-else"),),
+            metadata=((AS_TENANT, "someone-else"),),
         )
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 

@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 
-import grpc
 import pytest
 from flashcrowd.audience.v1 import audience_service_pb2 as api
 from flashcrowd.audience.v1 import audience_service_pb2_grpc
@@ -16,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.audience.config import AudienceSettings
 from services.runtime import ConfigError, load_settings
+from tests.fixtures.channels import backend_channel
 
 
 @pytest.mark.parametrize(
@@ -41,7 +41,6 @@ def test_settings_defaults() -> None:
     settings = load_settings(AudienceSettings, store_url="./var/store")
     assert settings.dataset_prefix == "data/" and settings.max_concurrent_builds == 2
     assert settings.persona_min_size == 1000 and settings.upload_max_rows == 5_000_000
-    assert settings.trusted_tenant_header == "x-flashcrowd-tenant"
 
 
 async def test_module_serves_and_stops_on_sigterm(local_world) -> None:
@@ -61,7 +60,7 @@ async def test_module_serves_and_stops_on_sigterm(local_world) -> None:
                 continue
             if entry.get("message") == "serving":
                 port = entry["port"]
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with backend_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
             for service in ("", "flashcrowd.audience.v1.AudienceService", "google.longrunning.Operations"):
                 reply = await health.Check(health_pb2.HealthCheckRequest(service=service))

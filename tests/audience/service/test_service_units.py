@@ -23,7 +23,8 @@ from services.audience.membership import (
 from services.audience.operations import OperationManager
 from services.audience.servicer import ExportToken, sample_shard, scale_estimate, shard_fraction
 from services.audience.tenancy import Tenancy, parse_operation_name, parse_pack_name, parse_parent
-from services.runtime import InvalidArgument, NotFound, ResourceExhausted
+from services.runtime import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from services.runtime.assertion import AssertionSigner, Caller, load_assertion_key
 from services.storage import LocalObjectStore
 
 ids_strategy = st.lists(st.integers(min_value=0, max_value=2**64 - 1), min_size=0, max_size=300)
@@ -143,12 +144,21 @@ def test_names_and_tenancy() -> None:
         def invocation_metadata(self):
             return self._metadata
 
-    tenancy = Tenancy("x-flashcrowd-tenant")
-    assert tenancy.authorize(Context(()), "acme") == "acme"  # direct caller
-    assert tenancy.authorize(Context((("x-flashcrowd-tenant", "acme"),)), "acme") == "acme"
+    signer = AssertionSigner(load_assertion_key())
+    method = "/flashcrowd.audience.v1.AudienceService/GetPack"
+
+    def asserted(caller: Caller) -> Context:
+        return Context((signer.metadata(caller, method),))
+
+    tenancy = Tenancy()
+    assert tenancy.authorize(asserted(Caller.platform("job")), "acme") == "acme"  # platform: any tenant
+    assert tenancy.authorize(asserted(Caller.for_tenant("acme")), "acme") == "acme"
     with pytest.raises(NotFound) as caught:
-        tenancy.authorize(Context((("x-flashcrowd-tenant", "evil"),)), "acme", name="tenants/acme/packs/p")
+        tenancy.authorize(asserted(Caller.for_tenant("evil")), "acme", name="tenants/acme/packs/p")
     assert caught.value.code == grpc.StatusCode.NOT_FOUND and caught.value.name == "tenants/acme/packs/p"
+    with pytest.raises(PermissionDenied):
+        tenancy.require_members(asserted(Caller.for_tenant("acme", scopes={"packs.read"})))
+    tenancy.require_members(asserted(Caller.platform("ad-serving", {"members.read"})))
 
 
 def test_operation_manager_queue_cancel_and_limits(tmp_path) -> None:

@@ -17,6 +17,7 @@ from services.runtime import error_details
 from tests.audience.conftest import WORLD
 from tests.audience.service.conftest import PERSONA_MIN, UPLOAD_MAX_ROWS
 from tests.audience.service.specs import ET, INCLUDE_BOTS, behavior, ref
+from tests.fixtures.channels import AS_TENANT
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -219,7 +220,7 @@ async def test_tenant_isolation(svc) -> None:
 
     # As the intruder, through the gateway (trusted header): the owner's pack is NOT_FOUND everywhere,
     # with the same answer as for a pack that does not exist.
-    as_intruder = (("x-flashcrowd-tenant", intruder),)
+    as_intruder = ((AS_TENANT, intruder),)
     for name in (foreign, missing):
         calls = [
             lambda n=name: svc.stub.GetPack(api.GetPackRequest(name=n), metadata=as_intruder),
@@ -266,9 +267,7 @@ async def test_tenant_isolation(svc) -> None:
         await svc.stub.UploadPack(_stream(upload), metadata=as_intruder)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     # The owner, through the gateway, still sees it.
-    same = await svc.stub.GetPack(
-        api.GetPackRequest(name=foreign), metadata=(("x-flashcrowd-tenant", owner),)
-    )
+    same = await svc.stub.GetPack(api.GetPackRequest(name=foreign), metadata=((AS_TENANT, owner),))
     assert same.name == foreign and same.size == pack.size
 
 
