@@ -10,8 +10,9 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 
+from services.events.pepper import Pepper, load_pepper, parse_pepper
 from services.runtime import BaseServiceSettings
 from services.storage import DEFAULT_STORE_URL, check_prefix
 
@@ -62,6 +63,14 @@ class AudienceSettings(BaseServiceSettings):
     trusted_tenant_header: str = "x-flashcrowd-tenant"
     #: Longest a WaitOperation call blocks when the request sets no (or a longer) timeout.
     max_wait_seconds: float = Field(default=60.0, gt=0)
+    #: HMAC key of the identity map (hex or base64 of >= 32 bytes; a Kubernetes Secret). Unset: the
+    #: embedded default file ``./var/identity-pepper`` (``services.events.pepper``).
+    identity_pepper: SecretStr | None = Field(default=None, repr=False)
+
+    def pepper(self) -> Pepper:
+        """The identity pepper: this setting, else the embedded default (created on first use)."""
+        value = self.identity_pepper
+        return load_pepper(value.get_secret_value() if value is not None else None, environ={})
 
     @field_validator("store_url")
     @classmethod
@@ -83,6 +92,14 @@ class AudienceSettings(BaseServiceSettings):
     @classmethod
     def _prefixes(cls, value: Any) -> Any:
         return _prefix(value, name="prefix")
+
+    @field_validator("identity_pepper")
+    @classmethod
+    def _pepper(cls, value: SecretStr | None) -> SecretStr | None:
+        # parse_pepper raises ConfigError (not a ValueError) so that pydantic does not echo the value.
+        if value is not None:
+            parse_pepper(value.get_secret_value())
+        return value
 
     @field_validator("trusted_tenant_header", mode="before")
     @classmethod

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from services.audience.config import AudienceSettings
 from services.events import pepper as pepper_module
 from services.events.pepper import ENV_VAR, MIN_BYTES, Pepper, load_pepper, parse_pepper
-from services.runtime import ConfigError
+from services.runtime import ConfigError, load_settings
 
 KEY = bytes(range(40))
 
@@ -108,3 +109,13 @@ def test_a_broken_default_file_stops_with_the_variable_named(tmp_path: Path) -> 
     file.chmod(0o600)
     with pytest.raises(ConfigError, match=f"{ENV_VAR} is not set, and its default file"):
         load_pepper(environ={}, default_file=file)
+
+
+def test_audience_settings_validate_the_pepper(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_VAR, "deadbeef")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(AudienceSettings, store_url="./var/store")
+    assert ENV_VAR in str(caught.value) and "deadbeef" not in str(caught.value)
+    monkeypatch.setenv(ENV_VAR, KEY.hex())
+    settings = load_settings(AudienceSettings, store_url="./var/store")
+    assert settings.pepper().key == KEY and KEY.hex() not in repr(settings)
