@@ -40,6 +40,8 @@ from flashcrowd.retarget.v1 import campaign_pb2, coupon_pb2, retarget_service_pb
 from retarget_proc import RetargetProcess, create_pg_database, drop_pg_database
 
 from services.events.dataset import EventDataset
+from services.events.generator import synthetic_identities
+from services.events.identity import hash_identifier
 from services.events.schema import IdType
 from services.retarget import repository as repo
 from services.retarget.db import Database
@@ -55,7 +57,14 @@ def ensure_world(cache_dir: Path, users: int) -> Path:
     candidates = []
     for path in cache_dir.glob("u*-d*-s*"):
         match = re.fullmatch(r"u(\d+)-d(\d+)-s(\d+)", path.name)
-        if match and int(match.group(1)) >= users and (path / "data" / "manifest.json").exists():
+        manifest = path / "data" / "manifest.json"
+        # "identity_keys": worlds from before keyed identities (plain digests) are not reused.
+        if (
+            match
+            and int(match.group(1)) >= users
+            and manifest.exists()
+            and b"identity_keys" in manifest.read_bytes()
+        ):
             candidates.append((int(match.group(1)), int(match.group(2)), path))
     if candidates:
         path = min(candidates)[2]
@@ -70,9 +79,10 @@ def ensure_world(cache_dir: Path, users: int) -> Path:
 
 
 def phone_hashes(store_dir: Path, users: int) -> list[str]:
+    """SHA-256 of the first ``users`` phone owners' numbers, as an advertiser would upload them."""
     dataset = EventDataset(LocalObjectStore(store_dir))
     identity = (
-        dataset.scan_identity(["user_id", "id_type", "sha256"])
+        dataset.scan_identity(["user_id", "id_type"])
         .filter(pl.col("id_type") == int(IdType.PHONE))
         .sort("user_id")
         .head(users)
@@ -80,7 +90,9 @@ def phone_hashes(store_dir: Path, users: int) -> list[str]:
     )
     if identity.height < users:
         raise SystemExit(f"the world has only {identity.height} users with a phone hash")
-    return identity["sha256"].to_list()
+    seed = int(dataset.manifest["generator"]["seed"])
+    raws = synthetic_identities(identity["user_id"].to_numpy(), seed)
+    return [hash_identifier(kind, raw)[0] for _user, kind, raw in raws if kind == IdType.PHONE]
 
 
 async def upload(target: str, hashes: list[str]) -> tuple[str, int, float]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 
+from services.events.pepper import Pepper, load_pepper, parse_pepper
 from services.runtime import BaseServiceSettings
 from services.storage import DEFAULT_STORE_URL, check_prefix
 
@@ -57,6 +58,14 @@ class AudienceSettings(BaseServiceSettings):
     membership_refresh_ms: int = Field(default=2000, ge=0)
     #: Longest a WaitOperation call blocks when the request sets no (or a longer) timeout.
     max_wait_seconds: float = Field(default=60.0, gt=0)
+    #: HMAC key of the identity map (hex or base64 of >= 32 bytes; a Kubernetes Secret). Unset: the
+    #: embedded default file ``./var/identity-pepper`` (``services.events.pepper``).
+    identity_pepper: SecretStr | None = Field(default=None, repr=False)
+
+    def pepper(self) -> Pepper:
+        """The identity pepper: this setting, else the embedded default (created on first use)."""
+        value = self.identity_pepper
+        return load_pepper(value.get_secret_value() if value is not None else None, environ={})
 
     @field_validator("store_url")
     @classmethod
@@ -79,5 +88,26 @@ class AudienceSettings(BaseServiceSettings):
     def _prefixes(cls, value: Any) -> Any:
         return _prefix(value, name="prefix")
 
+<<<<<<< HEAD
+=======
+    @field_validator("identity_pepper")
+    @classmethod
+    def _pepper(cls, value: SecretStr | None) -> SecretStr | None:
+        # parse_pepper raises ConfigError (not a ValueError) so that pydantic does not echo the value.
+        if value is not None:
+            parse_pepper(value.get_secret_value())
+        return value
+
+    @field_validator("trusted_tenant_header", mode="before")
+    @classmethod
+    def _header(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        value = value.strip().lower()
+        if not _METADATA_KEY.fullmatch(value) or value.endswith("-bin") or value.startswith("grpc-"):
+            raise ValueError("must be a text gRPC metadata key ([a-z0-9_.-], not grpc-*, not *-bin)")
+        return value
+
+>>>>>>> identity
 
 __all__ = ["AudienceSettings"]

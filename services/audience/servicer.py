@@ -56,8 +56,10 @@ from services.audience.tenancy import (
 )
 from services.audience.uploads import (
     UploadHeader,
+    check_identity_pepper,
     check_rows,
     invalid_row_messages,
+    key_upload,
     match_rows,
     read_upload,
     upload_stats,
@@ -96,11 +98,16 @@ Z95 = 1.959963984540054
 _MIN_SECONDS, _MAX_SECONDS = -62135596800, 253402300799
 
 ExportFormat = audience_service_pb2.ExportFormat
-#: Hashed export formats -> (identity-map id_type code, digest column).
-_HASHED_EXPORTS: dict[int, tuple[int, str]] = {
-    audience_service_pb2.EXPORT_FORMAT_SHA256_PHONE: (audience_service_pb2.ID_TYPE_PHONE, "sha256"),
-    audience_service_pb2.EXPORT_FORMAT_SHA256_OAID: (audience_service_pb2.ID_TYPE_OAID, "sha256"),
-    audience_service_pb2.EXPORT_FORMAT_MD5_PHONE: (audience_service_pb2.ID_TYPE_PHONE, "md5"),
+#: Keyed export formats -> (identity-map id_type code, keyed column): HMAC hex for platform joins.
+_KEYED_EXPORTS: dict[int, tuple[int, str]] = {
+    audience_service_pb2.EXPORT_FORMAT_KEYED_SHA256_PHONE: (audience_service_pb2.ID_TYPE_PHONE, "key_sha256"),
+    audience_service_pb2.EXPORT_FORMAT_KEYED_SHA256_OAID: (audience_service_pb2.ID_TYPE_OAID, "key_sha256"),
+}
+#: Formats that exported plain digests (brute-forceable back to the person): refused -> what instead.
+_REFUSED_EXPORTS: dict[int, str] = {
+    audience_service_pb2.EXPORT_FORMAT_SHA256_PHONE: "EXPORT_FORMAT_KEYED_SHA256_PHONE",
+    audience_service_pb2.EXPORT_FORMAT_SHA256_OAID: "EXPORT_FORMAT_KEYED_SHA256_OAID",
+    audience_service_pb2.EXPORT_FORMAT_MD5_PHONE: "EXPORT_FORMAT_KEYED_SHA256_PHONE",
 }
 
 
@@ -207,6 +214,8 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
         self.operations = operations
         self.membership = membership
         self.tenancy = tenancy
+        #: HMAC key of the identity map (uploads key their digests with it; keyed exports check it).
+        self.pepper = settings.pepper()
         # Packs with a build (or upload) in flight in this process: (tenant, pack id) -> operation.
         self._building: dict[tuple[str, str], _Reservation] = {}
         self._building_lock = threading.Lock()
@@ -603,8 +612,18 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
         self.tenancy.require_members(context)
         tenant, pack_id = self._pack(request.name, context)
         problems: list[tuple[str, str]] = []
-        if request.format not in ExportFormat.values() or request.format == 0:
-            problems.append(("format", "required: USER_ID, SHA256_PHONE, SHA256_OAID or MD5_PHONE"))
+        if request.format in _REFUSED_EXPORTS:
+            problems.append(
+                (
+                    "format",
+                    f"{ExportFormat.Name(request.format)} is refused: plain digests of identifiers are "
+                    f"not exported (they are brute-forced back to the person); use "
+                    f"{_REFUSED_EXPORTS[request.format]} (HMAC under the platform pepper, for "
+                    "platform-internal joins) or EXPORT_FORMAT_USER_ID",
+                )
+            )
+        elif request.format not in ExportFormat.values() or request.format == 0:
+            problems.append(("format", "required: USER_ID, KEYED_SHA256_PHONE or KEYED_SHA256_OAID"))
         if not 0 <= request.page_size <= MAX_EXPORT_PAGE:
             problems.append(
                 ("page_size", f"must be between 1 and {MAX_EXPORT_PAGE} (0 = default {DEFAULT_EXPORT_PAGE})")
@@ -632,11 +651,11 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
         total = len(members)
         if offset > total:
             raise InvalidArgument("page_token", "offset beyond the end of the pack")
-        hashed = _HASHED_EXPORTS.get(request.format)
+        keyed = _KEYED_EXPORTS.get(request.format)
         digests: pl.Series | None = None
         digest_ids = np.zeros(0, dtype=np.uint32)
-        if hashed is not None:
-            frame = await asyncio.to_thread(self._identity_of, members[offset:], *hashed)
+        if keyed is not None:
+            frame = await asyncio.to_thread(self._identity_of, members[offset:], *keyed)
             digests, digest_ids = frame.get_column("digest"), frame.get_column("user_id").to_numpy()
         start = offset
         while True:
@@ -661,11 +680,12 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
             start = end
 
     def _identity_of(self, members: np.ndarray, id_type: int, column: str) -> pl.DataFrame:
-        """Digests of ``members`` for one id type, sorted by user id (then digest). Blocking."""
+        """Keyed hashes of ``members`` for one id type, sorted by user id (then key). Blocking."""
         wanted = pl.LazyFrame({"user_id": members}, schema={"user_id": pl.UInt32})
+        identity = self.dataset().scan_identity()
+        check_identity_pepper(identity, self.pepper)  # one key space per export, the service's own
         return (
-            self.dataset()
-            .scan_identity(["user_id", "id_type", column])
+            identity.select("user_id", "id_type", column)
             .filter(pl.col("id_type") == id_type)
             .join(wanted, on="user_id", how="semi")
             .select("user_id", pl.col(column).alias("digest"))
@@ -697,8 +717,10 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
                 checked = check_rows(
                     upload.rows, hash_length=header.hash_length, hash_label=header.hash_label
                 )
-                identity = self.dataset().scan_identity(["user_id", "id_type", header.hash_column])
-                bitmap, matched = match_rows(identity, header.id_type, header.hash_column, checked.hashes)
+                identity = self.dataset().scan_identity()
+                check_identity_pepper(identity, self.pepper)
+                keys = key_upload(self.pepper, checked.hashes)
+                bitmap, matched = match_rows(identity, header.id_type, header.key_column, keys)
                 stats = upload_stats(checked, matched)
                 template = pack_pb2.Pack(
                     display_name=header.header.display_name,

@@ -10,11 +10,19 @@ Server side (``read_upload`` -> ``check_rows`` -> ``match_rows``):
 * Each row is checked on its own (vectorised with polars): wrong length or non-hex rows, and rows
   that look like raw PII (a phone number, an e-mail, a device id in clear) are invalid, reported by
   zero-based index and reason, and never written anywhere. One bad row never fails the upload.
-* Valid rows are lower-cased, de-duplicated (counted) and semi-joined with the identity map's
-  ``sha256``/``md5`` column for the declared ``id_type``; the matched users form the pack.
+* Valid rows are lower-cased and de-duplicated (counted), then keyed at once with the platform
+  pepper (``key_upload``: HMAC-SHA-256 over the raw digest bytes, ``services.events.identity``) and
+  semi-joined with the identity map's ``key_sha256`` (SHA-256 uploads) or ``key_md5`` (MD5 uploads)
+  column for the declared ``id_type``; the matched users form the pack. The uploaded digests
+  themselves are never written, logged or returned: the response reports counts and invalid rows
+  by index and reason (the reasons never quote the row).
+* ``check_identity_pepper`` refuses (FAILED_PRECONDITION, ``IDENTITY_PEPPER_MISMATCH``) to match
+  against an identity map keyed under another pepper (rows carry ``pepper_id``): a wrong or
+  rotated ``FLASHCROWD_IDENTITY_PEPPER`` fails loudly instead of answering a 0% match rate.
 
 Edge side (``hash_at_edge``): the CLI normalises raw identifiers and hashes them (SHA-256) before
-anything leaves the machine, so that raw values are never sent.
+anything leaves the machine, so that raw values are never sent; the service keys those digests
+like any SHA-256 upload (the edge does not hold the pepper).
 """
 
 from __future__ import annotations
@@ -28,16 +36,18 @@ from flashcrowd.audience.v1 import audience_service_pb2, pack_pb2
 from pyroaring import BitMap
 
 from services.audience.tenancy import check_id, parse_parent
-from services.events.identity import InvalidIdentifier, hash_identifier
-from services.runtime import InvalidArgument
+from services.events.identity import InvalidIdentifier, hash_identifier, key_hex_digests
+from services.events.pepper import Pepper
+from services.runtime import FailedPrecondition, InvalidArgument
 
 #: Invalid rows returned in the response (all are counted).
 MAX_REPORTED_INVALID = 1000
 RAW_PII_REASON = "raw PII: hash before upload (SHA-256 of the normalised value)"
 
+#: hash type -> (identity-map column of its keyed form, hex length, label)
 _HASH_NAMES = {
-    audience_service_pb2.HASH_TYPE_SHA256: ("sha256", 64, "SHA-256"),
-    audience_service_pb2.HASH_TYPE_MD5: ("md5", 32, "MD5"),
+    audience_service_pb2.HASH_TYPE_SHA256: ("key_sha256", 64, "SHA-256"),
+    audience_service_pb2.HASH_TYPE_MD5: ("key_md5", 32, "MD5"),
 }
 _ID_TYPES = {
     audience_service_pb2.ID_TYPE_PHONE,
@@ -55,7 +65,7 @@ class UploadHeader:
     tenant: str
     pack_id: str
     id_type: int  # IdType number == services.events.schema.IdType code
-    hash_column: str  # "sha256" or "md5"
+    key_column: str  # identity-map column the keyed rows join: "key_sha256" or "key_md5"
     hash_length: int
     hash_label: str
     header: audience_service_pb2.UploadPackHeader
@@ -216,22 +226,55 @@ def check_rows(rows: pl.Series, *, hash_length: int, hash_label: str) -> RowChec
     )
 
 
-def match_rows(
-    identity: pl.LazyFrame, id_type: int, hash_column: str, hashes: pl.Series
-) -> tuple[BitMap, int]:
-    """Users whose identity-map digest of ``id_type`` is in ``hashes``; and how many digests matched.
+def key_upload(pepper: Pepper, hashes: pl.Series) -> pl.Series:
+    """The keyed form (64 hex chars each) of validated, distinct hex digests, in order."""
+    return pl.Series("key", key_hex_digests(pepper, hashes.to_list()), dtype=pl.Utf8)
 
-    ``identity`` is the identity map (``user_id``, ``id_type``, ``sha256``, ``md5``).
+
+def check_identity_pepper(identity: pl.LazyFrame, pepper: Pepper) -> None:
+    """FAILED_PRECONDITION unless every identity-map row was keyed under ``pepper`` (blocking).
+
+    An empty map passes (nothing to match). A map written before keyed identities (no
+    ``pepper_id`` column) fails the same way, asking for a re-generation.
     """
-    wanted = pl.LazyFrame({hash_column: hashes})
+    try:
+        found = identity.select(pl.col("pepper_id").unique()).collect().get_column("pepper_id").to_list()
+    except (pl.exceptions.ColumnNotFoundError, pl.exceptions.SchemaError):
+        found = [None]
+    if None in found:
+        description = (
+            "the identity map predates keyed identities (plain digests, no pepper_id): regenerate or "
+            "re-import it (`flashcrowd gen --overwrite`); plain digests are never matched"
+        )
+    else:
+        others = sorted(str(p) for p in found if p != pepper.id)
+        if not others:
+            return
+        description = (
+            f"the identity map is keyed under pepper id(s) {', '.join(others)}, but this service's "
+            f"pepper (FLASHCROWD_IDENTITY_PEPPER) has id {pepper.id}: set the pepper the data was "
+            "written with, or re-key the identity map (services/events/README.md, rotation)"
+        )
+    raise FailedPrecondition(
+        "IDENTITY_PEPPER_MISMATCH", description, [("IDENTITY_PEPPER_MISMATCH", "identity", description)]
+    )
+
+
+def match_rows(identity: pl.LazyFrame, id_type: int, key_column: str, keys: pl.Series) -> tuple[BitMap, int]:
+    """Users whose identity-map ``key_column`` of ``id_type`` is in ``keys``; and how many keys matched.
+
+    ``identity`` is the identity map (``IDENTITY_SCHEMA``); ``keys`` are keyed upload rows
+    (``key_upload``), never plain digests.
+    """
+    wanted = pl.LazyFrame({key_column: keys})
     found = (
         identity.filter(pl.col("id_type") == id_type)
-        .select("user_id", hash_column)
-        .join(wanted, on=hash_column, how="semi")
+        .select("user_id", key_column)
+        .join(wanted, on=key_column, how="semi")
         .collect()
     )
     user_ids = found.get_column("user_id").unique().to_numpy().astype(np.uint32)
-    matched = found.get_column(hash_column).n_unique() if found.height else 0
+    matched = found.get_column(key_column).n_unique() if found.height else 0
     return BitMap(user_ids), int(matched)
 
 
@@ -297,9 +340,11 @@ __all__ = [
     "RowCheck",
     "Upload",
     "UploadHeader",
+    "check_identity_pepper",
     "check_rows",
     "hash_at_edge",
     "invalid_row_messages",
+    "key_upload",
     "match_rows",
     "parse_header",
     "read_upload",

@@ -56,7 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from services.events.generator import DatasetExistsError, GenConfig, generate
+    from services.events.pepper import load_pepper
     from services.events.world import DEFAULT_START_DATE
+    from services.runtime import ConfigError
 
     if args.seed < 0:
         raise CliError(f"--seed must be >= 0, got {args.seed}")
@@ -72,9 +74,15 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    try:
+        pepper = load_pepper()  # FLASHCROWD_IDENTITY_PEPPER, else ./var/identity-pepper (created once)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
     store = open_store_arg(args.store)
     try:
-        result = generate(store, config, progress=not args.no_progress, overwrite=args.overwrite)
+        result = generate(
+            store, config, progress=not args.no_progress, overwrite=args.overwrite, pepper=pepper
+        )
     except DatasetExistsError as exc:
         raise CliError(str(exc)) from None
     story = result.story
@@ -88,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         f"sale      {config.start_date.isoformat()} + {config.sale_day_index} days, hook item: "
         f"{story['hook_attempts']:,} attempts, {story['hook_pays_at_sale_price']} paid at sale price, "
         + (f"sold out at {sold_out} (+{story['hook_sold_out_after_s']} s)" if sold_out else "not sold out"),
+        f"identity  keyed hashes only (HMAC-SHA-256), pepper id {pepper.id} from {pepper.source}",
         f"took      {result.seconds:,.1f} s, {result.events_per_second:,.0f} events/s, "
         f"peak RSS {result.peak_rss_bytes / 2**20:,.0f} MiB",
     ]

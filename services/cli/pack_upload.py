@@ -8,7 +8,9 @@ text with one identifier per line (``.txt``). With ``--raw`` every value is norm
 (phone to digits with country code, e-mail trimmed and lower-cased, device ids lower-cased) and
 SHA-256-hashed in this process: only digests are sent, and rows that cannot be normalised are
 reported here by line, never sent. Without ``--raw`` the values must already be hex digests; the
-server rejects anything that looks like raw PII row by row.
+server rejects anything that looks like raw PII row by row. The service keys every digest with the
+platform pepper (HMAC-SHA-256, ``services.events.identity``) before matching and stores none of
+them; this command does not hold the pepper (it is a platform secret, and advertisers run this).
 
 The call goes to ``--server`` (default ``$FLASHCROWD_AUDIENCE_TARGET`` or 127.0.0.1:50051): the
 audience service directly, or the gateway with ``--api-key`` (sent as ``x-api-key``).

@@ -1,6 +1,8 @@
 """Deterministic flash-sale event generator (``flashcrowd gen``).
 
-Same arguments -> byte-identical Parquet files (and the same manifest apart from ``published_at``).
+Same arguments and the same identity pepper -> byte-identical Parquet files (and the same manifest
+apart from ``published_at``). The identity map holds keyed hashes only (``services.events.identity``),
+under the pepper passed to ``generate`` or else ``services.events.pepper.load_pepper()``.
 
 How it works
 ------------
@@ -25,7 +27,6 @@ How it works
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import resource
@@ -44,6 +45,8 @@ import polars as pl
 import pyarrow as pa
 
 from services.events import world as W
+from services.events.identity import key_normalised
+from services.events.pepper import Pepper, load_pepper
 from services.events.schema import INTEREST_TAGS, EventType, IdType
 from services.events.sharding import NUM_BUCKETS, Shard, buckets_np
 from services.storage.base import ObjectStore
@@ -851,7 +854,7 @@ _EMAIL_DOMAINS = ("qq.com", "163.com", "126.com", "gmail.com", "outlook.com", "s
 def synthetic_identities(user_ids: np.ndarray | list[int], seed: int) -> list[tuple[int, IdType, str]]:
     """Raw identifiers of simulated users, recomputed from ``(seed, user_id)``.
 
-    The generator writes only their hashes (identity map); the demo and tests call this to build
+    The generator writes only their keyed hashes (identity map); the demo and tests call this to build
     realistic uploads (raw phones in assorted formats, upper-case IDFAs, e-mails with spaces) that
     match known users. Each user has a unique phone number (85% of users have one), Android users
     an OAID (and some an IMEI), iOS users with tracking allowed an IDFA, 25% an e-mail.
@@ -1076,16 +1079,17 @@ def _profiles_frame(uids: np.ndarray, lat: _Latent, start_date: date) -> pl.Data
     )
 
 
-def _identity_frame(uids: np.ndarray, seed: int) -> pl.DataFrame:
+def _identity_frame(uids: np.ndarray, seed: int, pepper: Pepper) -> pl.DataFrame:
+    """Identity-map rows of ``uids``: keyed hashes only (``IDENTITY_SCHEMA``); raw ids stay in memory."""
     rows = _synthetic(uids, seed)
-    values = [norm.encode() for _u, _t, _raw, norm in rows]
-    sha256, md5 = hashlib.sha256, hashlib.md5
+    keyed = [key_normalised(pepper, norm) for _u, _t, _raw, norm in rows]
     return pl.DataFrame(
         {
             "user_id": pl.Series([r[0] for r in rows], dtype=pl.UInt32),
             "id_type": pl.Series([r[1] for r in rows], dtype=pl.UInt8),
-            "sha256": pl.Series([sha256(v).hexdigest() for v in values], dtype=pl.Utf8),
-            "md5": pl.Series([md5(v, usedforsecurity=False).hexdigest() for v in values], dtype=pl.Utf8),
+            "key_sha256": pl.Series([k[0] for k in keyed], dtype=pl.Utf8),
+            "key_md5": pl.Series([k[1] for k in keyed], dtype=pl.Utf8),
+            "pepper_id": pl.Series([pepper.id] * len(rows), dtype=pl.Utf8),
         }
     )
 
@@ -1165,15 +1169,18 @@ def generate(
     progress: bool = False,
     overwrite: bool = False,
     tmp_dir: str | Path | None = None,
+    pepper: Pepper | None = None,
 ) -> GenResult:
     """Generate the dataset described by ``config`` into ``store`` under ``config.prefix``.
 
     Raises ``DatasetExistsError`` if a dataset is already there (unless ``overwrite``). Memory is
     bounded by the chunk size (about ``chunk_users`` users' events at a time) plus the population's
-    bucket array (1 byte per user).
+    bucket array (1 byte per user). The identity map is keyed under ``pepper`` (default:
+    ``load_pepper()``, which raises ``ConfigError`` for a bad ``FLASHCROWD_IDENTITY_PEPPER``).
     """
     t_start = time.monotonic()
     cfg = config
+    pepper = pepper if pepper is not None else load_pepper()
     _clear_existing(store, cfg.prefix, overwrite)
     ctx = _make_ctx(cfg)
     all_buckets = buckets_np(np.arange(1, cfg.users + 1, dtype=np.uint32))
@@ -1228,7 +1235,7 @@ def generate(
             writer.write(
                 "profiles", f"profiles/part-{k:05d}.parquet", prof, dt=None, uids=uids, buckets=chunk_buckets
             )
-            ident = _identity_frame(uids, cfg.seed)
+            ident = _identity_frame(uids, cfg.seed, pepper)
             iu = ident.get_column("user_id").to_numpy()
             writer.write(
                 "identity", f"identity/part-{k:05d}.parquet", ident, dt=None, uids=iu, buckets=buckets_np(iu)
@@ -1281,6 +1288,8 @@ def generate(
             "bucket_hash": "((user_id * 0x9E3779B1) & 0xFFFFFFFF) >> 24",
             "sort_key": ["bucket", "user_id", "ts"],
             "generator": cfg.as_dict(),
+            # How identity/ is keyed (services.events.identity); the id is public, the pepper is not.
+            "identity_keys": {"hmac": "sha256", "message": "raw digest", "pepper_id": pepper.id},
             "parts": [p.entry() for p in writer.parts],
             "stats": {
                 "events": total_events,

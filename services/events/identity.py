@@ -1,9 +1,23 @@
-"""Normalise and hash external identifiers (phone, OAID, IMEI, IDFA, e-mail).
+"""Normalise external identifiers (phone, OAID, IMEI, IDFA, e-mail) and key them under the pepper.
 
 The rule (docs/ARCHITECTURE.md): raw identifiers are normalised, hashed at the edge and never
-written. The identity map stores ``sha256`` and ``md5`` (lower hex) of the *normalised* value, so an
-advertiser's upload matches whether it sends raw values (we normalise and hash them) or values it
-hashed itself after the same normalisation.
+written; and no plain digest of one is stored either, because the mainland mobile space (10^8
+numbers) is brute-forced in seconds. The identity map stores *keyed* hashes only, under the
+platform pepper ``P`` (``services.events.pepper``; at least 32 bytes):
+
+* ``key_sha256 = HMAC-SHA-256(key=P, msg=SHA-256(n))`` and
+* ``key_md5    = HMAC-SHA-256(key=P, msg=MD5(n))``
+
+where ``n`` is the UTF-8 encoding of the *normalised* value and ``msg`` is the raw digest: 32 bytes
+for SHA-256, 16 bytes for MD5 (not its hex text). Both columns are 64 lower-case hex characters.
+Because the HMAC is taken over the digest, an upload matches whatever form the advertiser holds:
+raw values are normalised and SHA-256-hashed at the edge (``hash_identifier``, the CLI's ``--raw``)
+and the service keys the digest; uploaded SHA-256 digests are keyed into ``key_sha256``; uploaded
+MD5 digests are keyed into ``key_md5``. The service never needs, and never keeps, the digest
+itself: ``key_digest`` turns it into the keyed form as soon as the row has been validated.
+
+``hash_identifier`` / ``hash_normalised`` (plain digests) exist for the edge only: what a client
+sends. Nothing server-side stores, logs or exports their output.
 
 Normalisation:
 
@@ -21,8 +35,11 @@ Invalid inputs raise ``InvalidIdentifier`` (a ``ValueError``) with a reason fit 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
+from collections.abc import Iterable
 
+from services.events.pepper import Pepper
 from services.events.schema import ID_TYPE_NAMES, IdType
 
 __all__ = [
@@ -32,6 +49,10 @@ __all__ = [
     "hash_normalised",
     "id_type_of",
     "is_hex_digest",
+    "key_digest",
+    "key_hex_digests",
+    "key_identifier",
+    "key_normalised",
     "looks_like_raw_phone",
     "normalise",
     "normalise_device_id",
@@ -134,14 +155,53 @@ def normalise(id_type: IdType | int | str, raw: str) -> str:
 
 
 def hash_normalised(value: str) -> tuple[str, str]:
-    """``(sha256_hex, md5_hex)`` of an already normalised value (UTF-8)."""
+    """``(sha256_hex, md5_hex)`` of an already normalised value (UTF-8): edge side only."""
     data = value.encode("utf-8")
     return hashlib.sha256(data).hexdigest(), hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
 def hash_identifier(id_type: IdType | int | str, raw: str) -> tuple[str, str]:
-    """Normalise ``raw`` then hash it: ``(sha256_hex, md5_hex)``, both lower-case hex."""
+    """Normalise ``raw`` then hash it: ``(sha256_hex, md5_hex)``, lower-case hex; edge side only."""
     return hash_normalised(normalise(id_type, raw))
+
+
+def key_digest(pepper: Pepper, digest: bytes) -> str:
+    """``HMAC-SHA-256(pepper, digest)`` as 64 lower-case hex chars; ``digest`` is the raw 32 (SHA-256)
+    or 16 (MD5) bytes."""
+    if len(digest) not in (16, 32):
+        raise ValueError(f"expected a raw 16-byte MD5 or 32-byte SHA-256 digest, got {len(digest)} bytes")
+    return hmac.digest(pepper.key, digest, "sha256").hex()
+
+
+def key_normalised(pepper: Pepper, value: str) -> tuple[str, str]:
+    """``(key_sha256, key_md5)`` of an already normalised value: the identity map's two columns."""
+    data = value.encode("utf-8")
+    key = pepper.key
+    return (
+        hmac.digest(key, hashlib.sha256(data).digest(), "sha256").hex(),
+        hmac.digest(key, hashlib.md5(data, usedforsecurity=False).digest(), "sha256").hex(),
+    )
+
+
+def key_identifier(pepper: Pepper, id_type: IdType | int | str, raw: str) -> tuple[str, str]:
+    """Normalise ``raw`` then key it: ``(key_sha256, key_md5)``."""
+    return key_normalised(pepper, normalise(id_type, raw))
+
+
+def key_hex_digests(pepper: Pepper, digests: Iterable[str]) -> list[str]:
+    """Keyed form of hex digests (either case; 32 or 64 hex chars each), in order.
+
+    ``ValueError`` on anything else: callers validate rows first (``services.audience.uploads``).
+    """
+    key = pepper.key
+    out: list[str] = []
+    append = out.append
+    for text in digests:
+        raw = bytes.fromhex(text)
+        if len(raw) not in (16, 32):
+            raise ValueError(f"expected a 32- or 64-hex-char digest, got {len(text)} chars")
+        append(hmac.digest(key, raw, "sha256").hex())
+    return out
 
 
 def looks_like_raw_phone(value: str) -> bool:

@@ -201,8 +201,12 @@ IDENTITY_SCHEMA = pl.Schema(
     {
         "user_id": pl.UInt32,
         "id_type": pl.UInt8,  # IdType
-        "sha256": pl.Utf8,  # lower hex SHA-256 of the normalised value (services.events.identity)
-        "md5": pl.Utf8,  # lower hex MD5 of the same normalised value
+        # Keyed hashes only (services.events.identity): 64 lower-case hex chars of
+        # HMAC-SHA-256(pepper, SHA-256(normalised)) and HMAC-SHA-256(pepper, MD5(normalised)),
+        # each HMAC over the raw digest bytes. No plain digest of an identifier is ever stored.
+        "key_sha256": pl.Utf8,
+        "key_md5": pl.Utf8,
+        "pepper_id": pl.Utf8,  # services.events.pepper.Pepper.id of the pepper that keyed the row
     }
 )
 

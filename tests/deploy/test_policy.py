@@ -160,6 +160,30 @@ def test_gateway_replicas_share_one_key_store(rendered, overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_audience_reads_the_identity_pepper_from_its_secret(rendered, overlay: str) -> None:
+    import base64
+
+    from services.events.pepper import parse_pepper
+
+    objs = rendered[overlay]
+    readers = {
+        o["metadata"]["name"]
+        for o in objs
+        if k8scheck.pod_template(o) is not None
+        for c in _pod(o)["containers"]
+        if any(e["name"] == "FLASHCROWD_IDENTITY_PEPPER" for e in c.get("env", []))
+    }
+    assert readers == {"audience"}, "only the service that matches and exports identities holds the pepper"
+    env = {e["name"]: e for e in _pod(_get(objs, "Deployment", "audience"))["containers"][0]["env"]}
+    ref = env["FLASHCROWD_IDENTITY_PEPPER"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"].startswith("flashcrowd-identity-pepper") and ref["key"] == "pepper"
+    assert not ref.get("optional"), "a missing Secret must stop the pod, not fall back to a generated pepper"
+    if overlay == "dev":
+        secret = _get(objs, "Secret", ref["name"])
+        assert len(parse_pepper(base64.b64decode(secret["data"]["pepper"]).decode()).key) >= 32
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
 @pytest.mark.parametrize("name", ["compactor", "sale-monitor"])
 def test_single_writers_run_one_pod_at_a_time(rendered, overlay: str, name: str) -> None:
     objs = rendered[overlay]

@@ -11,7 +11,8 @@ import pytest
 
 from services.events.dataset import EventDataset
 from services.events.generator import DatasetExistsError, GenConfig, generate, synthetic_identities
-from services.events.identity import hash_identifier
+from services.events.identity import hash_identifier, key_identifier
+from services.events.pepper import Pepper, load_pepper
 from services.events.schema import EVENTS_SCHEMA, IDENTITY_SCHEMA, PROFILES_SCHEMA, SEGMENTS_SCHEMA, EventType
 from services.events.sharding import bucket_expr
 from services.storage import LocalObjectStore
@@ -231,16 +232,41 @@ def test_preheat_teasers_and_follows_precede_the_sale(story: Generated) -> None:
 
 def test_identity_map_matches_synthetic_raw_ids(story: Generated) -> None:
     ident = story.dataset.scan_identity().collect()
+    pepper = load_pepper()  # what generate() used: the variable, else the shared ./var file
+    assert ident.get_column("pepper_id").unique().to_list() == [pepper.id]
+    assert story.result.manifest["identity_keys"]["pepper_id"] == pepper.id
     users = np.array([1, 2, 3, 50, 999], dtype=np.int64)
     raws = synthetic_identities(users, story.config.seed)
     assert any(t == 1 for _, t, _ in raws)
+    plain: set[str] = set()
     for uid, id_type, raw in raws:
-        sha, md5 = hash_identifier(id_type, raw)
+        key_sha256, key_md5 = key_identifier(pepper, id_type, raw)
         row = ident.filter(pl.col("user_id") == uid, pl.col("id_type") == int(id_type))
-        assert row.get_column("sha256").to_list() == [sha] and row.get_column("md5").to_list() == [md5]
+        assert row.get_column("key_sha256").to_list() == [key_sha256]
+        assert row.get_column("key_md5").to_list() == [key_md5]
+        plain.update(hash_identifier(id_type, raw))
+    for column in ("key_sha256", "key_md5"):  # keyed hashes only: no plain digest anywhere
+        assert ident.get_column(column).str.len_chars().eq(64).all()
+        assert plain.isdisjoint(ident.get_column(column).to_list())
     phones = ident.filter(pl.col("id_type") == 1)
-    assert phones.get_column("sha256").is_unique().all()
+    assert phones.get_column("key_sha256").is_unique().all()
     assert 0.8 < phones.height / story.config.users < 0.9
+
+
+def test_another_pepper_changes_only_the_identity_map(tmp_path: Path) -> None:
+    cfg = GenConfig(users=2000, days=2, seed=5)
+    peppers = (Pepper(b"a" * 32), Pepper(b"b" * 32))
+    trees = []
+    for name, pepper in zip("ab", peppers, strict=True):
+        generate(LocalObjectStore(tmp_path / name), cfg, pepper=pepper)
+        trees.append(_tree(tmp_path / name))
+    differ = {key for key in trees[0] if trees[0][key] != trees[1][key]}
+    assert differ and all(key.startswith("data/identity/") for key in differ)
+    keys = [
+        set(EventDataset(LocalObjectStore(tmp_path / name)).scan_identity().collect()["key_sha256"])
+        for name in "ab"
+    ]
+    assert keys[0].isdisjoint(keys[1])
 
 
 def test_refuses_to_overwrite_without_flag(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 
 import pytest
 
@@ -10,9 +11,14 @@ from services.events.identity import (
     hash_identifier,
     id_type_of,
     is_hex_digest,
+    key_digest,
+    key_hex_digests,
+    key_identifier,
+    key_normalised,
     looks_like_raw_phone,
     normalise,
 )
+from services.events.pepper import Pepper
 
 
 @pytest.mark.parametrize(
@@ -86,3 +92,32 @@ def test_id_type_of() -> None:
     assert id_type_of("ID_TYPE_OAID") is IdType.OAID and id_type_of(5) is IdType.EMAIL
     with pytest.raises(ValueError, match="unknown identifier type"):
         id_type_of("passport")
+
+
+# --- keyed hashes (the identity map's columns) ------------------------------------------------------
+
+PEPPER = Pepper(bytes(range(32)))
+OTHER = Pepper(bytes(range(1, 33)))
+
+
+def test_keyed_hashes_are_hmac_sha256_over_the_raw_digests() -> None:
+    normalised = b"8613800138000"
+    key_sha256, key_md5 = key_identifier(PEPPER, IdType.PHONE, "+86 138-0013-8000")
+    assert key_sha256 == hmac.new(PEPPER.key, hashlib.sha256(normalised).digest(), "sha256").hexdigest()
+    assert key_md5 == hmac.new(PEPPER.key, hashlib.md5(normalised).digest(), "sha256").hexdigest()
+    assert key_normalised(PEPPER, "8613800138000") == (key_sha256, key_md5)
+    # The keyed form of an uploaded digest (either case) is the map's column: raw, SHA-256 and MD5
+    # uploads of one person meet on the same row.
+    sha, md5 = hash_identifier(IdType.PHONE, "13800138000")
+    assert key_hex_digests(PEPPER, [sha, sha.upper(), md5]) == [key_sha256, key_sha256, key_md5]
+    assert key_digest(PEPPER, bytes.fromhex(sha)) == key_sha256
+    # Nothing plain survives, and another pepper gives other keys.
+    assert sha not in (key_sha256, key_md5) and md5 not in (key_sha256, key_md5)
+    assert set(key_identifier(OTHER, IdType.PHONE, "13800138000")).isdisjoint({key_sha256, key_md5})
+
+
+def test_keyed_digests_refuse_other_lengths() -> None:
+    with pytest.raises(ValueError):
+        key_hex_digests(PEPPER, ["00" * 20])  # a SHA-1
+    with pytest.raises(ValueError):
+        key_digest(PEPPER, b"8613800138000")  # the value itself, not a digest

@@ -2,7 +2,8 @@
 
 * ``audience`` (session): a generated world (24,000 users, 2 days) in a local store and a real
   audience server on port 0; ``audience.upload(tenant, user_ids)`` makes an exact pack through
-  UploadPack (SHA-256 phone hashes from the world's identity map), ``audience.spec_pack`` builds
+  UploadPack (SHA-256 of the users' simulated phone numbers, as an advertiser would send them;
+  the identity map itself holds keyed hashes only), ``audience.spec_pack`` builds
   one from a spec (CreatePack).
 * ``pg_url`` (function): a throwaway PostgreSQL database, dropped afterwards; PostgreSQL tests
   are skipped with a message when 127.0.0.1:5432 does not answer.
@@ -34,7 +35,8 @@ from services.audience.config import AudienceSettings
 from services.audience.server import AudienceApp, create_audience_server
 from services.audience.spec_io import spec_from_data
 from services.events.dataset import EventDataset
-from services.events.generator import GenConfig, generate
+from services.events.generator import GenConfig, generate, synthetic_identities
+from services.events.identity import hash_identifier
 from services.events.schema import IdType
 from services.retarget.config import RetargetSettings
 from services.retarget.server import RetargetApp, create_retarget_server
@@ -169,12 +171,18 @@ async def audience(audience_store: tuple[LocalObjectStore, str]) -> AsyncIterato
     settings = load_settings(AudienceSettings, store_url=url, port=0, grace_seconds=0.5, log_json=False)
     server, port, app = await create_audience_server(settings)
     dataset = EventDataset(store, settings.dataset_prefix)
-    identity = (
-        dataset.scan_identity(["user_id", "id_type", "sha256"])
+    phone_users = (
+        dataset.scan_identity(["user_id", "id_type"])
         .filter(pl.col("id_type") == int(IdType.PHONE))
         .collect()
+        .get_column("user_id")
     )
-    phone_hash = dict(zip(identity["user_id"].to_list(), identity["sha256"].to_list(), strict=True))
+    phone_hash = {
+        user: hash_identifier(kind, raw)[0]
+        for user, kind, raw in synthetic_identities(phone_users.to_numpy(), WORLD.seed)
+        if kind == IdType.PHONE
+    }
+    assert len(phone_hash) == len(phone_users)
     channel = backend_channel(f"127.0.0.1:{port}")
     try:
         yield Audience(

@@ -6,6 +6,12 @@ file sorted by ``(bucket, user_id, ts)``; profiles (and an empty identity map) p
 world.json with the adapter's category names; the manifest published last. ``EventDataset`` and
 everything built on it (packs, persona, lookalike) therefore read an imported dataset and a
 generated one the same way.
+
+The public data sets carry no phone numbers or device ids, so the identity map is empty (and needs
+no pepper). An adapter for a source that has identifiers must write only keyed hashes: rows built
+with ``services.events.identity.key_normalised(load_pepper(), normalise(id_type, raw))`` and the
+pepper's id in ``pepper_id`` (``IDENTITY_SCHEMA``), exactly as the generator does; the raw values
+and their plain digests never reach a file.
 """
 
 from __future__ import annotations

@@ -108,14 +108,13 @@ async def test_export_pages_resume_and_hashes(svc) -> None:
     ]
     assert pinned == list(members)[100:]
 
-    # Hashed export == identity map digests of the members.
+    # Keyed export == the identity map's keyed hashes of the members (HMAC hex, never plain digests).
     identity = svc.dataset.scan_identity().collect()
-    for fmt, id_type, column in (
-        (api.EXPORT_FORMAT_SHA256_PHONE, 1, "sha256"),
-        (api.EXPORT_FORMAT_MD5_PHONE, 1, "md5"),
-        (api.EXPORT_FORMAT_SHA256_OAID, 2, "sha256"),
+    for fmt, id_type in (
+        (api.EXPORT_FORMAT_KEYED_SHA256_PHONE, 1),
+        (api.EXPORT_FORMAT_KEYED_SHA256_OAID, 2),
     ):
-        hashed = [
+        keyed = [
             h
             async for page in svc.stub.ExportPack(
                 api.ExportPackRequest(name=clickers.name, format=fmt, page_size=64, version=1)
@@ -125,10 +124,29 @@ async def test_export_pages_resume_and_hashes(svc) -> None:
         expected = (
             identity.filter(pl.col("id_type") == id_type)
             .filter(pl.col("user_id").is_in(list(members)))
-            .get_column(column)
+            .get_column("key_sha256")
             .to_list()
         )
-        assert sorted(hashed) == sorted(expected) and len(expected) > 0
+        assert sorted(keyed) == sorted(expected) and len(expected) > 0
+        assert all(len(h) == 64 for h in keyed)
+
+
+async def test_plain_digest_exports_are_refused(svc) -> None:
+    tenant = svc.new_tenant()
+    clickers, _ = await _two_packs(svc, tenant)
+    for fmt, instead in (
+        (api.EXPORT_FORMAT_SHA256_PHONE, "EXPORT_FORMAT_KEYED_SHA256_PHONE"),
+        (api.EXPORT_FORMAT_MD5_PHONE, "EXPORT_FORMAT_KEYED_SHA256_PHONE"),
+        (api.EXPORT_FORMAT_SHA256_OAID, "EXPORT_FORMAT_KEYED_SHA256_OAID"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in svc.stub.ExportPack(api.ExportPackRequest(name=clickers.name, format=fmt)):
+                pass
+        details = error_details(caught.value)
+        assert details.code == grpc.StatusCode.INVALID_ARGUMENT
+        [(field, description)] = details.field_violations
+        assert field == "format" and "refused" in description
+        assert instead in description and "EXPORT_FORMAT_USER_ID" in description
 
 
 async def test_export_tokens_are_bound_to_pack_version_and_format(svc) -> None:
@@ -149,7 +167,7 @@ async def test_export_tokens_are_bound_to_pack_version_and_format(svc) -> None:
             name=clickers.name, format=api.EXPORT_FORMAT_USER_ID, page_token=first.next_page_token, version=2
         ),
         "another format": api.ExportPackRequest(
-            name=clickers.name, format=api.EXPORT_FORMAT_SHA256_PHONE, page_token=first.next_page_token
+            name=clickers.name, format=api.EXPORT_FORMAT_KEYED_SHA256_PHONE, page_token=first.next_page_token
         ),
         "garbage": api.ExportPackRequest(
             name=clickers.name, format=api.EXPORT_FORMAT_USER_ID, page_token="%%%"

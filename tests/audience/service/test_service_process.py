@@ -28,6 +28,8 @@ from tests.fixtures.channels import backend_channel
         ("FLASHCROWD_STORE_URL", "ftp://files/x"),
         ("FLASHCROWD_STORE_URL", "s3://minio:9000"),
         ("FLASHCROWD_DATASET_PREFIX", "../data"),
+        ("FLASHCROWD_IDENTITY_PEPPER", "0123456789abcdef"),  # 8 bytes: too short
+        ("FLASHCROWD_IDENTITY_PEPPER", "not hex, not base64!"),
     ],
 )
 def test_bad_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
@@ -35,6 +37,8 @@ def test_bad_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch, variabl
     with pytest.raises(ConfigError) as caught:
         load_settings(AudienceSettings)
     assert variable in str(caught.value)
+    if "PEPPER" in variable:
+        assert value not in str(caught.value)  # a secret is never echoed
 
 
 def test_settings_defaults() -> None:

@@ -26,6 +26,8 @@ class ExportFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXPORT_FORMAT_SHA256_PHONE: _ClassVar[ExportFormat]
     EXPORT_FORMAT_SHA256_OAID: _ClassVar[ExportFormat]
     EXPORT_FORMAT_MD5_PHONE: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_KEYED_SHA256_PHONE: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_KEYED_SHA256_OAID: _ClassVar[ExportFormat]
 
 class IdType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -46,6 +48,8 @@ EXPORT_FORMAT_USER_ID: ExportFormat
 EXPORT_FORMAT_SHA256_PHONE: ExportFormat
 EXPORT_FORMAT_SHA256_OAID: ExportFormat
 EXPORT_FORMAT_MD5_PHONE: ExportFormat
+EXPORT_FORMAT_KEYED_SHA256_PHONE: ExportFormat
+EXPORT_FORMAT_KEYED_SHA256_OAID: ExportFormat
 ID_TYPE_UNSPECIFIED: IdType
 ID_TYPE_PHONE: IdType
 ID_TYPE_OAID: IdType
