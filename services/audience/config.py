@@ -47,6 +47,15 @@ class AudienceSettings(BaseServiceSettings):
     max_queued_builds: int = Field(default=16, ge=0, le=10_000)
     #: Smallest pack a persona is computed for (privacy minimum).
     persona_min_size: int = Field(default=1000, ge=1)
+    #: Tenants' view of counts (services/audience/privacy.py, PRIVACY.md): sizes below this read
+    #: "fewer than" (0, BELOW_MINIMUM); Laplace noise at these epsilons; a budget per tenant per UTC day.
+    privacy_min_reported_size: int = Field(default=100, ge=1)
+    privacy_epsilon_size: float = Field(default=0.5, gt=0, le=10)
+    privacy_epsilon_persona: float = Field(default=3.0, gt=0, le=50)
+    privacy_daily_budget: float = Field(default=60.0, gt=0)
+    #: Shared control-plane database (privacy ledger): postgresql://... for replicas, sqlite:///path;
+    #: empty = a SQLite file beside a local store (./var/store -> ./var/store-control.sqlite3).
+    control_database_url: str = ""
     #: Rows one upload may carry; more refuses the whole upload.
     upload_max_rows: int = Field(default=5_000_000, ge=1)
     #: Pack bitmaps kept in memory for CheckMembership (LRU).
@@ -66,6 +75,14 @@ class AudienceSettings(BaseServiceSettings):
         """The identity pepper: this setting, else the embedded default (created on first use)."""
         value = self.identity_pepper
         return load_pepper(value.get_secret_value() if value is not None else None, environ={})
+
+    def control_database_path(self) -> str:
+        """The embedded default of ``control_database_url``: beside a local store, else under ./var."""
+        url = self.store_url
+        if url.startswith("s3://"):
+            return "var/audience-control.sqlite3"
+        directory = url[len("file://") :] if url.startswith("file://") else url
+        return directory.rstrip("/") + "-control.sqlite3"
 
     @field_validator("store_url")
     @classmethod

@@ -39,11 +39,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
+from flashcrowd.audience.v1 import pack_pb2
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from services.audience.privacy import Discloser
 from services.audience.tenancy import (
     OPERATION_TYPE,
     Tenancy,
@@ -606,11 +608,32 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
     """``google.longrunning.Operations`` over an ``OperationManager``, tenant-scoped."""
 
     def __init__(
-        self, manager: OperationManager, tenancy: Tenancy, *, max_wait_seconds: float = 60.0
+        self,
+        manager: OperationManager,
+        tenancy: Tenancy,
+        discloser: Discloser | None = None,
+        *,
+        max_wait_seconds: float = 60.0,
     ) -> None:
         self.manager = manager
         self.tenancy = tenancy
+        self.discloser = discloser
         self.max_wait_seconds = max_wait_seconds
+
+    def _shown(
+        self, operation: operations_pb2.Operation, context: grpc.aio.ServicerContext
+    ) -> operations_pb2.Operation:
+        """A finished build's Pack as the caller may see it (tenants: disclosed sizes only)."""
+        if self.discloser is None or not operation.HasField("response"):
+            return operation
+        if not operation.response.Is(pack_pb2.Pack.DESCRIPTOR):
+            return operation
+        pack = pack_pb2.Pack()
+        operation.response.Unpack(pack)
+        shown = operations_pb2.Operation()
+        shown.CopyFrom(operation)
+        shown.response.Pack(self.discloser.pack(pack, self.tenancy.caller(context)))
+        return shown
 
     def _operation(self, name: str, context: grpc.aio.ServicerContext) -> tuple[str, str]:
         tenant, op_id = parse_operation_name(name)
@@ -619,7 +642,8 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
 
     async def GetOperation(self, request, context):
         tenant, op_id = self._operation(request.name, context)
-        return await asyncio.to_thread(self.manager.get, tenant, op_id)
+        operation = await asyncio.to_thread(self.manager.get, tenant, op_id)
+        return await asyncio.to_thread(self._shown, operation, context)
 
     async def ListOperations(self, request, context):
         tenant = parse_operations_parent(request.name)
@@ -634,7 +658,8 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
             page_token=request.page_token,
             done=done,
         )
-        return operations_pb2.ListOperationsResponse(operations=operations, next_page_token=token)
+        shown = await asyncio.to_thread(lambda: [self._shown(op, context) for op in operations])
+        return operations_pb2.ListOperationsResponse(operations=shown, next_page_token=token)
 
     async def WaitOperation(self, request, context):
         tenant, op_id = self._operation(request.name, context)
@@ -647,7 +672,8 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         remaining = context.time_remaining()
         if remaining is not None:  # answer (not done) just before the caller's deadline
             timeout = min(timeout, max(0.0, remaining - 0.05))
-        return await self.manager.wait(tenant, op_id, timeout)
+        operation = await self.manager.wait(tenant, op_id, timeout)
+        return await asyncio.to_thread(self._shown, operation, context)
 
     async def CancelOperation(self, request, context):
         tenant, op_id = self._operation(request.name, context)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import polars as pl
@@ -29,6 +30,10 @@ from services.audience.compiler import bitmap_to_numpy
 from services.events.dataset import EventDataset
 from services.events.schema import AGE_BAND_NAMES, GENDER_NAMES
 from services.runtime.errors import FailedPrecondition
+
+#: Per-user caps of multi-valued dimensions when counts are noised (see services/audience/privacy.py).
+INTEREST_CAP = 5
+CATEGORY_CAP = 10
 
 __all__ = ["DEFAULT_MIN_SIZE", "compute_persona"]
 
@@ -116,11 +121,19 @@ def compute_persona(
     pack: str = "",
     version: int = 0,
     bots_excluded_at_build: int = 0,
+    noise: Callable[[str, int], int] | None = None,
 ) -> pack_pb2.PackPersona:
-    """Persona of ``bitmap``'s members. ``FailedPrecondition`` if fewer than ``min_size`` remain."""
+    """Persona of ``bitmap``'s members. ``FailedPrecondition`` if fewer than ``min_size`` remain.
+
+    With ``noise`` (tenant callers; services/audience/privacy.py), every count shown is
+    ``noise(label, true count)``: the size, the totals and each bucket of the whole value domain
+    of the population (so that a bucket's presence reveals nothing), with each user's interests and
+    categories capped so that one user changes every count by a bounded amount; the minimum
+    applies to the noisy size; bots are not counted.
+    """
     members_bitmap = bitmap - bots if bots else bitmap
     bots_in_pack = len(bitmap) - len(members_bitmap)
-    size = len(members_bitmap)
+    size = len(members_bitmap) if noise is None else noise("size", len(members_bitmap))
     if size < min_size:
         raise FailedPrecondition(
             "PACK_TOO_SMALL_FOR_PERSONA",
@@ -138,37 +151,61 @@ def compute_persona(
         version=version,
         size=size,
         population_size=population.profiles.height,
-        bots_excluded=bots_excluded_at_build + bots_in_pack,
+        bots_excluded=bots_excluded_at_build + bots_in_pack if noise is None else 0,
     )
+    profiled_total = profiled.height if noise is None else noise("profiled", profiled.height)
     for name, expr, many in _PROFILE_DIMENSIONS:
+        counts = _counts(profiled, expr, many, cap=INTEREST_CAP if noise is not None and many else None)
         persona.dimensions.append(
             _dimension(
                 name,
-                _counts(profiled, expr, many),
-                profiled.height,
+                _noised(name, counts, population.counts[name], noise),
+                profiled_total,
                 population.counts[name],
                 population.profiles.height,
                 top_n,
             )
         )
     member_pairs = population.pairs.join(members, on="user_id", how="semi")
+    if noise is not None:  # at most CATEGORY_CAP categories per user (bounded sensitivity)
+        member_pairs = member_pairs.sort("user_id", "category_id").group_by("user_id").head(CATEGORY_CAP)
     names = {int(c["category_id"]): str(c["name"]) for c in dataset.world.get("categories", [])}
+    category_users = member_pairs.get_column("user_id").n_unique()
     persona.dimensions.append(
         _dimension(
             "category",
-            _category_counts(member_pairs, names),
-            member_pairs.get_column("user_id").n_unique(),
+            _noised("category", _category_counts(member_pairs, names), population.category_counts, noise),
+            category_users if noise is None else noise("categorised", category_users),
             population.category_counts,
             population.category_users,
             top_n,
         )
     )
+    if noise is not None:
+        persona.disclosure = pack_pb2.SIZE_DISCLOSURE_NOISY
+    else:
+        persona.disclosure = pack_pb2.SIZE_DISCLOSURE_EXACT
     return persona
 
 
-def _counts(frame: pl.DataFrame, expr: pl.Expr, many: bool) -> dict[str, int]:
+def _noised(
+    dimension: str,
+    counts: dict[str, int],
+    domain: dict[str, int],
+    noise: Callable[[str, int], int] | None,
+) -> dict[str, int]:
+    """Noisy counts over the population's whole value domain; buckets at 0 are left out."""
+    if noise is None:
+        return counts
+    shown = {value: noise(f"{dimension}|{value}", counts.get(value, 0)) for value in domain}
+    return {value: count for value, count in shown.items() if count > 0}
+
+
+def _counts(frame: pl.DataFrame, expr: pl.Expr, many: bool, cap: int | None = None) -> dict[str, int]:
     values = frame.select(expr.alias("value"))
-    if many:  # a user with several interests counts once in each
+    if many:  # a user with several interests counts once in each (in at most ``cap`` of them)
+        if cap is not None:
+            values = values.select(pl.col("value").list.head(cap))
         values = values.explode("value")
     counted = values.drop_nulls().group_by("value").len()
     return dict(

@@ -21,6 +21,8 @@ from services.audience.config import AudienceSettings
 from services.audience.membership import MembershipCache
 from services.audience.operations import OperationManager, OperationsServicer
 from services.audience.packstore import PackStore
+from services.audience.privacy import Discloser, PrivacyParameters
+from services.audience.privacy_ledger import open_privacy_ledger
 from services.audience.servicer import AudienceServicer
 from services.audience.tenancy import Tenancy
 from services.runtime import ServiceDefinition, create_server
@@ -43,6 +45,7 @@ class AudienceApp:
     operations: OperationManager
     membership: MembershipCache
     tenancy: Tenancy
+    discloser: Discloser
     servicer: AudienceServicer
     operations_servicer: OperationsServicer
 
@@ -59,6 +62,7 @@ class AudienceApp:
             await stop()
         self.extra_stops = []
         await self.operations.close(self.settings.grace_seconds)
+        self.discloser.ledger.close()
 
 
 def build_app(settings: AudienceSettings, store: ObjectStore | None = None) -> AudienceApp:
@@ -81,9 +85,24 @@ def build_app(settings: AudienceSettings, store: ObjectStore | None = None) -> A
         dense_max_ids=settings.membership_dense_max_ids,
     )
     tenancy = Tenancy()
-    servicer = AudienceServicer(settings, store, packs, operations, membership, tenancy)
-    ops_servicer = OperationsServicer(operations, tenancy, max_wait_seconds=settings.max_wait_seconds)
-    return AudienceApp(settings, store, packs, operations, membership, tenancy, servicer, ops_servicer)
+    discloser = Discloser(
+        settings.pepper().key,
+        open_privacy_ledger(settings.control_database_url, settings.control_database_path()),
+        PrivacyParameters(
+            min_reported_size=settings.privacy_min_reported_size,
+            persona_min_size=settings.persona_min_size,
+            epsilon_size=settings.privacy_epsilon_size,
+            epsilon_persona=settings.privacy_epsilon_persona,
+            daily_budget=settings.privacy_daily_budget,
+        ),
+    )
+    servicer = AudienceServicer(settings, store, packs, operations, membership, tenancy, discloser)
+    ops_servicer = OperationsServicer(
+        operations, tenancy, discloser, max_wait_seconds=settings.max_wait_seconds
+    )
+    return AudienceApp(
+        settings, store, packs, operations, membership, tenancy, discloser, servicer, ops_servicer
+    )
 
 
 #: Module that, once it exists, provides ``lookalike_service(app: AudienceApp) -> ServiceDefinition``:

@@ -42,6 +42,7 @@ from services.audience.config import AudienceSettings
 from services.audience.membership import MembershipCache, as_user_ids, check_batch, membership_response
 from services.audience.operations import JobContext, OperationCancelled, OperationManager, request_fingerprint
 from services.audience.packstore import PackStore
+from services.audience.privacy import BELOW_MINIMUM, Discloser, fingerprint_of_pack, is_exact_for
 from services.audience.spec_validation import validate_spec
 from services.audience.tenancy import (
     LIVE_PACK_TYPE,
@@ -207,8 +208,11 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
         operations: OperationManager,
         membership: MembershipCache,
         tenancy: Tenancy,
+        discloser: Discloser,
     ) -> None:
         self.settings = settings
+        #: What tenants may learn of counts (noisy sizes and personas above minimums; privacy.py).
+        self.discloser = discloser
         self.store = store
         self.packs = packs
         self.operations = operations
@@ -502,7 +506,7 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
         shard = sample_shard(fraction)
         actual = shard_fraction(shard)
 
-        def estimate() -> int:
+        def estimate() -> BitMap:
             result = pack_builder.build_pack(
                 self.dataset(),
                 request.spec,
@@ -511,25 +515,41 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
                 shard=shard,
                 tenant=tenant,
             )
-            return len(result.bitmap)
+            return result.bitmap
 
         async with self._estimates:
-            sample_size = await asyncio.to_thread(estimate)
+            sample = await asyncio.to_thread(estimate)
+        caller = self.tenancy.caller(context)
+        if is_exact_for(caller):
+            sample_size, disclosure = len(sample), pack_pb2.SIZE_DISCLOSURE_EXACT
+        else:
+            sample_size, _, disclosure = await asyncio.to_thread(
+                self.discloser.estimate, tenant, sample, 1.0 / actual
+            )
         estimated, lower, upper = scale_estimate(sample_size, actual)
+        if disclosure != pack_pb2.SIZE_DISCLOSURE_EXACT and (
+            disclosure != pack_pb2.SIZE_DISCLOSURE_NOISY
+            or estimated < self.settings.privacy_min_reported_size
+        ):
+            sample_size = estimated = lower = upper = 0
+            disclosure = disclosure if disclosure != pack_pb2.SIZE_DISCLOSURE_NOISY else BELOW_MINIMUM
         return audience_service_pb2.EstimatePackSizeResponse(
             estimated_size=estimated,
             sample_size=sample_size,
             sample_fraction=actual,
             lower_bound=lower,
             upper_bound=upper,
+            disclosure=disclosure,
         )
 
     # --- GetPack / ListPacks / DeletePack -----------------------------------------------------------
 
     async def GetPack(self, request, context):
         tenant, pack_id = self._pack(request.name, context)
+        caller = self.tenancy.caller(context)
         try:
-            return await asyncio.to_thread(self.packs.get, tenant, pack_id)
+            pack = await asyncio.to_thread(self.packs.get, tenant, pack_id)
+            return await asyncio.to_thread(self.discloser.pack, pack, caller)
         except NotFound:
             building = self._building_op(tenant, pack_id)
             if building:  # first version still being built (in this process)
@@ -549,7 +569,9 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
             page_token=request.page_token,
             filter=request.filter,
         )
-        return audience_service_pb2.ListPacksResponse(packs=packs, next_page_token=token)
+        caller = self.tenancy.caller(context)
+        shown = await asyncio.to_thread(lambda: [self.discloser.pack(pack, caller) for pack in packs])
+        return audience_service_pb2.ListPacksResponse(packs=shown, next_page_token=token)
 
     async def DeletePack(self, request, context):
         tenant, pack_id = self._pack(request.name, context)
@@ -751,7 +773,10 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
         finally:
             for tenant, pack_id, reservation in reserved:
                 self._release(tenant, pack_id, reservation)
-        return audience_service_pb2.UploadPackResponse(pack=stored, stats=stats, invalid_rows=invalid)
+        shown = await asyncio.to_thread(self.discloser.pack, stored, self.tenancy.caller(context))
+        return audience_service_pb2.UploadPackResponse(
+            pack=shown, stats=shown.upload_stats, invalid_rows=invalid
+        )
 
     # --- GetPackPersona -----------------------------------------------------------------------------
 
@@ -764,6 +789,14 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
         top_n = request.top_n or DEFAULT_PERSONA_TOP_N
         minimum = self.settings.persona_min_size
         bitmap, pack = await asyncio.to_thread(self.packs.load_bitmap, tenant, pack_id)
+        caller = self.tenancy.caller(context)
+        noise = (
+            None
+            if is_exact_for(caller)
+            else await asyncio.to_thread(
+                self.discloser.persona_noise, tenant, fingerprint_of_pack(pack), request.name
+            )
+        )
 
         def work() -> pack_pb2.PackPersona:
             dataset = self.dataset()
@@ -776,6 +809,7 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
                 pack=request.name,
                 version=pack.version,
                 bots_excluded_at_build=pack.build_stats.bots_excluded,
+                noise=noise,
             )
 
         return await asyncio.to_thread(work)

@@ -24,7 +24,7 @@ from tests.fixtures.channels import backend_channel
         ("FLASHCROWD_MAX_CONCURRENT_BUILDS", "0"),
         ("FLASHCROWD_PERSONA_MIN_SIZE", "-3"),
         ("FLASHCROWD_UPLOAD_MAX_ROWS", "lots"),
-        ("FLASHCROWD_TRUSTED_TENANT_HEADER", "x-tenant-bin"),
+        ("FLASHCROWD_PRIVACY_EPSILON_SIZE", "0"),
         ("FLASHCROWD_STORE_URL", "ftp://files/x"),
         ("FLASHCROWD_STORE_URL", "s3://minio:9000"),
         ("FLASHCROWD_DATASET_PREFIX", "../data"),

@@ -227,21 +227,24 @@ async def test_tenant_isolation(svc) -> None:
             lambda n=name: svc.stub.DeletePack(api.DeletePackRequest(name=n), metadata=as_intruder),
             lambda n=name: svc.stub.RefreshPack(api.RefreshPackRequest(name=n), metadata=as_intruder),
             lambda n=name: svc.stub.GetPackPersona(api.GetPackPersonaRequest(name=n), metadata=as_intruder),
-            lambda n=name: svc.stub.ExportPack(
-                api.ExportPackRequest(name=n, format=api.EXPORT_FORMAT_USER_ID), metadata=as_intruder
-            ),
             lambda n=name: svc.stub.ListPacks(
                 api.ListPacksRequest(parent=f"tenants/{owner}"), metadata=as_intruder
             ),
         ]
         for call in calls:
             assert await code_of(call) == grpc.StatusCode.NOT_FOUND
+        # Member-level reads are refused to every tenant, its own packs included.
+        export = lambda n=name: svc.stub.ExportPack(  # noqa: E731
+            api.ExportPackRequest(name=n, format=api.EXPORT_FORMAT_USER_ID), metadata=as_intruder
+        )
+        assert await code_of(export) == grpc.StatusCode.PERMISSION_DENIED
     # Naming their own tenant, the intruder still cannot check, reference or export the owner's pack.
     own_parent = f"tenants/{intruder}"
+    check = lambda: svc.stub.CheckMembership(  # noqa: E731
+        api.CheckMembershipRequest(parent=own_parent, packs=[foreign], user_ids=[1]), metadata=as_intruder
+    )
+    assert await code_of(check) == grpc.StatusCode.PERMISSION_DENIED
     calls = [
-        lambda: svc.stub.CheckMembership(
-            api.CheckMembershipRequest(parent=own_parent, packs=[foreign], user_ids=[1]), metadata=as_intruder
-        ),
         lambda: svc.stub.CreatePack(
             api.CreatePackRequest(parent=own_parent, pack_id="steal", pack=pack_pb2.Pack(spec=ref(foreign))),
             metadata=as_intruder,
@@ -268,7 +271,7 @@ async def test_tenant_isolation(svc) -> None:
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     # The owner, through the gateway, still sees it.
     same = await svc.stub.GetPack(api.GetPackRequest(name=foreign), metadata=((AS_TENANT, owner),))
-    assert same.name == foreign and same.size == pack.size
+    assert same.name == foreign and same.size_disclosure == pack_pb2.SIZE_DISCLOSURE_NOISY
 
 
 async def test_cli_upload_hashes_raw_values_at_the_edge(svc, tmp_path, capsys) -> None:

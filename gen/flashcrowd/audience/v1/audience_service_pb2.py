@@ -34,7 +34,7 @@ from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-flashcrowd/audience/v1/audience_service.proto\x12\x16\x66lashcrowd.audience.v1\x1a!flashcrowd/audience/v1/pack.proto\x1a!flashcrowd/audience/v1/spec.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x17google/api/client.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a#google/longrunning/operations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9e\x01\n\x11\x43reatePackRequest\x12,\n\x06parent\x18\x01 \x01(\tB\x1c\xe2\x41\x01\x02\xfa\x41\x15\x12\x13\x66lashcrowd.dev/Pack\x12\x15\n\x07pack_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x30\n\x04pack\x18\x03 \x01(\x0b\x32\x1c.flashcrowd.audience.v1.PackB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xb9\x01\n\x11\x42uildPackMetadata\x12\x0c\n\x04pack\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x18\n\x10progress_percent\x18\x04 \x01(\x01\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb5\x01\n\x17\x45stimatePackSizeRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x34\n\x04spec\x18\x02 \x01(\x0b\x32 .flashcrowd.audience.v1.PackSpecB\x04\xe2\x41\x01\x02\x12\x35\n\x07options\x18\x03 \x01(\x0b\x32$.flashcrowd.audience.v1.BuildOptions\x12\x17\n\x0fsample_fraction\x18\x04 \x01(\x01\"\x8a\x01\n\x18\x45stimatePackSizeResponse\x12\x16\n\x0e\x65stimated_size\x18\x01 \x01(\x03\x12\x13\n\x0bsample_size\x18\x02 \x01(\x03\x12\x17\n\x0fsample_fraction\x18\x03 \x01(\x01\x12\x13\n\x0blower_bound\x18\x04 \x01(\x03\x12\x13\n\x0bupper_bound\x18\x05 \x01(\x03\"<\n\x0eGetPackRequest\x12*\n\x04name\x18\x01 \x01(\tB\x1c\xe2\x41\x01\x02\xfa\x41\x15\n\x13\x66lashcrowd.dev/Pack\"_\n\x10ListPacksRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\"Y\n\x11ListPacksResponse\x12+\n\x05packs\x18\x01 \x03(\x0b\x32\x1c.flashcrowd.audience.v1.Pack\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x11\x44\x65letePackRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"S\n\x12RefreshPackRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12)\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"[\n\x16\x43heckMembershipRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05packs\x18\x02 \x03(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08user_ids\x18\x03 \x03(\x04\x42\x04\xe2\x41\x01\x02\"@\n\x0ePackMembership\x12\x0c\n\x04pack\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0f\n\x07members\x18\x03 \x03(\x08\"R\n\x17\x43heckMembershipResponse\x12\x37\n\x07results\x18\x01 \x03(\x0b\x32&.flashcrowd.audience.v1.PackMembership\"\x9b\x01\n\x11\x45xportPackRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12:\n\x06\x66ormat\x18\x02 \x01(\x0e\x32$.flashcrowd.audience.v1.ExportFormatB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x03\"t\n\x12\x45xportPackResponse\x12\x10\n\x08user_ids\x18\x01 \x03(\x04\x12\x12\n\nhashed_ids\x18\x02 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\x12\x10\n\x08\x65xported\x18\x04 \x01(\x03\x12\r\n\x05total\x18\x05 \x01(\x03\"\xe4\x02\n\x10UploadPackHeader\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07pack_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x44\n\x06labels\x18\x04 \x03(\x0b\x32\x34.flashcrowd.audience.v1.UploadPackHeader.LabelsEntry\x12\x35\n\x07id_type\x18\x05 \x01(\x0e\x32\x1e.flashcrowd.audience.v1.IdTypeB\x04\xe2\x41\x01\x02\x12\x39\n\thash_type\x18\x06 \x01(\x0e\x32 .flashcrowd.audience.v1.HashTypeB\x04\xe2\x41\x01\x02\x12&\n\x03ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"%\n\x0fUploadPackChunk\x12\x12\n\nhashed_ids\x18\x01 \x03(\t\"\x94\x01\n\x11UploadPackRequest\x12:\n\x06header\x18\x01 \x01(\x0b\x32(.flashcrowd.audience.v1.UploadPackHeaderH\x00\x12\x38\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\'.flashcrowd.audience.v1.UploadPackChunkH\x00\x42\t\n\x07payload\"+\n\nInvalidRow\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xae\x01\n\x12UploadPackResponse\x12*\n\x04pack\x18\x01 \x01(\x0b\x32\x1c.flashcrowd.audience.v1.Pack\x12\x32\n\x05stats\x18\x02 \x01(\x0b\x32#.flashcrowd.audience.v1.UploadStats\x12\x38\n\x0cinvalid_rows\x18\x03 \x03(\x0b\x32\".flashcrowd.audience.v1.InvalidRow\":\n\x15GetPackPersonaRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05top_n\x18\x02 \x01(\x05*\xfb\x01\n\x0c\x45xportFormat\x12\x1d\n\x19\x45XPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45XPORT_FORMAT_USER_ID\x10\x01\x12\"\n\x1a\x45XPORT_FORMAT_SHA256_PHONE\x10\x02\x1a\x02\x08\x01\x12!\n\x19\x45XPORT_FORMAT_SHA256_OAID\x10\x03\x1a\x02\x08\x01\x12\x1f\n\x17\x45XPORT_FORMAT_MD5_PHONE\x10\x04\x1a\x02\x08\x01\x12$\n EXPORT_FORMAT_KEYED_SHA256_PHONE\x10\x05\x12#\n\x1f\x45XPORT_FORMAT_KEYED_SHA256_OAID\x10\x06*}\n\x06IdType\x12\x17\n\x13ID_TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rID_TYPE_PHONE\x10\x01\x12\x10\n\x0cID_TYPE_OAID\x10\x02\x12\x10\n\x0cID_TYPE_IMEI\x10\x03\x12\x10\n\x0cID_TYPE_IDFA\x10\x04\x12\x11\n\rID_TYPE_EMAIL\x10\x05*N\n\x08HashType\x12\x19\n\x15HASH_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10HASH_TYPE_SHA256\x10\x01\x12\x11\n\rHASH_TYPE_MD5\x10\x02\x32\xa8\x0b\n\x0f\x41udienceService\x12\x9e\x01\n\nCreatePack\x12).flashcrowd.audience.v1.CreatePackRequest\x1a\x1d.google.longrunning.Operation\"F\xca\x41\x19\n\x04Pack\x12\x11\x42uildPackMetadata\x82\xd3\xe4\x93\x02$\"\x1c/v1/{parent=tenants/*}/packs:\x04pack\x12\xa7\x01\n\x10\x45stimatePackSize\x12/.flashcrowd.audience.v1.EstimatePackSizeRequest\x1a\x30.flashcrowd.audience.v1.EstimatePackSizeResponse\"0\x82\xd3\xe4\x93\x02*\"%/v1/{parent=tenants/*}/packs:estimate:\x01*\x12u\n\x07GetPack\x12&.flashcrowd.audience.v1.GetPackRequest\x1a\x1c.flashcrowd.audience.v1.Pack\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/{name=tenants/*/packs/*}\x12\x86\x01\n\tListPacks\x12(.flashcrowd.audience.v1.ListPacksRequest\x1a).flashcrowd.audience.v1.ListPacksResponse\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/{parent=tenants/*}/packs\x12u\n\nDeletePack\x12).flashcrowd.audience.v1.DeletePackRequest\x1a\x16.google.protobuf.Empty\"$\x82\xd3\xe4\x93\x02\x1e*\x1c/v1/{name=tenants/*/packs/*}\x12\xa5\x01\n\x0bRefreshPack\x12*.flashcrowd.audience.v1.RefreshPackRequest\x1a\x1d.google.longrunning.Operation\"K\xca\x41\x19\n\x04Pack\x12\x11\x42uildPackMetadata\x82\xd3\xe4\x93\x02)\"$/v1/{name=tenants/*/packs/*}:refresh:\x01*\x12\xab\x01\n\x0f\x43heckMembership\x12..flashcrowd.audience.v1.CheckMembershipRequest\x1a/.flashcrowd.audience.v1.CheckMembershipResponse\"7\x82\xd3\xe4\x93\x02\x31\",/v1/{parent=tenants/*}/packs:checkMembership:\x01*\x12\x65\n\nExportPack\x12).flashcrowd.audience.v1.ExportPackRequest\x1a*.flashcrowd.audience.v1.ExportPackResponse0\x01\x12\x65\n\nUploadPack\x12).flashcrowd.audience.v1.UploadPackRequest\x1a*.flashcrowd.audience.v1.UploadPackResponse(\x01\x12\x92\x01\n\x0eGetPackPersona\x12-.flashcrowd.audience.v1.GetPackPersonaRequest\x1a#.flashcrowd.audience.v1.PackPersona\",\x82\xd3\xe4\x93\x02&\x12$/v1/{name=tenants/*/packs/*}/persona\x1a\x1a\xca\x41\x17\x61udience.flashcrowd.devb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-flashcrowd/audience/v1/audience_service.proto\x12\x16\x66lashcrowd.audience.v1\x1a!flashcrowd/audience/v1/pack.proto\x1a!flashcrowd/audience/v1/spec.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x17google/api/client.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a#google/longrunning/operations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9e\x01\n\x11\x43reatePackRequest\x12,\n\x06parent\x18\x01 \x01(\tB\x1c\xe2\x41\x01\x02\xfa\x41\x15\x12\x13\x66lashcrowd.dev/Pack\x12\x15\n\x07pack_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x30\n\x04pack\x18\x03 \x01(\x0b\x32\x1c.flashcrowd.audience.v1.PackB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xb9\x01\n\x11\x42uildPackMetadata\x12\x0c\n\x04pack\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x18\n\x10progress_percent\x18\x04 \x01(\x01\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb5\x01\n\x17\x45stimatePackSizeRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x34\n\x04spec\x18\x02 \x01(\x0b\x32 .flashcrowd.audience.v1.PackSpecB\x04\xe2\x41\x01\x02\x12\x35\n\x07options\x18\x03 \x01(\x0b\x32$.flashcrowd.audience.v1.BuildOptions\x12\x17\n\x0fsample_fraction\x18\x04 \x01(\x01\"\xc6\x01\n\x18\x45stimatePackSizeResponse\x12\x16\n\x0e\x65stimated_size\x18\x01 \x01(\x03\x12\x13\n\x0bsample_size\x18\x02 \x01(\x03\x12\x17\n\x0fsample_fraction\x18\x03 \x01(\x01\x12\x13\n\x0blower_bound\x18\x04 \x01(\x03\x12\x13\n\x0bupper_bound\x18\x05 \x01(\x03\x12:\n\ndisclosure\x18\x06 \x01(\x0e\x32&.flashcrowd.audience.v1.SizeDisclosure\"<\n\x0eGetPackRequest\x12*\n\x04name\x18\x01 \x01(\tB\x1c\xe2\x41\x01\x02\xfa\x41\x15\n\x13\x66lashcrowd.dev/Pack\"_\n\x10ListPacksRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\"Y\n\x11ListPacksResponse\x12+\n\x05packs\x18\x01 \x03(\x0b\x32\x1c.flashcrowd.audience.v1.Pack\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x11\x44\x65letePackRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"S\n\x12RefreshPackRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12)\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"[\n\x16\x43heckMembershipRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05packs\x18\x02 \x03(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08user_ids\x18\x03 \x03(\x04\x42\x04\xe2\x41\x01\x02\"@\n\x0ePackMembership\x12\x0c\n\x04pack\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0f\n\x07members\x18\x03 \x03(\x08\"R\n\x17\x43heckMembershipResponse\x12\x37\n\x07results\x18\x01 \x03(\x0b\x32&.flashcrowd.audience.v1.PackMembership\"\x9b\x01\n\x11\x45xportPackRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12:\n\x06\x66ormat\x18\x02 \x01(\x0e\x32$.flashcrowd.audience.v1.ExportFormatB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x03\"t\n\x12\x45xportPackResponse\x12\x10\n\x08user_ids\x18\x01 \x03(\x04\x12\x12\n\nhashed_ids\x18\x02 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\x12\x10\n\x08\x65xported\x18\x04 \x01(\x03\x12\r\n\x05total\x18\x05 \x01(\x03\"\xe4\x02\n\x10UploadPackHeader\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07pack_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x44\n\x06labels\x18\x04 \x03(\x0b\x32\x34.flashcrowd.audience.v1.UploadPackHeader.LabelsEntry\x12\x35\n\x07id_type\x18\x05 \x01(\x0e\x32\x1e.flashcrowd.audience.v1.IdTypeB\x04\xe2\x41\x01\x02\x12\x39\n\thash_type\x18\x06 \x01(\x0e\x32 .flashcrowd.audience.v1.HashTypeB\x04\xe2\x41\x01\x02\x12&\n\x03ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"%\n\x0fUploadPackChunk\x12\x12\n\nhashed_ids\x18\x01 \x03(\t\"\x94\x01\n\x11UploadPackRequest\x12:\n\x06header\x18\x01 \x01(\x0b\x32(.flashcrowd.audience.v1.UploadPackHeaderH\x00\x12\x38\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\'.flashcrowd.audience.v1.UploadPackChunkH\x00\x42\t\n\x07payload\"+\n\nInvalidRow\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xae\x01\n\x12UploadPackResponse\x12*\n\x04pack\x18\x01 \x01(\x0b\x32\x1c.flashcrowd.audience.v1.Pack\x12\x32\n\x05stats\x18\x02 \x01(\x0b\x32#.flashcrowd.audience.v1.UploadStats\x12\x38\n\x0cinvalid_rows\x18\x03 \x03(\x0b\x32\".flashcrowd.audience.v1.InvalidRow\":\n\x15GetPackPersonaRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05top_n\x18\x02 \x01(\x05*\xfb\x01\n\x0c\x45xportFormat\x12\x1d\n\x19\x45XPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45XPORT_FORMAT_USER_ID\x10\x01\x12\"\n\x1a\x45XPORT_FORMAT_SHA256_PHONE\x10\x02\x1a\x02\x08\x01\x12!\n\x19\x45XPORT_FORMAT_SHA256_OAID\x10\x03\x1a\x02\x08\x01\x12\x1f\n\x17\x45XPORT_FORMAT_MD5_PHONE\x10\x04\x1a\x02\x08\x01\x12$\n EXPORT_FORMAT_KEYED_SHA256_PHONE\x10\x05\x12#\n\x1f\x45XPORT_FORMAT_KEYED_SHA256_OAID\x10\x06*}\n\x06IdType\x12\x17\n\x13ID_TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rID_TYPE_PHONE\x10\x01\x12\x10\n\x0cID_TYPE_OAID\x10\x02\x12\x10\n\x0cID_TYPE_IMEI\x10\x03\x12\x10\n\x0cID_TYPE_IDFA\x10\x04\x12\x11\n\rID_TYPE_EMAIL\x10\x05*N\n\x08HashType\x12\x19\n\x15HASH_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10HASH_TYPE_SHA256\x10\x01\x12\x11\n\rHASH_TYPE_MD5\x10\x02\x32\xa8\x0b\n\x0f\x41udienceService\x12\x9e\x01\n\nCreatePack\x12).flashcrowd.audience.v1.CreatePackRequest\x1a\x1d.google.longrunning.Operation\"F\xca\x41\x19\n\x04Pack\x12\x11\x42uildPackMetadata\x82\xd3\xe4\x93\x02$\"\x1c/v1/{parent=tenants/*}/packs:\x04pack\x12\xa7\x01\n\x10\x45stimatePackSize\x12/.flashcrowd.audience.v1.EstimatePackSizeRequest\x1a\x30.flashcrowd.audience.v1.EstimatePackSizeResponse\"0\x82\xd3\xe4\x93\x02*\"%/v1/{parent=tenants/*}/packs:estimate:\x01*\x12u\n\x07GetPack\x12&.flashcrowd.audience.v1.GetPackRequest\x1a\x1c.flashcrowd.audience.v1.Pack\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/{name=tenants/*/packs/*}\x12\x86\x01\n\tListPacks\x12(.flashcrowd.audience.v1.ListPacksRequest\x1a).flashcrowd.audience.v1.ListPacksResponse\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/{parent=tenants/*}/packs\x12u\n\nDeletePack\x12).flashcrowd.audience.v1.DeletePackRequest\x1a\x16.google.protobuf.Empty\"$\x82\xd3\xe4\x93\x02\x1e*\x1c/v1/{name=tenants/*/packs/*}\x12\xa5\x01\n\x0bRefreshPack\x12*.flashcrowd.audience.v1.RefreshPackRequest\x1a\x1d.google.longrunning.Operation\"K\xca\x41\x19\n\x04Pack\x12\x11\x42uildPackMetadata\x82\xd3\xe4\x93\x02)\"$/v1/{name=tenants/*/packs/*}:refresh:\x01*\x12\xab\x01\n\x0f\x43heckMembership\x12..flashcrowd.audience.v1.CheckMembershipRequest\x1a/.flashcrowd.audience.v1.CheckMembershipResponse\"7\x82\xd3\xe4\x93\x02\x31\",/v1/{parent=tenants/*}/packs:checkMembership:\x01*\x12\x65\n\nExportPack\x12).flashcrowd.audience.v1.ExportPackRequest\x1a*.flashcrowd.audience.v1.ExportPackResponse0\x01\x12\x65\n\nUploadPack\x12).flashcrowd.audience.v1.UploadPackRequest\x1a*.flashcrowd.audience.v1.UploadPackResponse(\x01\x12\x92\x01\n\x0eGetPackPersona\x12-.flashcrowd.audience.v1.GetPackPersonaRequest\x1a#.flashcrowd.audience.v1.PackPersona\",\x82\xd3\xe4\x93\x02&\x12$/v1/{name=tenants/*/packs/*}/persona\x1a\x1a\xca\x41\x17\x61udience.flashcrowd.devb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -105,12 +105,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUDIENCESERVICE'].methods_by_name['CheckMembership']._serialized_options = b'\202\323\344\223\0021\",/v1/{parent=tenants/*}/packs:checkMembership:\001*'
   _globals['_AUDIENCESERVICE'].methods_by_name['GetPackPersona']._loaded_options = None
   _globals['_AUDIENCESERVICE'].methods_by_name['GetPackPersona']._serialized_options = b'\202\323\344\223\002&\022$/v1/{name=tenants/*/packs/*}/persona'
-  _globals['_EXPORTFORMAT']._serialized_start=2790
-  _globals['_EXPORTFORMAT']._serialized_end=3041
-  _globals['_IDTYPE']._serialized_start=3043
-  _globals['_IDTYPE']._serialized_end=3168
-  _globals['_HASHTYPE']._serialized_start=3170
-  _globals['_HASHTYPE']._serialized_end=3248
+  _globals['_EXPORTFORMAT']._serialized_start=2850
+  _globals['_EXPORTFORMAT']._serialized_end=3101
+  _globals['_IDTYPE']._serialized_start=3103
+  _globals['_IDTYPE']._serialized_end=3228
+  _globals['_HASHTYPE']._serialized_start=3230
+  _globals['_HASHTYPE']._serialized_end=3308
   _globals['_CREATEPACKREQUEST']._serialized_start=390
   _globals['_CREATEPACKREQUEST']._serialized_end=548
   _globals['_BUILDPACKMETADATA']._serialized_start=551
@@ -118,41 +118,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ESTIMATEPACKSIZEREQUEST']._serialized_start=739
   _globals['_ESTIMATEPACKSIZEREQUEST']._serialized_end=920
   _globals['_ESTIMATEPACKSIZERESPONSE']._serialized_start=923
-  _globals['_ESTIMATEPACKSIZERESPONSE']._serialized_end=1061
-  _globals['_GETPACKREQUEST']._serialized_start=1063
-  _globals['_GETPACKREQUEST']._serialized_end=1123
-  _globals['_LISTPACKSREQUEST']._serialized_start=1125
-  _globals['_LISTPACKSREQUEST']._serialized_end=1220
-  _globals['_LISTPACKSRESPONSE']._serialized_start=1222
-  _globals['_LISTPACKSRESPONSE']._serialized_end=1311
-  _globals['_DELETEPACKREQUEST']._serialized_start=1313
-  _globals['_DELETEPACKREQUEST']._serialized_end=1352
-  _globals['_REFRESHPACKREQUEST']._serialized_start=1354
-  _globals['_REFRESHPACKREQUEST']._serialized_end=1437
-  _globals['_CHECKMEMBERSHIPREQUEST']._serialized_start=1439
-  _globals['_CHECKMEMBERSHIPREQUEST']._serialized_end=1530
-  _globals['_PACKMEMBERSHIP']._serialized_start=1532
-  _globals['_PACKMEMBERSHIP']._serialized_end=1596
-  _globals['_CHECKMEMBERSHIPRESPONSE']._serialized_start=1598
-  _globals['_CHECKMEMBERSHIPRESPONSE']._serialized_end=1680
-  _globals['_EXPORTPACKREQUEST']._serialized_start=1683
-  _globals['_EXPORTPACKREQUEST']._serialized_end=1838
-  _globals['_EXPORTPACKRESPONSE']._serialized_start=1840
-  _globals['_EXPORTPACKRESPONSE']._serialized_end=1956
-  _globals['_UPLOADPACKHEADER']._serialized_start=1959
-  _globals['_UPLOADPACKHEADER']._serialized_end=2315
-  _globals['_UPLOADPACKHEADER_LABELSENTRY']._serialized_start=2270
-  _globals['_UPLOADPACKHEADER_LABELSENTRY']._serialized_end=2315
-  _globals['_UPLOADPACKCHUNK']._serialized_start=2317
-  _globals['_UPLOADPACKCHUNK']._serialized_end=2354
-  _globals['_UPLOADPACKREQUEST']._serialized_start=2357
-  _globals['_UPLOADPACKREQUEST']._serialized_end=2505
-  _globals['_INVALIDROW']._serialized_start=2507
-  _globals['_INVALIDROW']._serialized_end=2550
-  _globals['_UPLOADPACKRESPONSE']._serialized_start=2553
-  _globals['_UPLOADPACKRESPONSE']._serialized_end=2727
-  _globals['_GETPACKPERSONAREQUEST']._serialized_start=2729
-  _globals['_GETPACKPERSONAREQUEST']._serialized_end=2787
-  _globals['_AUDIENCESERVICE']._serialized_start=3251
-  _globals['_AUDIENCESERVICE']._serialized_end=4699
+  _globals['_ESTIMATEPACKSIZERESPONSE']._serialized_end=1121
+  _globals['_GETPACKREQUEST']._serialized_start=1123
+  _globals['_GETPACKREQUEST']._serialized_end=1183
+  _globals['_LISTPACKSREQUEST']._serialized_start=1185
+  _globals['_LISTPACKSREQUEST']._serialized_end=1280
+  _globals['_LISTPACKSRESPONSE']._serialized_start=1282
+  _globals['_LISTPACKSRESPONSE']._serialized_end=1371
+  _globals['_DELETEPACKREQUEST']._serialized_start=1373
+  _globals['_DELETEPACKREQUEST']._serialized_end=1412
+  _globals['_REFRESHPACKREQUEST']._serialized_start=1414
+  _globals['_REFRESHPACKREQUEST']._serialized_end=1497
+  _globals['_CHECKMEMBERSHIPREQUEST']._serialized_start=1499
+  _globals['_CHECKMEMBERSHIPREQUEST']._serialized_end=1590
+  _globals['_PACKMEMBERSHIP']._serialized_start=1592
+  _globals['_PACKMEMBERSHIP']._serialized_end=1656
+  _globals['_CHECKMEMBERSHIPRESPONSE']._serialized_start=1658
+  _globals['_CHECKMEMBERSHIPRESPONSE']._serialized_end=1740
+  _globals['_EXPORTPACKREQUEST']._serialized_start=1743
+  _globals['_EXPORTPACKREQUEST']._serialized_end=1898
+  _globals['_EXPORTPACKRESPONSE']._serialized_start=1900
+  _globals['_EXPORTPACKRESPONSE']._serialized_end=2016
+  _globals['_UPLOADPACKHEADER']._serialized_start=2019
+  _globals['_UPLOADPACKHEADER']._serialized_end=2375
+  _globals['_UPLOADPACKHEADER_LABELSENTRY']._serialized_start=2330
+  _globals['_UPLOADPACKHEADER_LABELSENTRY']._serialized_end=2375
+  _globals['_UPLOADPACKCHUNK']._serialized_start=2377
+  _globals['_UPLOADPACKCHUNK']._serialized_end=2414
+  _globals['_UPLOADPACKREQUEST']._serialized_start=2417
+  _globals['_UPLOADPACKREQUEST']._serialized_end=2565
+  _globals['_INVALIDROW']._serialized_start=2567
+  _globals['_INVALIDROW']._serialized_end=2610
+  _globals['_UPLOADPACKRESPONSE']._serialized_start=2613
+  _globals['_UPLOADPACKRESPONSE']._serialized_end=2787
+  _globals['_GETPACKPERSONAREQUEST']._serialized_start=2789
+  _globals['_GETPACKPERSONAREQUEST']._serialized_end=2847
+  _globals['_AUDIENCESERVICE']._serialized_start=3311
+  _globals['_AUDIENCESERVICE']._serialized_end=4759
 # @@protoc_insertion_point(module_scope)

@@ -101,18 +101,20 @@ class EstimatePackSizeRequest(_message.Message):
     def __init__(self, parent: _Optional[str] = ..., spec: _Optional[_Union[_spec_pb2.PackSpec, _Mapping]] = ..., options: _Optional[_Union[_spec_pb2.BuildOptions, _Mapping]] = ..., sample_fraction: _Optional[float] = ...) -> None: ...
 
 class EstimatePackSizeResponse(_message.Message):
-    __slots__ = ("estimated_size", "sample_size", "sample_fraction", "lower_bound", "upper_bound")
+    __slots__ = ("estimated_size", "sample_size", "sample_fraction", "lower_bound", "upper_bound", "disclosure")
     ESTIMATED_SIZE_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_SIZE_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FRACTION_FIELD_NUMBER: _ClassVar[int]
     LOWER_BOUND_FIELD_NUMBER: _ClassVar[int]
     UPPER_BOUND_FIELD_NUMBER: _ClassVar[int]
+    DISCLOSURE_FIELD_NUMBER: _ClassVar[int]
     estimated_size: int
     sample_size: int
     sample_fraction: float
     lower_bound: int
     upper_bound: int
-    def __init__(self, estimated_size: _Optional[int] = ..., sample_size: _Optional[int] = ..., sample_fraction: _Optional[float] = ..., lower_bound: _Optional[int] = ..., upper_bound: _Optional[int] = ...) -> None: ...
+    disclosure: _pack_pb2.SizeDisclosure
+    def __init__(self, estimated_size: _Optional[int] = ..., sample_size: _Optional[int] = ..., sample_fraction: _Optional[float] = ..., lower_bound: _Optional[int] = ..., upper_bound: _Optional[int] = ..., disclosure: _Optional[_Union[_pack_pb2.SizeDisclosure, str]] = ...) -> None: ...
 
 class GetPackRequest(_message.Message):
     __slots__ = ("name",)

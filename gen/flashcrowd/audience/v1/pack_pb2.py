@@ -29,7 +29,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!flashcrowd/audience/v1/pack.proto\x12\x16\x66lashcrowd.audience.v1\x1a!flashcrowd/audience/v1/spec.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe1\x08\n\x04Pack\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x38\n\x06labels\x18\x03 \x03(\x0b\x32(.flashcrowd.audience.v1.Pack.LabelsEntry\x12.\n\x04spec\x18\x04 \x01(\x0b\x32 .flashcrowd.audience.v1.PackSpec\x12\x35\n\x07options\x18\x05 \x01(\x0b\x32$.flashcrowd.audience.v1.BuildOptions\x12&\n\x03ttl\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\x07version\x18\x07 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x37\n\x05state\x18\x08 \x01(\x0e\x32\".flashcrowd.audience.v1.Pack.StateB\x04\xe2\x41\x01\x03\x12\x12\n\x04size\x18\t \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x39\n\x06source\x18\n \x01(\x0e\x32#.flashcrowd.audience.v1.Pack.SourceB\x04\xe2\x41\x01\x03\x12=\n\x0b\x62uild_stats\x18\x0b \x01(\x0b\x32\".flashcrowd.audience.v1.BuildStatsB\x04\xe2\x41\x01\x03\x12?\n\x0cupload_stats\x18\x0c \x01(\x0b\x32#.flashcrowd.audience.v1.UploadStatsB\x04\xe2\x41\x01\x03\x12;\n\x06inputs\x18\r \x03(\x0b\x32%.flashcrowd.audience.v1.PackReferenceB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x65xpire_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x12\n\x04\x65tag\x18\x11 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x66\x61ilure_reason\x18\x12 \x01(\tB\x04\xe2\x41\x01\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTATE_BUILDING\x10\x01\x12\x0f\n\x0bSTATE_READY\x10\x02\x12\x10\n\x0cSTATE_FAILED\x10\x03\"t\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSOURCE_SPEC\x10\x01\x12\x11\n\rSOURCE_UPLOAD\x10\x02\x12\x14\n\x10SOURCE_LOOKALIKE\x10\x03\x12\x18\n\x14SOURCE_LIVE_SNAPSHOT\x10\x04:7\xea\x41\x34\n\x13\x66lashcrowd.dev/Pack\x12\x1dtenants/{tenant}/packs/{pack}\"\xe4\x01\n\nBuildStats\x12\x13\n\x0b\x66iles_total\x18\x01 \x01(\x03\x12\x12\n\nfiles_read\x18\x02 \x01(\x03\x12\x16\n\x0e\x65vents_matched\x18\x03 \x01(\x03\x12\x15\n\rbots_excluded\x18\x04 \x01(\x03\x12+\n\x08\x64uration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0f\x64\x61taset_version\x18\x06 \x01(\x03\x12)\n\x05\x61s_of\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05shard\x18\x08 \x01(\t\"x\n\x0bUploadStats\x12\x10\n\x08received\x18\x01 \x01(\x03\x12\r\n\x05valid\x18\x02 \x01(\x03\x12\x0f\n\x07invalid\x18\x03 \x01(\x03\x12\x12\n\nduplicates\x18\x04 \x01(\x03\x12\x0f\n\x07matched\x18\x05 \x01(\x03\x12\x12\n\nmatch_rate\x18\x06 \x01(\x01\"c\n\rPersonaBucket\x12\r\n\x05value\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\r\n\x05share\x18\x03 \x01(\x01\x12\x18\n\x10population_share\x18\x04 \x01(\x01\x12\x0b\n\x03tgi\x18\x05 \x01(\x01\"]\n\x10PersonaDimension\x12\x11\n\tdimension\x18\x01 \x01(\t\x12\x36\n\x07\x62uckets\x18\x02 \x03(\x0b\x32%.flashcrowd.audience.v1.PersonaBucket\"\xa8\x01\n\x0bPackPersona\x12\x0c\n\x04pack\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x17\n\x0fpopulation_size\x18\x04 \x01(\x03\x12\x15\n\rbots_excluded\x18\x05 \x01(\x03\x12<\n\ndimensions\x18\x06 \x03(\x0b\x32(.flashcrowd.audience.v1.PersonaDimensionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!flashcrowd/audience/v1/pack.proto\x12\x16\x66lashcrowd.audience.v1\x1a!flashcrowd/audience/v1/spec.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa8\t\n\x04Pack\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x38\n\x06labels\x18\x03 \x03(\x0b\x32(.flashcrowd.audience.v1.Pack.LabelsEntry\x12.\n\x04spec\x18\x04 \x01(\x0b\x32 .flashcrowd.audience.v1.PackSpec\x12\x35\n\x07options\x18\x05 \x01(\x0b\x32$.flashcrowd.audience.v1.BuildOptions\x12&\n\x03ttl\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\x07version\x18\x07 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x37\n\x05state\x18\x08 \x01(\x0e\x32\".flashcrowd.audience.v1.Pack.StateB\x04\xe2\x41\x01\x03\x12\x12\n\x04size\x18\t \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x39\n\x06source\x18\n \x01(\x0e\x32#.flashcrowd.audience.v1.Pack.SourceB\x04\xe2\x41\x01\x03\x12=\n\x0b\x62uild_stats\x18\x0b \x01(\x0b\x32\".flashcrowd.audience.v1.BuildStatsB\x04\xe2\x41\x01\x03\x12?\n\x0cupload_stats\x18\x0c \x01(\x0b\x32#.flashcrowd.audience.v1.UploadStatsB\x04\xe2\x41\x01\x03\x12;\n\x06inputs\x18\r \x03(\x0b\x32%.flashcrowd.audience.v1.PackReferenceB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x65xpire_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x12\n\x04\x65tag\x18\x11 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x66\x61ilure_reason\x18\x12 \x01(\tB\x04\xe2\x41\x01\x03\x12\x45\n\x0fsize_disclosure\x18\x13 \x01(\x0e\x32&.flashcrowd.audience.v1.SizeDisclosureB\x04\xe2\x41\x01\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTATE_BUILDING\x10\x01\x12\x0f\n\x0bSTATE_READY\x10\x02\x12\x10\n\x0cSTATE_FAILED\x10\x03\"t\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSOURCE_SPEC\x10\x01\x12\x11\n\rSOURCE_UPLOAD\x10\x02\x12\x14\n\x10SOURCE_LOOKALIKE\x10\x03\x12\x18\n\x14SOURCE_LIVE_SNAPSHOT\x10\x04:7\xea\x41\x34\n\x13\x66lashcrowd.dev/Pack\x12\x1dtenants/{tenant}/packs/{pack}\"\xe4\x01\n\nBuildStats\x12\x13\n\x0b\x66iles_total\x18\x01 \x01(\x03\x12\x12\n\nfiles_read\x18\x02 \x01(\x03\x12\x16\n\x0e\x65vents_matched\x18\x03 \x01(\x03\x12\x15\n\rbots_excluded\x18\x04 \x01(\x03\x12+\n\x08\x64uration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0f\x64\x61taset_version\x18\x06 \x01(\x03\x12)\n\x05\x61s_of\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05shard\x18\x08 \x01(\t\"\xbc\x01\n\x0bUploadStats\x12\x10\n\x08received\x18\x01 \x01(\x03\x12\r\n\x05valid\x18\x02 \x01(\x03\x12\x0f\n\x07invalid\x18\x03 \x01(\x03\x12\x12\n\nduplicates\x18\x04 \x01(\x03\x12\x0f\n\x07matched\x18\x05 \x01(\x03\x12\x12\n\nmatch_rate\x18\x06 \x01(\x01\x12\x42\n\x12matched_disclosure\x18\x07 \x01(\x0e\x32&.flashcrowd.audience.v1.SizeDisclosure\"c\n\rPersonaBucket\x12\r\n\x05value\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\r\n\x05share\x18\x03 \x01(\x01\x12\x18\n\x10population_share\x18\x04 \x01(\x01\x12\x0b\n\x03tgi\x18\x05 \x01(\x01\"]\n\x10PersonaDimension\x12\x11\n\tdimension\x18\x01 \x01(\t\x12\x36\n\x07\x62uckets\x18\x02 \x03(\x0b\x32%.flashcrowd.audience.v1.PersonaBucket\"\xe4\x01\n\x0bPackPersona\x12\x0c\n\x04pack\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x17\n\x0fpopulation_size\x18\x04 \x01(\x03\x12\x15\n\rbots_excluded\x18\x05 \x01(\x03\x12<\n\ndimensions\x18\x06 \x03(\x0b\x32(.flashcrowd.audience.v1.PersonaDimension\x12:\n\ndisclosure\x18\x07 \x01(\x0e\x32&.flashcrowd.audience.v1.SizeDisclosure*\xb0\x01\n\x0eSizeDisclosure\x12\x1f\n\x1bSIZE_DISCLOSURE_UNSPECIFIED\x10\x00\x12\x19\n\x15SIZE_DISCLOSURE_EXACT\x10\x01\x12\x19\n\x15SIZE_DISCLOSURE_NOISY\x10\x02\x12!\n\x1dSIZE_DISCLOSURE_BELOW_MINIMUM\x10\x03\x12$\n SIZE_DISCLOSURE_BUDGET_EXHAUSTED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -64,24 +64,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PACK'].fields_by_name['etag']._serialized_options = b'\342A\001\003'
   _globals['_PACK'].fields_by_name['failure_reason']._loaded_options = None
   _globals['_PACK'].fields_by_name['failure_reason']._serialized_options = b'\342A\001\003'
+  _globals['_PACK'].fields_by_name['size_disclosure']._loaded_options = None
+  _globals['_PACK'].fields_by_name['size_disclosure']._serialized_options = b'\342A\001\003'
   _globals['_PACK']._loaded_options = None
   _globals['_PACK']._serialized_options = b'\352A4\n\023flashcrowd.dev/Pack\022\035tenants/{tenant}/packs/{pack}'
+  _globals['_SIZEDISCLOSURE']._serialized_start=2266
+  _globals['_SIZEDISCLOSURE']._serialized_end=2442
   _globals['_PACK']._serialized_start=222
-  _globals['_PACK']._serialized_end=1343
-  _globals['_PACK_LABELSENTRY']._serialized_start=1036
-  _globals['_PACK_LABELSENTRY']._serialized_end=1081
-  _globals['_PACK_STATE']._serialized_start=1083
-  _globals['_PACK_STATE']._serialized_end=1168
-  _globals['_PACK_SOURCE']._serialized_start=1170
-  _globals['_PACK_SOURCE']._serialized_end=1286
-  _globals['_BUILDSTATS']._serialized_start=1346
-  _globals['_BUILDSTATS']._serialized_end=1574
-  _globals['_UPLOADSTATS']._serialized_start=1576
-  _globals['_UPLOADSTATS']._serialized_end=1696
-  _globals['_PERSONABUCKET']._serialized_start=1698
-  _globals['_PERSONABUCKET']._serialized_end=1797
-  _globals['_PERSONADIMENSION']._serialized_start=1799
-  _globals['_PERSONADIMENSION']._serialized_end=1892
-  _globals['_PACKPERSONA']._serialized_start=1895
-  _globals['_PACKPERSONA']._serialized_end=2063
+  _globals['_PACK']._serialized_end=1414
+  _globals['_PACK_LABELSENTRY']._serialized_start=1107
+  _globals['_PACK_LABELSENTRY']._serialized_end=1152
+  _globals['_PACK_STATE']._serialized_start=1154
+  _globals['_PACK_STATE']._serialized_end=1239
+  _globals['_PACK_SOURCE']._serialized_start=1241
+  _globals['_PACK_SOURCE']._serialized_end=1357
+  _globals['_BUILDSTATS']._serialized_start=1417
+  _globals['_BUILDSTATS']._serialized_end=1645
+  _globals['_UPLOADSTATS']._serialized_start=1648
+  _globals['_UPLOADSTATS']._serialized_end=1836
+  _globals['_PERSONABUCKET']._serialized_start=1838
+  _globals['_PERSONABUCKET']._serialized_end=1937
+  _globals['_PERSONADIMENSION']._serialized_start=1939
+  _globals['_PERSONADIMENSION']._serialized_end=2032
+  _globals['_PACKPERSONA']._serialized_start=2035
+  _globals['_PACKPERSONA']._serialized_end=2263
 # @@protoc_insertion_point(module_scope)

@@ -14,8 +14,21 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class SizeDisclosure(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SIZE_DISCLOSURE_UNSPECIFIED: _ClassVar[SizeDisclosure]
+    SIZE_DISCLOSURE_EXACT: _ClassVar[SizeDisclosure]
+    SIZE_DISCLOSURE_NOISY: _ClassVar[SizeDisclosure]
+    SIZE_DISCLOSURE_BELOW_MINIMUM: _ClassVar[SizeDisclosure]
+    SIZE_DISCLOSURE_BUDGET_EXHAUSTED: _ClassVar[SizeDisclosure]
+SIZE_DISCLOSURE_UNSPECIFIED: SizeDisclosure
+SIZE_DISCLOSURE_EXACT: SizeDisclosure
+SIZE_DISCLOSURE_NOISY: SizeDisclosure
+SIZE_DISCLOSURE_BELOW_MINIMUM: SizeDisclosure
+SIZE_DISCLOSURE_BUDGET_EXHAUSTED: SizeDisclosure
+
 class Pack(_message.Message):
-    __slots__ = ("name", "display_name", "labels", "spec", "options", "ttl", "version", "state", "size", "source", "build_stats", "upload_stats", "inputs", "create_time", "update_time", "expire_time", "etag", "failure_reason")
+    __slots__ = ("name", "display_name", "labels", "spec", "options", "ttl", "version", "state", "size", "source", "build_stats", "upload_stats", "inputs", "create_time", "update_time", "expire_time", "etag", "failure_reason", "size_disclosure")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Pack.State]
@@ -63,6 +76,7 @@ class Pack(_message.Message):
     EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
     ETAG_FIELD_NUMBER: _ClassVar[int]
     FAILURE_REASON_FIELD_NUMBER: _ClassVar[int]
+    SIZE_DISCLOSURE_FIELD_NUMBER: _ClassVar[int]
     name: str
     display_name: str
     labels: _containers.ScalarMap[str, str]
@@ -81,7 +95,8 @@ class Pack(_message.Message):
     expire_time: _timestamp_pb2.Timestamp
     etag: str
     failure_reason: str
-    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., spec: _Optional[_Union[_spec_pb2.PackSpec, _Mapping]] = ..., options: _Optional[_Union[_spec_pb2.BuildOptions, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., version: _Optional[int] = ..., state: _Optional[_Union[Pack.State, str]] = ..., size: _Optional[int] = ..., source: _Optional[_Union[Pack.Source, str]] = ..., build_stats: _Optional[_Union[BuildStats, _Mapping]] = ..., upload_stats: _Optional[_Union[UploadStats, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[_spec_pb2.PackReference, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., etag: _Optional[str] = ..., failure_reason: _Optional[str] = ...) -> None: ...
+    size_disclosure: SizeDisclosure
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., spec: _Optional[_Union[_spec_pb2.PackSpec, _Mapping]] = ..., options: _Optional[_Union[_spec_pb2.BuildOptions, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., version: _Optional[int] = ..., state: _Optional[_Union[Pack.State, str]] = ..., size: _Optional[int] = ..., source: _Optional[_Union[Pack.Source, str]] = ..., build_stats: _Optional[_Union[BuildStats, _Mapping]] = ..., upload_stats: _Optional[_Union[UploadStats, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[_spec_pb2.PackReference, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., etag: _Optional[str] = ..., failure_reason: _Optional[str] = ..., size_disclosure: _Optional[_Union[SizeDisclosure, str]] = ...) -> None: ...
 
 class BuildStats(_message.Message):
     __slots__ = ("files_total", "files_read", "events_matched", "bots_excluded", "duration", "dataset_version", "as_of", "shard")
@@ -104,20 +119,22 @@ class BuildStats(_message.Message):
     def __init__(self, files_total: _Optional[int] = ..., files_read: _Optional[int] = ..., events_matched: _Optional[int] = ..., bots_excluded: _Optional[int] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., dataset_version: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., shard: _Optional[str] = ...) -> None: ...
 
 class UploadStats(_message.Message):
-    __slots__ = ("received", "valid", "invalid", "duplicates", "matched", "match_rate")
+    __slots__ = ("received", "valid", "invalid", "duplicates", "matched", "match_rate", "matched_disclosure")
     RECEIVED_FIELD_NUMBER: _ClassVar[int]
     VALID_FIELD_NUMBER: _ClassVar[int]
     INVALID_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     MATCHED_FIELD_NUMBER: _ClassVar[int]
     MATCH_RATE_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_DISCLOSURE_FIELD_NUMBER: _ClassVar[int]
     received: int
     valid: int
     invalid: int
     duplicates: int
     matched: int
     match_rate: float
-    def __init__(self, received: _Optional[int] = ..., valid: _Optional[int] = ..., invalid: _Optional[int] = ..., duplicates: _Optional[int] = ..., matched: _Optional[int] = ..., match_rate: _Optional[float] = ...) -> None: ...
+    matched_disclosure: SizeDisclosure
+    def __init__(self, received: _Optional[int] = ..., valid: _Optional[int] = ..., invalid: _Optional[int] = ..., duplicates: _Optional[int] = ..., matched: _Optional[int] = ..., match_rate: _Optional[float] = ..., matched_disclosure: _Optional[_Union[SizeDisclosure, str]] = ...) -> None: ...
 
 class PersonaBucket(_message.Message):
     __slots__ = ("value", "count", "share", "population_share", "tgi")
@@ -142,17 +159,19 @@ class PersonaDimension(_message.Message):
     def __init__(self, dimension: _Optional[str] = ..., buckets: _Optional[_Iterable[_Union[PersonaBucket, _Mapping]]] = ...) -> None: ...
 
 class PackPersona(_message.Message):
-    __slots__ = ("pack", "version", "size", "population_size", "bots_excluded", "dimensions")
+    __slots__ = ("pack", "version", "size", "population_size", "bots_excluded", "dimensions", "disclosure")
     PACK_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     POPULATION_SIZE_FIELD_NUMBER: _ClassVar[int]
     BOTS_EXCLUDED_FIELD_NUMBER: _ClassVar[int]
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    DISCLOSURE_FIELD_NUMBER: _ClassVar[int]
     pack: str
     version: int
     size: int
     population_size: int
     bots_excluded: int
     dimensions: _containers.RepeatedCompositeFieldContainer[PersonaDimension]
-    def __init__(self, pack: _Optional[str] = ..., version: _Optional[int] = ..., size: _Optional[int] = ..., population_size: _Optional[int] = ..., bots_excluded: _Optional[int] = ..., dimensions: _Optional[_Iterable[_Union[PersonaDimension, _Mapping]]] = ...) -> None: ...
+    disclosure: SizeDisclosure
+    def __init__(self, pack: _Optional[str] = ..., version: _Optional[int] = ..., size: _Optional[int] = ..., population_size: _Optional[int] = ..., bots_excluded: _Optional[int] = ..., dimensions: _Optional[_Iterable[_Union[PersonaDimension, _Mapping]]] = ..., disclosure: _Optional[_Union[SizeDisclosure, str]] = ...) -> None: ...
