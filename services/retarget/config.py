@@ -26,6 +26,9 @@ class RetargetSettings(BaseServiceSettings):
     pool_max_size: int = Field(default=16, ge=1, le=200)
     #: Worker threads (each with its own connection) for SQLite; it has one writer anyway.
     sqlite_workers: int = Field(default=4, ge=1, le=64)
+    #: Smallest audience pack a tenant may launch a campaign on (a campaign's report would single
+    #: out the members of a smaller one). Platform principals are not held to it.
+    min_targetable_pack_size: int = Field(default=100, ge=1)
     #: Audience members handled per launch transaction.
     launch_batch_size: int = Field(default=2000, ge=1, le=100_000)
     #: User ids per ExportPack page requested at launch.

@@ -173,6 +173,15 @@ class RetargetServicer(retarget_service_pb2_grpc.RetargetServiceServicer):
         row = await self.db.run(repo.get_campaign, tenant, campaign_id, write=False)
         if row["state"] == d.DRAFT:
             pack = await self.app.audience.get_pack(tenant, row["audience_pack"])
+            caller = caller_of(context)
+            minimum = self.app.settings.min_targetable_pack_size
+            if caller is not None and not caller.is_platform and pack.size < minimum:
+                raise FailedPrecondition(
+                    "PACK_TOO_SMALL",
+                    f"{row['audience_pack']} has fewer than {minimum} members: too small to target "
+                    "(a report on it could single people out); widen the pack",
+                    [("PACK_TOO_SMALL", row["audience_pack"], f"fewer than {minimum} members")],
+                )
             row, started = await self.db.run(
                 repo.start_launch, tenant, campaign_id, pack.version, pack.size, self.now()
             )

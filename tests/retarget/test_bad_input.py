@@ -441,3 +441,22 @@ async def test_update_campaign_bad_input(rt: Rt, counts: Callable[[], Any]) -> N
         reason="ETAG_MISMATCH",
     )
     assert await counts() == before
+
+
+async def test_tenants_cannot_target_a_pack_below_the_minimum(rt: Rt) -> None:
+    """A campaign on a 3-member pack would report on three people: refused to tenants."""
+    tenant = rt.tenant()
+    users = rt.audience.users[:3]
+    pack = await rt.audience.upload(tenant, users)
+    template = await rt.template(tenant)
+    campaign = await rt.campaign(tenant, pack.name, template.name)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await rt.stub.LaunchCampaign(
+            api.LaunchCampaignRequest(name=campaign.name), metadata=((AS_TENANT, tenant),)
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_details(caught.value).reason == "PACK_TOO_SMALL"
+    assert (await rt.get(campaign.name)).state == campaign_pb2.Campaign.STATE_DRAFT  # nothing issued
+    # The platform's own jobs may (they see members anyway).
+    launched = await rt.launch(campaign.name)
+    assert launched.progress.processed == len(users)
