@@ -38,14 +38,24 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 # Server pings idle clients every 60 s and drops them after 20 s without an answer; it accepts
 # client pings down to every 20 s (channels.py pings every 30 s) instead of the 5-minute default
-# that would make it answer GOAWAY "too_many_pings".
-SERVER_KEEPALIVE_OPTIONS: tuple[tuple[str, Any], ...] = (
-    ("grpc.keepalive_time_ms", 60_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 20_000),
-    ("grpc.http2.max_ping_strikes", 2),
-)
+# that would make it answer GOAWAY "too_many_pings". gRPC core's key is
+# ``grpc.http2.min_ping_interval_without_data_ms`` (a misspelt key is silently ignored).
+MIN_CLIENT_PING_INTERVAL_MS = 20_000
+
+
+def keepalive_options(
+    min_client_ping_interval_ms: int = MIN_CLIENT_PING_INTERVAL_MS,
+) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", min_client_ping_interval_ms),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+
+
+SERVER_KEEPALIVE_OPTIONS: tuple[tuple[str, Any], ...] = tuple(keepalive_options())
 
 
 def server_options(settings: BaseServiceSettings) -> list[tuple[str, Any]]:
