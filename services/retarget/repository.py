@@ -339,6 +339,18 @@ def list_campaigns(
     return tx.all(query, params)
 
 
+def list_launched(tx: Tx, tenant: str, after: tuple[int, int] | None, limit: int) -> list[Row]:
+    """Campaigns that have a launch operation (every state but DRAFT), newest first."""
+    query = "SELECT * FROM campaigns WHERE tenant = ? AND state <> ?"
+    params: list[Any] = [tenant, d.DRAFT]
+    if after is not None:
+        query += " AND (create_us < ? OR (create_us = ? AND id < ?))"
+        params += [after[0], after[0], after[1]]
+    query += " ORDER BY create_us DESC, id DESC LIMIT ?"
+    params.append(limit)
+    return tx.all(query, params)
+
+
 def campaign_templates(tx: Tx, campaign: Row) -> list[Row]:
     pks = sorted({arm["template_pk"] for arm in json.loads(campaign["arms"])} | {campaign["template_pk"]})
     fragment, params = tx.in_list("id", pks)

@@ -484,6 +484,45 @@ class LaunchOperationsServicer(operations_pb2_grpc.OperationsServicer):
                 return operation
             await asyncio.sleep(min(0.2, max(0.0, deadline - loop.time())))
 
+    async def ListOperations(
+        self, request: operations_pb2.ListOperationsRequest, context: grpc.aio.ServicerContext
+    ) -> operations_pb2.ListOperationsResponse:
+        """The tenant's launch operations, newest first; ``filter``: ``done=true`` / ``done=false``."""
+        name = request.name.removesuffix("/operations")
+        tenant = d.parse_parent(name)
+        if tenant is None:
+            raise InvalidArgument("name", "must be tenants/{tenant} (or tenants/{tenant}/operations)")
+        _guard_parent(context, tenant)
+        size = validation.page_size(request.page_size)
+        text = request.filter.replace(" ", "").lower()
+        if text not in ("", "done=true", "done=false"):
+            raise InvalidArgument("filter", "supported: done=true, done=false")
+        done = None if not text else text == "done=true"
+        query = {"m": "launches", "t": tenant, "d": done}
+        after = convert.decode_page_token(request.page_token, query)
+        key = (int(after[0]), int(after[1])) if after else None
+        response = operations_pb2.ListOperationsResponse()
+        more = False
+        # ``done`` derives from state and launch error, so it is filtered on the rows read.
+        while True:
+            rows = await self.app.db.run(repo.list_launched, tenant, key, size + 1, write=False)
+            page = rows[:size]
+            for index, row in enumerate(page):
+                key = (int(row["create_us"]), int(row["id"]))
+                operation = convert.launch_operation(row)
+                if done is None or operation.done == done:
+                    response.operations.append(operation)
+                    if len(response.operations) == size:
+                        more = index < len(page) - 1 or len(rows) > size
+                        break
+            else:
+                if len(rows) > size:
+                    continue  # every row of this batch was filtered out: read on
+            break
+        if more and key is not None:
+            response.next_page_token = convert.encode_page_token(query, list(key))
+        return response
+
     async def DeleteOperation(
         self, request: operations_pb2.DeleteOperationRequest, context: grpc.aio.ServicerContext
     ) -> empty_pb2.Empty:
