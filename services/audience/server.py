@@ -152,11 +152,17 @@ def _definition(app: AudienceApp) -> ServiceDefinition:
         for fn in registers:
             fn(server)
 
+    async def store_reachable() -> bool:
+        # Any answer (present or not) means the store is reachable; StoreUnavailable means not.
+        await asyncio.to_thread(app.store.exists, "_health/probe")
+        return True
+
     return ServiceDefinition(
         names=names,
         register=register,
         interceptors=backend_interceptors(app.settings),
         on_stop=[app.close],
+        readiness=store_reachable,
     )
 
 

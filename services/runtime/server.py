@@ -204,6 +204,28 @@ class ServiceDefinition:
     interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
     #: Awaited after the server stopped (close connection pools, channels).
     on_stop: Sequence[StopCallback] = ()
+    #: Polled every ``readiness_interval_seconds`` while serving: False (or an error) turns every
+    #: health status NOT_SERVING until it answers True again (e.g. the object store is unreachable).
+    readiness: Callable[[], Awaitable[bool]] | None = None
+    readiness_interval_seconds: float = 5.0
+
+
+async def watch_readiness(definition: ServiceDefinition, health: HealthServicer) -> None:
+    """Keep health statuses in step with ``definition.readiness`` (runs until cancelled)."""
+    assert definition.readiness is not None
+    serving = True
+    while True:
+        await asyncio.sleep(definition.readiness_interval_seconds)
+        try:
+            ready = await asyncio.wait_for(definition.readiness(), definition.readiness_interval_seconds)
+        except Exception:  # a probe that fails or hangs means "not ready"
+            ready = False
+        if ready != serving:
+            serving = ready
+            logger.warning("dependency %s: health %s", "back" if ready else "unreachable",
+                           "SERVING" if ready else "NOT_SERVING")  # fmt: skip
+            for name in ("", *definition.names):
+                await health.set(name, SERVING if ready else NOT_SERVING)
 
 
 S = TypeVar("S", bound=BaseServiceSettings)
@@ -233,7 +255,12 @@ async def _run(settings: S, build: Build[S], telemetry: Telemetry) -> None:
         "serving",
         extra={"host": settings.host, "port": port, "services": list(definition.names)},
     )
-    await serve_forever(server, health, settings, telemetry=telemetry, on_stop=definition.on_stop)
+    watcher = asyncio.ensure_future(watch_readiness(definition, health)) if definition.readiness else None
+    try:
+        await serve_forever(server, health, settings, telemetry=telemetry, on_stop=definition.on_stop)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
 
 
 def run_service(service_name: str, settings_cls: type[S], build: Build[S]) -> None:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
+from services.runtime.errors import Unavailable
+
 #: Prefix of the temporary files the local store writes before renaming; keys may not use it.
 TEMP_PREFIX = ".flashcrowd-tmp-"
 
@@ -25,6 +27,17 @@ StrPath = str | os.PathLike[str]
 
 class ObjectNotFound(KeyError):
     """The key does not exist in the store."""
+
+
+class StoreUnavailable(Unavailable):
+    """The object store cannot be reached in time (connection refused, timed out, 5xx): retryable.
+
+    A ``runtime.Unavailable``, so that every RPC touching a store that is down answers UNAVAILABLE
+    with RetryInfo rather than INTERNAL.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after_seconds=1.0, reason="OBJECT_STORE_UNAVAILABLE")
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,3 +62,43 @@ async def test_watch_gets_not_serving_on_graceful_stop(settings: BaseServiceSett
     assert (
         await health.Check(health_pb2.HealthCheckRequest(service=SERVICE), None)
     ).status == Status.NOT_SERVING
+
+
+async def test_readiness_turns_health_not_serving_while_a_dependency_is_down(
+    settings: BaseServiceSettings,
+) -> None:
+    """``ServiceDefinition.readiness`` (audience: is the object store reachable?) drives health."""
+    from services.runtime import ServiceDefinition
+    from services.runtime.server import watch_readiness
+
+    store_up = True
+
+    async def reachable() -> bool:
+        if not store_up:
+            raise OSError("store unreachable")
+        return True
+
+    health = HealthServicer()
+    probe = Probe()
+    definition = ServiceDefinition(
+        names=[SERVICE], register=probe.register, readiness=reachable, readiness_interval_seconds=0.05
+    )
+    server, port = await create_server(
+        settings, service_names=[SERVICE], register=probe.register, health=health
+    )
+    watcher = asyncio.create_task(watch_readiness(definition, health))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            watch = stub.Watch(health_pb2.HealthCheckRequest(service=SERVICE))
+            assert (await asyncio.wait_for(watch.read(), 2)).status == Status.SERVING
+            store_up = False
+            assert (await asyncio.wait_for(watch.read(), 2)).status == Status.NOT_SERVING
+            overall = await stub.Check(health_pb2.HealthCheckRequest(service=""))
+            assert overall.status == Status.NOT_SERVING
+            store_up = True
+            assert (await asyncio.wait_for(watch.read(), 2)).status == Status.SERVING
+            watch.cancel()
+    finally:
+        watcher.cancel()
+        await server.stop(None)
