@@ -289,3 +289,20 @@ def test_cli_reports_ok_for_the_shipped_overlays(capsys) -> None:
     assert k8scheck.main([]) == 0
     out = capsys.readouterr().out
     assert "ok   " in out and "dev" in out and "prod" in out
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_gateway_and_backends_share_the_assertion_key_secret(rendered, overlay: str) -> None:
+    """Backends refuse calls without the gateway's assertion: all four hold the same Secret."""
+    objs = rendered[overlay]
+    readers = {}
+    for o in objs:
+        if k8scheck.pod_template(o) is None:
+            continue
+        for c in _pod(o)["containers"]:
+            for e in c.get("env", []):
+                if e["name"] == "FLASHCROWD_GATEWAY_ASSERTION_KEY":
+                    readers[o["metadata"]["name"]] = e["valueFrom"]["secretKeyRef"]
+    assert set(readers) == {"gateway", "audience", "retarget", "sale-monitor"}
+    assert len({ref["name"] for ref in readers.values()}) == 1
+    assert all(ref["key"] == "key" and not ref.get("optional") for ref in readers.values())
