@@ -24,6 +24,9 @@ COMMANDS: list[str] = [
     "services.cli.lookalike",
     "services.gateway.cli",
     "services.retarget.cli",
+    "services.cli.dev",
+    "services.cli.tenant",
+    "services.cli.key",
 ]
 
 
