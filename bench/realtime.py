@@ -56,6 +56,8 @@ from services.events.codec import batches_from_columns, shard_table  # noqa: E40
 from services.events.columns import columns_from_wire, validate_columns  # noqa: E402
 from services.events.ingest import EventIngestor  # noqa: E402
 from services.events.sharding import buckets_np  # noqa: E402
+from services.runtime.assertion import platform_channel  # noqa: E402
+from services.runtime.scopes import PLATFORM_EVENTS_WRITE  # noqa: E402
 
 INGEST_METHOD = "/flashcrowd.audience.v1.EventService/IngestEvents"
 
@@ -148,8 +150,13 @@ async def grpc_ingest(
 
     Events are counted from the answers (accepted + duplicates) unless ``events`` is given.
     """
-    async with grpc.aio.insecure_channel(
-        f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)]
+    # The platform's behaviour stream: a platform principal with events.platform (ingest verifies the
+    # assertion; it is signed once per stream).
+    async with platform_channel(
+        f"127.0.0.1:{port}",
+        "bench",
+        scopes=[PLATFORM_EVENTS_WRITE],
+        options=[("grpc.max_send_message_length", 64 << 20)],
     ) as ch:
         await asyncio.wait_for(ch.channel_ready(), 30)
         call = ch.stream_stream(

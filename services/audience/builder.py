@@ -12,6 +12,9 @@ tenants' packs:
 * ``resolve_spec(name, version) -> (spec or None, version)`` (optional) lets the builder follow the
   specs of referenced packs to find reference cycles (``FailedPrecondition`` naming the cycle) before
   any data is read. Uploads and lookalikes have no spec and end the walk.
+
+Events are read for ``tenant``: the platform's behaviour events and the tenant's own conversion
+events, never another tenant's (``compiler.evaluate_leaves(..., tenant=...)``).
 """
 
 from __future__ import annotations
@@ -144,7 +147,9 @@ def build_pack(
 
     if data_leaves:
         report(f"scan leaf 0/{query_count(data_leaves)}", _BOTS)
-    bitmaps.update(evaluate_leaves(dataset, data_leaves, shard, on_leaf=on_leaf, stats=leaf_stats))
+    bitmaps.update(
+        evaluate_leaves(dataset, data_leaves, shard, on_leaf=on_leaf, stats=leaf_stats, tenant=tenant)
+    )
 
     report("combine", _SCANNED)
     members = combine(plan.root, bitmaps)

@@ -11,6 +11,10 @@ the leaves' own predicates) pushed into the scan, then a per-leaf flag. Leaves b
 through numpy (``BitMap(array)``), never a Python loop per id. A ``Shard`` adds a ``bucket`` predicate
 to every scan, so the row groups of other shards are skipped.
 
+Owners: a build for tenant T reads only the platform's events and T's own (``tenant=T``:
+``visible_owners(T)``, passed to ``EventDataset.scan_events(owners=...)``); another tenant's
+conversion events never count in T's packs. Without a tenant, only the platform's events are read.
+
 ``combine`` evaluates the set algebra on the bitmaps.
 """
 
@@ -28,6 +32,7 @@ from flashcrowd.audience.v1 import events_pb2, spec_pb2
 from pyroaring import BitMap
 
 from services.events.dataset import EventDataset
+from services.events.schema import visible_owners
 from services.events.sharding import Shard
 
 __all__ = [
@@ -345,17 +350,24 @@ def _any(terms: Sequence[pl.Expr]) -> pl.Expr:
 
 
 def _scan(
-    dataset: EventDataset, days: Sequence[date], columns: Iterable[str], shard: Shard
+    dataset: EventDataset,
+    days: Sequence[date],
+    columns: Iterable[str],
+    shard: Shard,
+    tenant: str | None = None,
 ) -> pl.LazyFrame | None:
     """Only the day partitions the dataset has; ``None`` when the windows miss the data entirely.
 
-    The dataset skips files outside the shard's bucket range and adds the ``bucket`` predicate.
+    The dataset skips files outside the shard's bucket range and adds the ``bucket`` predicate, and
+    keeps only the events ``tenant`` may build on (the platform's and its own).
     """
     available = set(dataset.days())
     wanted = [d for d in days if d in available]
     if not wanted:
         return None
-    return dataset.scan_events(days=wanted, columns=sorted(set(columns)), shard=shard)
+    return dataset.scan_events(
+        days=wanted, columns=sorted(set(columns)), shard=shard, owners=visible_owners(tenant)
+    )
 
 
 #: Above this many rows in the scanned files, leaves are aggregated per user inside the (streaming)
@@ -369,6 +381,7 @@ def event_query(
     shard: Shard | None = None,
     *,
     grouped: bool | None = None,
+    tenant: str | None = None,
 ) -> tuple[pl.LazyFrame, bool] | None:
     """One lazy query answering every leaf; ``None`` if no leaf's window touches the data.
 
@@ -380,7 +393,7 @@ def event_query(
     shard = shard or Shard.whole()
     days = sorted({d for leaf in leaves for d in leaf.window.days()})
     columns = {"user_id", "ts"} | {c for leaf in leaves for c in leaf.conditions.columns()}
-    lf = _scan(dataset, days, columns, shard)
+    lf = _scan(dataset, days, columns, shard, tenant)
     if lf is None:
         return None
     preds = [leaf.window.predicate() & leaf.conditions.predicate() for leaf in leaves]
@@ -403,13 +416,13 @@ def event_query(
 
 
 def refunded_payers_query(
-    dataset: EventDataset, leaf: RefundedPayersLeaf, shard: Shard | None = None
+    dataset: EventDataset, leaf: RefundedPayersLeaf, shard: Shard | None = None, *, tenant: str | None = None
 ) -> pl.LazyFrame | None:
     """``user_id`` of payers in the window whose every paid order was fully refunded by the horizon."""
     shard = shard or Shard.whole()
     span = Window(leaf.window.start, leaf.horizon)
     columns = {"user_id", "ts", "order_id", "amount_fen"} | leaf.conditions.columns()
-    lf = _scan(dataset, span.days(), columns, shard)
+    lf = _scan(dataset, span.days(), columns, shard, tenant)
     if lf is None:
         return None
     pay, refund = ET.EVENT_TYPE_PAY, ET.EVENT_TYPE_REFUND
@@ -498,8 +511,10 @@ def evaluate_leaves(
     *,
     on_leaf: Callable[[int, int], None] | None = None,
     stats: LeafStats | None = None,
+    tenant: str | None = None,
 ) -> dict[DataLeaf, BitMap]:
-    """Bitmap of every data leaf. ``on_leaf(k, n)`` after each query (k of n done)."""
+    """Bitmap of every data leaf, over the events ``tenant`` may build on. ``on_leaf(k, n)`` after
+    each query (k of n done)."""
     stats = stats if stats is not None else LeafStats()
     out: dict[DataLeaf, BitMap] = {}
     event_leaves = [leaf for leaf in leaves if isinstance(leaf, EventLeaf)]
@@ -507,7 +522,7 @@ def evaluate_leaves(
     total = query_count(leaves)
     done = 0
     if event_leaves:
-        compiled = event_query(dataset, event_leaves, shard)
+        compiled = event_query(dataset, event_leaves, shard, tenant=tenant)
         if compiled is None:
             out.update({leaf: BitMap() for leaf in event_leaves})
         else:
@@ -531,7 +546,7 @@ def evaluate_leaves(
             on_leaf(done, total)
     for leaf in others:
         if isinstance(leaf, RefundedPayersLeaf):
-            query = refunded_payers_query(dataset, leaf, shard)
+            query = refunded_payers_query(dataset, leaf, shard, tenant=tenant)
             out[leaf] = BitMap() if query is None else ids_to_bitmap(_collect(query).get_column("user_id"))
         else:
             out[leaf] = ids_to_bitmap(_collect(profile_query(dataset, leaf, shard)).get_column("user_id"))

@@ -9,6 +9,10 @@ files only, which the next attempt overwrites (same tag) or ``gc_orphans`` remov
 
 The dataset has one appender at a time (the compactor); the manifest version read at the start is
 checked again right before the manifest is replaced.
+
+Each part's entry lists ``owners`` (the sorted distinct ``owner`` values of its rows) when any of
+them is not ``PLATFORM_OWNER``, so that readers skip parts holding none of the owners they want
+(``EventDataset.scan_events(owners=...)``); a part without the key holds platform events only.
 """
 
 from __future__ import annotations
@@ -24,12 +28,18 @@ from typing import Any
 import polars as pl
 
 from services.events.dataset import DATASET_FORMATS, normalise_prefix
-from services.events.schema import EVENT_SORT_KEY, EVENTS_SCHEMA
+from services.events.schema import EVENT_SORT_KEY, EVENTS_SCHEMA, OWNER, PLATFORM_OWNER
 from services.events.sharding import NUM_BUCKETS
 from services.storage.base import ObjectNotFound, ObjectStore
 from services.storage.publish import MANIFEST_CONTENT_TYPE, PublishError, read_manifest
 
-__all__ = ["ConcurrentAppend", "append_events", "ingest_checkpoint", "read_dataset_manifest"]
+__all__ = [
+    "ConcurrentAppend",
+    "append_events",
+    "ingest_checkpoint",
+    "ingest_event_keys",
+    "read_dataset_manifest",
+]
 
 SOURCE_INGEST = "ingest"
 
@@ -126,6 +136,7 @@ def append_events(
                 uids = frame.get_column("user_id")
                 buckets = frame.get_column("bucket")
                 ts = frame.get_column("ts")
+                owners = sorted(frame.get_column(OWNER).unique().to_list())
                 new_parts.append(
                     {
                         "table": "events",
@@ -140,6 +151,7 @@ def append_events(
                         "max_ts": _iso(ts.max()),
                         "added_in_version": version,
                         "source": SOURCE_INGEST,
+                        **({"owners": owners} if owners != [PLATFORM_OWNER] else {}),
                     }
                 )
 
@@ -176,19 +188,28 @@ def append_events(
     return document
 
 
-def ingest_event_ids(store: ObjectStore, manifest: Mapping[str, Any], dt: str) -> pl.Series:
-    """``event_id`` of every ingested (appended) part of day ``dt``."""
+def ingest_event_keys(store: ObjectStore, manifest: Mapping[str, Any], dt: str) -> pl.DataFrame:
+    """``(owner, event_id)`` of every ingested (appended) part of day ``dt``.
+
+    Parts written before events had owners have no ``owner`` column: their events are the platform's.
+    """
     keys = [
         p["key"]
         for p in manifest.get("parts", [])
         if p.get("source") == SOURCE_INGEST and p.get("dt") == dt and p["rows"] > 0
     ]
+    schema = {OWNER: pl.Utf8, "event_id": pl.UInt64}
     if not keys:
-        return pl.Series("event_id", [], dtype=pl.UInt64)
+        return pl.DataFrame(schema=schema)
     targets = [store.scan_target(k) for k in keys]
     return (
-        pl.scan_parquet([t[0] for t in targets], storage_options=targets[0][1])
-        .select("event_id")
+        pl.scan_parquet(
+            [t[0] for t in targets],
+            storage_options=targets[0][1],
+            hive_partitioning=False,
+            schema=EVENTS_SCHEMA,
+            missing_columns="insert",
+        )
+        .select(pl.col(OWNER).fill_null(PLATFORM_OWNER), "event_id")
         .collect()
-        .get_column("event_id")
     )

@@ -1,10 +1,12 @@
 """Event batches on the bus: proto events -> columns, per-shard batches, Arrow IPC payloads, message ids.
 
-A bus message carries up to ``MAX_EVENTS_PER_MESSAGE`` events of one shard as an Arrow IPC stream
-with exactly the columns of ``EVENTS_SCHEMA`` (validated, ``bucket`` filled in). Its message id is
-deterministic: ``<shard>-<sha256 of the event ids, in order>[:32]``, so a client retry of the same
-request produces the same batches and the bus stores each one once (within its de-duplication
-window); consumers additionally de-duplicate by ``event_id``.
+A bus message carries up to ``MAX_EVENTS_PER_MESSAGE`` events of one shard and one owner as an
+Arrow IPC stream with exactly the columns of ``EVENTS_SCHEMA`` (validated, ``bucket`` filled in;
+``owner`` dictionary-encoded on the wire, one byte per event, a string again once decoded). Its
+message id is deterministic: ``<shard>-<sha256 of the owner and the event ids, in order>[:32]``, so
+a client retry of the same request produces the same batches and the bus stores each one once
+(within its de-duplication window), while another owner's events with the same ids are other
+messages; consumers additionally de-duplicate by ``(owner, event_id)``.
 
 Ingest builds them with ``batches_from_columns`` (numpy columns -> one Arrow record batch in shard
 order -> zero-copy slices, each serialized once behind the cached schema message);
@@ -13,6 +15,7 @@ order -> zero-copy slices, each serialized once behind the cached schema message
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 from collections.abc import Sequence
@@ -23,7 +26,7 @@ import pyarrow as pa
 
 from services.events.bus import OutgoingBatch
 from services.events.columns import EventColumns
-from services.events.schema import EVENTS_SCHEMA
+from services.events.schema import EVENTS_SCHEMA, OWNER, PLATFORM_OWNER
 from services.events.sharding import NUM_BUCKETS, Shard
 
 __all__ = [
@@ -101,9 +104,12 @@ def events_from_proto(events: Sequence) -> pl.DataFrame:
     )
 
 
-def batch_message_id(shard: int, event_ids: np.ndarray) -> str:
-    digest = hashlib.sha256(np.ascontiguousarray(event_ids, dtype="<u8").tobytes()).hexdigest()
-    return f"{shard}-{digest[:32]}"
+def batch_message_id(shard: int, event_ids: np.ndarray, owner: str = PLATFORM_OWNER) -> str:
+    """``<shard>-<sha256(owner, NUL, event ids as little-endian u64)[:32]>``: per owner, so that one
+    owner's ids never make another owner's batch a "duplicate" for the bus."""
+    sha = hashlib.sha256(owner.encode("utf-8") + b"\x00")
+    sha.update(np.ascontiguousarray(event_ids, dtype="<u8").tobytes())
+    return f"{shard}-{sha.hexdigest()[:32]}"
 
 
 def encode_batch(frame: pl.DataFrame) -> bytes:
@@ -112,13 +118,37 @@ def encode_batch(frame: pl.DataFrame) -> bytes:
     return sink.getvalue()
 
 
-#: The Arrow schema polars writes for EVENTS_SCHEMA, its IPC message, and the stream's end marker.
-ARROW_SCHEMA = pl.DataFrame(schema=EVENTS_SCHEMA).to_arrow().schema
-_SCHEMA_MESSAGE = ARROW_SCHEMA.serialize().to_pybytes()
+#: The Arrow schema of a bus message: what polars writes for EVENTS_SCHEMA, except ``owner``, which
+#: is dictionary-encoded (int8 indices into a one-entry dictionary: a message has one owner).
+_OWNER_TYPE = pa.dictionary(pa.int8(), pa.string())
+_POLARS_SCHEMA = pl.DataFrame(schema=EVENTS_SCHEMA).to_arrow().schema
+ARROW_SCHEMA = _POLARS_SCHEMA.set(
+    _POLARS_SCHEMA.get_field_index(OWNER), pa.field(OWNER, _OWNER_TYPE, nullable=False)
+)
 _END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 
 
-_TYPES = [field.type for field in ARROW_SCHEMA]
+_TYPES = [field.type for field in ARROW_SCHEMA if field.name != OWNER]
+
+
+@functools.lru_cache(maxsize=4096)
+def _schema_message(owner: str) -> bytes:
+    """The IPC stream's head for messages of ``owner``: the schema message, then the dictionary batch
+    holding ``[owner]`` (index 0 of every row's owner). Cut from a stream pyarrow writes around an
+    empty record batch, so the framing is pyarrow's own."""
+    empty = pa.RecordBatch.from_arrays(
+        [pa.array([], type=kind) for kind in _TYPES]
+        + [pa.DictionaryArray.from_arrays(pa.array([], pa.int8()), pa.array([owner]))],
+        schema=ARROW_SCHEMA,
+    )
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, ARROW_SCHEMA) as writer:
+        writer.write_batch(empty)
+    stream = sink.getvalue()
+    tail = len(empty.serialize()) + len(_END_OF_STREAM)
+    if not stream.endswith(empty.serialize().to_pybytes() + _END_OF_STREAM):
+        raise RuntimeError("unexpected Arrow IPC stream framing")  # pragma: no cover
+    return stream[:-tail]
 
 
 def _array(kind: pa.DataType, values: np.ndarray, absent: np.ndarray | None = None) -> pa.Array:
@@ -142,11 +172,13 @@ def batches_from_columns(
     """Validated columns (``bucket`` per row) -> messages of at most ``max_events`` events of one shard.
 
     The same split as ``split_batches`` (request order kept inside a shard, a pure function of the
-    events), encoded once: one record batch in shard order, sliced per message.
+    events and their owner), encoded once: one record batch in shard order, sliced per message; the
+    owner column is a constant (``valid.owner``), built once per request.
     """
     n = len(valid)
     if n == 0:
         return []
+    owner = valid.owner
     shard_of_row = shards[bucket]
     order = np.argsort(shard_of_row, kind="stable")
     ids = valid.event_id[order]
@@ -161,10 +193,12 @@ def batches_from_columns(
         values = getattr(valid, name)[order]
         columns.append((values, values == 0))
     columns.append((valid.amount_fen[order], None))
-    batch = pa.RecordBatch.from_arrays(
-        [_array(kind, values, absent) for kind, (values, absent) in zip(_TYPES, columns, strict=True)],
-        schema=ARROW_SCHEMA,
+    arrays = [_array(kind, values, absent) for kind, (values, absent) in zip(_TYPES, columns, strict=True)]
+    owners = pa.DictionaryArray.from_buffers(
+        _OWNER_TYPE, n, [None, pa.py_buffer(np.zeros(n, np.int8))], dictionary=pa.array([owner])
     )
+    batch = pa.RecordBatch.from_arrays([*arrays, owners], schema=ARROW_SCHEMA)
+    schema_message = _schema_message(owner)
     sizes = np.bincount(shard_of_row, minlength=int(shards.max()) + 1).tolist()
     out: list[OutgoingBatch] = []
     start = 0
@@ -176,8 +210,8 @@ def batches_from_columns(
             out.append(
                 OutgoingBatch(
                     shard=shard,
-                    payload=b"".join((_SCHEMA_MESSAGE, body, _END_OF_STREAM)),
-                    msg_id=batch_message_id(shard, ids[lo:hi]),
+                    payload=b"".join((schema_message, body, _END_OF_STREAM)),
+                    msg_id=batch_message_id(shard, ids[lo:hi], owner),
                     count=hi - lo,
                     format=PAYLOAD_FORMAT,
                 )
@@ -187,8 +221,15 @@ def batches_from_columns(
 
 
 def decode_batch(payload: bytes) -> pl.DataFrame:
+    """A bus message -> a frame of exactly ``EVENTS_SCHEMA`` (``owner`` a string).
+
+    Messages published before events had owners carry no ``owner`` column: they were the platform's
+    stream, so they decode as ``PLATFORM_OWNER``.
+    """
     frame = pl.read_ipc_stream(io.BytesIO(payload))
     if frame.schema != EVENTS_SCHEMA:
+        if OWNER not in frame.columns:
+            frame = frame.with_columns(pl.lit(PLATFORM_OWNER, dtype=pl.Utf8).alias(OWNER))
         frame = frame.select(list(EVENTS_SCHEMA)).cast(dict(EVENTS_SCHEMA))
     return frame
 
@@ -199,10 +240,15 @@ def split_batches(
     """Valid events (with ``bucket``) -> messages of at most ``max_events`` events of one shard.
 
     Events keep their request order inside a shard; the split is a pure function of the events, so
-    the same request always yields the same messages and message ids.
+    the same request always yields the same messages and message ids. The frame's events must have
+    one owner (like a request's): ``ValueError`` otherwise.
     """
     if valid.height == 0:
         return []
+    owners = valid.get_column(OWNER).unique()
+    if owners.len() != 1 or owners[0] is None:
+        raise ValueError(f"events of one owner expected, got owners {sorted(map(str, owners.to_list()))}")
+    owner = str(owners[0])
     shard_of_row = shards[valid.get_column("bucket").to_numpy()]
     order = np.argsort(shard_of_row, kind="stable")
     sorted_shards = shard_of_row[order]
@@ -220,7 +266,7 @@ def split_batches(
                 OutgoingBatch(
                     shard=shard,
                     payload=encode_batch(part),
-                    msg_id=batch_message_id(shard, ids[rows]),
+                    msg_id=batch_message_id(shard, ids[rows], owner),
                     count=len(rows),
                     format=PAYLOAD_FORMAT,
                 )

@@ -13,6 +13,9 @@ per event:
   plain shape (a field repeated inside one event - protobuf would merge it -, unknown
   length-delimited or fixed-width fields, malformed bytes) returns ``None``: the caller then parses
   with protobuf (``columns_from_proto``), which is exact and slower.
+* The owner (``services.events.schema.PLATFORM_OWNER`` or a tenant id) is not on the wire: events
+  carry no owner field. It is one constant per request, set by ingest from the verified caller
+  after decoding (``EventColumns.owned_by``), so decoding costs nothing more.
 * ``validate_columns`` applies the same rules, with the same (index, field, reason) rejects, as
   ``services.events.schema.validate_events`` does on the frame ``events_from_proto`` builds
   (the tests check both agree on random and on hand-picked bad input).
@@ -21,12 +24,12 @@ per event:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
-from services.events.schema import EVENT_TYPE_NAMES, Reject
+from services.events.schema import EVENT_TYPE_NAMES, PLATFORM_OWNER, Reject
 
 __all__ = ["EventColumns", "columns_from_proto", "columns_from_wire", "validate_columns"]
 
@@ -49,7 +52,11 @@ _SECONDS, _NANOS = 1, 2
 
 @dataclass
 class EventColumns:
-    """One batch of events as arrays (proto3 zeros for unset fields; ``ts`` 0 = no event_time)."""
+    """One batch of events as arrays (proto3 zeros for unset fields; ``ts`` 0 = no event_time).
+
+    ``owner`` is one value for the whole batch (not an array): every event of a request has the
+    owner its caller may write, so it is stamped once instead of per event.
+    """
 
     event_id: np.ndarray  # uint64
     user_id: np.ndarray  # uint64 (validation checks it fits uint32)
@@ -61,12 +68,18 @@ class EventColumns:
     video_id: np.ndarray  # uint32
     order_id: np.ndarray  # uint64
     amount_fen: np.ndarray  # int64
+    owner: str = PLATFORM_OWNER
 
     def __len__(self) -> int:
         return int(self.event_id.size)
 
     def take(self, index: np.ndarray) -> EventColumns:
-        return EventColumns(*(getattr(self, f.name)[index] for f in fields(self)))
+        arrays = (getattr(self, f.name)[index] for f in fields(self) if f.name != "owner")
+        return EventColumns(*arrays, owner=self.owner)
+
+    def owned_by(self, owner: str) -> EventColumns:
+        """The same arrays (not copied) stamped with ``owner``."""
+        return replace(self, owner=owner)
 
     @classmethod
     def zeros(cls, n: int) -> EventColumns:

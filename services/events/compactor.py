@@ -12,10 +12,12 @@ Exactly once, across crashes:
   compactor reads it and (re)creates its consumer at ``seq + 1``; messages at or below it are skipped.
   A crash before the manifest lands loses nothing (the messages were not acknowledged and are read
   again); a crash after it duplicates nothing (the checkpoint already moved).
-* Event ids: a micro-batch keeps the first of each ``event_id`` and drops ids already appended on
-  the same day (ids of the day's ingested parts, loaded once per day into a Roaring64 bitmap), so
-  client retries that re-batched the same events (different message ids, or after the stream's
-  de-duplication window) are stored once as well.
+* Event ids, per owner: an event is ``(owner, event_id)``. A micro-batch keeps the first of each
+  ``(owner, event_id)`` and drops those already appended on the same day (the day's ingested parts,
+  loaded once per day into one Roaring64 bitmap per owner), so client retries that re-batched the
+  same events (different message ids, or after the stream's de-duplication window) are stored once
+  as well, while another owner's events with the same ids are kept: one tenant cannot squat the ids
+  of another's events. Rows are written with their ``owner``.
 
 ``python -m services.events.compactor`` runs it with health checks and graceful shutdown (SIGTERM:
 stop fetching, publish the buffer, acknowledge, exit).
@@ -33,10 +35,11 @@ from dataclasses import dataclass
 import polars as pl
 from pyroaring import BitMap64
 
-from services.events.append import append_events, ingest_checkpoint, ingest_event_ids, read_dataset_manifest
+from services.events.append import append_events, ingest_checkpoint, ingest_event_keys, read_dataset_manifest
 from services.events.bus import BusUnavailable, Delivery, EventBus, Subscription, open_bus
 from services.events.codec import decode_batch
 from services.events.config import RealtimeSettings
+from services.events.schema import OWNER
 from services.runtime import ServiceDefinition, run_service
 from services.storage import ObjectStore, open_store
 
@@ -85,7 +88,8 @@ class Compactor:
         self._buffered_events = 0
         self._first_at: float | None = None
         self._avg_count = 1000.0
-        self._seen: OrderedDict[str, BitMap64] = OrderedDict()
+        #: day -> owner -> event ids appended that day (the ``seen_days`` most recently used days)
+        self._seen: OrderedDict[str, dict[str, BitMap64]] = OrderedDict()
         self._manifest = None
         self._sub: Subscription | None = None
         self._stopping = asyncio.Event()
@@ -103,11 +107,15 @@ class Compactor:
         )
         logger.info("compactor: resuming after stream sequence %d", self.stats.checkpoint)
 
-    def _seen_ids(self, dt: str) -> BitMap64:
+    def _seen_ids(self, dt: str) -> dict[str, BitMap64]:
+        """owner -> ids appended on day ``dt`` (loaded from the day's ingested parts on first use)."""
         ids = self._seen.get(dt)
         if ids is None:
-            existing = ingest_event_ids(self.store, self._manifest or {}, dt)
-            ids = BitMap64(existing.to_numpy()) if existing.len() else BitMap64()
+            existing = ingest_event_keys(self.store, self._manifest or {}, dt)
+            ids = {
+                str(owner): BitMap64(part.get_column("event_id").to_numpy())
+                for (owner,), part in existing.partition_by(OWNER, as_dict=True).items()
+            }
             self._seen[dt] = ids
             while len(self._seen) > self.seen_days:
                 self._seen.popitem(last=False)
@@ -117,12 +125,13 @@ class Compactor:
     # ---- micro-batches --------------------------------------------------------------------------
 
     def _deduplicate(self, frame: pl.DataFrame) -> pl.DataFrame:
-        frame = frame.unique(subset="event_id", keep="first", maintain_order=True)
+        """The first of each ``(owner, event_id)`` not appended yet on its day, in stream order."""
+        frame = frame.unique(subset=[OWNER, "event_id"], keep="first", maintain_order=True)
         frame = frame.with_columns(pl.col("ts").dt.date().cast(pl.Utf8).alias("_dt"))
         keep: list[pl.DataFrame] = []
-        for (dt,), part in frame.partition_by("_dt", as_dict=True, maintain_order=True).items():
-            seen = self._seen_ids(dt)
-            if len(seen):
+        for (dt, owner), part in frame.partition_by("_dt", OWNER, as_dict=True, maintain_order=True).items():
+            seen = self._seen_ids(str(dt)).get(str(owner))
+            if seen:
                 again = BitMap64(part.get_column("event_id").to_numpy()) & seen
                 if again:
                     part = part.filter(~pl.col("event_id").is_in(list(again)))
@@ -148,12 +157,13 @@ class Compactor:
             before_manifest=self._pause if self.pause_before_manifest else None,
         )
         self._manifest = manifest
-        for (dt,), part in (
+        for (dt, owner), part in (
             fresh.with_columns(pl.col("ts").dt.date().cast(pl.Utf8).alias("_dt"))
-            .partition_by("_dt", as_dict=True)
+            .partition_by("_dt", OWNER, as_dict=True)
             .items()
         ):
-            self._seen_ids(dt).update(part.get_column("event_id").to_numpy())
+            seen = self._seen_ids(str(dt))
+            seen.setdefault(str(owner), BitMap64()).update(part.get_column("event_id").to_numpy())
         return fresh.height, total - fresh.height
 
     def _pause(self) -> None:

@@ -11,9 +11,17 @@ Layout under a prefix (default ``data/``)::
 
 The manifest has a ``version`` counter and a flat ``parts`` list; each part records ``table``,
 ``key`` (full store key), ``dt`` (events only), ``rows``, ``min/max_user_id``, ``min/max_bucket``,
-``min/max_ts`` and ``added_in_version``. Appending (another issue) means: write new part files with
-fresh part numbers, then publish a manifest with ``version + 1`` and the longer ``parts`` list.
-Readers pin the manifest they loaded, so they never see a half-appended state.
+``min/max_ts``, ``added_in_version`` and, for event parts that hold tenants' events, ``owners``
+(the sorted owners of its rows; absent = only ``PLATFORM_OWNER``, true of every generated or
+imported part and of every part written before events had owners).
+
+Event files written before events had owners have no ``owner`` column: scans read it as
+``PLATFORM_OWNER``. ``scan_events(owners=...)`` keeps only those owners' events, skipping parts
+that hold none of them and filtering rows only where a part may hold others.
+
+Appending (``services.events.append``) means: write new part files with fresh part numbers, then
+publish a manifest with ``version + 1`` and the longer ``parts`` list. Readers pin the manifest
+they loaded, so they never see a half-appended state.
 """
 
 from __future__ import annotations
@@ -25,13 +33,20 @@ from typing import Any
 
 import polars as pl
 
-from services.events.schema import EVENTS_SCHEMA, IDENTITY_SCHEMA, PROFILES_SCHEMA, SEGMENTS_SCHEMA
+from services.events.schema import (
+    EVENTS_SCHEMA,
+    IDENTITY_SCHEMA,
+    OWNER,
+    PLATFORM_OWNER,
+    PROFILES_SCHEMA,
+    SEGMENTS_SCHEMA,
+)
 from services.events.sharding import Shard
 from services.events.sharding import parse as parse_shard
 from services.storage.base import ObjectNotFound, ObjectStore
 from services.storage.publish import read_manifest
 
-__all__ = ["DEFAULT_PREFIX", "DatasetNotFound", "EventDataset", "normalise_prefix"]
+__all__ = ["DEFAULT_PREFIX", "DatasetNotFound", "EventDataset", "normalise_prefix", "part_owners"]
 
 DEFAULT_PREFIX = "data/"
 DATASET_FORMATS = ("flashcrowd.events.dataset/v1",)
@@ -53,6 +68,11 @@ def normalise_prefix(prefix: str | None) -> str:
     if prefix.startswith("/"):
         raise ValueError(f"dataset prefix must not start with '/': {prefix!r}")
     return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
+def part_owners(part: dict[str, Any]) -> frozenset[str]:
+    """Owners of an event part's rows, from its manifest entry (no ``owners``: the platform only)."""
+    return frozenset(part.get("owners") or (PLATFORM_OWNER,))
 
 
 def _as_date(value: date | datetime | str) -> date:
@@ -177,12 +197,16 @@ class EventDataset:
             return pl.LazyFrame(schema=schema)
         targets = [self.store.scan_target(p["key"]) for p in parts]
         options = targets[0][1]
-        return pl.scan_parquet(
+        lf = pl.scan_parquet(
             [t[0] for t in targets],
             storage_options=options,
             hive_partitioning=False,
             schema=schema,
+            missing_columns="insert",
         )
+        if table == "events":  # files from before owners: the platform's events
+            lf = lf.with_columns(pl.col(OWNER).fill_null(PLATFORM_OWNER))
+        return lf
 
     def scan_events(
         self,
@@ -192,12 +216,15 @@ class EventDataset:
         shard: Shard | str | None = None,
         start: datetime | str | None = None,
         end: datetime | str | None = None,
+        owners: Iterable[str] | None = None,
     ) -> pl.LazyFrame:
         """Events of the manifest-listed parts for ``days`` (all days if None).
 
         ``shard`` keeps only that shard's users (files outside its bucket range are not opened;
         row groups are pruned by statistics). ``start``/``end`` keep ``start <= ts < end`` and open
-        only the days they touch. ``columns`` projects (filters apply first).
+        only the days they touch. ``owners`` keeps only events of those owners (``None``: every
+        owner's; parts holding none of them are not opened). ``columns`` projects (filters apply
+        first).
         """
         day_set = None if days is None else {_as_date(d) for d in days}
         lo = _as_utc(start) if start is not None else None
@@ -211,7 +238,13 @@ class EventDataset:
             ]
             day_set = set(in_window) if day_set is None else day_set & set(in_window)
         sh = parse_shard(shard)
-        lf = self._scan("events", self.parts("events", days=day_set, shard=sh))
+        parts = self.parts("events", days=day_set, shard=sh)
+        wanted_owners = None if owners is None else frozenset(owners)
+        if wanted_owners is not None:
+            parts = [p for p in parts if part_owners(p) & wanted_owners]
+        lf = self._scan("events", parts)
+        if wanted_owners is not None and any(not part_owners(p) <= wanted_owners for p in parts):
+            lf = lf.filter(pl.col(OWNER).is_in(pl.Series(sorted(wanted_owners), dtype=pl.Utf8).implode()))
         if not sh.is_whole:
             lf = lf.filter(sh.predicate("bucket"))
         if lo is not None:

@@ -47,7 +47,7 @@ import pyarrow as pa
 from services.events import world as W
 from services.events.identity import key_normalised
 from services.events.pepper import Pepper, load_pepper
-from services.events.schema import INTEREST_TAGS, EventType, IdType
+from services.events.schema import INTEREST_TAGS, OWNER, PLATFORM_OWNER, EventType, IdType
 from services.events.sharding import NUM_BUCKETS, Shard, buckets_np
 from services.storage.base import ObjectStore
 from services.storage.publish import publish
@@ -942,7 +942,8 @@ def _events_table(a: dict[str, np.ndarray], bucket: np.ndarray, event_id: np.nda
             "amount_fen": _null_if(a["amount"], pa.int64(), a["amount"] < 0),
         }
     )
-    return pl.from_arrow(t)  # type: ignore[return-value]
+    # A generated world is the platform's own behaviour stream.
+    return pl.from_arrow(t).with_columns(pl.lit(PLATFORM_OWNER, dtype=pl.Utf8).alias(OWNER))  # type: ignore[union-attr]
 
 
 @dataclass

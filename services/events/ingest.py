@@ -15,6 +15,22 @@ the request bytes, so no Python object is built per event.
 
 Unary ``IngestEventBatch`` answers INVALID_ARGUMENT (BadRequest, one violation per bad event)
 when no event of the batch is valid; otherwise it answers OK with the rejects listed.
+
+**Owners.** Every event gets an owner from the verified caller (``caller_of``; the server installs
+``backend_interceptors``), never from the request: events carry no owner field.
+
+* A tenant principal holding ``events.write`` writes its own conversion events: owner = its tenant.
+  Without the scope: PERMISSION_DENIED ``MISSING_SCOPE``.
+* A platform principal holding ``events.platform`` writes the platform's first-party behaviour
+  stream: owner = ``PLATFORM_OWNER``. Without the scope (``events.write`` alone is not enough: a
+  platform principal has no tenant to own the events): PERMISSION_DENIED ``PLATFORM_SCOPE_REQUIRED``.
+  Platform principals cannot write events on a tenant's behalf: every tenant-owned event comes from
+  that tenant's own credential.
+
+The owner is checked before the request is decoded, is one constant per request, and is part of
+every de-duplication key: the bus message ids hash it with the event ids, and a request's repeated
+ids are repeats of the same ``(owner, event_id)``. Tenant B's events are never "duplicates" of
+tenant A's events with the same ids.
 """
 
 from __future__ import annotations
@@ -34,9 +50,18 @@ from services.events.bus import BusUnavailable, EventBus, open_bus
 from services.events.codec import PROTO_FIELD, batches_from_columns, shard_table
 from services.events.columns import EventColumns, columns_from_proto, columns_from_wire, validate_columns
 from services.events.config import RealtimeSettings
-from services.events.schema import Reject
+from services.events.schema import PLATFORM_OWNER, Reject
 from services.events.sharding import buckets_np
-from services.runtime import InvalidArgument, ServiceDefinition, Unavailable, run_service
+from services.runtime import (
+    InvalidArgument,
+    PermissionDenied,
+    ServiceDefinition,
+    Unauthenticated,
+    Unavailable,
+    run_service,
+)
+from services.runtime.assertion import backend_interceptors, caller_of
+from services.runtime.scopes import EVENTS_WRITE, PLATFORM_EVENTS_WRITE
 
 __all__ = [
     "EventIngestor",
@@ -45,6 +70,7 @@ __all__ = [
     "add_event_service",
     "build",
     "event_service_definition",
+    "owner_of_caller",
     "to_columns",
 ]
 
@@ -98,19 +124,27 @@ class EventIngestor:
         self._shards = shard_table(bus.shard_count)
 
     async def ingest(
-        self, events: bytes | Sequence | EventColumns, *, now: datetime | None = None
+        self,
+        events: bytes | Sequence | EventColumns,
+        *,
+        owner: str = PLATFORM_OWNER,
+        now: datetime | None = None,
     ) -> IngestResult:
-        """Store the valid events of one batch; ``BusUnavailable`` if the bus did not confirm them all.
+        """Store the valid events of one batch as ``owner``'s; ``BusUnavailable`` if the bus did not
+        confirm them all.
 
         ``events``: the serialized request (what EventService receives), proto events or columns.
+        ``owner``: ``PLATFORM_OWNER`` (in-process platform producers: the default) or a tenant id; the
+        servicer passes what the caller may write (``owner_of_caller``).
         """
         t0 = time.perf_counter()
-        columns = to_columns(events)
+        columns = to_columns(events).owned_by(owner)
         return await self.ingest_columns(columns, now=now, decode_seconds=time.perf_counter() - t0)
 
     async def ingest_columns(
         self, columns: EventColumns, *, now: datetime | None = None, decode_seconds: float = 0.0
     ) -> IngestResult:
+        """Store ``columns`` (owned by ``columns.owner``); see ``ingest``."""
         result = IngestResult()
         if len(columns) == 0:
             return result
@@ -157,7 +191,11 @@ class EventIngestor:
 
 
 def _first_occurrences(ids: np.ndarray) -> np.ndarray | None:
-    """Sorted positions of each id's first occurrence; None when every id is unique (the usual case)."""
+    """Sorted positions of each id's first occurrence; None when every id is unique (the usual case).
+
+    The ids are one request's, which all have one owner: first occurrences of ``event_id`` are
+    first occurrences of ``(owner, event_id)``.
+    """
     if ids.size < 2:
         return None
     ordered = np.sort(ids)
@@ -176,6 +214,38 @@ def _rejected_pb(rejected: list[Reject]) -> list[event_service_pb2.RejectedEvent
     return [event_service_pb2.RejectedEvent(index=i, field=f, reason=r) for i, f, r in rejected]
 
 
+def owner_of_caller(context: grpc.aio.ServicerContext | None) -> str:
+    """The owner the verified caller writes events as (see the module doc); raises if it may not.
+
+    A servicer called without a context (unit tests of servicer methods) writes platform events.
+    """
+    if context is None:
+        return PLATFORM_OWNER
+    caller = caller_of(context)
+    if caller is None:
+        raise Unauthenticated(
+            "ingest needs a verified caller (the gateway's assertion)", reason="GATEWAY_ASSERTION_REQUIRED"
+        )
+    if caller.is_platform:
+        if not caller.has(PLATFORM_EVENTS_WRITE):
+            raise PermissionDenied(
+                f"the platform's behaviour stream needs a platform principal with the "
+                f"{PLATFORM_EVENTS_WRITE!r} scope; a tenant's conversion events come from the tenant's "
+                "own credential",
+                reason="PLATFORM_SCOPE_REQUIRED",
+                metadata={"scope": PLATFORM_EVENTS_WRITE},
+            )
+        return PLATFORM_OWNER
+    if not caller.has(EVENTS_WRITE):
+        raise PermissionDenied(
+            f"ingesting conversion events needs the {EVENTS_WRITE!r} scope",
+            reason="MISSING_SCOPE",
+            metadata={"scope": EVENTS_WRITE},
+        )
+    assert caller.tenant is not None  # Caller's invariant for tenant principals
+    return caller.tenant
+
+
 class EventServicer(event_service_pb2_grpc.EventServiceServicer):
     def __init__(self, ingestor: EventIngestor, *, max_events: int = 10_000) -> None:
         self.ingestor = ingestor
@@ -185,9 +255,9 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
         if count > self.max_events:
             raise InvalidArgument("events", f"at most {self.max_events} events per request, got {count}")
 
-    async def _ingest(self, columns: EventColumns) -> IngestResult:
+    async def _ingest(self, columns: EventColumns, owner: str) -> IngestResult:
         try:
-            return await self.ingestor.ingest_columns(columns)
+            return await self.ingestor.ingest_columns(columns.owned_by(owner))
         except BusUnavailable as error:
             logger.warning("ingest unavailable: %s", error)
             raise Unavailable(
@@ -199,11 +269,12 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
     async def IngestEventBatch(
         self, request: bytes | event_service_pb2.IngestEventBatchRequest, context: grpc.aio.ServicerContext
     ) -> event_service_pb2.IngestEventBatchResponse:
+        owner = owner_of_caller(context)
         columns = to_columns(request if isinstance(request, bytes) else request.events)
         if len(columns) == 0:
             raise InvalidArgument("events", "at least one event is required")
         self._check_size(len(columns))
-        result = await self._ingest(columns)
+        result = await self._ingest(columns, owner)
         if result.rejected and result.accepted == 0 and result.duplicates == 0:
             raise InvalidArgument(
                 _violations(result.rejected),
@@ -219,10 +290,11 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
         request_iterator: AsyncIterator[event_service_pb2.IngestEventsRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[event_service_pb2.IngestEventsResponse]:
+        owner = owner_of_caller(context)  # one caller per stream
         async for request in request_iterator:
             columns = to_columns(request if isinstance(request, bytes) else request.events)
             self._check_size(len(columns))
-            result = await self._ingest(columns)
+            result = await self._ingest(columns, owner)
             yield event_service_pb2.IngestEventsResponse(
                 accepted=result.accepted, duplicates=result.duplicates, rejected=_rejected_pb(result.rejected)
             )
@@ -268,7 +340,12 @@ async def build(settings: RealtimeSettings) -> ServiceDefinition:
     except BusUnavailable as error:  # serve anyway: ingest answers UNAVAILABLE until the bus is back
         logger.warning("event bus not reachable at start: %s", error)
     names, register = event_service_definition(settings, bus)
-    return ServiceDefinition(names=names, register=register, on_stop=[bus.close])
+    return ServiceDefinition(
+        names=names,
+        register=register,
+        interceptors=backend_interceptors(settings),
+        on_stop=[bus.close],
+    )
 
 
 if __name__ == "__main__":

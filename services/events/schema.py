@@ -7,6 +7,12 @@ Conventions (see docs/ARCHITECTURE.md "Data conventions"):
 * Codes are small unsigned integers so that Parquet dictionary/RLE encoding keeps files compact.
   0 always means "unspecified/unknown" and is never stored for ``event_type``.
 * Ids that do not apply to an event (``item_id`` of a ``live_enter``...) are null, never 0.
+* Every event has an **owner** (``owner`` column): ``PLATFORM_OWNER`` (``"_platform"``) for the
+  platform's first-party behaviour stream (generated worlds, imported public data, events ingested
+  by platform principals holding ``events.platform``), else the id of the tenant whose conversion
+  events they are, stamped by ingest from the verified caller and never read from the events. An
+  event is identified by ``(owner, event_id)``: two owners may use the same ``event_id``. Data
+  written before owners existed has no ``owner`` column and reads as ``PLATFORM_OWNER``.
 
 ``EventType`` codes match the proto enum ``flashcrowd.audience.v1.EventType`` (0 = UNSPECIFIED).
 """
@@ -28,6 +34,8 @@ __all__ = [
     "IDENTITY_SCHEMA",
     "ID_TYPE_NAMES",
     "INTEREST_TAGS",
+    "OWNER",
+    "PLATFORM_OWNER",
     "PROFILES_SCHEMA",
     "REGIONS",
     "SEGMENTS_SCHEMA",
@@ -41,6 +49,7 @@ __all__ = [
     "event_type_name",
     "parse_event_types",
     "validate_events",
+    "visible_owners",
 ]
 
 
@@ -167,6 +176,21 @@ REGIONS: tuple[str, ...] = (
 
 UTC_US = pl.Datetime("us", "UTC")
 
+#: Owner of the platform's first-party behaviour events. Not a valid tenant id (tenant ids start
+#: with a letter: ``services.runtime.tenant_ids``), so it can never be confused with a tenant.
+PLATFORM_OWNER = "_platform"
+#: Name of the owner column (events dataset, bus messages, decoded frames).
+OWNER = "owner"
+
+
+def visible_owners(tenant: str | None) -> tuple[str, ...]:
+    """Owners whose events a tenant's pack builds read: the platform's, plus the tenant's own.
+
+    ``None`` (no tenant: platform-wide analyses) -> the platform's events only.
+    """
+    return (PLATFORM_OWNER,) if not tenant else (PLATFORM_OWNER, tenant)
+
+
 #: Behaviour events. Sorted within each Parquet file by ``EVENT_SORT_KEY``.
 EVENTS_SCHEMA = pl.Schema(
     {
@@ -182,6 +206,8 @@ EVENTS_SCHEMA = pl.Schema(
         "order_id": pl.UInt64,  # order/pay/refund/coupon_redeem link; null otherwise
         # order/pay/refund: amount (a refund's is the positive amount refunded); coupon_redeem: the discount
         "amount_fen": pl.Int64,
+        # PLATFORM_OWNER or a tenant id (see the module doc); one value per file run, dictionary-encoded
+        "owner": pl.Utf8,
     }
 )
 EVENT_SORT_KEY: tuple[str, ...] = ("bucket", "user_id", "ts")
@@ -267,6 +293,7 @@ def validate_events(
     max_future_skew: timedelta = timedelta(minutes=5),
     retention: timedelta | None = timedelta(days=400),
     not_before: datetime | None = None,
+    owner: str = PLATFORM_OWNER,
 ) -> tuple[pl.DataFrame, list[Reject]]:
     """Split ``df`` into rows that conform to ``EVENTS_SCHEMA`` and rejects ``(row_index, field, reason)``.
 
@@ -276,7 +303,9 @@ def validate_events(
     unsigned type; the event type is unknown; an amount is negative, or missing on an
     order/pay/refund; ``ts`` is later than ``now + max_future_skew`` or earlier than the retention
     bound (``not_before`` if given, else ``now - retention``; ``retention=None`` disables it). A row
-    can have several rejects, one per field. ``bucket`` is always recomputed from ``user_id``.
+    can have several rejects, one per field. ``bucket`` is always recomputed from ``user_id``, and
+    ``owner`` is always ``owner`` (an ``owner`` column of ``df`` is ignored: the caller's identity
+    decides it, never the data).
     Row indexes are 0-based positions in ``df``. The valid frame keeps input order.
     """
     from services.events.sharding import bucket_expr  # local: sharding imports nothing from here
@@ -302,7 +331,7 @@ def validate_events(
             bad = bad | mask
 
     for name, dtype in EVENTS_SCHEMA.items():
-        if name == "bucket":
+        if name in ("bucket", OWNER):
             continue
         if name not in df.columns:
             if name in _REQUIRED:
@@ -347,7 +376,7 @@ def validate_events(
     table = pl.DataFrame(columns)
     valid = (
         table.filter(~bad)
-        .with_columns(bucket_expr("user_id").alias("bucket"))
+        .with_columns(bucket_expr("user_id").alias("bucket"), pl.lit(owner, dtype=pl.Utf8).alias(OWNER))
         .select(list(EVENTS_SCHEMA))
         .cast(dict(EVENTS_SCHEMA))
     )

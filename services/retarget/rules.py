@@ -3,7 +3,9 @@
 Every ``interval`` seconds the engine lists the RUNNING campaigns of its tenants, and for each rule
 with a ``scope`` reads the sale metrics of that scope (``SaleMonitor``) from the campaign's start
 (or creation) to now, compares ``metric`` with ``threshold``, and fires when the condition has held
-for ``sustain`` and the rule's ``cooldown`` has passed since its last firing:
+for ``sustain`` and the rule's ``cooldown`` has passed since its last firing. The metrics are those
+the campaign's tenant may see (``SaleMonitor.stats(..., tenant=...)``: its own events and platform
+events of what the scope names), so another tenant's events can never stop, boost or copy it:
 
 * STOP -> ``PauseCampaign`` (issuing and claims stop); a campaign already paused is left alone.
 * COPY -> ``CopyCampaign`` onto ``copy_to_pack`` with the deterministic id ``<campaign>-<rule>``
@@ -158,20 +160,24 @@ class RuleEngine:
             for campaign in reply.campaigns:
                 if campaign.state != campaign_pb2.Campaign.STATE_RUNNING:
                     continue
+                if not campaign.name.startswith(f"tenants/{tenant}/"):
+                    logger.warning("listing of tenants/%s returned %s: skipped", tenant, campaign.name)
+                    continue
                 for rule in campaign.rules:
-                    firing = await self._evaluate_rule(campaign, rule)
+                    firing = await self._evaluate_rule(campaign, rule, tenant)
                     if firing is not None:
                         fired.append(firing)
         return fired
 
-    async def _evaluate_rule(self, campaign: campaign_pb2.Campaign, rule: campaign_pb2.Rule):
+    async def _evaluate_rule(self, campaign: campaign_pb2.Campaign, rule: campaign_pb2.Rule, tenant: str):
+        """Evaluate one rule of ``tenant``'s ``campaign`` on the stats ``tenant`` may see."""
         if not rule.HasField("scope"):
             return None
         scope = SaleScope.from_pb(rule.scope)
         start = campaign.start_time if campaign.HasField("start_time") else campaign.create_time
         end = self.monitor.now_us()
         start_us = min(start.ToMicroseconds(), end - 60_000_000)
-        counters = self.monitor.stats(scope, start_us, end).total
+        counters = self.monitor.stats(scope, start_us, end, tenant=tenant).total
         metrics = metrics_of(counters)
         if rule.metric not in metrics:
             logger.warning("rule %s of %s: unknown metric %r", rule.rule_id, campaign.name, rule.metric)

@@ -1,10 +1,25 @@
 """Sale monitor: live sale counters from the event stream (GetSaleStats, WatchSale).
 
-Counters are kept per minute of event time and per ``(campaign_id, item_id)`` of the events (0 when
-an event has none), for the last ``horizon`` of the stream (replayed on start). A query sums the
-minutes of ``[start, end)`` (minute granularity) over the keys in the scope and derives the ratios;
-events are de-duplicated by ``event_id``. The clock is event time (newest event time seen, advanced
-by wall time since), like live packs, so a replay faster than real time is watched at its pace.
+Counters are kept per minute of event time and per ``(owner, campaign_id, item_id)`` of the events
+(0 when an event has none), for the last ``horizon`` of the stream (replayed on start). A query sums
+the minutes of ``[start, end)`` (minute granularity) over the keys visible to the query's tenant and
+in its scope, and derives the ratios; events are de-duplicated by ``(owner, event_id)``. The clock
+is event time (newest event time seen, advanced by wall time since), like live packs, so a replay
+faster than real time is watched at its pace.
+
+What a tenant T sees (``SaleMonitor.stats(..., tenant=T)``; GetSaleStats / WatchSale for
+``tenants/T``, and the rules of T's campaigns):
+
+* T's own events (owner T) that match the scope;
+* platform events (owner ``PLATFORM_OWNER``) of the items and campaigns the scope *names*
+  (``item_ids``, hook products, ``campaign_ids``; ``SaleScope.names``): an empty scope means "all of
+  my own events", never "every merchant's sales";
+* never another tenant's events, whatever the scope names.
+
+The parent must name a tenant the caller may act for: another tenant's parent is NOT_FOUND, like
+any other tenant's resource. Nothing here checks that the items a scope names are the tenant's
+(the platform has no catalog of item ownership yet): naming another merchant's item ids shows the
+platform's behaviour counters of those items, never that merchant's own events.
 
 Derived metrics (``SaleCounters``): ``stock_left`` = stock of the scope's hook products - paid
 hook pieces + refunded hook pieces; hook loss = (unit cost - sale price) x net pieces sold;
@@ -20,12 +35,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 
+import grpc.aio
 import numpy as np
 import polars as pl
 from flashcrowd.retarget.v1 import sale_monitor_pb2, sale_monitor_pb2_grpc
@@ -35,18 +53,19 @@ from pyroaring import BitMap64
 from services.events.bus import EventBus, open_bus
 from services.events.config import RealtimeSettings
 from services.events.follower import StreamFollower
-from services.events.schema import EventType
-from services.runtime import InvalidArgument, ServiceDefinition, run_service
-from services.runtime.assertion import backend_interceptors
+from services.events.schema import OWNER, PLATFORM_OWNER, EventType
+from services.runtime import InvalidArgument, NotFound, ServiceDefinition, Unauthenticated, run_service
+from services.runtime.assertion import backend_interceptors, caller_of
+from services.runtime.tenant_ids import TENANT_ID_RULE, valid_tenant_id
 from services.storage import open_store
 
-__all__ = ["COUNTERS", "SaleMonitor", "SaleMonitorServicer", "SaleScope", "build"]
+__all__ = ["COUNTERS", "SaleMonitor", "SaleMonitorServicer", "SaleScope", "build", "tenant_of_parent"]
 
 logger = logging.getLogger(__name__)
 
 MINUTE_US = 60_000_000
 _E = EventType
-#: Stored counters, in this order, per (minute, campaign_id, item_id).
+#: Stored counters, in this order, per (minute, owner, campaign_id, item_id).
 COUNTERS = (
     "views",
     "clicks",
@@ -105,10 +124,33 @@ class SaleScope:
             frozenset(scope.item_ids), frozenset(scope.campaign_ids), tuple(hooks), scope.coupon_discount_fen
         )
 
+    @cached_property
+    def hook_items(self) -> frozenset[int]:
+        return frozenset(h.item_id for h in self.hooks)
+
     def matches(self, campaign_id: int, item_id: int) -> bool:
-        hook_items = {h.item_id for h in self.hooks}
-        item_ok = not self.item_ids or item_id in self.item_ids or item_id in hook_items
+        """Is the key in the scope (empty lists: any item / any campaign)?"""
+        item_ok = not self.item_ids or item_id in self.item_ids or item_id in self.hook_items
         return item_ok and (not self.campaign_ids or campaign_id in self.campaign_ids)
+
+    def names(self, campaign_id: int, item_id: int) -> bool:
+        """Does the scope name the key explicitly: one of its items or hook products, or campaigns?
+
+        Only named keys bring platform events into a tenant's counters.
+        """
+        return (item_id != 0 and (item_id in self.item_ids or item_id in self.hook_items)) or (
+            campaign_id != 0 and campaign_id in self.campaign_ids
+        )
+
+    def visible(self, owner: str, campaign_id: int, item_id: int, tenant: str) -> bool:
+        """Does a counter of ``owner`` count for ``tenant`` under this scope (see the module doc)?"""
+        if owner == tenant:
+            return self.matches(campaign_id, item_id)
+        return (
+            owner == PLATFORM_OWNER
+            and self.matches(campaign_id, item_id)
+            and self.names(campaign_id, item_id)
+        )
 
 
 class SaleMonitor(StreamFollower):
@@ -121,17 +163,29 @@ class SaleMonitor(StreamFollower):
     ) -> None:
         super().__init__(bus, clock=clock)
         self.horizon = horizon
-        #: minute -> (campaign_id, item_id) -> counters
-        self.minutes: dict[int, dict[tuple[int, int], np.ndarray]] = defaultdict(dict)
-        self._seen = BitMap64()
+        #: minute -> (owner, campaign_id, item_id) -> counters
+        self.minutes: dict[int, dict[tuple[str, int, int], np.ndarray]] = defaultdict(dict)
+        #: owner -> event ids counted (since start)
+        self._seen: dict[str, BitMap64] = {}
+
+    def _fresh(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """The first of each ``(owner, event_id)`` not counted yet (a message has one owner)."""
+        owners = frame.get_column(OWNER)
+        parts = [frame] if owners.n_unique() == 1 else frame.partition_by(OWNER, maintain_order=True)
+        kept: list[pl.DataFrame] = []
+        for part in parts:
+            seen = self._seen.setdefault(str(part.get_column(OWNER)[0]), BitMap64())
+            fresh = BitMap64(part.get_column("event_id").to_numpy()) - seen
+            if len(fresh) != part.height:
+                part = part.unique(subset="event_id", keep="first", maintain_order=True)
+                part = part.filter(pl.col("event_id").is_in(list(fresh)))
+            seen |= fresh
+            kept.append(part)
+        return kept[0] if len(kept) == 1 else pl.concat(kept)
 
     def apply(self, frame: pl.DataFrame, seq: int) -> None:
         if frame.height:
-            fresh = BitMap64(frame.get_column("event_id").to_numpy()) - self._seen
-            if len(fresh) != frame.height:
-                frame = frame.unique(subset="event_id", keep="first", maintain_order=True)
-                frame = frame.filter(pl.col("event_id").is_in(list(fresh)))
-            self._seen |= fresh
+            frame = self._fresh(frame)
         if frame.height:
             self.observe(int(frame.get_column("ts").dt.epoch("us").max()))
             t = pl.col("event_type")
@@ -145,13 +199,13 @@ class SaleMonitor(StreamFollower):
                     pl.col("campaign_id").fill_null(0),
                     pl.col("item_id").fill_null(0),
                 )
-                .group_by("_m", "campaign_id", "item_id")
+                .group_by("_m", OWNER, "campaign_id", "item_id")
                 .agg(aggs)
             )
             for row in grouped.iter_rows():
-                minute, campaign, item, *values = row
+                minute, owner, campaign, item, *values = row
                 bucket = self.minutes[int(minute)]
-                key = (int(campaign), int(item))
+                key = (str(owner), int(campaign), int(item))
                 ordered = dict(zip([*_COUNT_OF, *_SUM_OF], values, strict=True))
                 vector = np.array([int(ordered[n] or 0) for n in COUNTERS], dtype=np.int64)
                 if key in bucket:
@@ -164,8 +218,9 @@ class SaleMonitor(StreamFollower):
         self.seq = max(self.seq, seq)
 
     def stats(
-        self, scope: SaleScope, start_us: int, end_us: int, group_by: int = 0
+        self, scope: SaleScope, start_us: int, end_us: int, group_by: int = 0, *, tenant: str
     ) -> sale_monitor_pb2.SaleStats:
+        """Counters of ``[start_us, end_us)`` visible to ``tenant`` under ``scope`` (module doc)."""
         first, last = start_us // MINUTE_US, (end_us - 1) // MINUTE_US
         total = np.zeros(len(COUNTERS), dtype=np.int64)
         groups: dict[str, np.ndarray] = {}
@@ -174,8 +229,8 @@ class SaleMonitor(StreamFollower):
         for minute, keys in self.minutes.items():
             if not first <= minute <= last:
                 continue
-            for (campaign, item), vector in keys.items():
-                if not scope.matches(campaign, item):
+            for (owner, campaign, item), vector in keys.items():
+                if not scope.visible(owner, campaign, item, tenant):
                     continue
                 total += vector
                 if item in hooks:
@@ -257,6 +312,38 @@ def _us(ts: timestamp_pb2.Timestamp) -> int:
     return ts.ToMicroseconds()
 
 
+_PARENT = re.compile(r"tenants/([^/]*)")
+TENANT_TYPE = "flashcrowd.dev/Tenant"
+
+
+def tenant_of_parent(parent: str, context: grpc.aio.ServicerContext | None) -> str:
+    """``tenants/{t}`` -> ``t`` if the verified caller may act for ``t``.
+
+    INVALID_ARGUMENT on ``parent`` when it is missing or malformed; NOT_FOUND for another tenant's
+    parent (as for any other tenant's resource); UNAUTHENTICATED when a request has no verified
+    caller at all (a server without ``backend_interceptors``). A servicer called without a context
+    (unit tests) is not checked.
+    """
+    if not parent:
+        raise InvalidArgument("parent", "required (tenants/{tenant})")
+    match = _PARENT.fullmatch(parent)
+    if match is None or not valid_tenant_id(match.group(1)):
+        raise InvalidArgument(
+            "parent", f"expected tenants/{{tenant}} ({TENANT_ID_RULE}), got {parent[:120]!r}"
+        )
+    tenant = match.group(1)
+    if context is None:
+        return tenant
+    caller = caller_of(context)
+    if caller is None:
+        raise Unauthenticated(
+            "sale stats need a verified caller (the gateway's assertion)", reason="GATEWAY_ASSERTION_REQUIRED"
+        )
+    if not caller.may_act_for(tenant):
+        raise NotFound(TENANT_TYPE, parent)
+    return tenant
+
+
 class SaleMonitorServicer(sale_monitor_pb2_grpc.SaleMonitorServiceServicer):
     def __init__(self, monitor: SaleMonitor, *, interval: float = 1.0) -> None:
         self.monitor = monitor
@@ -270,21 +357,19 @@ class SaleMonitorServicer(sale_monitor_pb2_grpc.SaleMonitorServiceServicer):
         return start, end
 
     async def GetSaleStats(self, request, context):
-        if not request.parent.startswith("tenants/"):
-            raise InvalidArgument("parent", "required (tenants/{tenant})")
+        tenant = tenant_of_parent(request.parent, context)
         scope = SaleScope.from_pb(request.scope)
         end = _us(request.end_time) if request.HasField("end_time") else None
         start, end = self._range(request, end)
-        return self.monitor.stats(scope, start, end, request.group_by)
+        return self.monitor.stats(scope, start, end, request.group_by, tenant=tenant)
 
     async def WatchSale(self, request, context) -> AsyncIterator[sale_monitor_pb2.SaleStats]:
-        if not request.parent.startswith("tenants/"):
-            raise InvalidArgument("parent", "required (tenants/{tenant})")
+        tenant = tenant_of_parent(request.parent, context)
         scope = SaleScope.from_pb(request.scope)
         start, _ = self._range(request, None)
         while True:
             end = max(self.monitor.now_us(), start + 1)
-            yield self.monitor.stats(scope, start, end, request.group_by)
+            yield self.monitor.stats(scope, start, end, request.group_by, tenant=tenant)
             await asyncio.sleep(self.interval)
 
 

@@ -72,7 +72,8 @@ async def test_counters_ratios_stock_and_loss() -> None:
     await feed(monitor, bus)
     scope = SaleScope.from_pb(sale_monitor_pb2.SaleScope(campaign_ids=[900002], hook_products=[HOOK]))
     end = monitor.now_us() + 1
-    stats = monitor.stats(scope, end - 3_600_000_000, end, sale_monitor_pb2.SALE_GROUP_BY_ITEM)
+    # Platform events of the live room the scope names (campaign 900002): every one counts.
+    stats = monitor.stats(scope, end - 3_600_000_000, end, sale_monitor_pb2.SALE_GROUP_BY_ITEM, tenant="t1")
     t = stats.total
     assert (t.views, t.clicks, t.live_entries, t.paid_orders, t.refunds) == (100, 40, 30, 5, 1)
     assert t.paid_gmv_fen == 4 * 2990 + 39900 and t.refunded_fen == 2990 and t.coupon_cost_fen == 2000
@@ -83,7 +84,7 @@ async def test_counters_ratios_stock_and_loss() -> None:
     assert t.roi == pytest.approx((4 * 2990 + 39900 - 2990 - 2000 - hook_loss) / (2000 + hook_loss))
     assert [g.key for g in stats.groups] == ["item/0", "item/100001", "item/100002"]
     # Nothing outside the range.
-    assert monitor.stats(scope, end - 3_600_000_000, end - 3_000_000_000).total.views == 0
+    assert monitor.stats(scope, end - 3_600_000_000, end - 3_000_000_000, tenant="t1").total.views == 0
 
 
 async def test_watch_sale_streams_updates_over_grpc() -> None:
@@ -99,7 +100,9 @@ async def test_watch_sale_streams_updates_over_grpc() -> None:
             call = stub.WatchSale(sale_monitor_pb2.WatchSaleRequest(parent="tenants/t1"))
             first = await call.read()
             assert first.total.clicks == 0
-            await EventIngestor(bus).ingest([make_event(i, i, E.EVENT_TYPE_CLICK) for i in range(1, 11)])
+            # t1's own conversion events: counted under the empty scope ("all of my events").
+            clicks = [make_event(i, i, E.EVENT_TYPE_CLICK) for i in range(1, 11)]
+            await EventIngestor(bus).ingest(clicks, owner="t1")
             for _ in range(5):
                 update = await call.read()
                 if update.total.clicks == 10:
@@ -237,6 +240,26 @@ async def test_stop_boost_and_copy_rules_fire_through_retarget(tmp_path, nats_ur
         assert [f.rule_id for f in await engine.evaluate()] == ["push"] and await rate() == 3
         clock[0] += 3  # at the ceiling: no change, no firing
         assert await engine.evaluate() == [] and await rate() == 3
+        # Another tenant forges the 5 hook payments in t1's live room (its own events): t1's rules see
+        # only t1's events and the platform's, so nothing stops.
+        forged = [
+            make_event(
+                1000 + i,
+                100 + i,
+                E.EVENT_TYPE_PAY,
+                when=now,
+                item_id=100001,
+                amount_fen=2990,
+                campaign_id=900002,
+            )
+            for i in range(5)
+        ]
+        assert (await ingest(forged, owner="t2")).accepted == 5
+        while monitor.seq < await bus.last_seq():
+            await asyncio.sleep(0.02)
+        assert await engine.evaluate() == []
+        got = await stub.GetCampaign(retarget_service_pb2.GetCampaignRequest(name=campaign.name))
+        assert got.state == campaign_pb2.Campaign.STATE_RUNNING
         pays = [
             make_event(
                 1000 + i,

@@ -37,6 +37,8 @@ from services.events.schema import (
     ID_TYPE_NAMES,
     IDENTITY_SCHEMA,
     INTEREST_TAGS,
+    OWNER,
+    PLATFORM_OWNER,
     PROFILES_SCHEMA,
     REGIONS,
     EventType,
@@ -160,7 +162,10 @@ def write_dataset(
     if prefix and not prefix.endswith("/"):
         prefix += "/"
     events = (
-        data.events.select(list(EVENTS_SCHEMA)).cast(dict(EVENTS_SCHEMA)).sort(["bucket", "user_id", "ts"])
+        data.events.with_columns(pl.lit(PLATFORM_OWNER, dtype=pl.Utf8).alias(OWNER))  # imports: platform data
+        .select(list(EVENTS_SCHEMA))
+        .cast(dict(EVENTS_SCHEMA))
+        .sort(["bucket", "user_id", "ts"])
     )
     profiles = data.profiles.select(list(PROFILES_SCHEMA)).cast(dict(PROFILES_SCHEMA)).sort("user_id")
     if events.height == 0:

@@ -31,7 +31,15 @@ from typing import Any
 import polars as pl
 
 from services.events.adapters.common import AdaptedData
-from services.events.schema import EVENTS_SCHEMA, INTEREST_TAGS, PROFILES_SCHEMA, AgeBand, EventType, Gender
+from services.events.schema import (
+    EVENTS_SCHEMA,
+    INTEREST_TAGS,
+    PLATFORM_OWNER,
+    PROFILES_SCHEMA,
+    AgeBand,
+    EventType,
+    Gender,
+)
 from services.events.sharding import bucket_expr
 
 __all__ = ["LIKE_RATING", "OCCUPATION_INTERESTS", "SOURCE_TAG", "age_band", "read_movielens"]
@@ -153,6 +161,7 @@ def read_movielens(path: str | Path) -> AdaptedData:
         video_id=pl.col("item_id").cast(pl.UInt32),
         order_id=pl.lit(None, dtype=pl.UInt64),
         amount_fen=pl.lit(None, dtype=pl.Int64),
+        owner=pl.lit(PLATFORM_OWNER, dtype=pl.Utf8),  # public data: platform behaviour
     ).cast(dict(EVENTS_SCHEMA))
 
     users = _read(root / "u.user", "|", ["user_id", "age", "gender", "occupation", "zip"])

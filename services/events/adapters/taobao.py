@@ -37,7 +37,7 @@ from typing import Any
 import polars as pl
 
 from services.events.adapters.common import AdaptedData, unknown_profiles
-from services.events.schema import EVENTS_SCHEMA, EventType
+from services.events.schema import EVENTS_SCHEMA, PLATFORM_OWNER, EventType
 from services.events.sharding import bucket_expr
 
 __all__ = ["BEHAVIOR_MAP", "OFFICIAL_END", "OFFICIAL_START", "SOURCE_TAG", "read_taobao"]
@@ -128,6 +128,7 @@ def read_taobao(path: str | Path, *, keep_outside_window: bool = False) -> Adapt
         video_id=pl.lit(None, dtype=pl.UInt32),
         order_id=pl.when(pl.col("is_buy")).then(source | (row + 1)).otherwise(None).cast(pl.UInt64),
         amount_fen=pl.when(pl.col("is_buy")).then(pl.lit(0, dtype=pl.Int64)).otherwise(None),
+        owner=pl.lit(PLATFORM_OWNER, dtype=pl.Utf8),  # public data: platform behaviour
     ).cast(dict(EVENTS_SCHEMA))
     users = events.get_column("user_id").unique().sort()
     report["events"] = events.height
