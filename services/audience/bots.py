@@ -31,6 +31,7 @@ from pyroaring import BitMap
 
 from services.audience.compiler import ids_to_bitmap
 from services.events.dataset import EventDataset
+from services.events.schema import PLATFORM_OWNER
 from services.storage import ObjectNotFound, publish, read_manifest
 
 __all__ = ["BotReport", "BotRule", "bot_bitmap", "bots_cache_key", "detect_bots"]
@@ -88,10 +89,14 @@ class BotReport:
 
 
 def detect_bots(dataset: EventDataset, rule: BotRule | None = None) -> BotReport:
-    """Run the rule over every event of the dataset (no cache)."""
+    """Run the rule over the platform's own events (no cache).
+
+    Only the platform's behaviour stream counts: a tenant's conversion events must not be able to
+    get a user flagged as a bot (and so dropped from every other tenant's packs).
+    """
     rule = rule or BotRule()
     per_user = (
-        dataset.scan_events(columns=["user_id", "ts", "event_type"])
+        dataset.scan_events(columns=["user_id", "ts", "event_type"], owners=(PLATFORM_OWNER,))
         .filter(pl.col("event_type").is_in([CLICK, PAY]))
         .group_by("user_id")
         .agg(
@@ -146,7 +151,7 @@ def _irregularity(dataset: EventDataset, candidates: np.ndarray) -> np.ndarray:
     wanted = pl.Series(candidates, dtype=pl.UInt32).implode()
     gap = pl.col("ts").sort().diff().dt.total_microseconds().drop_nulls()
     per_day = (
-        dataset.scan_events(columns=["user_id", "ts", "event_type"])
+        dataset.scan_events(columns=["user_id", "ts", "event_type"], owners=(PLATFORM_OWNER,))
         .filter((pl.col("event_type") == CLICK) & pl.col("user_id").is_in(wanted))
         .group_by("user_id", pl.col("ts").dt.date().alias("day"))
         .agg(

@@ -28,7 +28,7 @@ from pyroaring import BitMap
 
 from services.audience.compiler import bitmap_to_numpy
 from services.events.dataset import EventDataset
-from services.events.schema import AGE_BAND_NAMES, GENDER_NAMES
+from services.events.schema import AGE_BAND_NAMES, GENDER_NAMES, PLATFORM_OWNER
 from services.runtime.errors import FailedPrecondition
 
 #: Per-user caps of multi-valued dimensions when counts are noised (see services/audience/privacy.py).
@@ -94,7 +94,7 @@ def _population(dataset: EventDataset, bots: BitMap) -> _Population:
     )
     counts = {name: _counts(profiles, expr, many) for name, expr, many in _PROFILE_DIMENSIONS}
     pairs = (
-        dataset.scan_events(columns=["user_id", "category_id"])
+        dataset.scan_events(columns=["user_id", "category_id"], owners=(PLATFORM_OWNER,))
         .filter(pl.col("category_id").is_not_null())
         .unique()
         .collect(engine="streaming")

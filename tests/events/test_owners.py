@@ -149,3 +149,26 @@ def test_split_batches_needs_one_owner(owners: list) -> None:
     )
     with pytest.raises(ValueError, match="one owner"):
         split_batches(frame, shard_table(4))
+
+
+def test_a_tenants_click_flood_does_not_make_a_user_a_bot(tmp_path: Path) -> None:
+    """Bot detection reads the platform's events only: a tenant faking hundreds of clicks a day for a
+    user must not get them dropped from every other tenant's packs."""
+    from services.audience.bots import detect_bots
+
+    store = LocalObjectStore(tmp_path / "store")
+    generate(store, GenConfig(users=1500, days=2, seed=5, chunk_users=600))
+    before = set(detect_bots(EventDataset(store)).bots)
+    victim = next(u for u in range(1, 1500) if u not in before)
+    end = EventDataset(store).end
+    clicks = 400
+    flood = _events(clicks, "acme", 10**9, end - timedelta(hours=3)).with_columns(
+        pl.lit(victim, dtype=pl.UInt32).alias("user_id"),
+        pl.lit(5, dtype=pl.UInt8).alias("event_type"),  # CLICK
+        bucket_expr(pl.lit(victim, dtype=pl.UInt32)).alias("bucket"),
+        (pl.col("ts") + pl.duration(seconds=pl.int_range(0, clicks))).alias("ts"),
+    )
+    append_events(store, "data/", flood, part_tag="flood", consumer="test", checkpoint={})
+    dataset = EventDataset(store)
+    assert dataset.scan_events(owners=["acme"]).select(pl.len()).collect().item() == clicks
+    assert victim not in set(detect_bots(dataset).bots)
