@@ -103,7 +103,7 @@ def _plan(args: argparse.Namespace, bus: str, admin_key: str) -> dict[str, tuple
     }
     if bus.startswith("nats://"):
         plan["monitor"] = (
-            "services.retarget.sale_monitor",
+            "services.monitor",
             {
                 "FLASHCROWD_PORT": str(ports["monitor"]),
                 "FLASHCROWD_RETARGET_TARGET": f"127.0.0.1:{ports['retarget']}",

@@ -6,7 +6,7 @@ shared in-process bus (``memory://flashcrowd-demo``); ``await realtime_step(demo
 
 1. starts the processes a user would run next to the audience service, in this process on free
    loopback ports: the retarget service (SQLite ledger in the work dir) unless the story already
-   runs one, and the sale monitor (``services.retarget.sale_monitor``: SaleMonitorService plus the
+   runs one, and the sale monitor (``services.monitor``: SaleMonitorService plus the
    campaign rules, acting through retarget's RPCs). The audience service itself serves EventService
    and LivePackService (and runs the compactor on the in-process bus);
 2. creates the live pack "clicked a live-room item in the last 15 minutes and not paid in the last
@@ -208,7 +208,8 @@ async def _start_retarget(demo: Any) -> str:
 
 
 async def _start_sale_monitor(demo: Any, tenant: str, retarget_target: str) -> str:
-    from services.retarget.sale_monitor import MonitorSettings, build
+    from services.monitor.config import MonitorSettings
+    from services.monitor.server import build
     from services.runtime import create_server, load_settings
 
     settings = load_settings(

@@ -36,7 +36,7 @@ from services.runtime.scopes import (
 
 AUDIENCE = "audience"
 RETARGET = "retarget"
-SALE_MONITOR = "sale_monitor"  # python -m services.retarget.sale_monitor
+SALE_MONITOR = "sale_monitor"  # python -m services.monitor
 LOCAL = "local"  # served by the gateway itself
 ROUTED = "routed"  # google.longrunning.Operations: the backend is found from the operation name
 

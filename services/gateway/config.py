@@ -36,7 +36,7 @@ class GatewaySettings(BaseServiceSettings):
     audience_target: str = "127.0.0.1:50051"
     #: ``host:port`` of the retarget service (RetargetService, its LROs).
     retarget_target: str = "127.0.0.1:50052"
-    #: ``host:port`` of the sale monitor (SaleMonitorService, ``python -m services.retarget.sale_monitor``).
+    #: ``host:port`` of the sale monitor (SaleMonitorService, ``python -m services.monitor``).
     sale_monitor_target: str = "127.0.0.1:50053"
     #: Channels per backend (each its own HTTP/2 connection), used round-robin.
     channel_pool_size: int = Field(default=2, ge=1, le=64)

@@ -15,7 +15,7 @@ PROCESSES = {
     "retarget": "services.retarget",
     "gateway": "services.gateway",
     "compactor": "services.events.compactor",
-    "sale-monitor": "services.retarget.sale_monitor",
+    "sale-monitor": "services.monitor",
 }
 #: terminationGracePeriodSeconds where it is not the services' 30 s.
 TERMINATION = {"compactor": 60}  # + the final flush of the micro-batch (up to 30 s)

@@ -48,7 +48,8 @@ from services.events.generator import GenConfig, generate
 from services.events.ingest import event_service_definition
 from services.events.schema import OWNER, PLATFORM_OWNER
 from services.events.sharding import buckets_np
-from services.retarget.sale_monitor import SaleMonitor, SaleScope, sale_monitor_definition
+from services.monitor.counters import SaleMonitor, SaleScope
+from services.monitor.servicer import sale_monitor_definition
 from services.runtime import create_server, error_details, load_settings
 from services.runtime.assertion import Caller, asserting_channel, backend_interceptors
 from services.runtime.scopes import EVENTS_WRITE, PACKS_READ, PLATFORM_EVENTS_WRITE, TENANT_SCOPES

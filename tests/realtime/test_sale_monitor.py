@@ -21,9 +21,10 @@ from services.audience.config import AudienceSettings
 from services.audience.server import create_audience_server
 from services.events.bus import MemoryBus
 from services.events.ingest import EventIngestor
+from services.monitor.counters import SaleMonitor, SaleScope
+from services.monitor.rules import RuleEngine
+from services.monitor.servicer import sale_monitor_definition
 from services.retarget.config import RetargetSettings
-from services.retarget.rules import RuleEngine
-from services.retarget.sale_monitor import SaleMonitor, SaleScope, sale_monitor_definition
 from services.retarget.server import create_retarget_server
 from services.runtime import BaseServiceSettings, create_server, load_settings
 from services.storage import LocalObjectStore
@@ -319,7 +320,7 @@ async def test_stop_boost_and_copy_rules_fire_through_retarget(tmp_path, nats_ur
 
 
 def test_boost_doubles_the_rate_within_the_ceiling() -> None:
-    from services.retarget.rules import boost_target
+    from services.monitor.rules import boost_target
 
     def target(rate: int, ceiling: int) -> int | None:
         campaign = campaign_pb2.Campaign(delivery_rate_per_second=rate)

@@ -56,7 +56,9 @@ def _store(port: int, read_timeout: float = 0.5) -> MinioObjectStore:
 
 
 @pytest.mark.parametrize("port_fixture", ["refused_port", "hanging_port"])
-def test_unreachable_store_answers_unavailable_fast(request: pytest.FixtureRequest, port_fixture: str) -> None:
+def test_unreachable_store_answers_unavailable_fast(
+    request: pytest.FixtureRequest, port_fixture: str
+) -> None:
     store = _store(request.getfixturevalue(port_fixture))
     for call in (
         lambda: store.get_bytes("a/b"),

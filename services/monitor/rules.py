@@ -39,7 +39,7 @@ import grpc.aio
 from flashcrowd.retarget.v1 import campaign_pb2, retarget_service_pb2, retarget_service_pb2_grpc
 from google.protobuf import field_mask_pb2, json_format
 
-from services.retarget.sale_monitor import SaleMonitor, SaleScope, metrics_of
+from services.monitor.counters import SaleMonitor, SaleScope, metrics_of
 from services.runtime import BaseServiceSettings, make_channel
 from services.runtime.assertion import platform_interceptors
 from services.runtime.scopes import CAMPAIGNS_READ, CAMPAIGNS_WRITE

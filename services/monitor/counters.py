@@ -27,39 +27,29 @@ hook pieces + refunded hook pieces; hook loss = (unit cost - sale price) x net p
 piece sells) + coupon cost; ``roi`` = (paid GMV - refunded - coupon cost - hook loss) / (coupon
 cost + hook loss).
 
-``python -m services.retarget.sale_monitor`` serves SaleMonitorService and, when
-``FLASHCROWD_RETARGET_TARGET`` is set, runs the campaign rules (``services.retarget.rules``).
+The process (``python -m services.monitor``) is assembled in ``services.monitor.server``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import re
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 
-import grpc.aio
 import numpy as np
 import polars as pl
-from flashcrowd.retarget.v1 import sale_monitor_pb2, sale_monitor_pb2_grpc
-from google.protobuf import timestamp_pb2
+from flashcrowd.retarget.v1 import sale_monitor_pb2
 from pyroaring import BitMap64
 
-from services.events.bus import EventBus, open_bus
-from services.events.config import RealtimeSettings
+from services.events.bus import EventBus
 from services.events.follower import StreamFollower
 from services.events.schema import OWNER, PLATFORM_OWNER, EventType
-from services.runtime import InvalidArgument, NotFound, ServiceDefinition, Unauthenticated, run_service
-from services.runtime.assertion import backend_interceptors, caller_of
-from services.runtime.tenant_ids import TENANT_ID_RULE, valid_tenant_id
-from services.storage import open_store
+from services.runtime import InvalidArgument
 
-__all__ = ["COUNTERS", "SaleMonitor", "SaleMonitorServicer", "SaleScope", "build", "tenant_of_parent"]
+__all__ = ["COUNTERS", "HookProduct", "SaleMonitor", "SaleScope", "metrics_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -302,121 +292,3 @@ def metrics_of(counters: sale_monitor_pb2.SaleCounters) -> dict[str, float]:
     """Flat metric map of one SaleCounters (what rules compare)."""
     names = (*COUNTERS, "stock_left", "ctr", "cvr", "roi", "projected_loss_fen")
     return {name: float(getattr(counters, name)) for name in names}
-
-
-# ---------------------------------------------------------------------------------------------------
-# gRPC
-
-
-def _us(ts: timestamp_pb2.Timestamp) -> int:
-    return ts.ToMicroseconds()
-
-
-_PARENT = re.compile(r"tenants/([^/]*)")
-TENANT_TYPE = "flashcrowd.dev/Tenant"
-
-
-def tenant_of_parent(parent: str, context: grpc.aio.ServicerContext | None) -> str:
-    """``tenants/{t}`` -> ``t`` if the verified caller may act for ``t``.
-
-    INVALID_ARGUMENT on ``parent`` when it is missing or malformed; NOT_FOUND for another tenant's
-    parent (as for any other tenant's resource); UNAUTHENTICATED when a request has no verified
-    caller at all (a server without ``backend_interceptors``). A servicer called without a context
-    (unit tests) is not checked.
-    """
-    if not parent:
-        raise InvalidArgument("parent", "required (tenants/{tenant})")
-    match = _PARENT.fullmatch(parent)
-    if match is None or not valid_tenant_id(match.group(1)):
-        raise InvalidArgument(
-            "parent", f"expected tenants/{{tenant}} ({TENANT_ID_RULE}), got {parent[:120]!r}"
-        )
-    tenant = match.group(1)
-    if context is None:
-        return tenant
-    caller = caller_of(context)
-    if caller is None:
-        raise Unauthenticated(
-            "sale stats need a verified caller (the gateway's assertion)", reason="GATEWAY_ASSERTION_REQUIRED"
-        )
-    if not caller.may_act_for(tenant):
-        raise NotFound(TENANT_TYPE, parent)
-    return tenant
-
-
-class SaleMonitorServicer(sale_monitor_pb2_grpc.SaleMonitorServiceServicer):
-    def __init__(self, monitor: SaleMonitor, *, interval: float = 1.0) -> None:
-        self.monitor = monitor
-        self.interval = interval
-
-    def _range(self, request, end_us: int | None) -> tuple[int, int]:
-        end = end_us if end_us is not None else self.monitor.now_us()
-        start = _us(request.start_time) if request.HasField("start_time") else end - 3_600_000_000
-        if start >= end:
-            raise InvalidArgument("start_time", "must be before end_time")
-        return start, end
-
-    async def GetSaleStats(self, request, context):
-        tenant = tenant_of_parent(request.parent, context)
-        scope = SaleScope.from_pb(request.scope)
-        end = _us(request.end_time) if request.HasField("end_time") else None
-        start, end = self._range(request, end)
-        return self.monitor.stats(scope, start, end, request.group_by, tenant=tenant)
-
-    async def WatchSale(self, request, context) -> AsyncIterator[sale_monitor_pb2.SaleStats]:
-        tenant = tenant_of_parent(request.parent, context)
-        scope = SaleScope.from_pb(request.scope)
-        start, _ = self._range(request, None)
-        while True:
-            end = max(self.monitor.now_us(), start + 1)
-            yield self.monitor.stats(scope, start, end, request.group_by, tenant=tenant)
-            await asyncio.sleep(self.interval)
-
-
-def sale_monitor_definition(monitor: SaleMonitor) -> tuple[list[str], object]:
-    servicer = SaleMonitorServicer(monitor)
-    name = sale_monitor_pb2.DESCRIPTOR.services_by_name["SaleMonitorService"].full_name
-    return [name], lambda server: sale_monitor_pb2_grpc.add_SaleMonitorServiceServicer_to_server(
-        servicer, server
-    )
-
-
-class MonitorSettings(RealtimeSettings):
-    #: Hours of stream the counters cover (replayed on start).
-    monitor_horizon_hours: float = 6.0
-    #: Retarget service (host:port) whose campaigns' rules are evaluated; empty = no rules.
-    retarget_target: str = ""
-    #: Seconds between two rule evaluations.
-    rules_interval_seconds: float = 1.0
-    #: Comma-separated tenant ids whose RUNNING campaigns' rules are evaluated.
-    rules_tenants: str = ""
-
-
-async def build(settings: MonitorSettings) -> ServiceDefinition:
-    bus = open_bus(settings.bus_url, shard_count=settings.bus_shards)
-    monitor = SaleMonitor(bus, horizon=timedelta(hours=settings.monitor_horizon_hours))
-    monitor.start()
-    names, register = sale_monitor_definition(monitor)
-    stops = [monitor.stop]
-    if settings.retarget_target:
-        from services.retarget.rules import RuleEngine
-
-        engine = RuleEngine.connect(
-            settings.retarget_target,
-            settings,
-            monitor,
-            store=open_store(settings.store_url),
-            interval=settings.rules_interval_seconds,
-        )
-        engine.start()
-        stops.insert(0, engine.stop)
-    return ServiceDefinition(
-        names=names,
-        register=register,
-        interceptors=backend_interceptors(settings),
-        on_stop=[*stops, bus.close],
-    )
-
-
-if __name__ == "__main__":
-    run_service("sale-monitor", MonitorSettings, build)
