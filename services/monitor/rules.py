@@ -1,6 +1,8 @@
 """Campaign rules (quick stop / boost / copy) over live sale metrics, acting through retarget's RPCs.
 
-Every ``interval`` seconds the engine lists the RUNNING campaigns of its tenants, and for each rule
+Every ``interval`` seconds the engine (on the one replica holding the rules lease, lease.py) lists
+the RUNNING campaigns of every tenant (``tenants/-``, as a platform principal; ``tenants`` narrows
+it), and for each rule
 with a ``scope`` reads the sale metrics of that scope (``SaleMonitor``) from the campaign's start
 (or creation) to now, compares ``metric`` with ``threshold``, and fires when the condition has held
 for ``sustain`` and the rule's ``cooldown`` has passed since its last firing. The metrics are those
@@ -40,6 +42,7 @@ from flashcrowd.retarget.v1 import campaign_pb2, retarget_service_pb2, retarget_
 from google.protobuf import field_mask_pb2, json_format
 
 from services.monitor.counters import SaleMonitor, SaleScope, metrics_of
+from services.monitor.lease import Lease, LocalLease
 from services.runtime import BaseServiceSettings, make_channel
 from services.runtime.assertion import platform_interceptors
 from services.runtime.scopes import CAMPAIGNS_READ, CAMPAIGNS_WRITE
@@ -89,10 +92,13 @@ class RuleEngine:
         store: ObjectStore | None = None,
         interval: float = 1.0,
         clock=time.monotonic,
+        lease: Lease | None = None,
     ) -> None:
         self.stub = stub
         self.monitor = monitor
+        #: Empty: every tenant's campaigns. Otherwise only these tenants'.
         self.tenants = tenants
+        self.lease: Lease = lease or LocalLease()
         self.store = store
         self.interval = interval
         self.clock = clock
@@ -151,22 +157,37 @@ class RuleEngine:
 
     # ---- evaluation -----------------------------------------------------------------------------
 
+    async def _running(self) -> list[campaign_pb2.Campaign]:
+        """RUNNING campaigns of every tenant (or of ``self.tenants``), all pages."""
+        parents = [f"tenants/{t}" for t in self.tenants] or ["tenants/-"]
+        campaigns: list[campaign_pb2.Campaign] = []
+        for parent in parents:
+            token = ""
+            while True:
+                reply = await self.stub.ListCampaigns(
+                    retarget_service_pb2.ListCampaignsRequest(
+                        parent=parent, page_size=1000, page_token=token, filter="state=RUNNING"
+                    )
+                )
+                campaigns.extend(reply.campaigns)
+                token = reply.next_page_token
+                if not token:
+                    break
+        return campaigns
+
     async def evaluate(self) -> list[campaign_pb2.RuleFiring]:
         fired: list[campaign_pb2.RuleFiring] = []
-        for tenant in self.tenants:
-            reply = await self.stub.ListCampaigns(
-                retarget_service_pb2.ListCampaignsRequest(parent=f"tenants/{tenant}", page_size=1000)
-            )
-            for campaign in reply.campaigns:
-                if campaign.state != campaign_pb2.Campaign.STATE_RUNNING:
-                    continue
-                if not campaign.name.startswith(f"tenants/{tenant}/"):
-                    logger.warning("listing of tenants/%s returned %s: skipped", tenant, campaign.name)
-                    continue
-                for rule in campaign.rules:
-                    firing = await self._evaluate_rule(campaign, rule, tenant)
-                    if firing is not None:
-                        fired.append(firing)
+        for campaign in await self._running():
+            if campaign.state != campaign_pb2.Campaign.STATE_RUNNING:
+                continue
+            tenant = campaign.name.split("/")[1]
+            if self.tenants and tenant not in self.tenants:
+                logger.warning("listing returned %s of another tenant: skipped", campaign.name)
+                continue
+            for rule in campaign.rules:
+                firing = await self._evaluate_rule(campaign, rule, tenant)
+                if firing is not None:
+                    fired.append(firing)
         return fired
 
     async def _evaluate_rule(self, campaign: campaign_pb2.Campaign, rule: campaign_pb2.Rule, tenant: str):
@@ -278,9 +299,15 @@ class RuleEngine:
     # ---- loop -----------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        leading = False
         while not self._stopping.is_set():
             try:
-                await self.evaluate()
+                holds = await self.lease.hold()
+                if holds and not leading:
+                    self.state.clear()  # cooldowns come back from the audit log (another leader's too)
+                leading = holds
+                if holds:
+                    await self.evaluate()
             except Exception:
                 logger.exception("rule evaluation failed")
             with contextlib.suppress(TimeoutError):
@@ -293,7 +320,8 @@ class RuleEngine:
     async def stop(self) -> None:
         self._stopping.set()
         if self._task is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception, asyncio.CancelledError):  # a task that died is done
                 await asyncio.wait_for(self._task, 10)
+        await self.lease.release()
         if self._channel is not None:
             await self._channel.close()

@@ -11,6 +11,7 @@ from datetime import timedelta
 from services.events.bus import open_bus
 from services.monitor.config import MonitorSettings
 from services.monitor.counters import SaleMonitor
+from services.monitor.lease import open_lease
 from services.monitor.rules import RuleEngine
 from services.monitor.servicer import sale_monitor_definition
 from services.runtime import ServiceDefinition
@@ -33,6 +34,7 @@ async def build(settings: MonitorSettings) -> ServiceDefinition:
             monitor,
             store=open_store(settings.store_url),
             interval=settings.rules_interval_seconds,
+            lease=open_lease(settings.bus_url, settings.rules_lease_seconds, settings.rules_lease_key),
         )
         engine.start()
         stops.insert(0, engine.stop)

@@ -143,6 +143,10 @@ def record_firing(tx: Tx, campaign: Row, firing: dict[str, Any] | None, outcome:
     if firing is None:
         return
     name = d.campaign_name(campaign["tenant"], campaign["campaign_id"])
+    # A retried action carries the same firing (rule id and fire time): it is audited once.
+    for known in rule_firings(tx, campaign["tenant"], name):
+        if known.get("rule_id") == firing["rule_id"] and known.get("fire_time_us") == firing["fire_time_us"]:
+            return
     audit(tx, campaign["tenant"], name, RULE_FIRING, {**firing, "outcome": outcome}, now)
 
 
@@ -323,11 +327,12 @@ def campaign_by_pk(tx: Tx, pk: int, *, lock: bool = False) -> Row | None:
 
 
 def list_campaigns(
-    tx: Tx, tenant: str, state: str | None, after: tuple[int, int] | None, limit: int
+    tx: Tx, tenant: str | None, state: str | None, after: tuple[int, int] | None, limit: int
 ) -> list[Row]:
-    """Newest first; ``after`` is the (create_us, id) of the previous page's last row."""
-    query = "SELECT * FROM campaigns WHERE tenant = ?"
-    params: list[Any] = [tenant]
+    """Newest first; ``after`` is the (create_us, id) of the previous page's last row; every
+    tenant's when ``tenant`` is None."""
+    query = "SELECT * FROM campaigns WHERE " + ("tenant = ?" if tenant is not None else "1 = 1")
+    params: list[Any] = [tenant] if tenant is not None else []
     if state:
         query += " AND state = ?"
         params.append(state)

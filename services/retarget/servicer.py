@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SOLD_OUT_REASONS = (d.OUT_OF_STOCK, d.BUDGET_EXHAUSTED)
+#: ListCampaigns parent naming every tenant (AIP-159), for platform principals only.
+ALL_TENANTS = "tenants/-"
 
 
 def _guard(context: grpc.aio.ServicerContext, tenant: str, resource_type: str, name: str) -> None:
@@ -143,8 +145,16 @@ class RetargetServicer(retarget_service_pb2_grpc.RetargetServiceServicer):
     async def ListCampaigns(
         self, request: retarget_service_pb2.ListCampaignsRequest, context: grpc.aio.ServicerContext
     ) -> retarget_service_pb2.ListCampaignsResponse:
-        tenant = validation.tenant_of_parent(request.parent)
-        _guard_parent(context, tenant)
+        tenant: str | None
+        if request.parent == ALL_TENANTS:
+            # AIP-159: every tenant's campaigns, for platform principals (the sale monitor's rules).
+            caller = caller_of(context)
+            if caller is not None and not caller.is_platform:
+                raise NotFound("flashcrowd.dev/Tenant", ALL_TENANTS)
+            tenant = None
+        else:
+            tenant = validation.tenant_of_parent(request.parent)
+            _guard_parent(context, tenant)
         size = validation.page_size(request.page_size)
         state = None
         text = request.filter.replace(" ", "")
