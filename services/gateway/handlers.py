@@ -1,4 +1,10 @@
-"""gRPC side of the gateway: generic handlers (bytes in, bytes out) for every served method."""
+"""gRPC side of the gateway: generic handlers (bytes in, bytes out) for every served method.
+
+gRPC core reads a request message (bounded by ``max_message_bytes``) before a handler runs; the
+handler admits the call (``Gateway.authenticate`` / ``authorize``: headers only) before it parses a
+byte of it, so an unauthenticated caller never costs a parse. The client address comes from the
+peer, or from trusted proxies' forwarding metadata (``client_address.py``).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from opentelemetry import trace
 
 from services.gateway import catalog
 from services.gateway.catalog import METHODS, MethodInfo
+from services.gateway.client_address import grpc_peer_host
 from services.gateway.proxy import CALLER_HEADERS, BackendError, Gateway, HeaderLookup
 from services.runtime import ServiceError, Unauthenticated, attributes
 
@@ -29,6 +36,20 @@ def metadata_lookup(context: grpc.aio.ServicerContext) -> HeaderLookup:
     return found.get
 
 
+def client_address(gateway: Gateway, context: grpc.aio.ServicerContext) -> str:
+    """The caller's address: the peer's, or what trusted proxies forwarded in the metadata."""
+    addresses = gateway.client_addresses
+    peer = grpc_peer_host(context.peer() or "")
+    if not addresses.trusted:
+        return peer
+    forwarded = [
+        value
+        for key, value in (item[:2] for item in context.invocation_metadata() or ())
+        if key == addresses.header and isinstance(value, str)
+    ]
+    return addresses.resolve(peer, forwarded)
+
+
 async def _abort(context: grpc.aio.ServicerContext, error: BackendError) -> None:
     await context.abort(error.code, error.details, error.trailing_metadata())
 
@@ -37,7 +58,11 @@ def _unary_unary(gateway: Gateway, info: MethodInfo) -> Callable[..., Any]:
     async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
             return await gateway.unary(
-                info, request, metadata_lookup(context), context.time_remaining(), peer=context.peer()
+                info,
+                request,
+                metadata_lookup(context),
+                context.time_remaining(),
+                client=client_address(gateway, context),
             )
         except BackendError as error:
             await _abort(context, error)
@@ -60,10 +85,12 @@ class _StreamCall:
         self.header: HeaderLookup | None = None
         self.acquired = False
         self.limit_key = ""
+        self.client = ""
 
     async def admit(self) -> None:
         self.header = metadata_lookup(self.context)
-        self.principal = await self.gateway.admit(self.info, self.header, self.context.peer())
+        self.client = client_address(self.gateway, self.context)
+        self.principal = await self.gateway.admit(self.info, self.header, self.client)
         self.tenant = self.principal.tenant or ""
         trace.get_current_span().set_attribute(attributes.TENANT, self.tenant)
         self.limit_key = self.principal.limit_key

@@ -1,4 +1,10 @@
-"""The generic proxy: admit a call (auth, scope, limits), check its resources, forward raw bytes.
+"""The generic proxy: admit a call (auth, limits, scope), check its resources, forward raw bytes.
+
+Admission comes first and reads nothing but headers: ``authenticate`` (credential, then the
+failed-authentication limiter, which never refuses a valid credential) and ``authorize`` (the rate
+limit, then the scope). Only an admitted call gets its request parsed: gRPC has read the message by
+then (its size bounded by the server), and HTTP reads its body only after admission
+(``Gateway.unary``'s ``read_message``), so an anonymous request never costs a JSON parse.
 
 Request bytes are parsed at most once (only for methods whose request carries resource names) and
 forwarded unchanged, so the gateway never re-serialises a message; responses are relayed as bytes.
@@ -17,7 +23,7 @@ import random
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -28,11 +34,13 @@ from opentelemetry import trace
 
 from services.gateway import catalog
 from services.gateway.admin import GatewayApi
-from services.gateway.auth import Authenticator, Principal
+from services.gateway.auth import Authenticator, Principal, credential_id
 from services.gateway.catalog import MethodInfo, iter_resource_values
+from services.gateway.client_address import ClientAddresses
 from services.gateway.config import GatewaySettings
+from services.gateway.key_directory import KeyDirectory
 from services.gateway.keystore import open_keystore
-from services.gateway.limits import AuthFailureLimiter, RateLimiter, RetryBudget, StreamLimiter, peer_address
+from services.gateway.limits import AuthFailureLimiter, RateLimiter, RetryBudget, StreamLimiter
 from services.gateway.metrics import GatewayMetrics
 from services.runtime import (
     DeadlineExceeded,
@@ -156,15 +164,19 @@ class Gateway:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
+        self.metrics = GatewayMetrics()
         self.store = open_keystore(settings.keystore_url, settings.keystore_path)
-        self.authenticator = Authenticator(settings, self.store)
-        self.api = GatewayApi(self.store, self.authenticator)
-        self.local_handlers = self.api.handlers()
+        self.key_directory = KeyDirectory(
+            self.store, min_refresh_seconds=settings.key_directory_refresh_seconds
+        )
+        self.authenticator = Authenticator(settings, self.store, self.key_directory)
+        self.client_addresses = ClientAddresses(settings.trusted_proxies, settings.client_address_header)
         self.rate_limiter = RateLimiter(settings)
         self.streams = StreamLimiter(settings.max_streams_per_tenant)
-        self.auth_failures = AuthFailureLimiter(settings.auth_failure_limit)
+        self.auth_failures = AuthFailureLimiter(
+            settings.auth_failure_limit, settings.auth_failure_address_limit
+        )
         self.retry_budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_min_per_second)
-        self.metrics = GatewayMetrics()
         self.backends: dict[str, BackendPool] = {
             catalog.AUDIENCE: BackendPool(catalog.AUDIENCE, settings.audience_target, settings),
             catalog.RETARGET: BackendPool(catalog.RETARGET, settings.retarget_target, settings),
@@ -172,24 +184,38 @@ class Gateway:
         }
         self.operation_routes = _OperationRoutes()
         self.signer = AssertionSigner(settings_key(settings))
+        self.api = GatewayApi(self.store, self.authenticator)
+        self.local_handlers = self.api.handlers()
         #: Backend attempts made, per method (tests and the bench read it).
         self.attempts: dict[str, int] = {}
 
     async def close(self) -> None:
+        await self.key_directory.close()
         await asyncio.gather(*(pool.close() for pool in self.backends.values()))
         self.store.close()
 
     # --- admission ---------------------------------------------------------------------------
-    async def admit(self, info: MethodInfo, header: HeaderLookup, peer: str = "") -> Principal:
-        """Authenticate, check the scope, bind the tenant and take a rate-limit token."""
-        address = peer_address(peer)
-        if address:
-            self.auth_failures.check(address)
+    async def authenticate(self, header: HeaderLookup, client: str = "") -> Principal:
+        """The caller's principal, or Unauthenticated; past the failed-authentication limits of
+        (client, credential id) a failure is answered RESOURCE_EXHAUSTED instead. A valid credential
+        is never refused here."""
         try:
-            principal = await self.authenticator.authenticate(header)
+            return await self.authenticator.authenticate(header)
         except Unauthenticated:
-            if address:
-                self.auth_failures.failed(address)
+            refusal = self.auth_failures.failed(client or "unknown", credential_id(header))
+            self.metrics.auth_failures.add(1, {"outcome": "limited" if refusal else "unauthenticated"})
+            if refusal is not None:
+                raise refusal from None
+            raise
+
+    def authorize(self, info: MethodInfo, principal: Principal) -> None:
+        """Take a rate-limit token (refused calls too, so refusals cannot flood), then check the scope."""
+        try:
+            self.rate_limiter.check(principal.limit_key, info.full)
+        except ResourceExhausted:
+            self.metrics.rate_limited.add(
+                1, {attributes.TENANT: principal.tenant or "", "rpc.method": info.name}
+            )
             raise
         if not principal.allows(info.scopes):
             raise PermissionDenied(
@@ -202,13 +228,11 @@ class Gateway:
                 "system credentials cannot call tenant APIs; use a tenant or platform key",
                 reason="TENANT_REQUIRED",
             )
-        try:
-            self.rate_limiter.check(principal.limit_key, info.full)
-        except ResourceExhausted:
-            self.metrics.rate_limited.add(
-                1, {attributes.TENANT: principal.tenant or "", "rpc.method": info.name}
-            )
-            raise
+
+    async def admit(self, info: MethodInfo, header: HeaderLookup, client: str = "") -> Principal:
+        """Authenticate, take a rate-limit token and check the scope."""
+        principal = await self.authenticate(header, client)
+        self.authorize(info, principal)
         return principal
 
     def check_resources(self, info: MethodInfo, message: Message, principal: Principal) -> None:
@@ -271,25 +295,34 @@ class Gateway:
         time_remaining: float | None,
         *,
         message: Message | None = None,
+        read_message: Callable[[], Awaitable[Message]] | None = None,
         transport: str = "grpc",
-        peer: str = "",
+        client: str = "",
     ) -> bytes:
-        """Admit, check and forward one unary call; raises ServiceError or BackendError."""
+        """Admit, check and forward one unary call; raises ServiceError or BackendError.
+
+        ``read_message`` (HTTP) produces the request only once the call is admitted: nothing of
+        the body is read or parsed for a caller that is refused.
+        """
         started = time.perf_counter()
         tenant = ""
         code = 0
+        request: Message | None = message
         try:
-            principal = await self.admit(info, header, peer)
+            principal = await self.admit(info, header, client)
             tenant = principal.tenant or ""
             if tenant:
                 trace.get_current_span().set_attribute(attributes.TENANT, tenant)
+            if read_message is not None:
+                request = await read_message()
+                data = request.SerializeToString()
             if info.backend == catalog.LOCAL:
-                request = message if message is not None else self.parse(info, data)
+                request = request if request is not None else self.parse(info, data)
                 response = await self.local_handlers[info.name](principal, request)
                 return response.SerializeToString()
             # Parsed once: a malformed request is INVALID_ARGUMENT here rather than a backend's
             # deserialisation failure (INTERNAL); the bytes forwarded are still the caller's own.
-            request = message if message is not None else self.parse(info, data)
+            request = request if request is not None else self.parse(info, data)
             if info.checks_resources:
                 self.check_resources(info, request, principal)
             deadline = self.deadline(time_remaining)
