@@ -104,6 +104,21 @@ class GatewaySettings(BaseServiceSettings):
     #: Largest metadata (all headers of one call) accepted, in bytes.
     max_metadata_bytes: int = Field(default=16 * 1024, ge=1024)
 
+    # --- tenant deletion (purge.py) -------------------------------------------------------
+    #: Undelete window of a deleted tenant; after it the tenant's packs, live packs and campaigns are
+    #: purged. 0 purges right after DeleteTenant.
+    tenant_purge_after_seconds: float = Field(default=7 * 86_400.0, ge=0)
+    #: How often each replica looks for deleted tenants due for a purge (and retries failed ones).
+    tenant_purge_interval_seconds: float = Field(default=300.0, gt=0)
+    #: How long a replica holds a purge before another may take it over (a crashed purger's lease).
+    tenant_purge_lease_seconds: float = Field(default=900.0, gt=0)
+
+    # --- audit log (audit.py) -------------------------------------------------------------
+    #: Entries waiting to be written; when full, new entries are dropped (counted and logged).
+    audit_queue_size: int = Field(default=10_000, ge=1)
+    #: Entries written per transaction.
+    audit_batch_size: int = Field(default=500, ge=1, le=10_000)
+
     # --- HTTP/JSON ------------------------------------------------------------------------
     #: Port of the HTTP/JSON side; 0 picks a free one, -1 disables it.
     http_port: int = Field(default=8080, ge=-1, le=65535)

@@ -9,7 +9,7 @@ failed-authentication and rate limits are checked first, and only then is the bo
 with 413 past ``http_max_body_bytes``, by its Content-Length before reading when it has one) and
 parsed. An anonymous or unauthenticated request is answered 401 with its body unread (the
 connection is then closed rather than kept alive, so the unread body is never parsed as a next
-request). The client address for the failed-authentication limits comes from ``client_address.py``
+request). The client address for the limits and the audit log comes from ``client_address.py``
 (the peer, or trusted proxies' ``X-Forwarded-For`` / ``Forwarded``).
 
 Errors are Google's JSON error shape::
@@ -285,6 +285,7 @@ class HttpFrontend:
                 read_message=read_message,
                 transport="http",
                 client=self.client_address(request),
+                resource_hint=tuple(path_values.values()),
             )
             reply = route.info.response_class.FromString(raw_response)
             return web.json_response(json_format.MessageToDict(reply))

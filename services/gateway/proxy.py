@@ -9,7 +9,8 @@ then (its size bounded by the server), and HTTP reads its body only after admiss
 Request bytes are parsed at most once (only for methods whose request carries resource names) and
 forwarded unchanged, so the gateway never re-serialises a message; responses are relayed as bytes.
 gRPC handlers (``grpc_handlers``) and the HTTP/JSON side (``http.py``) share ``Gateway.unary`` so
-both transports enforce exactly the same rules.
+both transports enforce exactly the same rules. Audited methods (``catalog.MethodInfo.audited``)
+leave an entry in the audit log (``audit.py``) once answered.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from opentelemetry import trace
 
 from services.gateway import catalog
 from services.gateway.admin import GatewayApi
+from services.gateway.audit import AuditEntry, AuditLog, acted_on, request_resources, status_name
 from services.gateway.auth import Authenticator, Principal, credential_id
 from services.gateway.catalog import MethodInfo, iter_resource_values
 from services.gateway.client_address import ClientAddresses
@@ -42,6 +44,7 @@ from services.gateway.key_directory import KeyDirectory
 from services.gateway.keystore import open_keystore
 from services.gateway.limits import AuthFailureLimiter, RateLimiter, RetryBudget, StreamLimiter
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.purge import TenantPurger
 from services.runtime import (
     DeadlineExceeded,
     InvalidArgument,
@@ -56,7 +59,7 @@ from services.runtime import (
     instrumented_channel,
     retry_service_config,
 )
-from services.runtime.assertion import AssertionSigner, settings_key
+from services.runtime.assertion import AssertionSigner, Caller, settings_key
 from services.runtime.errors import STATUS_DETAILS_KEY
 
 logger = logging.getLogger(__name__)
@@ -171,6 +174,12 @@ class Gateway:
         )
         self.authenticator = Authenticator(settings, self.store, self.key_directory)
         self.client_addresses = ClientAddresses(settings.trusted_proxies, settings.client_address_header)
+        self.audit = AuditLog(
+            self.store,
+            self.metrics,
+            queue_size=settings.audit_queue_size,
+            batch_size=settings.audit_batch_size,
+        )
         self.rate_limiter = RateLimiter(settings)
         self.streams = StreamLimiter(settings.max_streams_per_tenant)
         self.auth_failures = AuthFailureLimiter(
@@ -184,13 +193,21 @@ class Gateway:
         }
         self.operation_routes = _OperationRoutes()
         self.signer = AssertionSigner(settings_key(settings))
-        self.api = GatewayApi(self.store, self.authenticator)
+        self.purger = TenantPurger(self)
+        self.api = GatewayApi(self)
         self.local_handlers = self.api.handlers()
         #: Backend attempts made, per method (tests and the bench read it).
         self.attempts: dict[str, int] = {}
 
+    async def start(self) -> None:
+        """Start the background tasks (audit writer, periodic purge); needs the running loop."""
+        self.audit.start()
+        self.purger.start()
+
     async def close(self) -> None:
+        await self.purger.close()
         await self.key_directory.close()
+        await self.audit.close(timeout=max(self.settings.grace_seconds, 1.0))
         await asyncio.gather(*(pool.close() for pool in self.backends.values()))
         self.store.close()
 
@@ -234,6 +251,35 @@ class Gateway:
         principal = await self.authenticate(header, client)
         self.authorize(info, principal)
         return principal
+
+    def audit_entry(
+        self,
+        info: MethodInfo,
+        principal: Principal,
+        request: Message | None,
+        code: int,
+        *,
+        transport: str,
+        client: str,
+        header: HeaderLookup,
+        resource_hint: Sequence[str] = (),
+    ) -> AuditEntry:
+        resources = request_resources(info, request) or tuple(resource_hint)
+        request_id = header("x-request-id") or ""
+        return AuditEntry(
+            time=time.time(),
+            tenant=acted_on(principal.tenant, resources),
+            principal_kind=principal.kind,
+            principal_tenant=principal.tenant or "",
+            subject=principal.subject,
+            auth_method=principal.method,
+            method=info.full,
+            resources=resources,
+            status_code=status_name(code),
+            transport=transport,
+            client_address=client,
+            request_id=request_id if _REQUEST_ID.fullmatch(request_id) else "",
+        )
 
     def check_resources(self, info: MethodInfo, message: Message, principal: Principal) -> None:
         """Every resource name in the request must be under ``tenants/{caller}``; else NOT_FOUND.
@@ -298,6 +344,7 @@ class Gateway:
         read_message: Callable[[], Awaitable[Message]] | None = None,
         transport: str = "grpc",
         client: str = "",
+        resource_hint: Sequence[str] = (),
     ) -> bytes:
         """Admit, check and forward one unary call; raises ServiceError or BackendError.
 
@@ -307,9 +354,17 @@ class Gateway:
         started = time.perf_counter()
         tenant = ""
         code = 0
+        principal: Principal | None = None
         request: Message | None = message
+        audited = False
         try:
-            principal = await self.admit(info, header, client)
+            principal = await self.authenticate(header, client)
+            audited = info.audited
+            try:
+                self.authorize(info, principal)
+            except ResourceExhausted:
+                audited = False  # rate-limited: nothing happened, and floods must not fill the log
+                raise
             tenant = principal.tenant or ""
             if tenant:
                 trace.get_current_span().set_attribute(attributes.TENANT, tenant)
@@ -348,6 +403,38 @@ class Gateway:
             self.metrics.record(
                 info.service, info.name, tenant, code, time.perf_counter() - started, transport
             )
+            if audited and principal is not None:
+                if request is None and data:
+                    request = self._parse_quietly(info, data)
+                self.audit.record(
+                    self.audit_entry(
+                        info,
+                        principal,
+                        request,
+                        code,
+                        transport=transport,
+                        client=client,
+                        header=header,
+                        resource_hint=resource_hint,
+                    )
+                )
+
+    def _parse_quietly(self, info: MethodInfo, data: bytes) -> Message | None:
+        """The request of a refused call, for its audit entry; None if it does not parse."""
+        try:
+            return self.parse(info, data)
+        except InvalidArgument:
+            return None
+
+    async def forward_as(
+        self, caller: Caller, info: MethodInfo, request: Message, backend: str = ""
+    ) -> bytes:
+        """Call a backend as ``caller`` (the gateway's own work, e.g. the purge): through the same
+        pools, retries and budget as proxied calls, with an assertion signed for ``info``'s method."""
+        metadata = (self.signer.metadata(caller, info.full),)
+        deadline = asyncio.get_running_loop().time() + self.settings.default_deadline_seconds
+        pool = self.backends[backend or info.backend]
+        return await self._forward(pool, info, request.SerializeToString(), metadata, deadline)
 
     async def _forward(
         self,

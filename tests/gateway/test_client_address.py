@@ -8,12 +8,14 @@ import grpc
 import pytest
 from flashcrowd.audience.v1 import audience_service_pb2 as pb
 from flashcrowd.audience.v1 import audience_service_pb2_grpc as pb_grpc
+from flashcrowd.gateway.v1 import gateway_service_pb2 as gw
+from flashcrowd.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
 
 from services.gateway.client_address import ClientAddresses, grpc_peer_host, parse_address
 from services.gateway.config import GatewaySettings
 from services.runtime import ConfigError, error_details, load_settings
 
-from .conftest import gateway_settings, start_stack
+from .conftest import BOOTSTRAP, PLATFORM, gateway_settings, start_stack
 
 PROXIES = ["10.0.0.0/8", "192.0.2.7"]
 
@@ -83,8 +85,8 @@ BAD = "fc_0123456789abcdef_" + "x" * 43
 @pytest.mark.parametrize("trusted", [False, True])
 async def test_forwarded_addresses_end_to_end(tmp_path, rsa_public_pem, fake_backend, trusted: bool) -> None:
     """Failed authentications are limited per client address: with the loopback trusted as a proxy,
-    two clients behind it (different X-Forwarded-For) have separate budgets; without it, the header is
-    a spoof and both share the peer's budget."""
+    two clients behind it (different X-Forwarded-For) have separate budgets and the audit log names
+    the forwarded address; without it, the header is a spoof and both share the peer's budget."""
     settings = gateway_settings(
         tmp_path,
         rsa_public_pem,
@@ -116,6 +118,19 @@ async def test_forwarded_addresses_end_to_end(tmp_path, rsa_public_pem, fake_bac
             assert await http_status("198.51.100.1") == 429  # same budget as over gRPC
             assert await http_status("198.51.100.3") == (401 if trusted else 429)
 
+            # The audit log records the client address the gateway decided on.
+            boot = {"X-Api-Key": BOOTSTRAP, "X-Forwarded-For": "198.51.100.9"}
+            async with session.post(
+                "/v1/platform/apiKeys", json={"scopes": PLATFORM}, headers=boot
+            ) as response:
+                assert response.status == 200, await response.text()
+        admin = gw_grpc.GatewayServiceStub(stack.channel)
+        boot_md = (("x-api-key", BOOTSTRAP),)
+        listed = await admin.ListAuditEntries(
+            gw.ListAuditEntriesRequest(parent="tenants/-", method="CreateApiKey"), metadata=boot_md
+        )
+        addresses = {entry.client_address for entry in listed.audit_entries if entry.transport == "http"}
+        assert addresses == {"198.51.100.9" if trusted else "127.0.0.1"}
         details = error_details(await _refused(stub, get))
         assert details.reason == "AUTH_FAILURES"
     finally:

@@ -1,5 +1,5 @@
 """The key store on SQLite and PostgreSQL: migration of a store made by the first gateway, key expiry
-and listing, soft deletion with undelete, purge leases."""
+and listing, soft deletion with undelete, purge leases, the audit table."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from services.gateway.audit import AuditEntry, list_entries, write_entries
 from services.gateway.keystore import (
     PLATFORM_OWNER,
     REVOKED_BY_CALL,
@@ -102,6 +103,8 @@ def test_an_old_store_is_migrated(store: KeyStore, backend: str, tmp_path: Path,
     )
     try:
         assert again.get_key("00000000000000aa") == old
+        write_entries(again, [entry("old")])
+        assert [e.tenant for e in list_entries(store, tenant="old")] == ["old"]
     finally:
         again.close()
 
@@ -179,3 +182,36 @@ def test_purge_claims_are_exclusive_and_end_the_undelete_window(store: KeyStore)
     assert done.purge_time is not None and done.purge_error == "" and done.purge_attempts == 2
     assert store.claim_purge("acme", purge_after=0, lease_seconds=60, force=True) is False
     assert store.due_purges(purge_after=0) == []
+
+
+def entry(
+    tenant: str, method: str = "/flashcrowd.audience.v1.AudienceService/DeletePack", at: float = 0.0
+) -> AuditEntry:
+    return AuditEntry(
+        time=at or time.time(),
+        tenant=tenant,
+        principal_kind="tenant",
+        principal_tenant=tenant,
+        subject="k1",
+        auth_method="api_key",
+        method=method,
+        resources=(f"tenants/{tenant}/packs/p1",),
+        status_code="OK",
+        transport="grpc",
+        client_address="192.0.2.1",
+        request_id="r1",
+    )
+
+
+def test_audit_table(store: KeyStore) -> None:
+    write_entries(
+        store, [entry("acme", at=100.0), entry("beta", at=200.0), entry("acme", "/x.Y/Z", at=300.0)]
+    )
+    newest_first = list_entries(store, tenant=None)
+    assert [(e.tenant, e.time) for e in newest_first] == [("acme", 300.0), ("beta", 200.0), ("acme", 100.0)]
+    assert newest_first[0].resources == ("tenants/acme/packs/p1",) and newest_first[0].entry_id is not None
+    assert [e.time for e in list_entries(store, tenant="acme")] == [300.0, 100.0]
+    assert [e.time for e in list_entries(store, tenant="acme", method="/x.Y/Z")] == [300.0]
+    assert [e.time for e in list_entries(store, tenant=None, start_time=150.0, end_time=300.0)] == [200.0]
+    first = list_entries(store, tenant=None, limit=1)[0]
+    assert [e.time for e in list_entries(store, tenant=None, before_id=first.entry_id)] == [200.0, 100.0]
