@@ -14,14 +14,15 @@ tenant acted on (the caller's own, or the tenant of the first resource for platf
 principals: a tenant admin sees what the platform and the system admins did to its tenant), when,
 and the status code.
 
-Writing never slows a call: ``AuditLog.record`` puts the entry on a bounded queue and returns; one
-writer task drains it in batches (one transaction each, in a worker thread) into
-``gateway_audit_log`` in the key store, so every replica writes to the same table (SQLite or
-PostgreSQL). Each entry is also logged as a structured JSON line (logger ``flashcrowd.audit``,
-field ``audit``) before its batch is written, so the log holds it even when the database is down.
-When the queue is full the entry is dropped, counted (``flashcrowd.gateway.audit.dropped``) and
-logged (at most one warning per ``DROP_LOG_SECONDS``); a batch that still fails after
-``WRITE_ATTEMPTS`` is dropped the same way. ``close`` flushes what is queued (shutdown).
+Writing never slows a call: ``AuditLog.record`` puts the entry on a bounded queue and returns (the
+request's resource names are read later, by the writer); one writer task drains it in batches (one
+transaction each, in a worker thread) into ``gateway_audit_log`` in the key store, so every replica
+writes to the same table (SQLite or PostgreSQL). Each entry is also logged as a structured JSON line
+(logger ``flashcrowd.audit``, field ``audit``; ``FLASHCROWD_AUDIT_LOG_LINES=false`` turns that off)
+before its batch is written, so the log holds it even when the database is down. When the queue is
+full the entry is dropped, counted (``flashcrowd.gateway.audit.dropped``) and logged (at most one
+warning per ``DROP_LOG_SECONDS``); a batch that still fails after ``WRITE_ATTEMPTS`` is dropped the
+same way. ``close`` flushes what is queued (shutdown).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 import grpc
 from google.protobuf.message import Message
@@ -72,15 +73,31 @@ class AuditEntry:
     client_address: str = ""
     request_id: str = ""
     entry_id: int | None = None
+    #: ``(method, request, resource_hint)`` whose resources (and the tenant acted on) are read by the
+    #: writer, off the call path (``resolved``); None once resolved.
+    pending: tuple[MethodInfo, Message | None, tuple[str, ...]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     @property
     def name(self) -> str:
         prefix = f"tenants/{self.tenant}/" if self.tenant else ""
         return f"{prefix}auditEntries/{self.entry_id}"
 
+    def resolved(self) -> AuditEntry:
+        """The entry with its resources and tenant filled in from the pending request."""
+        if self.pending is None:
+            return self
+        info, request, hint = self.pending
+        resources = request_resources(info, request) or hint
+        return replace(
+            self, resources=resources, tenant=acted_on(self.principal_tenant, resources), pending=None
+        )
+
     def to_log(self) -> dict[str, object]:
-        fields = asdict(self)
+        fields = asdict(replace(self, pending=None))
         fields.pop("entry_id")
+        fields.pop("pending")
         fields["resources"] = list(self.resources)
         return fields
 
@@ -205,10 +222,12 @@ class AuditLog:
         *,
         queue_size: int = 10_000,
         batch_size: int = 500,
+        log_lines: bool = True,
     ) -> None:
         self.store = store
         self.metrics = metrics
         self.batch_size = batch_size
+        self.log_lines = log_lines
         self._queue: asyncio.Queue[AuditEntry] = asyncio.Queue(maxsize=queue_size)
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
@@ -283,7 +302,7 @@ class AuditLog:
     async def _write(self, batch: list[AuditEntry]) -> None:
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             try:
-                await asyncio.to_thread(self._write_batch, batch, attempt == 1)
+                await asyncio.to_thread(self._write_batch, batch, self.log_lines and attempt == 1)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -299,6 +318,7 @@ class AuditLog:
                 return
 
     def _write_batch(self, batch: list[AuditEntry], log: bool) -> None:
+        batch[:] = [entry.resolved() for entry in batch]
         if log:
             for entry in batch:
                 audit_logger.info(

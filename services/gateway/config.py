@@ -118,6 +118,9 @@ class GatewaySettings(BaseServiceSettings):
     audit_queue_size: int = Field(default=10_000, ge=1)
     #: Entries written per transaction.
     audit_batch_size: int = Field(default=500, ge=1, le=10_000)
+    #: Also log every entry as a JSON line (logger ``flashcrowd.audit``); off leaves only the table
+    #: (member-level calls of ad serving can make thousands of entries a second).
+    audit_log_lines: bool = True
 
     # --- HTTP/JSON ------------------------------------------------------------------------
     #: Port of the HTTP/JSON side; 0 picks a free one, -1 disables it.

@@ -35,7 +35,7 @@ from opentelemetry import trace
 
 from services.gateway import catalog
 from services.gateway.admin import GatewayApi
-from services.gateway.audit import AuditEntry, AuditLog, acted_on, request_resources, status_name
+from services.gateway.audit import AuditEntry, AuditLog, status_name
 from services.gateway.auth import Authenticator, Principal, credential_id
 from services.gateway.catalog import MethodInfo, iter_resource_values
 from services.gateway.client_address import ClientAddresses
@@ -179,6 +179,7 @@ class Gateway:
             self.metrics,
             queue_size=settings.audit_queue_size,
             batch_size=settings.audit_batch_size,
+            log_lines=settings.audit_log_lines,
         )
         self.rate_limiter = RateLimiter(settings)
         self.streams = StreamLimiter(settings.max_streams_per_tenant)
@@ -264,21 +265,21 @@ class Gateway:
         header: HeaderLookup,
         resource_hint: Sequence[str] = (),
     ) -> AuditEntry:
-        resources = request_resources(info, request) or tuple(resource_hint)
         request_id = header("x-request-id") or ""
         return AuditEntry(
             time=time.time(),
-            tenant=acted_on(principal.tenant, resources),
+            tenant=principal.tenant or "",
             principal_kind=principal.kind,
             principal_tenant=principal.tenant or "",
             subject=principal.subject,
             auth_method=principal.method,
             method=info.full,
-            resources=resources,
+            resources=(),
             status_code=status_name(code),
             transport=transport,
             client_address=client,
             request_id=request_id if _REQUEST_ID.fullmatch(request_id) else "",
+            pending=(info, request, tuple(resource_hint)),
         )
 
     def check_resources(self, info: MethodInfo, message: Message, principal: Principal) -> None:

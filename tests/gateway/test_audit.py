@@ -218,3 +218,18 @@ def _ts(seconds: float) -> timestamp_pb2.Timestamp:
     value = timestamp_pb2.Timestamp()
     value.FromNanoseconds(int(seconds * 1e9))
     return value
+
+
+async def test_log_lines_can_be_turned_off(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="flashcrowd.audit")
+    store = SqliteKeyStore(str(tmp_path / "audit.sqlite3"))
+    log = AuditLog(store, log_lines=False)
+    log.start()
+    try:
+        log.record(_entry(1))
+        await log.flush(timeout=5)
+        assert log.written == 1
+        assert not [record for record in caplog.records if record.name == "flashcrowd.audit"]
+    finally:
+        await log.close()
+        store.close()
