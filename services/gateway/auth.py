@@ -1,12 +1,19 @@
-"""Who is calling: API keys (hashed in a small SQLite store) and JWT bearer tokens (HS256 / RS256).
+"""Who is calling: API keys (hashed in the key store) and JWT bearer tokens (HS256 / RS256).
 
 Credentials travel as ``authorization: Bearer <jwt or api key>`` or ``x-api-key: <api key>``.
 
 API keys look like ``fc_<key id>_<secret>``: the id (16 hex chars) finds the row in the key store
 (``keystore.py``), the SHA-256 of the secret is compared in constant time. The secret has 256 bits of
 entropy, so a fast hash is enough (a slow password hash protects guessable secrets, which these are
-not) and keeps every call cheap. Store lookups are cached for ``auth_cache_seconds`` (revocations
-through this replica clear the cache at once) and run in a worker thread on a miss.
+not) and keeps every call cheap. Key ids are not secrets (they name keys in listings and audit
+entries): an id the key directory (``key_directory.py``) does not know is refused without a store
+lookup, so made-up keys never reach the store. Store lookups are cached for ``auth_cache_seconds``
+(revocations through this replica clear the cache at once) and run in a worker thread on a miss.
+Keys may expire (``expire_time``): an expired key is UNAUTHENTICATED with reason API_KEY_EXPIRED.
+
+``credential_id`` names the credential a request presented without checking it (the key id, a hash
+of anything else, or "none"): the failed-authentication limiter (``limits.py``) counts per client
+address and credential id, so one stale key behind a NAT never locks out the valid keys beside it.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Any, Literal
 import jwt
 
 from services.gateway.config import GatewaySettings
+from services.gateway.key_directory import KeyDirectory
 from services.gateway.keystore import PLATFORM_OWNER, KeyRecord, KeyStore, TenantRecord, sha256
 from services.runtime import Unauthenticated
 from services.runtime.assertion import Caller
@@ -182,11 +190,35 @@ def _claim_scopes(claims: dict[str, Any]) -> frozenset[str]:
     return frozenset(items) & ALL_SCOPES
 
 
+def credential_id(header: Callable[[str], str | None]) -> str:
+    """What the failed-authentication limiter counts a request under, without verifying anything.
+
+    ``key:<key id>`` for an ``fc_`` API key (so a stale key is counted apart from its neighbours'),
+    ``hash:<16 hex>`` of any other presented credential (tokens, malformed keys), ``none`` without one.
+    """
+    authorization = header("authorization")
+    presented = header("x-api-key")
+    if authorization is not None:
+        presented = authorization.strip().partition(" ")[2].strip() or authorization
+    if presented is None:
+        return "none"
+    presented = presented.strip()
+    match = API_KEY.fullmatch(presented[:MAX_CREDENTIAL_LENGTH])
+    if match is not None:
+        return f"key:{match.group(1)}"
+    return "hash:" + sha256(presented[:MAX_CREDENTIAL_LENGTH]).hex()[:16]
+
+
 class Authenticator:
     """Turns request headers into a Principal or raises Unauthenticated."""
 
-    def __init__(self, settings: GatewaySettings, store: KeyStore) -> None:
+    def __init__(
+        self, settings: GatewaySettings, store: KeyStore, directory: KeyDirectory | None = None
+    ) -> None:
         self.store = store
+        self.directory = directory or KeyDirectory(
+            store, min_refresh_seconds=settings.key_directory_refresh_seconds
+        )
         self.jwt = JwtVerifier(
             hs256_secret=settings.jwt_hs256_secret.get_secret_value() if settings.jwt_hs256_secret else None,
             rs256_public_key=settings.jwt_rs256_public_key,
@@ -243,13 +275,17 @@ class Authenticator:
         if match is None:
             raise Unauthenticated("invalid API key", reason="INVALID_API_KEY")
         key_id, secret = match.groups()
-        record: KeyRecord | None = await self._keys.get(key_id, lambda: self.store.get_key(key_id))
-        # Hash and compare even for unknown ids so that timing does not tell which ids exist.
+        record: KeyRecord | None = None
+        if await self.directory.contains(key_id):  # made-up ids never reach the store
+            record = await self._keys.get(key_id, lambda: self.store.get_key(key_id))
+        # Hash and compare for unknown ids too, so that they cost what a wrong secret costs.
         expected = record.secret_sha256 if record is not None else b"\0" * 32
         if not hmac.compare_digest(sha256(secret), expected) or record is None:
             raise Unauthenticated("invalid API key", reason="INVALID_API_KEY")
         if record.revoke_time is not None:
             raise Unauthenticated("API key revoked", reason="API_KEY_REVOKED")
+        if record.expired(time.time()):
+            raise Unauthenticated("API key expired", reason="API_KEY_EXPIRED")
         if record.tenant == PLATFORM_OWNER:
             return Principal(
                 tenant=None, scopes=record.scopes, method="api_key", subject=key_id, kind="platform"
@@ -286,4 +322,4 @@ class Authenticator:
         return Principal(tenant=tenant, scopes=scopes, method="jwt", subject=subject)
 
 
-__all__ = ["Authenticator", "JwtVerifier", "Principal"]
+__all__ = ["Authenticator", "JwtVerifier", "Principal", "credential_id"]

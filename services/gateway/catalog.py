@@ -123,10 +123,17 @@ SCOPES: dict[str, frozenset[str]] = {
     "Operations/DeleteOperation": _S({PACKS_WRITE, CAMPAIGNS_WRITE}),
     "Operations/CancelOperation": _S({PACKS_WRITE, CAMPAIGNS_WRITE}),
     "GatewayService/WhoAmI": ANY,
+    # Tenant and key administration (admin.py narrows further: system admins, or a tenant's own admin).
     "GatewayService/CreateTenant": _S({ADMIN}),
+    "GatewayService/GetTenant": _S({ADMIN}),
     "GatewayService/DeleteTenant": _S({ADMIN}),
+    "GatewayService/UndeleteTenant": _S({ADMIN}),
+    "GatewayService/PurgeTenant": _S({ADMIN}),
     "GatewayService/CreateApiKey": _S({ADMIN}),
+    "GatewayService/GetApiKey": _S({ADMIN}),
+    "GatewayService/ListApiKeys": _S({ADMIN}),
     "GatewayService/RevokeApiKey": _S({ADMIN}),
+    "GatewayService/ListAuditEntries": _S({ADMIN}),
 }
 
 #: Methods a retry cannot harm: reads. Writes are never retried by the gateway (a retried
@@ -150,8 +157,18 @@ IDEMPOTENT: frozenset[str] = frozenset(
         "Operations/GetOperation",
         "Operations/ListOperations",
         "GatewayService/WhoAmI",
+        "GatewayService/GetTenant",
+        "GatewayService/GetApiKey",
+        "GatewayService/ListApiKeys",
+        "GatewayService/ListAuditEntries",
     }
 )
+
+# --- audit (audit.py) ---------------------------------------------------------------------
+#: Destructive methods, by name prefix: audited, like GatewayService writes and member-level calls.
+DESTRUCTIVE_PREFIXES = ("Delete", "Cancel", "Pause", "Revoke")
+#: Scopes that make a method member-level (and therefore audited).
+MEMBER_SCOPES = frozenset({MEMBERS_READ, MEMBERS_WRITE})
 
 # --- resource fields ---------------------------------------------------------------------
 #: String fields (at any depth of a request) that name a tenant's resource and must therefore be
@@ -321,6 +338,15 @@ class MethodInfo:
     @property
     def returns_operation(self) -> bool:
         return self.descriptor.output_type.full_name == "google.longrunning.Operation"
+
+    @cached_property
+    def audited(self) -> bool:
+        """Admin writes, destructive methods and member-level methods are written to the audit log."""
+        return (
+            (self.service == GATEWAY_SERVICE and not self.idempotent)
+            or self.name.startswith(DESTRUCTIVE_PREFIXES)
+            or bool(self.scopes & MEMBER_SCOPES)
+        )
 
     @cached_property
     def checks_resources(self) -> bool:

@@ -8,9 +8,10 @@ method name, ``Service/Method`` or the full ``/pkg.Service/Method`` path; the mo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import NoDecode
 
 from services.runtime import BaseServiceSettings
 from services.runtime.config import MIB
@@ -68,6 +69,9 @@ class GatewaySettings(BaseServiceSettings):
     bootstrap_admin_key: SecretStr | None = None
     #: Seconds a verified API key / tenant lookup is reused before the store is read again.
     auth_cache_seconds: float = Field(default=1.0, ge=0)
+    #: Shortest pause between two refreshes of the in-memory set of key ids (key_directory.py): an
+    #: unknown id waits for at most one refresh, a flood of made-up ids costs a few queries a second.
+    key_directory_refresh_seconds: float = Field(default=0.25, ge=0)
     #: HS256 shared secret for JWT bearer tokens (unset: HS256 tokens are refused).
     jwt_hs256_secret: SecretStr | None = None
     #: RS256 public key (PEM text, or a path to a PEM file) for JWT bearer tokens.
@@ -84,12 +88,39 @@ class GatewaySettings(BaseServiceSettings):
     default_rate_limit: RateLimit = RateLimit(rate=200.0, burst=400.0)
     #: Per-method buckets, per tenant (JSON object; see the module doc).
     rate_limits: dict[str, RateLimit] = Field(default_factory=dict)
-    #: Failed authentications one address may make (per second, burst) before it is refused for a while.
+    #: Failed authentications one client address may make with one credential (key id, or a hash of a
+    #: token) before that credential's failures from there are answered RESOURCE_EXHAUSTED.
     auth_failure_limit: RateLimit = RateLimit(rate=5.0, burst=50.0)
+    #: Failed authentications one client address may make in all (any credentials), the coarse
+    #: ceiling against floods of made-up keys. Neither limit ever refuses a valid credential.
+    auth_failure_address_limit: RateLimit = RateLimit(rate=50.0, burst=500.0)
+    #: Proxies whose forwarding headers are believed (comma-separated CIDRs or addresses, or a JSON
+    #: list); empty: the peer address is the client address (client_address.py).
+    trusted_proxies: Annotated[tuple[str, ...], NoDecode] = ()
+    #: The forwarding header the trusted proxies write: ``x-forwarded-for`` or ``forwarded`` (RFC 7239).
+    client_address_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
     #: Streaming calls one tenant may have open at once.
     max_streams_per_tenant: int = Field(default=8, ge=1)
     #: Largest metadata (all headers of one call) accepted, in bytes.
     max_metadata_bytes: int = Field(default=16 * 1024, ge=1024)
+
+    # --- tenant deletion (purge.py) -------------------------------------------------------
+    #: Undelete window of a deleted tenant; after it the tenant's packs, live packs and campaigns are
+    #: purged. 0 purges right after DeleteTenant.
+    tenant_purge_after_seconds: float = Field(default=7 * 86_400.0, ge=0)
+    #: How often each replica looks for deleted tenants due for a purge (and retries failed ones).
+    tenant_purge_interval_seconds: float = Field(default=300.0, gt=0)
+    #: How long a replica holds a purge before another may take it over (a crashed purger's lease).
+    tenant_purge_lease_seconds: float = Field(default=900.0, gt=0)
+
+    # --- audit log (audit.py) -------------------------------------------------------------
+    #: Entries waiting to be written; when full, new entries are dropped (counted and logged).
+    audit_queue_size: int = Field(default=10_000, ge=1)
+    #: Entries written per transaction.
+    audit_batch_size: int = Field(default=500, ge=1, le=10_000)
+    #: Also log every entry as a JSON line (logger ``flashcrowd.audit``); off leaves only the table
+    #: (member-level calls of ad serving can make thousands of entries a second).
+    audit_log_lines: bool = True
 
     # --- HTTP/JSON ------------------------------------------------------------------------
     #: Port of the HTTP/JSON side; 0 picks a free one, -1 disables it.
@@ -115,6 +146,23 @@ class GatewaySettings(BaseServiceSettings):
         except (ValueError, TypeError) as error:
             raise ValueError(f"not a PEM public key: {error}") from None
         return text
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _proxies(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                value = json.loads(text)
+            else:
+                value = [part for part in text.split(",") if part.strip()]
+        if isinstance(value, list | tuple):
+            from services.gateway.client_address import parse_networks
+
+            return tuple(str(network) for network in parse_networks(str(item) for item in value))
+        return value
 
     @field_validator("rate_limits")
     @classmethod

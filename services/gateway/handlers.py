@@ -1,4 +1,10 @@
-"""gRPC side of the gateway: generic handlers (bytes in, bytes out) for every served method."""
+"""gRPC side of the gateway: generic handlers (bytes in, bytes out) for every served method.
+
+gRPC core reads a request message (bounded by ``max_message_bytes``) before a handler runs; the
+handler admits the call (``Gateway.authenticate`` / ``authorize``: headers only) before it parses a
+byte of it, so an unauthenticated caller never costs a parse. The client address comes from the
+peer, or from trusted proxies' forwarding metadata (``client_address.py``).
+"""
 
 from __future__ import annotations
 
@@ -13,8 +19,9 @@ from opentelemetry import trace
 
 from services.gateway import catalog
 from services.gateway.catalog import METHODS, MethodInfo
+from services.gateway.client_address import grpc_peer_host
 from services.gateway.proxy import CALLER_HEADERS, BackendError, Gateway, HeaderLookup
-from services.runtime import ServiceError, Unauthenticated, attributes
+from services.runtime import ResourceExhausted, ServiceError, Unauthenticated, attributes
 
 
 def metadata_lookup(context: grpc.aio.ServicerContext) -> HeaderLookup:
@@ -29,6 +36,20 @@ def metadata_lookup(context: grpc.aio.ServicerContext) -> HeaderLookup:
     return found.get
 
 
+def client_address(gateway: Gateway, context: grpc.aio.ServicerContext) -> str:
+    """The caller's address: the peer's, or what trusted proxies forwarded in the metadata."""
+    addresses = gateway.client_addresses
+    peer = grpc_peer_host(context.peer() or "")
+    if not addresses.trusted:
+        return peer
+    forwarded = [
+        value
+        for key, value in (item[:2] for item in context.invocation_metadata() or ())
+        if key == addresses.header and isinstance(value, str)
+    ]
+    return addresses.resolve(peer, forwarded)
+
+
 async def _abort(context: grpc.aio.ServicerContext, error: BackendError) -> None:
     await context.abort(error.code, error.details, error.trailing_metadata())
 
@@ -37,7 +58,11 @@ def _unary_unary(gateway: Gateway, info: MethodInfo) -> Callable[..., Any]:
     async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
             return await gateway.unary(
-                info, request, metadata_lookup(context), context.time_remaining(), peer=context.peer()
+                info,
+                request,
+                metadata_lookup(context),
+                context.time_remaining(),
+                client=client_address(gateway, context),
             )
         except BackendError as error:
             await _abort(context, error)
@@ -60,14 +85,25 @@ class _StreamCall:
         self.header: HeaderLookup | None = None
         self.acquired = False
         self.limit_key = ""
+        self.client = ""
+        #: The (first) request message, for the audit entry.
+        self.request: Any = None
+        self.audited = False
 
     async def admit(self) -> None:
         self.header = metadata_lookup(self.context)
-        self.principal = await self.gateway.admit(self.info, self.header, self.context.peer())
+        self.client = client_address(self.gateway, self.context)
+        self.principal = await self.gateway.authenticate(self.header, self.client)
+        self.audited = self.info.audited
         self.tenant = self.principal.tenant or ""
         trace.get_current_span().set_attribute(attributes.TENANT, self.tenant)
         self.limit_key = self.principal.limit_key
-        self.gateway.streams.acquire(self.limit_key)
+        try:
+            self.gateway.authorize(self.info, self.principal)
+            self.gateway.streams.acquire(self.limit_key)
+        except ResourceExhausted:
+            self.audited = False  # refused by a limit: nothing happened
+            raise
         self.acquired = True
 
     def timeout(self) -> float | None:
@@ -97,6 +133,17 @@ class _StreamCall:
             time.perf_counter() - self.started,
             "grpc",
         )
+        if self.audited and self.principal is not None and self.header is not None:
+            entry = self.gateway.audit_entry(
+                self.info,
+                self.principal,
+                self.request,
+                self.code,
+                transport="grpc",
+                client=self.client,
+                header=self.header,
+            )
+            self.gateway.audit.record(entry)
 
 
 def _translate(gateway: Gateway, info: MethodInfo, error: grpc.aio.AioRpcError) -> Exception:
@@ -109,7 +156,7 @@ def _unary_stream(gateway: Gateway, info: MethodInfo) -> Callable[..., Any]:
         call = None
         try:
             await state.admit()
-            parsed = gateway.parse(info, request)
+            parsed = state.request = gateway.parse(info, request)
             if info.checks_resources:
                 gateway.check_resources(info, parsed, state.principal)
             call = gateway.backends[info.backend].call(info)(
@@ -142,10 +189,11 @@ class _Pump:
     message that fails the checks stops the stream and cancels the backend call.
     """
 
-    def __init__(self, gateway: Gateway, info: MethodInfo, principal: Any) -> None:
+    def __init__(self, gateway: Gateway, info: MethodInfo, state: _StreamCall) -> None:
         self.gateway = gateway
         self.info = info
-        self.principal = principal
+        self.state = state
+        self.principal = state.principal
         self.call: Any = None
         self.failure: Exception | None = None
 
@@ -153,6 +201,8 @@ class _Pump:
         async for data in requests:
             try:
                 request = self.gateway.parse(self.info, data)
+                if self.state.request is None:
+                    self.state.request = request
                 if self.info.checks_resources:
                     self.gateway.check_resources(self.info, request, self.principal)
             except ServiceError as error:
@@ -180,7 +230,7 @@ def _stream_request(gateway: Gateway, info: MethodInfo) -> Callable[..., Any]:
 
     async def open_call(state: _StreamCall, requests: AsyncIterator[bytes]) -> _Pump:
         await state.admit()
-        pump = _Pump(gateway, info, state.principal)
+        pump = _Pump(gateway, info, state)
         pump.call = gateway.backends[info.backend].call(info)(
             pump.messages(requests), timeout=state.timeout(), metadata=state.metadata(), wait_for_ready=False
         )

@@ -2,7 +2,17 @@
 
 Calls go through ``Gateway.unary`` like gRPC ones, so authentication (``Authorization: Bearer`` or
 ``X-Api-Key``), scopes, tenant checks, limits, deadlines (``X-Server-Timeout: <seconds>``) and
-retries are the same. Errors are Google's JSON error shape::
+retries are the same.
+
+Nothing of a body is read before the call is admitted: the route, the credential headers, the
+failed-authentication and rate limits are checked first, and only then is the body read (refused
+with 413 past ``http_max_body_bytes``, by its Content-Length before reading when it has one) and
+parsed. An anonymous or unauthenticated request is answered 401 with its body unread (the
+connection is then closed rather than kept alive, so the unread body is never parsed as a next
+request). The client address for the limits and the audit log comes from ``client_address.py``
+(the peer, or trusted proxies' ``X-Forwarded-For`` / ``Forwarded``).
+
+Errors are Google's JSON error shape::
 
     {"error": {"code": 404, "status": "NOT_FOUND", "message": "...", "details": [{"@type": ...}]}}
 """
@@ -17,6 +27,7 @@ from typing import Any
 import grpc
 from aiohttp import web
 from google.protobuf import json_format
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, StatusCode
@@ -25,7 +36,7 @@ from services.gateway.config import GatewaySettings
 from services.gateway.openapi import openapi_document
 from services.gateway.proxy import CALLER_HEADERS, BackendError, Gateway, HeaderLookup
 from services.gateway.transcoding import Route, all_routes, build_request
-from services.runtime import InvalidArgument, ServiceError, Unauthenticated
+from services.runtime import InvalidArgument, ResourceExhausted, ServiceError, Unauthenticated
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("flashcrowd.gateway.http")
@@ -83,6 +94,17 @@ def error_response(status: status_pb2.Status) -> web.Response:
     if code is grpc.StatusCode.UNAUTHENTICATED:
         headers["WWW-Authenticate"] = 'Bearer realm="flashcrowd"'
     return web.json_response(error_body(status), status=HTTP_STATUS.get(code, 500), headers=headers)
+
+
+class BodyTooLarge(ResourceExhausted):
+    """A request body over ``http_max_body_bytes``: RESOURCE_EXHAUSTED, answered with HTTP 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"request body larger than {limit} bytes",
+            violations=[("body", f"at most {limit} bytes")],
+            reason="BODY_TOO_LARGE",
+        )
 
 
 def _status_of(error: Exception) -> status_pb2.Status:
@@ -223,34 +245,57 @@ class HttpFrontend:
                 span.set_status(StatusCode.ERROR)
             return response
 
+    def client_address(self, request: web.Request) -> str:
+        header = self.gateway.client_addresses.header
+        return self.gateway.client_addresses.resolve(request.remote or "", request.headers.getall(header, []))
+
     async def _call(self, request: web.Request, route: Route, path_values: dict[str, str]) -> web.Response:
-        try:
-            header = _header_lookup(request)
-            timeout = _timeout(request)
+        body_read = False
+
+        async def read_message() -> Message:
+            """The request, built once the call is admitted (body size checked, then read, then parsed)."""
+            nonlocal body_read
             body: Any = None
             if request.body_exists:
-                raw = await request.read()
+                limit = self.settings.http_body_limit
+                length = request.content_length
+                if length is not None and length > limit:
+                    raise BodyTooLarge(limit)
+                try:
+                    raw = await request.read()  # aiohttp enforces client_max_size while reading
+                except web.HTTPRequestEntityTooLarge:
+                    raise BodyTooLarge(limit) from None
+                body_read = True
                 if raw.strip():
                     try:
                         body = json.loads(raw)
                     except (ValueError, RecursionError):
                         raise InvalidArgument("body", "not valid JSON") from None
             query = {name: request.query.getall(name) for name in set(request.query.keys())}
-            message = build_request(route, path_values, query, body)
-            data = message.SerializeToString()
+            return build_request(route, path_values, query, body)
+
+        try:
+            header = _header_lookup(request)
+            timeout = _timeout(request)
             raw_response = await self.gateway.unary(
                 route.info,
-                data,
+                b"",
                 header,
                 timeout,
-                message=message,
+                read_message=read_message,
                 transport="http",
-                peer=request.remote or "",
+                client=self.client_address(request),
+                resource_hint=tuple(path_values.values()),
             )
             reply = route.info.response_class.FromString(raw_response)
             return web.json_response(json_format.MessageToDict(reply))
         except (ServiceError, BackendError) as error:
-            return error_response(_status_of(error))
+            response = error_response(_status_of(error))
+            if isinstance(error, BodyTooLarge):
+                response.set_status(413)
+            if request.body_exists and not body_read:
+                response.force_close()  # the unread body is discarded, never taken for a next request
+            return response
 
 
 __all__ = ["HTTP_STATUS", "HttpFrontend", "error_body"]

@@ -1,4 +1,5 @@
-"""Per-tenant limits: token-bucket rate limits, concurrent streams, and the retry budget.
+"""Per-tenant limits: token-bucket rate limits, concurrent streams, failed authentications, the retry
+budget.
 
 All of it lives in one event loop, so no locks; time comes from ``time.monotonic``.
 """
@@ -8,9 +9,17 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 from services.gateway.config import GatewaySettings, RateLimit
 from services.runtime import ResourceExhausted
+from services.runtime.tenant_ids import valid_tenant_id
+
+
+def _subject(limit_key: str) -> str:
+    """QuotaFailure subject of a limit key: ``tenants/{t}`` for a tenant, else the key
+    (``platform:<subject>``)."""
+    return f"tenants/{limit_key}" if valid_tenant_id(limit_key) else limit_key
 
 
 class TokenBucket:
@@ -71,7 +80,7 @@ class RateLimiter:
             raise ResourceExhausted(
                 f"rate limit of {bucket.rate:g}/s exceeded for {method}",
                 retry_after_seconds=max(wait, 0.001),
-                violations=[(f"tenants/{tenant}", f"{bucket.rate:g} {method} requests per second")],
+                violations=[(_subject(tenant), f"{bucket.rate:g} {method} requests per second")],
                 reason="RATE_LIMITED",
                 metadata={"method": method, "limit": f"{bucket.rate:g}/s"},
             )
@@ -90,7 +99,7 @@ class StreamLimiter:
             raise ResourceExhausted(
                 f"at most {self.max_streams} concurrent streams per tenant",
                 retry_after_seconds=1.0,
-                violations=[(f"tenants/{tenant}", f"{self.max_streams} concurrent streams")],
+                violations=[(_subject(tenant), f"{self.max_streams} concurrent streams")],
                 reason="TOO_MANY_STREAMS",
             )
         self._open[tenant] = count + 1
@@ -107,47 +116,53 @@ class StreamLimiter:
 
 
 class AuthFailureLimiter:
-    """Failed authentications per peer address: past the burst, the peer is refused for a while
-    without any credential check (so floods of made-up keys never reach the key store)."""
+    """Failed authentications per (client address, credential id), plus a coarse ceiling per address.
 
-    def __init__(self, limit: RateLimit, max_peers: int = 50_000) -> None:
+    Consulted only **after** a credential failed to verify (``failed``), never before: a valid
+    credential is always admitted, however many bad ones arrive from the same address (a NAT, an
+    ingress, one client with a stale key). What it bounds is how often a failing caller gets a
+    verdict: past ``limit`` failures of one credential id from one address, or ``address_limit``
+    failures of any credentials from one address, failures are answered RESOURCE_EXHAUSTED
+    (``AUTH_FAILURES``, RetryInfo, QuotaFailure) so well-behaved clients back off. The key store is
+    protected separately (unknown key ids never reach it: ``key_directory.py``).
+    """
+
+    def __init__(self, limit: RateLimit, address_limit: RateLimit, max_entries: int = 50_000) -> None:
         self.limit = limit
-        self.max_peers = max_peers
-        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self.address_limit = address_limit
+        self.max_entries = max_entries
+        self._pairs: OrderedDict[tuple[str, str], TokenBucket] = OrderedDict()
+        self._addresses: OrderedDict[str, TokenBucket] = OrderedDict()
+        #: Failures answered RESOURCE_EXHAUSTED (tests and metrics read it).
+        self.refused = 0
 
-    def check(self, peer: str) -> None:
-        bucket = self._buckets.get(peer)
+    def _bucket(self, buckets: OrderedDict[Any, TokenBucket], key: Any, limit: RateLimit) -> TokenBucket:
+        bucket = buckets.get(key)
         if bucket is None:
-            return
-        bucket.add(0)  # refill
-        if bucket.tokens < 1:
-            wait = (1 - bucket.tokens) / bucket.rate
-            raise ResourceExhausted(
-                "too many failed authentications from this address",
-                retry_after_seconds=max(wait, 0.001),
-                violations=[(peer, f"{self.limit.rate:g} failed authentications per second")],
-                reason="AUTH_FAILURES",
-            )
-
-    def failed(self, peer: str) -> None:
-        bucket = self._buckets.get(peer)
-        if bucket is None:
-            bucket = self._buckets[peer] = TokenBucket(self.limit.rate, self.limit.burst)
-            if len(self._buckets) > self.max_peers:
-                self._buckets.popitem(last=False)
+            bucket = buckets[key] = TokenBucket(limit.rate, limit.burst)
+            if len(buckets) > self.max_entries:
+                buckets.popitem(last=False)
         else:
-            self._buckets.move_to_end(peer)
-        bucket.take()
+            buckets.move_to_end(key)
+        return bucket
 
-
-def peer_address(peer: str) -> str:
-    """``ipv4:10.0.0.1:5123`` / ``ipv6:[::1]:5123`` / ``10.0.0.1`` -> the address without the port."""
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv4":
-        return rest.rsplit(":", 1)[0]
-    if kind == "ipv6":
-        return rest.rsplit(":", 1)[0].strip("[]")
-    return peer
+    def failed(self, address: str, credential: str) -> ResourceExhausted | None:
+        """Count one failure; the error to answer instead of UNAUTHENTICATED when over a limit."""
+        pair = self._bucket(self._pairs, (address, credential), self.limit).take()
+        overall = self._bucket(self._addresses, address, self.address_limit).take()
+        wait = max(pair, overall)
+        if wait <= 0:
+            return None
+        self.refused += 1
+        limit, what = (self.limit, "this credential") if pair >= overall else (self.address_limit, "any")
+        return ResourceExhausted(
+            "too many failed authentications from this address",
+            retry_after_seconds=max(wait, 0.001),
+            violations=[
+                (address, f"{limit.rate:g} failed authentications per second with {what} credential")
+            ],
+            reason="AUTH_FAILURES",
+        )
 
 
 class RetryBudget:
@@ -186,4 +201,4 @@ class RetryBudget:
         return False
 
 
-__all__ = ["AuthFailureLimiter", "RateLimiter", "RetryBudget", "StreamLimiter", "TokenBucket", "peer_address"]
+__all__ = ["AuthFailureLimiter", "RateLimiter", "RetryBudget", "StreamLimiter", "TokenBucket"]

@@ -17,6 +17,11 @@ METRIC_ERRORS = attributes.METRIC_GATEWAY_ERRORS
 METRIC_RETRIES = attributes.METRIC_GATEWAY_RETRIES
 METRIC_RATE_LIMITED = attributes.METRIC_GATEWAY_RATE_LIMITED
 
+# Gateway-only instruments (not in services.runtime.attributes yet).
+METRIC_AUDIT_WRITTEN = "flashcrowd.gateway.audit.written"
+METRIC_AUDIT_DROPPED = "flashcrowd.gateway.audit.dropped"
+METRIC_AUTH_FAILURES = "flashcrowd.gateway.auth_failures"
+
 RPC_SERVICE = "rpc.service"
 RPC_METHOD = "rpc.method"
 RPC_STATUS = "rpc.grpc.status_code"
@@ -38,6 +43,17 @@ class GatewayMetrics:
         self.retries = meter.create_counter(METRIC_RETRIES, unit="{retry}", description="Backend retries")
         self.rate_limited = meter.create_counter(
             METRIC_RATE_LIMITED, unit="{request}", description="Calls refused by a rate or stream limit"
+        )
+        self.auth_failures = meter.create_counter(
+            METRIC_AUTH_FAILURES, unit="{request}", description="Failed authentications (by outcome)"
+        )
+        self.audit_written = meter.create_counter(
+            METRIC_AUDIT_WRITTEN, unit="{entry}", description="Audit entries written to the audit table"
+        )
+        self.audit_dropped = meter.create_counter(
+            METRIC_AUDIT_DROPPED,
+            unit="{entry}",
+            description="Audit entries dropped (queue full, write failed)",
         )
 
     def record(

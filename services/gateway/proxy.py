@@ -1,9 +1,16 @@
-"""The generic proxy: admit a call (auth, scope, limits), check its resources, forward raw bytes.
+"""The generic proxy: admit a call (auth, limits, scope), check its resources, forward raw bytes.
+
+Admission comes first and reads nothing but headers: ``authenticate`` (credential, then the
+failed-authentication limiter, which never refuses a valid credential) and ``authorize`` (the rate
+limit, then the scope). Only an admitted call gets its request parsed: gRPC has read the message by
+then (its size bounded by the server), and HTTP reads its body only after admission
+(``Gateway.unary``'s ``read_message``), so an anonymous request never costs a JSON parse.
 
 Request bytes are parsed at most once (only for methods whose request carries resource names) and
 forwarded unchanged, so the gateway never re-serialises a message; responses are relayed as bytes.
 gRPC handlers (``grpc_handlers``) and the HTTP/JSON side (``http.py``) share ``Gateway.unary`` so
-both transports enforce exactly the same rules.
+both transports enforce exactly the same rules. Audited methods (``catalog.MethodInfo.audited``)
+leave an entry in the audit log (``audit.py``) once answered.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import random
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -28,12 +35,16 @@ from opentelemetry import trace
 
 from services.gateway import catalog
 from services.gateway.admin import GatewayApi
-from services.gateway.auth import Authenticator, Principal
+from services.gateway.audit import AuditEntry, AuditLog, status_name
+from services.gateway.auth import Authenticator, Principal, credential_id
 from services.gateway.catalog import MethodInfo, iter_resource_values
+from services.gateway.client_address import ClientAddresses
 from services.gateway.config import GatewaySettings
+from services.gateway.key_directory import KeyDirectory
 from services.gateway.keystore import open_keystore
-from services.gateway.limits import AuthFailureLimiter, RateLimiter, RetryBudget, StreamLimiter, peer_address
+from services.gateway.limits import AuthFailureLimiter, RateLimiter, RetryBudget, StreamLimiter
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.purge import TenantPurger
 from services.runtime import (
     DeadlineExceeded,
     InvalidArgument,
@@ -48,7 +59,7 @@ from services.runtime import (
     instrumented_channel,
     retry_service_config,
 )
-from services.runtime.assertion import AssertionSigner, settings_key
+from services.runtime.assertion import AssertionSigner, Caller, settings_key
 from services.runtime.errors import STATUS_DETAILS_KEY
 
 logger = logging.getLogger(__name__)
@@ -156,15 +167,26 @@ class Gateway:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
+        self.metrics = GatewayMetrics()
         self.store = open_keystore(settings.keystore_url, settings.keystore_path)
-        self.authenticator = Authenticator(settings, self.store)
-        self.api = GatewayApi(self.store, self.authenticator)
-        self.local_handlers = self.api.handlers()
+        self.key_directory = KeyDirectory(
+            self.store, min_refresh_seconds=settings.key_directory_refresh_seconds
+        )
+        self.authenticator = Authenticator(settings, self.store, self.key_directory)
+        self.client_addresses = ClientAddresses(settings.trusted_proxies, settings.client_address_header)
+        self.audit = AuditLog(
+            self.store,
+            self.metrics,
+            queue_size=settings.audit_queue_size,
+            batch_size=settings.audit_batch_size,
+            log_lines=settings.audit_log_lines,
+        )
         self.rate_limiter = RateLimiter(settings)
         self.streams = StreamLimiter(settings.max_streams_per_tenant)
-        self.auth_failures = AuthFailureLimiter(settings.auth_failure_limit)
+        self.auth_failures = AuthFailureLimiter(
+            settings.auth_failure_limit, settings.auth_failure_address_limit
+        )
         self.retry_budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_min_per_second)
-        self.metrics = GatewayMetrics()
         self.backends: dict[str, BackendPool] = {
             catalog.AUDIENCE: BackendPool(catalog.AUDIENCE, settings.audience_target, settings),
             catalog.RETARGET: BackendPool(catalog.RETARGET, settings.retarget_target, settings),
@@ -172,24 +194,46 @@ class Gateway:
         }
         self.operation_routes = _OperationRoutes()
         self.signer = AssertionSigner(settings_key(settings))
+        self.purger = TenantPurger(self)
+        self.api = GatewayApi(self)
+        self.local_handlers = self.api.handlers()
         #: Backend attempts made, per method (tests and the bench read it).
         self.attempts: dict[str, int] = {}
 
+    async def start(self) -> None:
+        """Start the background tasks (audit writer, periodic purge); needs the running loop."""
+        self.audit.start()
+        self.purger.start()
+
     async def close(self) -> None:
+        await self.purger.close()
+        await self.key_directory.close()
+        await self.audit.close(timeout=max(self.settings.grace_seconds, 1.0))
         await asyncio.gather(*(pool.close() for pool in self.backends.values()))
         self.store.close()
 
     # --- admission ---------------------------------------------------------------------------
-    async def admit(self, info: MethodInfo, header: HeaderLookup, peer: str = "") -> Principal:
-        """Authenticate, check the scope, bind the tenant and take a rate-limit token."""
-        address = peer_address(peer)
-        if address:
-            self.auth_failures.check(address)
+    async def authenticate(self, header: HeaderLookup, client: str = "") -> Principal:
+        """The caller's principal, or Unauthenticated; past the failed-authentication limits of
+        (client, credential id) a failure is answered RESOURCE_EXHAUSTED instead. A valid credential
+        is never refused here."""
         try:
-            principal = await self.authenticator.authenticate(header)
+            return await self.authenticator.authenticate(header)
         except Unauthenticated:
-            if address:
-                self.auth_failures.failed(address)
+            refusal = self.auth_failures.failed(client or "unknown", credential_id(header))
+            self.metrics.auth_failures.add(1, {"outcome": "limited" if refusal else "unauthenticated"})
+            if refusal is not None:
+                raise refusal from None
+            raise
+
+    def authorize(self, info: MethodInfo, principal: Principal) -> None:
+        """Take a rate-limit token (refused calls too, so refusals cannot flood), then check the scope."""
+        try:
+            self.rate_limiter.check(principal.limit_key, info.full)
+        except ResourceExhausted:
+            self.metrics.rate_limited.add(
+                1, {attributes.TENANT: principal.tenant or "", "rpc.method": info.name}
+            )
             raise
         if not principal.allows(info.scopes):
             raise PermissionDenied(
@@ -202,14 +246,41 @@ class Gateway:
                 "system credentials cannot call tenant APIs; use a tenant or platform key",
                 reason="TENANT_REQUIRED",
             )
-        try:
-            self.rate_limiter.check(principal.limit_key, info.full)
-        except ResourceExhausted:
-            self.metrics.rate_limited.add(
-                1, {attributes.TENANT: principal.tenant or "", "rpc.method": info.name}
-            )
-            raise
+
+    async def admit(self, info: MethodInfo, header: HeaderLookup, client: str = "") -> Principal:
+        """Authenticate, take a rate-limit token and check the scope."""
+        principal = await self.authenticate(header, client)
+        self.authorize(info, principal)
         return principal
+
+    def audit_entry(
+        self,
+        info: MethodInfo,
+        principal: Principal,
+        request: Message | None,
+        code: int,
+        *,
+        transport: str,
+        client: str,
+        header: HeaderLookup,
+        resource_hint: Sequence[str] = (),
+    ) -> AuditEntry:
+        request_id = header("x-request-id") or ""
+        return AuditEntry(
+            time=time.time(),
+            tenant=principal.tenant or "",
+            principal_kind=principal.kind,
+            principal_tenant=principal.tenant or "",
+            subject=principal.subject,
+            auth_method=principal.method,
+            method=info.full,
+            resources=(),
+            status_code=status_name(code),
+            transport=transport,
+            client_address=client,
+            request_id=request_id if _REQUEST_ID.fullmatch(request_id) else "",
+            pending=(info, request, tuple(resource_hint)),
+        )
 
     def check_resources(self, info: MethodInfo, message: Message, principal: Principal) -> None:
         """Every resource name in the request must be under ``tenants/{caller}``; else NOT_FOUND.
@@ -271,25 +342,43 @@ class Gateway:
         time_remaining: float | None,
         *,
         message: Message | None = None,
+        read_message: Callable[[], Awaitable[Message]] | None = None,
         transport: str = "grpc",
-        peer: str = "",
+        client: str = "",
+        resource_hint: Sequence[str] = (),
     ) -> bytes:
-        """Admit, check and forward one unary call; raises ServiceError or BackendError."""
+        """Admit, check and forward one unary call; raises ServiceError or BackendError.
+
+        ``read_message`` (HTTP) produces the request only once the call is admitted: nothing of
+        the body is read or parsed for a caller that is refused.
+        """
         started = time.perf_counter()
         tenant = ""
         code = 0
+        principal: Principal | None = None
+        request: Message | None = message
+        audited = False
         try:
-            principal = await self.admit(info, header, peer)
+            principal = await self.authenticate(header, client)
+            audited = info.audited
+            try:
+                self.authorize(info, principal)
+            except ResourceExhausted:
+                audited = False  # rate-limited: nothing happened, and floods must not fill the log
+                raise
             tenant = principal.tenant or ""
             if tenant:
                 trace.get_current_span().set_attribute(attributes.TENANT, tenant)
+            if read_message is not None:
+                request = await read_message()
+                data = request.SerializeToString()
             if info.backend == catalog.LOCAL:
-                request = message if message is not None else self.parse(info, data)
+                request = request if request is not None else self.parse(info, data)
                 response = await self.local_handlers[info.name](principal, request)
                 return response.SerializeToString()
             # Parsed once: a malformed request is INVALID_ARGUMENT here rather than a backend's
             # deserialisation failure (INTERNAL); the bytes forwarded are still the caller's own.
-            request = message if message is not None else self.parse(info, data)
+            request = request if request is not None else self.parse(info, data)
             if info.checks_resources:
                 self.check_resources(info, request, principal)
             deadline = self.deadline(time_remaining)
@@ -315,6 +404,38 @@ class Gateway:
             self.metrics.record(
                 info.service, info.name, tenant, code, time.perf_counter() - started, transport
             )
+            if audited and principal is not None:
+                if request is None and data:
+                    request = self._parse_quietly(info, data)
+                self.audit.record(
+                    self.audit_entry(
+                        info,
+                        principal,
+                        request,
+                        code,
+                        transport=transport,
+                        client=client,
+                        header=header,
+                        resource_hint=resource_hint,
+                    )
+                )
+
+    def _parse_quietly(self, info: MethodInfo, data: bytes) -> Message | None:
+        """The request of a refused call, for its audit entry; None if it does not parse."""
+        try:
+            return self.parse(info, data)
+        except InvalidArgument:
+            return None
+
+    async def forward_as(
+        self, caller: Caller, info: MethodInfo, request: Message, backend: str = ""
+    ) -> bytes:
+        """Call a backend as ``caller`` (the gateway's own work, e.g. the purge): through the same
+        pools, retries and budget as proxied calls, with an assertion signed for ``info``'s method."""
+        metadata = (self.signer.metadata(caller, info.full),)
+        deadline = asyncio.get_running_loop().time() + self.settings.default_deadline_seconds
+        pool = self.backends[backend or info.backend]
+        return await self._forward(pool, info, request.SerializeToString(), metadata, deadline)
 
     async def _forward(
         self,

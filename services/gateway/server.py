@@ -51,6 +51,7 @@ def _register(gateway: Gateway):  # type: ignore[no-untyped-def]
 async def build(settings: GatewaySettings) -> tuple[ServiceDefinition, GatewayApp]:
     """The service definition for ``run_service`` plus the app (HTTP side started when configured)."""
     gateway = Gateway(settings)
+    await gateway.start()  # audit writer and periodic purge; stopped (audit flushed) by app.close
     app = GatewayApp(gateway=gateway)
     if settings.http_port >= 0:
         app.http = HttpFrontend(gateway, settings)

@@ -290,3 +290,14 @@ async def test_only_the_assertion_and_request_id_reach_the_backend(fake_stack) -
     # A malformed request id is not forwarded either.
     await stub.GetPack(GET, metadata=(*stack.auth("alpha"), ("x-request-id", "a b;c")))
     assert "x-request-id" not in backend.servicer.seen[-1].metadata
+
+
+async def test_grpc_admits_before_parsing(fake_stack) -> None:
+    """gRPC reads a message before the handler runs, but the handler admits the call before parsing
+    it: garbage from an unauthenticated caller is UNAUTHENTICATED, never INVALID_ARGUMENT."""
+    stack, backend = fake_stack
+    garbage = b"\xff\xff\xff\xff" * 1000
+    call = stack.channel.unary_unary("/flashcrowd.audience.v1.AudienceService/GetPack")
+    await expect(call(garbage), grpc.StatusCode.UNAUTHENTICATED, "MISSING_CREDENTIALS")
+    await expect(call(garbage, metadata=stack.auth("alpha")), grpc.StatusCode.INVALID_ARGUMENT)
+    assert backend.servicer.calls["GetPack"] == 0

@@ -260,13 +260,76 @@ async def test_header_injection_over_http(real_stack) -> None:
         + b"\r\nConnection: close\r\n\r\n",
     )
     assert status in (400, 413, 431), status
-    # Huge body: 413.
+    # Huge body of an admitted call: 413 (a caller without the scope is refused before: 403).
     async with aiohttp.ClientSession(base_url=gateway.http_url) as session:
         big = {"packs": ["tenants/alpha/packs/x"], "userIds": ["1"] * 1_000_000}
         async with session.post(
             "/v1/tenants/alpha/packs:checkMembership",
             json=big,
-            headers={"X-Api-Key": gateway.keys["alpha"]},
+            headers={"X-Api-Key": gateway.keys["platform"]},
         ) as response:
             assert response.status == 413
             assert (await response.json())["error"]["status"] == "RESOURCE_EXHAUSTED"
+
+
+async def test_no_body_is_read_or_parsed_before_admission(
+    tmp_path, rsa_public_pem, fake_backend, monkeypatch
+) -> None:
+    """A 3.7 MiB body (under the 4 MiB limit) costs nothing unless its caller is admitted: anonymous,
+    wrong-key and wrong-scope requests are answered 401/403 with the body unread and unparsed."""
+    import aiohttp.web_request
+
+    from services.gateway import http as gateway_http
+
+    settings = gateway_settings(tmp_path, rsa_public_pem, audience_target=fake_backend.target)
+    stack = await start_stack(settings, {"alpha": ALL})
+    reads: list[int] = []
+    builds: list[str] = []
+    real_read, real_build = aiohttp.web_request.BaseRequest.read, gateway_http.build_request
+
+    async def counting_read(self):  # type: ignore[no-untyped-def]
+        data = await real_read(self)
+        reads.append(len(data))
+        return data
+
+    def counting_build(route, *args):  # type: ignore[no-untyped-def]
+        builds.append(route.info.name)
+        return real_build(route, *args)
+
+    monkeypatch.setattr(aiohttp.web_request.BaseRequest, "read", counting_read)
+    monkeypatch.setattr(gateway_http, "build_request", counting_build)
+    body = b'{"packs": ["tenants/alpha/packs/p1"], "userIds": [' + b'"1",' * 970_000 + b'"1"]}'
+    assert 3.6 * 2**20 < len(body) < 4 * 2**20
+    path = "/v1/tenants/alpha/packs:checkMembership"
+    try:
+        async with aiohttp.ClientSession(base_url=stack.http_url) as session:
+            for headers, status in (
+                ({}, 401),
+                ({"X-Api-Key": "fc_0123456789abcdef_" + "x" * 43}, 401),
+                ({"Authorization": "Bearer not-a-token"}, 401),
+                ({"X-Api-Key": stack.keys["alpha"]}, 403),  # a tenant key: no members.read
+            ):
+                async with session.post(
+                    path, data=body, headers={**headers, "Content-Type": "application/json"}
+                ) as response:
+                    assert response.status == status, await response.text()
+                    assert reads == [] and builds == []
+                    assert response.headers.get("Connection", "").lower() == "close"
+            # Admitted: read once, parsed once.
+            small = {"packs": ["tenants/alpha/packs/p1"], "userIds": ["1", "2"]}
+            async with session.post(
+                path, json=small, headers={"X-Api-Key": stack.keys["platform"]}
+            ) as response:
+                assert response.status == 200, await response.text()
+            assert len(reads) == 1 and builds == ["CheckMembership"]
+            # Declared too large: 413 for an admitted caller, still without reading.
+            async with session.post(
+                path,
+                data=b"{" + b" " * (4 * 2**20) + b"}",
+                headers={"X-Api-Key": stack.keys["platform"], "Content-Type": "application/json"},
+            ) as response:
+                assert response.status == 413
+                assert (await response.json())["error"]["status"] == "RESOURCE_EXHAUSTED"
+            assert len(reads) == 1
+    finally:
+        await stack.close()

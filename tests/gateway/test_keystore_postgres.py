@@ -92,3 +92,36 @@ async def test_replicas_share_keys(tmp_path, rsa_public_pem, fake_backend, pg_ur
     finally:
         for replica in replicas:
             await replica.close()
+
+
+async def test_replicas_write_one_audit_log(tmp_path, rsa_public_pem, fake_backend, pg_url: str) -> None:
+    """Audited calls through either replica land in the same table; either replica lists all of them."""
+    replicas = []
+    for index in range(2):
+        (tmp_path / str(index)).mkdir()
+        settings = gateway_settings(
+            tmp_path / str(index), rsa_public_pem, audience_target=fake_backend.target, keystore_url=pg_url
+        )
+        replicas.append(await start_stack(settings, {"acme": ["packs.read"]} if index == 0 else {}))
+    try:
+        check = pb.CheckMembershipRequest(
+            parent="tenants/acme", packs=["tenants/acme/packs/p1"], user_ids=[1]
+        )
+        for replica in replicas:
+            await pb_grpc.AudienceServiceStub(replica.channel).CheckMembership(
+                check, metadata=replica.auth("platform")
+            )
+        for replica in replicas:  # each replica writes its own queue (ListAuditEntries flushes only its own)
+            await replica.app.gateway.audit.flush()
+        for replica in replicas:
+            listed = await gw_grpc.GatewayServiceStub(replica.channel).ListAuditEntries(
+                gw.ListAuditEntriesRequest(parent="tenants/acme", method="CheckMembership"), metadata=BOOT
+            )
+            assert len(listed.audit_entries) == 2
+            assert {entry.principal.subject for entry in listed.audit_entries} == {
+                replicas[0].keys["platform"].split("_")[1],
+                replicas[1].keys["platform"].split("_")[1],
+            }
+    finally:
+        for replica in replicas:
+            await replica.close()

@@ -1,17 +1,22 @@
-"""Limits: per-tenant per-method rate limits, message size, concurrent streams, metadata size."""
+"""Limits: per-tenant per-method rate limits, message size, concurrent streams, metadata size, failed
+authentications (per client address and credential, never refusing a valid credential)."""
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 
+import aiohttp
 import grpc
 import pytest
 from flashcrowd.audience.v1 import audience_service_pb2 as pb
 from flashcrowd.audience.v1 import audience_service_pb2_grpc as pb_grpc
+from flashcrowd.gateway.v1 import gateway_service_pb2 as gw
+from flashcrowd.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
 
 from services.runtime import error_details
 
-from .conftest import ALL, gateway_settings, start_stack
+from .conftest import ALL, BOOTSTRAP, gateway_settings, make_token, start_stack
 
 GET = pb.GetPackRequest(name="tenants/alpha/packs/p1")
 
@@ -108,29 +113,113 @@ async def test_concurrent_streams_per_tenant(limited) -> None:
     assert not stack.app.gateway.streams._open  # every slot released
 
 
-async def test_failed_authentications_are_limited_per_address(tmp_path, rsa_public_pem, fake_backend) -> None:
+async def test_a_stale_key_never_locks_out_valid_keys_behind_the_same_address(
+    tmp_path, rsa_public_pem, fake_backend
+) -> None:
+    """One client behind a NAT keeps retrying a revoked key: that key is refused, then limited
+    (RESOURCE_EXHAUSTED, AUTH_FAILURES); every valid key from the same address is still admitted."""
     settings = gateway_settings(
         tmp_path,
         rsa_public_pem,
         audience_target=fake_backend.target,
         auth_failure_limit={"rate": 2, "burst": 3},
+        auth_failure_address_limit={"rate": 2, "burst": 5},
+    )
+    stack = await start_stack(settings, {"alpha": ALL, "beta": ALL})
+    try:
+        admin = gw_grpc.GatewayServiceStub(stack.channel)
+        boot = (("x-api-key", BOOTSTRAP),)
+        stale = await admin.CreateApiKey(
+            gw.CreateApiKeyRequest(parent="tenants/alpha", scopes=["packs.read"]), metadata=boot
+        )
+        await admin.RevokeApiKey(gw.RevokeApiKeyRequest(name=stale.api_key.name), metadata=boot)
+        stub = pb_grpc.AudienceServiceStub(stack.channel)
+        stale_md = (("x-api-key", stale.secret),)
+        codes = []
+        for _ in range(8):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.GetPack(GET, metadata=stale_md)
+            codes.append(caught.value.code())
+        assert codes[:3] == [grpc.StatusCode.UNAUTHENTICATED] * 3
+        assert codes[-1] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        details = error_details(caught.value)
+        assert details.reason == "AUTH_FAILURES" and 0 < details.retry_after_seconds <= 1.0
+        # The address's coarse ceiling is exhausted too: failures of other credentials are limited ...
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.GetPack(GET, metadata=(("x-api-key", "fc_0123456789abcdef_" + "x" * 43),))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # ... but valid keys, tokens and the bootstrap key from the same address are admitted.
+        for _ in range(5):
+            assert (await stub.GetPack(GET, metadata=stack.auth("alpha"))).size == 42
+        beta = pb.GetPackRequest(name="tenants/beta/packs/p1")
+        assert (await stub.GetPack(beta, metadata=stack.auth("beta"))).size == 42
+        assert (
+            await stub.GetPack(GET, metadata=(("authorization", f"Bearer {make_token('alpha', ALL)}"),))
+        ).size
+        await admin.WhoAmI(gw.WhoAmIRequest(), metadata=boot)
+        # Over HTTP too (same limiter, same address).
+        async with aiohttp.ClientSession(base_url=stack.http_url) as session:
+            async with session.get(
+                "/v1/tenants/alpha/packs/p1", headers={"X-Api-Key": stale.secret}
+            ) as response:
+                assert response.status == 429 and response.headers["Retry-After"]
+            async with session.get(
+                "/v1/tenants/alpha/packs/p1", headers={"X-Api-Key": stack.keys["alpha"]}
+            ) as response:
+                assert response.status == 200
+        assert stack.app.gateway.auth_failures.refused >= 5
+    finally:
+        await stack.close()
+
+
+async def test_made_up_keys_never_reach_the_key_store(tmp_path, rsa_public_pem, fake_backend) -> None:
+    """A flood of random key ids is answered from the in-memory key directory: no row lookup per
+    request, a handful of directory refreshes in all, and a valid key is admitted throughout."""
+    settings = gateway_settings(
+        tmp_path,
+        rsa_public_pem,
+        audience_target=fake_backend.target,
+        auth_failure_address_limit={"rate": 1, "burst": 20},
     )
     stack = await start_stack(settings, {"alpha": ALL})
     try:
+        gateway = stack.app.gateway
+        lookups: list[str] = []
+        original = gateway.store.get_key
+
+        def counting_get_key(key_id: str):  # type: ignore[no-untyped-def]
+            lookups.append(key_id)
+            return original(key_id)
+
+        gateway.store.get_key = counting_get_key  # type: ignore[method-assign]
         stub = pb_grpc.AudienceServiceStub(stack.channel)
-        bad = (("x-api-key", "fc_0123456789abcdef_" + "x" * 43),)
-        for _ in range(3):
+
+        async def made_up() -> grpc.StatusCode:
+            key = f"fc_{secrets.token_hex(8)}_{secrets.token_urlsafe(32)}"
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await stub.GetPack(GET, metadata=bad)
-            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        # The address is now refused outright, whatever it sends, until its bucket refills.
-        for metadata in (bad, stack.auth("alpha")):
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await stub.GetPack(GET, metadata=metadata)
-            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            details = error_details(caught.value)
-            assert details.reason == "AUTH_FAILURES" and 0 < details.retry_after_seconds <= 0.5
-        await asyncio.sleep(details.retry_after_seconds + 0.05)
+                await stub.GetPack(GET, metadata=(("x-api-key", key),))
+            return caught.value.code()
+
+        codes = await asyncio.gather(*(made_up() for _ in range(200)))
+        assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert codes.count(grpc.StatusCode.UNAUTHENTICATED) <= 25  # the coarse per-address ceiling
+        assert lookups == []
+        assert gateway.key_directory.refreshes <= 10  # the first full load and a few coalesced refreshes
         assert (await stub.GetPack(GET, metadata=stack.auth("alpha"))).size == 42
+        assert len(lookups) == 1  # the valid key's row, read once (cache off in tests)
+    finally:
+        await stack.close()
+
+
+async def test_a_key_created_on_another_replica_is_found(tmp_path, rsa_public_pem, fake_backend) -> None:
+    """The directory refreshes before refusing an unknown id: a key written to the store by another
+    replica (here: directly) works on the next call."""
+    settings = gateway_settings(tmp_path, rsa_public_pem, audience_target=fake_backend.target)
+    stack = await start_stack(settings, {"alpha": ALL})
+    try:
+        stub = pb_grpc.AudienceServiceStub(stack.channel)
+        assert (await stub.GetPack(GET, metadata=stack.auth("alpha"))).size == 42  # directory loaded
+        _, secret = await asyncio.to_thread(stack.app.gateway.store.create_key, "alpha", ["packs.read"])
+        assert (await stub.GetPack(GET, metadata=(("x-api-key", secret),))).size == 42
     finally:
         await stack.close()

@@ -25,11 +25,12 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+flashcrowd/gateway/v1/gateway_service.proto\x12\x15\x66lashcrowd.gateway.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x97\x01\n\x06Tenant\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x35\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:,\xea\x41)\n\x15\x66lashcrowd.dev/Tenant\x12\x10tenants/{tenant}\"\xa3\x01\n\x06\x41piKey\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x0e\n\x06scopes\x18\x02 \x03(\t\x12\x35\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:>\xea\x41;\n\x15\x66lashcrowd.dev/ApiKey\x12\"tenants/{tenant}/apiKeys/{api_key}\"\x0f\n\rWhoAmIRequest\"@\n\x0eWhoAmIResponse\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06scopes\x18\x02 \x03(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\"]\n\x13\x43reateTenantRequest\x12\x17\n\ttenant_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12-\n\x06tenant\x18\x02 \x01(\x0b\x32\x1d.flashcrowd.gateway.v1.Tenant\")\n\x13\x44\x65leteTenantRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"A\n\x13\x43reateApiKeyRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06scopes\x18\x02 \x03(\tB\x04\xe2\x41\x01\x02\"V\n\x14\x43reateApiKeyResponse\x12.\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1d.flashcrowd.gateway.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\")\n\x13RevokeApiKeyRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x32\xf6\x04\n\x0eGatewayService\x12i\n\x06WhoAmI\x12$.flashcrowd.gateway.v1.WhoAmIRequest\x1a%.flashcrowd.gateway.v1.WhoAmIResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/whoami\x12v\n\x0c\x43reateTenant\x12*.flashcrowd.gateway.v1.CreateTenantRequest\x1a\x1d.flashcrowd.gateway.v1.Tenant\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x0b/v1/tenants:\x06tenant\x12p\n\x0c\x44\x65leteTenant\x12*.flashcrowd.gateway.v1.DeleteTenantRequest\x1a\x16.google.protobuf.Empty\"\x1c\x82\xd3\xe4\x93\x02\x16*\x14/v1/{name=tenants/*}\x12\x92\x01\n\x0c\x43reateApiKey\x12*.flashcrowd.gateway.v1.CreateApiKeyRequest\x1a+.flashcrowd.gateway.v1.CreateApiKeyResponse\")\x82\xd3\xe4\x93\x02#\"\x1e/v1/{parent=tenants/*}/apiKeys:\x01*\x12z\n\x0cRevokeApiKey\x12*.flashcrowd.gateway.v1.RevokeApiKeyRequest\x1a\x16.google.protobuf.Empty\"&\x82\xd3\xe4\x93\x02 *\x1e/v1/{name=tenants/*/apiKeys/*}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+flashcrowd/gateway/v1/gateway_service.proto\x12\x15\x66lashcrowd.gateway.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcc\x03\n\x06Tenant\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x35\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x64\x65lete_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\npurge_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x38\n\x05state\x18\x07 \x01(\x0e\x32#.flashcrowd.gateway.v1.Tenant.StateB\x04\xe2\x41\x01\x03\"U\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_ACTIVE\x10\x01\x12\x11\n\rSTATE_DELETED\x10\x02\x12\x10\n\x0cSTATE_PURGED\x10\x03:,\xea\x41)\n\x15\x66lashcrowd.dev/Tenant\x12\x10tenants/{tenant}\"\xc3\x02\n\x06\x41piKey\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x0e\n\x06scopes\x18\x02 \x03(\t\x12\x35\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0brevoke_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x14\n\x0c\x64isplay_name\x18\x06 \x01(\t:Z\xea\x41W\n\x15\x66lashcrowd.dev/ApiKey\x12\"tenants/{tenant}/apiKeys/{api_key}\x12\x1aplatform/apiKeys/{api_key}\"\x0f\n\rWhoAmIRequest\"N\n\x0eWhoAmIResponse\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06scopes\x18\x02 \x03(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\"]\n\x13\x43reateTenantRequest\x12\x17\n\ttenant_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12-\n\x06tenant\x18\x02 \x01(\x0b\x32\x1d.flashcrowd.gateway.v1.Tenant\"@\n\x10GetTenantRequest\x12,\n\x04name\x18\x01 \x01(\tB\x1e\xe2\x41\x01\x02\xfa\x41\x17\n\x15\x66lashcrowd.dev/Tenant\")\n\x13\x44\x65leteTenantRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"E\n\x15UndeleteTenantRequest\x12,\n\x04name\x18\x01 \x01(\tB\x1e\xe2\x41\x01\x02\xfa\x41\x17\n\x15\x66lashcrowd.dev/Tenant\"B\n\x12PurgeTenantRequest\x12,\n\x04name\x18\x01 \x01(\tB\x1e\xe2\x41\x01\x02\xfa\x41\x17\n\x15\x66lashcrowd.dev/Tenant\"\xc8\x01\n\x13\x43reateApiKeyRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06scopes\x18\x02 \x03(\tB\x04\xe2\x41\x01\x02\x12\x31\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x12.\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x04H\x00\x12\x14\n\x0c\x64isplay_name\x18\x05 \x01(\tB\x0c\n\nexpiration\"V\n\x14\x43reateApiKeyResponse\x12.\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1d.flashcrowd.gateway.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"@\n\x10GetApiKeyRequest\x12,\n\x04name\x18\x01 \x01(\tB\x1e\xe2\x41\x01\x02\xfa\x41\x17\n\x15\x66lashcrowd.dev/ApiKey\"k\n\x12ListApiKeysRequest\x12.\n\x06parent\x18\x01 \x01(\tB\x1e\xe2\x41\x01\x02\xfa\x41\x17\x12\x15\x66lashcrowd.dev/ApiKey\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"_\n\x13ListApiKeysResponse\x12/\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x1d.flashcrowd.gateway.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x13RevokeApiKeyRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"O\n\x0e\x41uditPrincipal\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\"\xc1\x02\n\nAuditEntry\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12.\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x14\n\x06tenant\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12>\n\tprincipal\x18\x04 \x01(\x0b\x32%.flashcrowd.gateway.v1.AuditPrincipalB\x04\xe2\x41\x01\x03\x12\x14\n\x06method\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\tresources\x18\x06 \x03(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0bstatus_code\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\ttransport\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x63lient_address\x18\t \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nrequest_id\x18\n \x01(\tB\x04\xe2\x41\x01\x03\"\xc4\x01\n\x17ListAuditEntriesRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"m\n\x18ListAuditEntriesResponse\x12\x38\n\raudit_entries\x18\x01 \x03(\x0b\x32!.flashcrowd.gateway.v1.AuditEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xab\x0c\n\x0eGatewayService\x12i\n\x06WhoAmI\x12$.flashcrowd.gateway.v1.WhoAmIRequest\x1a%.flashcrowd.gateway.v1.WhoAmIResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/whoami\x12v\n\x0c\x43reateTenant\x12*.flashcrowd.gateway.v1.CreateTenantRequest\x1a\x1d.flashcrowd.gateway.v1.Tenant\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x0b/v1/tenants:\x06tenant\x12q\n\tGetTenant\x12\'.flashcrowd.gateway.v1.GetTenantRequest\x1a\x1d.flashcrowd.gateway.v1.Tenant\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/{name=tenants/*}\x12p\n\x0c\x44\x65leteTenant\x12*.flashcrowd.gateway.v1.DeleteTenantRequest\x1a\x16.google.protobuf.Empty\"\x1c\x82\xd3\xe4\x93\x02\x16*\x14/v1/{name=tenants/*}\x12\x87\x01\n\x0eUndeleteTenant\x12,.flashcrowd.gateway.v1.UndeleteTenantRequest\x1a\x1d.flashcrowd.gateway.v1.Tenant\"(\x82\xd3\xe4\x93\x02\"\"\x1d/v1/{name=tenants/*}:undelete:\x01*\x12~\n\x0bPurgeTenant\x12).flashcrowd.gateway.v1.PurgeTenantRequest\x1a\x1d.flashcrowd.gateway.v1.Tenant\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/v1/{name=tenants/*}:purge:\x01*\x12\xb6\x01\n\x0c\x43reateApiKey\x12*.flashcrowd.gateway.v1.CreateApiKeyRequest\x1a+.flashcrowd.gateway.v1.CreateApiKeyResponse\"M\x82\xd3\xe4\x93\x02G\"\x1e/v1/{parent=tenants/*}/apiKeys:\x01*Z\"\"\x1d/v1/{parent=platform}/apiKeys:\x01*\x12\x9c\x01\n\tGetApiKey\x12\'.flashcrowd.gateway.v1.GetApiKeyRequest\x1a\x1d.flashcrowd.gateway.v1.ApiKey\"G\x82\xd3\xe4\x93\x02\x41\x12\x1e/v1/{name=tenants/*/apiKeys/*}Z\x1f\x12\x1d/v1/{name=platform/apiKeys/*}\x12\xad\x01\n\x0bListApiKeys\x12).flashcrowd.gateway.v1.ListApiKeysRequest\x1a*.flashcrowd.gateway.v1.ListApiKeysResponse\"G\x82\xd3\xe4\x93\x02\x41\x12\x1e/v1/{parent=tenants/*}/apiKeysZ\x1f\x12\x1d/v1/{parent=platform}/apiKeys\x12\x9b\x01\n\x0cRevokeApiKey\x12*.flashcrowd.gateway.v1.RevokeApiKeyRequest\x1a\x16.google.protobuf.Empty\"G\x82\xd3\xe4\x93\x02\x41*\x1e/v1/{name=tenants/*/apiKeys/*}Z\x1f*\x1d/v1/{name=platform/apiKeys/*}\x12\xa0\x01\n\x10ListAuditEntries\x12..flashcrowd.gateway.v1.ListAuditEntriesRequest\x1a/.flashcrowd.gateway.v1.ListAuditEntriesResponse\"+\x82\xd3\xe4\x93\x02%\x12#/v1/{parent=tenants/*}/auditEntriesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,52 +41,132 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENANT'].fields_by_name['name']._serialized_options = b'\342A\001\010'
   _globals['_TENANT'].fields_by_name['create_time']._loaded_options = None
   _globals['_TENANT'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_TENANT'].fields_by_name['delete_time']._loaded_options = None
+  _globals['_TENANT'].fields_by_name['delete_time']._serialized_options = b'\342A\001\003'
+  _globals['_TENANT'].fields_by_name['expire_time']._loaded_options = None
+  _globals['_TENANT'].fields_by_name['expire_time']._serialized_options = b'\342A\001\003'
+  _globals['_TENANT'].fields_by_name['purge_time']._loaded_options = None
+  _globals['_TENANT'].fields_by_name['purge_time']._serialized_options = b'\342A\001\003'
+  _globals['_TENANT'].fields_by_name['state']._loaded_options = None
+  _globals['_TENANT'].fields_by_name['state']._serialized_options = b'\342A\001\003'
   _globals['_TENANT']._loaded_options = None
   _globals['_TENANT']._serialized_options = b'\352A)\n\025flashcrowd.dev/Tenant\022\020tenants/{tenant}'
   _globals['_APIKEY'].fields_by_name['name']._loaded_options = None
   _globals['_APIKEY'].fields_by_name['name']._serialized_options = b'\342A\001\010'
   _globals['_APIKEY'].fields_by_name['create_time']._loaded_options = None
   _globals['_APIKEY'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_APIKEY'].fields_by_name['expire_time']._loaded_options = None
+  _globals['_APIKEY'].fields_by_name['expire_time']._serialized_options = b'\342A\001\003'
+  _globals['_APIKEY'].fields_by_name['revoke_time']._loaded_options = None
+  _globals['_APIKEY'].fields_by_name['revoke_time']._serialized_options = b'\342A\001\003'
   _globals['_APIKEY']._loaded_options = None
-  _globals['_APIKEY']._serialized_options = b'\352A;\n\025flashcrowd.dev/ApiKey\022\"tenants/{tenant}/apiKeys/{api_key}'
+  _globals['_APIKEY']._serialized_options = b'\352AW\n\025flashcrowd.dev/ApiKey\022\"tenants/{tenant}/apiKeys/{api_key}\022\032platform/apiKeys/{api_key}'
   _globals['_CREATETENANTREQUEST'].fields_by_name['tenant_id']._loaded_options = None
   _globals['_CREATETENANTREQUEST'].fields_by_name['tenant_id']._serialized_options = b'\342A\001\002'
+  _globals['_GETTENANTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_GETTENANTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\027\n\025flashcrowd.dev/Tenant'
   _globals['_DELETETENANTREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_DELETETENANTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
+  _globals['_UNDELETETENANTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_UNDELETETENANTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\027\n\025flashcrowd.dev/Tenant'
+  _globals['_PURGETENANTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_PURGETENANTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\027\n\025flashcrowd.dev/Tenant'
   _globals['_CREATEAPIKEYREQUEST'].fields_by_name['parent']._loaded_options = None
   _globals['_CREATEAPIKEYREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002'
   _globals['_CREATEAPIKEYREQUEST'].fields_by_name['scopes']._loaded_options = None
   _globals['_CREATEAPIKEYREQUEST'].fields_by_name['scopes']._serialized_options = b'\342A\001\002'
+  _globals['_CREATEAPIKEYREQUEST'].fields_by_name['ttl']._loaded_options = None
+  _globals['_CREATEAPIKEYREQUEST'].fields_by_name['ttl']._serialized_options = b'\342A\001\004'
+  _globals['_GETAPIKEYREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_GETAPIKEYREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\027\n\025flashcrowd.dev/ApiKey'
+  _globals['_LISTAPIKEYSREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_LISTAPIKEYSREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A\027\022\025flashcrowd.dev/ApiKey'
   _globals['_REVOKEAPIKEYREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_REVOKEAPIKEYREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
+  _globals['_AUDITENTRY'].fields_by_name['name']._loaded_options = None
+  _globals['_AUDITENTRY'].fields_by_name['name']._serialized_options = b'\342A\001\003'
+  _globals['_AUDITENTRY'].fields_by_name['time']._loaded_options = None
+  _globals['_AUDITENTRY'].fields_by_name['time']._serialized_options = b'\342A\001\003'
+  _globals['_AUDITENTRY'].fields_by_name['tenant']._loaded_options = None
+  _globals['_AUDITENTRY'].fields_by_name['tenant']._serialized_options = b'\342A\001\003'
+  _globals['_AUDITENTRY'].fields_by_name['principal']._loaded_options = None
+  _globals['_AUDITENTRY'].fields_by_name['principal']._serialized_options = b'\342A\001\003'
+  _globals['_AUDITENTRY'].fields_by_name['method']._loaded_options = None
+  _globals['_AUDITENTRY'].fields_by_name['method']._serialized_options = b'\342A\001\003'
+  _globals['_AUDITENTRY'].fields_by_name['resources']._loaded_options = None
+  _globals['_AUDITENTRY'].fields_by_name['resources']._serialized_options = b'\342A\001\003'
+  _globals['_AUDITENTRY'].fields_by_name['status_code']._loaded_options = None
+  _globals['_AUDITENTRY'].fields_by_name['status_code']._serialized_options = b'\342A\001\003'
+  _globals['_AUDITENTRY'].fields_by_name['transport']._loaded_options = None
+  _globals['_AUDITENTRY'].fields_by_name['transport']._serialized_options = b'\342A\001\003'
+  _globals['_AUDITENTRY'].fields_by_name['client_address']._loaded_options = None
+  _globals['_AUDITENTRY'].fields_by_name['client_address']._serialized_options = b'\342A\001\003'
+  _globals['_AUDITENTRY'].fields_by_name['request_id']._loaded_options = None
+  _globals['_AUDITENTRY'].fields_by_name['request_id']._serialized_options = b'\342A\001\003'
+  _globals['_LISTAUDITENTRIESREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_LISTAUDITENTRIESREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002'
   _globals['_GATEWAYSERVICE'].methods_by_name['WhoAmI']._loaded_options = None
   _globals['_GATEWAYSERVICE'].methods_by_name['WhoAmI']._serialized_options = b'\202\323\344\223\002\014\022\n/v1/whoami'
   _globals['_GATEWAYSERVICE'].methods_by_name['CreateTenant']._loaded_options = None
   _globals['_GATEWAYSERVICE'].methods_by_name['CreateTenant']._serialized_options = b'\202\323\344\223\002\025\"\013/v1/tenants:\006tenant'
+  _globals['_GATEWAYSERVICE'].methods_by_name['GetTenant']._loaded_options = None
+  _globals['_GATEWAYSERVICE'].methods_by_name['GetTenant']._serialized_options = b'\202\323\344\223\002\026\022\024/v1/{name=tenants/*}'
   _globals['_GATEWAYSERVICE'].methods_by_name['DeleteTenant']._loaded_options = None
   _globals['_GATEWAYSERVICE'].methods_by_name['DeleteTenant']._serialized_options = b'\202\323\344\223\002\026*\024/v1/{name=tenants/*}'
+  _globals['_GATEWAYSERVICE'].methods_by_name['UndeleteTenant']._loaded_options = None
+  _globals['_GATEWAYSERVICE'].methods_by_name['UndeleteTenant']._serialized_options = b'\202\323\344\223\002\"\"\035/v1/{name=tenants/*}:undelete:\001*'
+  _globals['_GATEWAYSERVICE'].methods_by_name['PurgeTenant']._loaded_options = None
+  _globals['_GATEWAYSERVICE'].methods_by_name['PurgeTenant']._serialized_options = b'\202\323\344\223\002\037\"\032/v1/{name=tenants/*}:purge:\001*'
   _globals['_GATEWAYSERVICE'].methods_by_name['CreateApiKey']._loaded_options = None
-  _globals['_GATEWAYSERVICE'].methods_by_name['CreateApiKey']._serialized_options = b'\202\323\344\223\002#\"\036/v1/{parent=tenants/*}/apiKeys:\001*'
+  _globals['_GATEWAYSERVICE'].methods_by_name['CreateApiKey']._serialized_options = b'\202\323\344\223\002G\"\036/v1/{parent=tenants/*}/apiKeys:\001*Z\"\"\035/v1/{parent=platform}/apiKeys:\001*'
+  _globals['_GATEWAYSERVICE'].methods_by_name['GetApiKey']._loaded_options = None
+  _globals['_GATEWAYSERVICE'].methods_by_name['GetApiKey']._serialized_options = b'\202\323\344\223\002A\022\036/v1/{name=tenants/*/apiKeys/*}Z\037\022\035/v1/{name=platform/apiKeys/*}'
+  _globals['_GATEWAYSERVICE'].methods_by_name['ListApiKeys']._loaded_options = None
+  _globals['_GATEWAYSERVICE'].methods_by_name['ListApiKeys']._serialized_options = b'\202\323\344\223\002A\022\036/v1/{parent=tenants/*}/apiKeysZ\037\022\035/v1/{parent=platform}/apiKeys'
   _globals['_GATEWAYSERVICE'].methods_by_name['RevokeApiKey']._loaded_options = None
-  _globals['_GATEWAYSERVICE'].methods_by_name['RevokeApiKey']._serialized_options = b'\202\323\344\223\002 *\036/v1/{name=tenants/*/apiKeys/*}'
-  _globals['_TENANT']._serialized_start=223
-  _globals['_TENANT']._serialized_end=374
-  _globals['_APIKEY']._serialized_start=377
-  _globals['_APIKEY']._serialized_end=540
-  _globals['_WHOAMIREQUEST']._serialized_start=542
-  _globals['_WHOAMIREQUEST']._serialized_end=557
-  _globals['_WHOAMIRESPONSE']._serialized_start=559
-  _globals['_WHOAMIRESPONSE']._serialized_end=623
-  _globals['_CREATETENANTREQUEST']._serialized_start=625
-  _globals['_CREATETENANTREQUEST']._serialized_end=718
-  _globals['_DELETETENANTREQUEST']._serialized_start=720
-  _globals['_DELETETENANTREQUEST']._serialized_end=761
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=763
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=828
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=830
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=916
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=918
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=959
-  _globals['_GATEWAYSERVICE']._serialized_start=962
-  _globals['_GATEWAYSERVICE']._serialized_end=1592
+  _globals['_GATEWAYSERVICE'].methods_by_name['RevokeApiKey']._serialized_options = b'\202\323\344\223\002A*\036/v1/{name=tenants/*/apiKeys/*}Z\037*\035/v1/{name=platform/apiKeys/*}'
+  _globals['_GATEWAYSERVICE'].methods_by_name['ListAuditEntries']._loaded_options = None
+  _globals['_GATEWAYSERVICE'].methods_by_name['ListAuditEntries']._serialized_options = b'\202\323\344\223\002%\022#/v1/{parent=tenants/*}/auditEntries'
+  _globals['_TENANT']._serialized_start=255
+  _globals['_TENANT']._serialized_end=715
+  _globals['_TENANT_STATE']._serialized_start=584
+  _globals['_TENANT_STATE']._serialized_end=669
+  _globals['_APIKEY']._serialized_start=718
+  _globals['_APIKEY']._serialized_end=1041
+  _globals['_WHOAMIREQUEST']._serialized_start=1043
+  _globals['_WHOAMIREQUEST']._serialized_end=1058
+  _globals['_WHOAMIRESPONSE']._serialized_start=1060
+  _globals['_WHOAMIRESPONSE']._serialized_end=1138
+  _globals['_CREATETENANTREQUEST']._serialized_start=1140
+  _globals['_CREATETENANTREQUEST']._serialized_end=1233
+  _globals['_GETTENANTREQUEST']._serialized_start=1235
+  _globals['_GETTENANTREQUEST']._serialized_end=1299
+  _globals['_DELETETENANTREQUEST']._serialized_start=1301
+  _globals['_DELETETENANTREQUEST']._serialized_end=1342
+  _globals['_UNDELETETENANTREQUEST']._serialized_start=1344
+  _globals['_UNDELETETENANTREQUEST']._serialized_end=1413
+  _globals['_PURGETENANTREQUEST']._serialized_start=1415
+  _globals['_PURGETENANTREQUEST']._serialized_end=1481
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=1484
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=1684
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=1686
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=1772
+  _globals['_GETAPIKEYREQUEST']._serialized_start=1774
+  _globals['_GETAPIKEYREQUEST']._serialized_end=1838
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=1840
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=1947
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=1949
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=2044
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=2046
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=2087
+  _globals['_AUDITPRINCIPAL']._serialized_start=2089
+  _globals['_AUDITPRINCIPAL']._serialized_end=2168
+  _globals['_AUDITENTRY']._serialized_start=2171
+  _globals['_AUDITENTRY']._serialized_end=2492
+  _globals['_LISTAUDITENTRIESREQUEST']._serialized_start=2495
+  _globals['_LISTAUDITENTRIESREQUEST']._serialized_end=2691
+  _globals['_LISTAUDITENTRIESRESPONSE']._serialized_start=2693
+  _globals['_LISTAUDITENTRIESRESPONSE']._serialized_end=2802
+  _globals['_GATEWAYSERVICE']._serialized_start=2805
+  _globals['_GATEWAYSERVICE']._serialized_end=4384
 # @@protoc_insertion_point(module_scope)

@@ -27,11 +27,17 @@ if _version_not_supported:
 
 
 class GatewayServiceStub:
-    """The gateway's own API: who the caller is, and tenant / API-key administration.
+    """The gateway's own API: who the caller is, tenant and API-key administration, and the audit log.
     The public audience and retarget APIs are served by the gateway under their own service names.
 
+    Who may call what: system administrators (the bootstrap key, or a JWT with the admin scope and
+    no tenant) manage tenants, platform keys (parent `platform`) and every tenant's keys and audit
+    entries; a tenant's admin keys manage that tenant's keys and read its audit entries; another
+    tenant's resources are NOT_FOUND to them.
+
     Errors: UNAUTHENTICATED without valid credentials; PERMISSION_DENIED without the admin scope;
-    NOT_FOUND for unknown tenants or keys; INVALID_ARGUMENT with the field named.
+    NOT_FOUND for unknown tenants or keys; INVALID_ARGUMENT with the field named;
+    FAILED_PRECONDITION for tenant state conflicts (undeleting a live or purged tenant).
     """
 
     def __init__(self, channel):
@@ -50,29 +56,65 @@ class GatewayServiceStub:
                 request_serializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.CreateTenantRequest.SerializeToString,
                 response_deserializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.Tenant.FromString,
                 _registered_method=True)
+        self.GetTenant = channel.unary_unary(
+                '/flashcrowd.gateway.v1.GatewayService/GetTenant',
+                request_serializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.GetTenantRequest.SerializeToString,
+                response_deserializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.Tenant.FromString,
+                _registered_method=True)
         self.DeleteTenant = channel.unary_unary(
                 '/flashcrowd.gateway.v1.GatewayService/DeleteTenant',
                 request_serializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.DeleteTenantRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
+        self.UndeleteTenant = channel.unary_unary(
+                '/flashcrowd.gateway.v1.GatewayService/UndeleteTenant',
+                request_serializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.UndeleteTenantRequest.SerializeToString,
+                response_deserializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.Tenant.FromString,
+                _registered_method=True)
+        self.PurgeTenant = channel.unary_unary(
+                '/flashcrowd.gateway.v1.GatewayService/PurgeTenant',
+                request_serializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.PurgeTenantRequest.SerializeToString,
+                response_deserializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.Tenant.FromString,
                 _registered_method=True)
         self.CreateApiKey = channel.unary_unary(
                 '/flashcrowd.gateway.v1.GatewayService/CreateApiKey',
                 request_serializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.CreateApiKeyRequest.SerializeToString,
                 response_deserializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.CreateApiKeyResponse.FromString,
                 _registered_method=True)
+        self.GetApiKey = channel.unary_unary(
+                '/flashcrowd.gateway.v1.GatewayService/GetApiKey',
+                request_serializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.GetApiKeyRequest.SerializeToString,
+                response_deserializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.ApiKey.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/flashcrowd.gateway.v1.GatewayService/ListApiKeys',
+                request_serializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
         self.RevokeApiKey = channel.unary_unary(
                 '/flashcrowd.gateway.v1.GatewayService/RevokeApiKey',
                 request_serializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.RevokeApiKeyRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
+        self.ListAuditEntries = channel.unary_unary(
+                '/flashcrowd.gateway.v1.GatewayService/ListAuditEntries',
+                request_serializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.ListAuditEntriesRequest.SerializeToString,
+                response_deserializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.ListAuditEntriesResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
-    """The gateway's own API: who the caller is, and tenant / API-key administration.
+    """The gateway's own API: who the caller is, tenant and API-key administration, and the audit log.
     The public audience and retarget APIs are served by the gateway under their own service names.
 
+    Who may call what: system administrators (the bootstrap key, or a JWT with the admin scope and
+    no tenant) manage tenants, platform keys (parent `platform`) and every tenant's keys and audit
+    entries; a tenant's admin keys manage that tenant's keys and read its audit entries; another
+    tenant's resources are NOT_FOUND to them.
+
     Errors: UNAUTHENTICATED without valid credentials; PERMISSION_DENIED without the admin scope;
-    NOT_FOUND for unknown tenants or keys; INVALID_ARGUMENT with the field named.
+    NOT_FOUND for unknown tenants or keys; INVALID_ARGUMENT with the field named;
+    FAILED_PRECONDITION for tenant state conflicts (undeleting a live or purged tenant).
     """
 
     def WhoAmI(self, request, context):
@@ -83,14 +125,41 @@ class GatewayServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateTenant(self, request, context):
-        """Creates a tenant (admin scope).
+        """Creates a tenant (system admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTenant(self, request, context):
+        """Returns a tenant, also a deleted one with its delete, expire and purge times (system admin, or
+        the tenant's own admin).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteTenant(self, request, context):
-        """Deletes a tenant and revokes its keys (admin scope).
+        """Soft-deletes a tenant and revokes its keys (system admin). Its packs, live packs and campaigns
+        are purged once the undelete window (`expire_time`) has passed; until then UndeleteTenant
+        restores it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UndeleteTenant(self, request, context):
+        """Restores a deleted tenant before its purge started (system admin); the keys the deletion
+        revoked work again, keys revoked on their own stay revoked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PurgeTenant(self, request, context):
+        """Purges a deleted tenant now, ending its undelete window (system admin): deletes its packs
+        (uploads included) and live packs, cancels its campaigns. Idempotent; a purge that failed
+        halfway is resumed by the next call or the gateway's periodic purge.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -103,8 +172,31 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetApiKey(self, request, context):
+        """Returns an API key's public part, never its secret (admin scope).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """Lists the API keys of a tenant (or of `platform`), oldest first, revoked and expired ones
+        included, without secrets (admin scope).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RevokeApiKey(self, request, context):
         """Revokes an API key (admin scope).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditEntries(self, request, context):
+        """Lists audit entries (admin, destructive and member-level calls), newest first (admin scope:
+        a tenant admin reads its own tenant's entries, a system admin any tenant's or `tenants/-`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,20 +215,50 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     request_deserializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.CreateTenantRequest.FromString,
                     response_serializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.Tenant.SerializeToString,
             ),
+            'GetTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTenant,
+                    request_deserializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.GetTenantRequest.FromString,
+                    response_serializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.Tenant.SerializeToString,
+            ),
             'DeleteTenant': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteTenant,
                     request_deserializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.DeleteTenantRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'UndeleteTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndeleteTenant,
+                    request_deserializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.UndeleteTenantRequest.FromString,
+                    response_serializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.Tenant.SerializeToString,
+            ),
+            'PurgeTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeTenant,
+                    request_deserializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.PurgeTenantRequest.FromString,
+                    response_serializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.Tenant.SerializeToString,
             ),
             'CreateApiKey': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateApiKey,
                     request_deserializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.CreateApiKeyRequest.FromString,
                     response_serializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.CreateApiKeyResponse.SerializeToString,
             ),
+            'GetApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetApiKey,
+                    request_deserializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.GetApiKeyRequest.FromString,
+                    response_serializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.ApiKey.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.ListApiKeysResponse.SerializeToString,
+            ),
             'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
                     servicer.RevokeApiKey,
                     request_deserializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.RevokeApiKeyRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'ListAuditEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEntries,
+                    request_deserializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.ListAuditEntriesRequest.FromString,
+                    response_serializer=flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.ListAuditEntriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -147,11 +269,17 @@ def add_GatewayServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class GatewayService:
-    """The gateway's own API: who the caller is, and tenant / API-key administration.
+    """The gateway's own API: who the caller is, tenant and API-key administration, and the audit log.
     The public audience and retarget APIs are served by the gateway under their own service names.
 
+    Who may call what: system administrators (the bootstrap key, or a JWT with the admin scope and
+    no tenant) manage tenants, platform keys (parent `platform`) and every tenant's keys and audit
+    entries; a tenant's admin keys manage that tenant's keys and read its audit entries; another
+    tenant's resources are NOT_FOUND to them.
+
     Errors: UNAUTHENTICATED without valid credentials; PERMISSION_DENIED without the admin scope;
-    NOT_FOUND for unknown tenants or keys; INVALID_ARGUMENT with the field named.
+    NOT_FOUND for unknown tenants or keys; INVALID_ARGUMENT with the field named;
+    FAILED_PRECONDITION for tenant state conflicts (undeleting a live or purged tenant).
     """
 
     @staticmethod
@@ -209,6 +337,33 @@ class GatewayService:
             _registered_method=True)
 
     @staticmethod
+    def GetTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flashcrowd.gateway.v1.GatewayService/GetTenant',
+            flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.GetTenantRequest.SerializeToString,
+            flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.Tenant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def DeleteTenant(request,
             target,
             options=(),
@@ -225,6 +380,60 @@ class GatewayService:
             '/flashcrowd.gateway.v1.GatewayService/DeleteTenant',
             flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.DeleteTenantRequest.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UndeleteTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flashcrowd.gateway.v1.GatewayService/UndeleteTenant',
+            flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.UndeleteTenantRequest.SerializeToString,
+            flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.Tenant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flashcrowd.gateway.v1.GatewayService/PurgeTenant',
+            flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.PurgeTenantRequest.SerializeToString,
+            flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.Tenant.FromString,
             options,
             channel_credentials,
             insecure,
@@ -263,6 +472,60 @@ class GatewayService:
             _registered_method=True)
 
     @staticmethod
+    def GetApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flashcrowd.gateway.v1.GatewayService/GetApiKey',
+            flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.GetApiKeyRequest.SerializeToString,
+            flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.ApiKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flashcrowd.gateway.v1.GatewayService/ListApiKeys',
+            flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.ListApiKeysRequest.SerializeToString,
+            flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def RevokeApiKey(request,
             target,
             options=(),
@@ -279,6 +542,33 @@ class GatewayService:
             '/flashcrowd.gateway.v1.GatewayService/RevokeApiKey',
             flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.RevokeApiKeyRequest.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flashcrowd.gateway.v1.GatewayService/ListAuditEntries',
+            flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.ListAuditEntriesRequest.SerializeToString,
+            flashcrowd_dot_gateway_dot_v1_dot_gateway__service__pb2.ListAuditEntriesResponse.FromString,
             options,
             channel_credentials,
             insecure,
