@@ -16,4 +16,10 @@ if ! up 4222 && [ -x /usr/sbin/nats-server ]; then
     -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log || true
   wait_up 4222 || echo "services: NATS did not come up" >&2
 fi
+if ! up 6379 && command -v redis-server >/dev/null; then
+  echo "services: starting Redis" >&2
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log || true
+  wait_up 6379 || echo "services: Redis did not come up; shared rate-limit tests will be skipped" >&2
+fi
 exit 0

@@ -86,6 +86,11 @@ class GatewaySettings(BaseServiceSettings):
     # --- limits ---------------------------------------------------------------------------
     #: Bucket every method gets unless ``rate_limits`` names it, per tenant.
     default_rate_limit: RateLimit = RateLimit(rate=200.0, burst=400.0)
+    #: Redis shared by the gateway replicas for rate limits and failed-authentication counters
+    #: (redis://host:6379/0); empty = this replica's own buckets (one replica).
+    redis_url: str = ""
+    #: Replicas of the gateway: while Redis is unreachable each replica allows 1/replicas of a limit.
+    gateway_replicas: int = Field(default=1, ge=1, le=1000)
     #: Per-method buckets, per tenant (JSON object; see the module doc).
     rate_limits: dict[str, RateLimit] = Field(default_factory=dict)
     #: Failed authentications one client address may make with one credential (key id, or a hash of a

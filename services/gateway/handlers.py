@@ -99,7 +99,7 @@ class _StreamCall:
         trace.get_current_span().set_attribute(attributes.TENANT, self.tenant)
         self.limit_key = self.principal.limit_key
         try:
-            self.gateway.authorize(self.info, self.principal)
+            await self.gateway.authorize(self.info, self.principal)
             self.gateway.streams.acquire(self.limit_key)
         except ResourceExhausted:
             self.audited = False  # refused by a limit: nothing happened

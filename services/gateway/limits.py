@@ -1,7 +1,8 @@
 """Per-tenant limits: token-bucket rate limits, concurrent streams, failed authentications, the retry
 budget.
 
-All of it lives in one event loop, so no locks; time comes from ``time.monotonic``.
+All of it lives in one event loop, so no locks; time comes from ``time.monotonic``. Rate limits and
+failed-authentication counters are shared by the replicas through Redis (shared_buckets.py).
 """
 
 from __future__ import annotations
@@ -9,11 +10,14 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from services.gateway.config import GatewaySettings, RateLimit
 from services.runtime import ResourceExhausted
 from services.runtime.tenant_ids import valid_tenant_id
+
+if TYPE_CHECKING:
+    from services.gateway.shared_buckets import SharedBuckets
 
 
 def _subject(limit_key: str) -> str:
@@ -53,36 +57,28 @@ class TokenBucket:
 
 
 class RateLimiter:
-    """One bucket per (tenant, method), created on first use, least recently used dropped first."""
+    """One bucket per (tenant or platform principal, method), shared by the replicas through
+    ``SharedBuckets`` (Redis; local buckets at 1/replicas while it is down, or alone without it)."""
 
-    def __init__(self, settings: GatewaySettings, max_buckets: int = 100_000) -> None:
+    def __init__(self, settings: GatewaySettings, buckets: SharedBuckets) -> None:
         self.settings = settings
-        self.max_buckets = max_buckets
-        self._buckets: OrderedDict[tuple[str, str], TokenBucket] = OrderedDict()
+        self.buckets = buckets
         self._limits: dict[str, RateLimit] = {}
 
-    def check(self, tenant: str, full_method: str) -> None:
+    async def check(self, tenant: str, full_method: str) -> None:
         """Raise RESOURCE_EXHAUSTED (RetryInfo + QuotaFailure) when the tenant is over the limit."""
-        key = (tenant, full_method)
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            limit = self._limits.get(full_method)
-            if limit is None:
-                limit = self._limits[full_method] = self.settings.rate_limit_for(full_method)
-            bucket = self._buckets[key] = TokenBucket(limit.rate, limit.burst)
-            if len(self._buckets) > self.max_buckets:
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(key)
-        wait = bucket.take()
+        limit = self._limits.get(full_method)
+        if limit is None:
+            limit = self._limits[full_method] = self.settings.rate_limit_for(full_method)
+        wait = await self.buckets.take(f"rate:{tenant}:{full_method}", limit.rate, limit.burst)
         if wait > 0:
             method = full_method.rsplit("/", 1)[-1]
             raise ResourceExhausted(
-                f"rate limit of {bucket.rate:g}/s exceeded for {method}",
+                f"rate limit of {limit.rate:g}/s exceeded for {method}",
                 retry_after_seconds=max(wait, 0.001),
-                violations=[(_subject(tenant), f"{bucket.rate:g} {method} requests per second")],
+                violations=[(_subject(tenant), f"{limit.rate:g} {method} requests per second")],
                 reason="RATE_LIMITED",
-                metadata={"method": method, "limit": f"{bucket.rate:g}/s"},
+                metadata={"method": method, "limit": f"{limit.rate:g}/s"},
             )
 
 
@@ -127,9 +123,16 @@ class AuthFailureLimiter:
     protected separately (unknown key ids never reach it: ``key_directory.py``).
     """
 
-    def __init__(self, limit: RateLimit, address_limit: RateLimit, max_entries: int = 50_000) -> None:
+    def __init__(
+        self,
+        limit: RateLimit,
+        address_limit: RateLimit,
+        max_entries: int = 50_000,
+        buckets: SharedBuckets | None = None,
+    ) -> None:
         self.limit = limit
         self.address_limit = address_limit
+        self.buckets = buckets
         self.max_entries = max_entries
         self._pairs: OrderedDict[tuple[str, str], TokenBucket] = OrderedDict()
         self._addresses: OrderedDict[str, TokenBucket] = OrderedDict()
@@ -146,10 +149,18 @@ class AuthFailureLimiter:
             buckets.move_to_end(key)
         return bucket
 
-    def failed(self, address: str, credential: str) -> ResourceExhausted | None:
+    async def failed(self, address: str, credential: str) -> ResourceExhausted | None:
         """Count one failure; the error to answer instead of UNAUTHENTICATED when over a limit."""
-        pair = self._bucket(self._pairs, (address, credential), self.limit).take()
-        overall = self._bucket(self._addresses, address, self.address_limit).take()
+        if self.buckets is not None:  # shared by the replicas
+            pair = await self.buckets.take(
+                f"authfail:{address}:{credential}", self.limit.rate, self.limit.burst
+            )
+            overall = await self.buckets.take(
+                f"authfail:{address}", self.address_limit.rate, self.address_limit.burst
+            )
+        else:
+            pair = self._bucket(self._pairs, (address, credential), self.limit).take()
+            overall = self._bucket(self._addresses, address, self.address_limit).take()
         wait = max(pair, overall)
         if wait <= 0:
             return None

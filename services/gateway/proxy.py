@@ -45,6 +45,7 @@ from services.gateway.keystore import open_keystore
 from services.gateway.limits import AuthFailureLimiter, RateLimiter, RetryBudget, StreamLimiter
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.purge import TenantPurger
+from services.gateway.shared_buckets import SharedBuckets
 from services.runtime import (
     DeadlineExceeded,
     InvalidArgument,
@@ -181,10 +182,11 @@ class Gateway:
             batch_size=settings.audit_batch_size,
             log_lines=settings.audit_log_lines,
         )
-        self.rate_limiter = RateLimiter(settings)
+        self.buckets = SharedBuckets(settings.redis_url, replicas=settings.gateway_replicas)
+        self.rate_limiter = RateLimiter(settings, self.buckets)
         self.streams = StreamLimiter(settings.max_streams_per_tenant)
         self.auth_failures = AuthFailureLimiter(
-            settings.auth_failure_limit, settings.auth_failure_address_limit
+            settings.auth_failure_limit, settings.auth_failure_address_limit, buckets=self.buckets
         )
         self.retry_budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_min_per_second)
         self.backends: dict[str, BackendPool] = {
@@ -210,6 +212,7 @@ class Gateway:
         await self.key_directory.close()
         await self.audit.close(timeout=max(self.settings.grace_seconds, 1.0))
         await asyncio.gather(*(pool.close() for pool in self.backends.values()))
+        await self.buckets.close()
         self.store.close()
 
     # --- admission ---------------------------------------------------------------------------
@@ -220,16 +223,16 @@ class Gateway:
         try:
             return await self.authenticator.authenticate(header)
         except Unauthenticated:
-            refusal = self.auth_failures.failed(client or "unknown", credential_id(header))
+            refusal = await self.auth_failures.failed(client or "unknown", credential_id(header))
             self.metrics.auth_failures.add(1, {"outcome": "limited" if refusal else "unauthenticated"})
             if refusal is not None:
                 raise refusal from None
             raise
 
-    def authorize(self, info: MethodInfo, principal: Principal) -> None:
+    async def authorize(self, info: MethodInfo, principal: Principal) -> None:
         """Take a rate-limit token (refused calls too, so refusals cannot flood), then check the scope."""
         try:
-            self.rate_limiter.check(principal.limit_key, info.full)
+            await self.rate_limiter.check(principal.limit_key, info.full)
         except ResourceExhausted:
             self.metrics.rate_limited.add(
                 1, {attributes.TENANT: principal.tenant or "", "rpc.method": info.name}
@@ -250,7 +253,7 @@ class Gateway:
     async def admit(self, info: MethodInfo, header: HeaderLookup, client: str = "") -> Principal:
         """Authenticate, take a rate-limit token and check the scope."""
         principal = await self.authenticate(header, client)
-        self.authorize(info, principal)
+        await self.authorize(info, principal)
         return principal
 
     def audit_entry(
@@ -362,7 +365,7 @@ class Gateway:
             principal = await self.authenticate(header, client)
             audited = info.audited
             try:
-                self.authorize(info, principal)
+                await self.authorize(info, principal)
             except ResourceExhausted:
                 audited = False  # rate-limited: nothing happened, and floods must not fill the log
                 raise

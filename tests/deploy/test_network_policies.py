@@ -26,6 +26,7 @@ DEV_ALLOWED = [
     ("audience", "nats", 4222),  # ingest (EventService), live packs
     ("compactor", "nats", 4222),
     ("sale-monitor", "nats", 4222),
+    ("gateway", "redis", 6379),  # shared rate-limit buckets
     ("audience", "otel-collector", 4317),
     ("gateway", "otel-collector", 4317),
     ("compactor", "otel-collector", 4317),
@@ -51,6 +52,8 @@ DEV_DENIED = [
     ("pack-refresh", "postgres", 5432),
     ("retarget", "nats", 4222),
     ("gateway", "nats", 4222),
+    ("audience", "redis", 6379),
+    ("retarget", "redis", 6379),
     ("audience", "jaeger", 16686),
     # the compactor accepts nothing and calls no service
     ("gateway", "compactor", 50051),
