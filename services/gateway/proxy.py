@@ -545,7 +545,8 @@ class Gateway:
         backends = [b for b in (catalog.AUDIENCE, catalog.RETARGET) if not request.page_token or b in tokens]
         merged = operations_proto_pb2.ListOperationsResponse()
         next_tokens: dict[str, str] = {}
-        for backend in backends:
+
+        async def page_of(backend: str) -> operations_proto_pb2.ListOperationsResponse | Exception:
             sub = operations_proto_pb2.ListOperationsRequest()
             sub.CopyFrom(request)
             sub.page_token = str(tokens.get(backend, ""))
@@ -553,11 +554,22 @@ class Gateway:
                 raw = await self._forward(
                     self.backends[backend], info, sub.SerializeToString(), metadata, deadline
                 )
-            except BackendError as error:
-                if error.code is grpc.StatusCode.UNIMPLEMENTED:
-                    continue
-                raise
-            page = operations_proto_pb2.ListOperationsResponse.FromString(raw)
+            except (BackendError, Unavailable, DeadlineExceeded) as error:
+                return error
+            return operations_proto_pb2.ListOperationsResponse.FromString(raw)
+
+        pages = await asyncio.gather(*(page_of(backend) for backend in backends))
+        for backend, page in zip(backends, pages, strict=True):
+            if isinstance(page, Exception):
+                down = isinstance(page, Unavailable | DeadlineExceeded) or (
+                    isinstance(page, BackendError)
+                    and page.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED)
+                )
+                if not down or not request.return_partial_success:
+                    raise page  # AIP-217: partial answers only when the caller asked for them
+                # Named, never silently dropped: the caller knows this list is incomplete.
+                merged.unreachable.append(_operations_collection(request.name, backend))
+                continue
             merged.operations.extend(page.operations)
             for operation in page.operations:
                 self.operation_routes.remember(operation.name, backend)
@@ -566,6 +578,12 @@ class Gateway:
         if next_tokens:
             merged.next_page_token = base64.urlsafe_b64encode(json.dumps(next_tokens).encode()).decode()
         return merged.SerializeToString()
+
+
+def _operations_collection(parent: str, backend: str) -> str:
+    """The collection of a backend's operations under ``parent`` (``unreachable`` of AIP-217)."""
+    tenant = parent.removesuffix("/operations")
+    return f"{tenant}/campaigns/-/operations" if backend == catalog.RETARGET else f"{tenant}/operations"
 
 
 def _operation_backend(name: str) -> str:
