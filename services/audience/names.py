@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from services.runtime.tenant_ids import TENANT_ID_RULE, valid_tenant_id
+
 __all__ = [
     "ID_RULE",
     "PACK_TYPE",
@@ -47,8 +49,8 @@ def parse_pack_name(name: str) -> tuple[str, str]:
     if match is None:
         raise ValueError(f"{name!r} is not a pack name: expected tenants/{{tenant}}/packs/{{pack}}")
     tenant, pack = match.groups()
-    if not is_valid_id(tenant):
-        raise ValueError(f"tenant id {tenant!r} in {name!r} must be {ID_RULE}")
+    if not valid_tenant_id(tenant):
+        raise ValueError(f"tenant id {tenant!r} in {name!r} must be {TENANT_ID_RULE}")
     if not is_valid_id(pack):
         raise ValueError(f"pack id {pack!r} in {name!r} must be {ID_RULE}")
     return tenant, pack
@@ -57,6 +59,6 @@ def parse_pack_name(name: str) -> tuple[str, str]:
 def parse_tenant_name(name: str) -> str:
     """``tenants/t1`` -> ``"t1"``; ``ValueError`` otherwise."""
     match = _TENANT_NAME.fullmatch(name or "")
-    if match is None or not is_valid_id(match.group(1)):
+    if match is None or not valid_tenant_id(match.group(1)):
         raise ValueError(f"{name!r} is not a tenant name: expected tenants/{{tenant}} with the id {ID_RULE}")
     return match.group(1)

@@ -46,6 +46,7 @@ from services.audience.compiler import bitmap_to_numpy
 from services.audience.names import ID_RULE, PACK_TYPE, is_valid_id, pack_name, parse_pack_name
 from services.events.sharding import Shard, buckets_np
 from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.runtime.tenant_ids import valid_tenant_id
 from services.storage import ObjectNotFound, ObjectStore, check_prefix, publish, read_manifest
 
 __all__ = [
@@ -90,7 +91,7 @@ def _parse_iso(text: str) -> datetime:
 def check_ids(tenant: str, pack_id: str) -> None:
     """``InvalidArgument`` unless both ids follow the id rule."""
     problems = []
-    if not is_valid_id(tenant):
+    if not valid_tenant_id(tenant):
         problems.append(("tenant", f"{tenant!r} must be {ID_RULE}"))
     if not is_valid_id(pack_id):
         problems.append(("pack_id", f"{pack_id!r} must be {ID_RULE}"))
@@ -447,7 +448,7 @@ class PackStore:
 
     def manifest(self, tenant: str, pack_id: str, version: int = 0) -> dict[str, Any]:
         """The manifest of a visible version (0 = latest). ``NotFound`` otherwise (also when expired)."""
-        if not (is_valid_id(tenant) and is_valid_id(pack_id)) or version < 0:
+        if not (valid_tenant_id(tenant) and is_valid_id(pack_id)) or version < 0:
             raise self._not_found(tenant, pack_id, version)
         pointer = self._pointer(tenant, pack_id)
         if pointer is None or version > pointer["version"]:
@@ -548,7 +549,7 @@ class PackStore:
         terms = _parse_filter(filter)
         filter_tag = hashlib.sha256(filter.encode()).hexdigest()[:8]
         after = _decode_token(page_token, filter_tag) if page_token else None
-        if not is_valid_id(tenant):
+        if not valid_tenant_id(tenant):
             return [], ""
 
         entries: list[tuple[tuple[int, str], dict[str, Any]]] = []

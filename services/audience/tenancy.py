@@ -23,6 +23,7 @@ from services.audience.names import parse_tenant_name as _parse_tenant_name
 from services.runtime import InvalidArgument, NotFound
 from services.runtime.assertion import Caller, caller_of, require_platform
 from services.runtime.scopes import MEMBERS_READ
+from services.runtime.tenant_ids import valid_tenant_id
 
 _OPERATION_NAME = re.compile(r"tenants/([^/]+)/operations/([a-z0-9]{1,64})")
 _OPERATIONS_PARENT = re.compile(r"tenants/([^/]+?)(?:/operations)?")
@@ -74,7 +75,7 @@ def is_live_pack_name(value: str) -> bool:
 def parse_live_pack_name(value: str, field: str = "name") -> tuple[str, str]:
     """``tenants/{t}/livePacks/{id}`` -> ``(t, id)``."""
     match = _LIVE_PACK_NAME.fullmatch(value)
-    if match is None or not is_valid_id(match.group(1)) or not is_valid_id(match.group(2)):
+    if match is None or not valid_tenant_id(match.group(1)) or not is_valid_id(match.group(2)):
         raise InvalidArgument(
             field, f"expected tenants/{{tenant}}/livePacks/{{id}} ({ID_RULE}), got {value[:120]!r}"
         )
@@ -86,7 +87,7 @@ def parse_operation_name(value: str, field: str = "name") -> tuple[str, str]:
     if not value:
         raise InvalidArgument(field, "required (tenants/{tenant}/operations/{id})")
     match = _OPERATION_NAME.fullmatch(value)
-    if match is None or not is_valid_id(match.group(1)):
+    if match is None or not valid_tenant_id(match.group(1)):
         raise InvalidArgument(field, f"expected tenants/{{tenant}}/operations/{{id}}, got {value[:120]!r}")
     return match.group(1), match.group(2)
 
@@ -96,7 +97,7 @@ def parse_operations_parent(value: str, field: str = "name") -> str:
     if not value:
         raise InvalidArgument(field, "required (tenants/{tenant})")
     match = _OPERATIONS_PARENT.fullmatch(value)
-    if match is None or not is_valid_id(match.group(1)):
+    if match is None or not valid_tenant_id(match.group(1)):
         raise InvalidArgument(field, f"expected tenants/{{tenant}}, got {value[:120]!r}")
     return match.group(1)
 

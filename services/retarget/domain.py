@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.runtime.tenant_ids import valid_tenant_id
+
 #: Anything above this many fen (10^12 fen = 10 billion yuan) is refused as absurd.
 MAX_FEN = 10**12
 BASIS_POINTS = 10_000
@@ -67,7 +69,6 @@ PACK_NOT_READY = "PACK_NOT_READY"
 IDEMPOTENCY_KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
 
 _ID = re.compile(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?")
-_TENANT = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _COUPON_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _ARM_ID = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
@@ -91,7 +92,7 @@ def valid_arm_id(value: str) -> bool:
 def parse_parent(name: str) -> str | None:
     """``tenants/{t}`` -> ``t``, or None when malformed."""
     parts = name.split("/")
-    if len(parts) == 2 and parts[0] == "tenants" and _TENANT.fullmatch(parts[1]):
+    if len(parts) == 2 and parts[0] == "tenants" and valid_tenant_id(parts[1]):
         return parts[1]
     return None
 
@@ -102,7 +103,7 @@ def parse_name(name: str, collection: str) -> tuple[str, str] | None:
     if len(parts) != 4 or parts[0] != "tenants" or parts[2] != collection:
         return None
     tenant, rid = parts[1], parts[3]
-    if not _TENANT.fullmatch(tenant):
+    if not valid_tenant_id(tenant):
         return None
     pattern = _COUPON_ID if collection == "coupons" else _ID
     if not pattern.fullmatch(rid):

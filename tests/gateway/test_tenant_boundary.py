@@ -190,3 +190,21 @@ async def test_one_tenant_id_rule(real_stack, tenant_id: str) -> None:
             gw.CreateTenantRequest(tenant_id=tenant_id), metadata=(("x-api-key", BOOTSTRAP),)
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("tenant_id", ["zz3437-", "9abc", "a_b"])
+async def test_backends_apply_the_same_tenant_id_rule(real_stack, tenant_id: str) -> None:
+    from tests.fixtures.channels import backend_channel
+
+    async with backend_channel(real_stack.audience_target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await apb_grpc.AudienceServiceStub(channel).GetPack(
+                apb.GetPackRequest(name=f"tenants/{tenant_id}/packs/p")
+            )
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    async with backend_channel(real_stack.retarget_target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await rpb_grpc.RetargetServiceStub(channel).ListCampaigns(
+                rpb.ListCampaignsRequest(parent=f"tenants/{tenant_id}")
+            )
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
