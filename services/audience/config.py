@@ -88,8 +88,6 @@ class AudienceSettings(BaseServiceSettings):
     def _prefixes(cls, value: Any) -> Any:
         return _prefix(value, name="prefix")
 
-<<<<<<< HEAD
-=======
     @field_validator("identity_pepper")
     @classmethod
     def _pepper(cls, value: SecretStr | None) -> SecretStr | None:
@@ -98,16 +96,5 @@ class AudienceSettings(BaseServiceSettings):
             parse_pepper(value.get_secret_value())
         return value
 
-    @field_validator("trusted_tenant_header", mode="before")
-    @classmethod
-    def _header(cls, value: Any) -> Any:
-        if not isinstance(value, str):
-            return value
-        value = value.strip().lower()
-        if not _METADATA_KEY.fullmatch(value) or value.endswith("-bin") or value.startswith("grpc-"):
-            raise ValueError("must be a text gRPC metadata key ([a-z0-9_.-], not grpc-*, not *-bin)")
-        return value
-
->>>>>>> identity
 
 __all__ = ["AudienceSettings"]
