@@ -43,8 +43,10 @@ class AudienceSettings(BaseServiceSettings):
     operations_prefix: str = "operations/"
     #: Builds running at once (threads; polars releases the GIL for most of a build).
     max_concurrent_builds: int = Field(default=2, ge=1, le=64)
-    #: Builds waiting for a worker; one more is refused with RESOURCE_EXHAUSTED and retry info.
-    max_queued_builds: int = Field(default=16, ge=0, le=10_000)
+    #: Global safety cap of builds waiting for a worker, all tenants together (one more is refused
+    #: with RESOURCE_EXHAUSTED and retry info). Far above the per-tenant limit below: tenants are
+    #: refused by their own limit long before the server's queue fills.
+    max_queued_builds: int = Field(default=1000, ge=0, le=100_000)
     #: Smallest pack a persona is computed for (privacy minimum).
     persona_min_size: int = Field(default=1000, ge=1)
     #: Rows one upload may carry; more refuses the whole upload.
@@ -58,6 +60,27 @@ class AudienceSettings(BaseServiceSettings):
     membership_refresh_ms: int = Field(default=2000, ge=0)
     #: Longest a WaitOperation call blocks when the request sets no (or a longer) timeout.
     max_wait_seconds: float = Field(default=60.0, gt=0)
+    # --- per-tenant quotas (services/audience/quotas.py); platform principals are exempt ------------
+    #: Live packs one tenant may have (CreateLivePack past it: RESOURCE_EXHAUSTED, TENANT_QUOTA).
+    tenant_max_live_packs: int = Field(default=50, ge=1, le=100_000)
+    #: Builds (CreatePack, RefreshPack, ExpandLookalike) one tenant may have waiting for a worker.
+    tenant_max_queued_builds: int = Field(default=20, ge=1, le=10_000)
+    #: Builds of one tenant running at once (a scheduling cap, never a refusal: more wait their turn,
+    #: and the build queue serves tenants round-robin).
+    tenant_max_running_builds: int = Field(default=1, ge=1, le=64)
+    #: Uploads (UploadPack calls that publish a pack) per tenant per UTC day, counted across replicas.
+    tenant_max_uploads_per_day: int = Field(default=200, ge=1, le=10_000_000)
+    #: Rows of those uploads per tenant per UTC day.
+    tenant_max_upload_rows_per_day: int = Field(default=50_000_000, ge=1, le=10**12)
+    #: Accepted lookalike expansions per tenant per UTC day.
+    tenant_max_expansions_per_day: int = Field(default=100, ge=1, le=10_000_000)
+    #: Accepted lookalike model trainings per operation owner per UTC day. Only platform principals
+    #: may train, so this is the one quota platform principals are subject to.
+    max_trainings_per_day: int = Field(default=48, ge=1, le=100_000)
+    #: Shared control-plane database of the quota counters: ``postgresql://...`` when several replicas
+    #: serve (they then share the counters), ``sqlite:///path``; unset: a SQLite file beside a local
+    #: store's directory (``<store>.control.sqlite3``), else ``./var/audience-control.sqlite3``.
+    control_database_url: str = ""
     #: HMAC key of the identity map (hex or base64 of >= 32 bytes; a Kubernetes Secret). Unset: the
     #: embedded default file ``./var/identity-pepper`` (``services.events.pepper``).
     identity_pepper: SecretStr | None = Field(default=None, repr=False)
@@ -87,6 +110,14 @@ class AudienceSettings(BaseServiceSettings):
     @classmethod
     def _prefixes(cls, value: Any) -> Any:
         return _prefix(value, name="prefix")
+
+    @field_validator("control_database_url")
+    @classmethod
+    def _control_database_url(cls, value: str) -> str:
+        value = value.strip()
+        if value and not value.startswith(("postgresql://", "postgres://", "sqlite:///")):
+            raise ValueError("expected postgresql://user@host:port/database or sqlite:///path")
+        return value
 
     @field_validator("identity_pepper")
     @classmethod
