@@ -2,8 +2,9 @@
 
 ``create_audience_server(settings)`` is what tests call (port 0) and ``build_service(settings)``
 is what ``python -m services.audience`` hands to the runtime's ``run_service``; both wire the same
-``AudienceApp``: one object store, the pack store, the operation manager (recovered at start-up),
-the membership cache and the servicers.
+``AudienceApp``: one object store, the pack store, the operation manager (recovered at start-up,
+its build queue fair across tenants), the membership cache, the tenant quotas (limits and their
+shared counters, ``services/audience/quotas.py``) and the servicers.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from services.audience.config import AudienceSettings
 from services.audience.membership import MembershipCache
 from services.audience.operations import OperationManager, OperationsServicer
 from services.audience.packstore import PackStore
+from services.audience.quotas import TenantQuotas, open_quotas
 from services.audience.servicer import AudienceServicer
 from services.audience.tenancy import Tenancy
 from services.runtime import ServiceDefinition, create_server
@@ -45,6 +47,8 @@ class AudienceApp:
     tenancy: Tenancy
     servicer: AudienceServicer
     operations_servicer: OperationsServicer
+    #: Per-tenant limits and their shared counters (None only for apps wired by hand in tests).
+    quotas: TenantQuotas | None = None
 
     @property
     def service_names(self) -> list[str]:
@@ -59,17 +63,23 @@ class AudienceApp:
             await stop()
         self.extra_stops = []
         await self.operations.close(self.settings.grace_seconds)
+        if self.quotas is not None:
+            self.quotas.close()
+            self.quotas = None
 
 
 def build_app(settings: AudienceSettings, store: ObjectStore | None = None) -> AudienceApp:
     """Open the store and wire the components; marks operations of a dead predecessor failed."""
     store = store if store is not None else open_store(settings.store_url)
     packs = PackStore(store, settings.packs_prefix)
+    quotas = open_quotas(settings)
     operations = OperationManager(
         store,
         settings.operations_prefix,
         max_workers=settings.max_concurrent_builds,
         max_queued=settings.max_queued_builds,
+        queued_limit=quotas.limits.queued_builds,
+        tenant_max_running=quotas.limits.running_builds,
     )
     failed = operations.recover()
     if failed:
@@ -82,8 +92,11 @@ def build_app(settings: AudienceSettings, store: ObjectStore | None = None) -> A
     )
     tenancy = Tenancy()
     servicer = AudienceServicer(settings, store, packs, operations, membership, tenancy)
+    servicer.quotas = quotas
     ops_servicer = OperationsServicer(operations, tenancy, max_wait_seconds=settings.max_wait_seconds)
-    return AudienceApp(settings, store, packs, operations, membership, tenancy, servicer, ops_servicer)
+    return AudienceApp(
+        settings, store, packs, operations, membership, tenancy, servicer, ops_servicer, quotas
+    )
 
 
 #: Module that, once it exists, provides ``lookalike_service(app: AudienceApp) -> ServiceDefinition``:
