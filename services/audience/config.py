@@ -43,8 +43,10 @@ class AudienceSettings(BaseServiceSettings):
     operations_prefix: str = "operations/"
     #: Builds running at once (threads; polars releases the GIL for most of a build).
     max_concurrent_builds: int = Field(default=2, ge=1, le=64)
-    #: Builds waiting for a worker; one more is refused with RESOURCE_EXHAUSTED and retry info.
-    max_queued_builds: int = Field(default=16, ge=0, le=10_000)
+    #: Global safety cap of builds waiting for a worker, all tenants together (one more is refused
+    #: with RESOURCE_EXHAUSTED and retry info). Far above the per-tenant limit below: tenants are
+    #: refused by their own limit long before the server's queue fills.
+    max_queued_builds: int = Field(default=1000, ge=0, le=100_000)
     #: Smallest pack a persona is computed for (privacy minimum).
     persona_min_size: int = Field(default=1000, ge=1)
     #: Tenants' view of counts (services/audience/privacy.py, PRIVACY.md): sizes below this read
@@ -53,9 +55,6 @@ class AudienceSettings(BaseServiceSettings):
     privacy_epsilon_size: float = Field(default=0.5, gt=0, le=10)
     privacy_epsilon_persona: float = Field(default=3.0, gt=0, le=50)
     privacy_daily_budget: float = Field(default=60.0, gt=0)
-    #: Shared control-plane database (privacy ledger): postgresql://... for replicas, sqlite:///path;
-    #: empty = a SQLite file beside a local store (./var/store -> ./var/store-control.sqlite3).
-    control_database_url: str = ""
     #: Rows one upload may carry; more refuses the whole upload.
     upload_max_rows: int = Field(default=5_000_000, ge=1)
     #: Pack bitmaps kept in memory for CheckMembership (LRU).
@@ -67,6 +66,27 @@ class AudienceSettings(BaseServiceSettings):
     membership_refresh_ms: int = Field(default=2000, ge=0)
     #: Longest a WaitOperation call blocks when the request sets no (or a longer) timeout.
     max_wait_seconds: float = Field(default=60.0, gt=0)
+    # --- per-tenant quotas (services/audience/quotas.py); platform principals are exempt ------------
+    #: Live packs one tenant may have (CreateLivePack past it: RESOURCE_EXHAUSTED, TENANT_QUOTA).
+    tenant_max_live_packs: int = Field(default=50, ge=1, le=100_000)
+    #: Builds (CreatePack, RefreshPack, ExpandLookalike) one tenant may have waiting for a worker.
+    tenant_max_queued_builds: int = Field(default=20, ge=1, le=10_000)
+    #: Builds of one tenant running at once (a scheduling cap, never a refusal: more wait their turn,
+    #: and the build queue serves tenants round-robin).
+    tenant_max_running_builds: int = Field(default=1, ge=1, le=64)
+    #: Uploads (UploadPack calls that publish a pack) per tenant per UTC day, counted across replicas.
+    tenant_max_uploads_per_day: int = Field(default=200, ge=1, le=10_000_000)
+    #: Rows of those uploads per tenant per UTC day.
+    tenant_max_upload_rows_per_day: int = Field(default=50_000_000, ge=1, le=10**12)
+    #: Accepted lookalike expansions per tenant per UTC day.
+    tenant_max_expansions_per_day: int = Field(default=100, ge=1, le=10_000_000)
+    #: Accepted lookalike model trainings per operation owner per UTC day. Only platform principals
+    #: may train, so this is the one quota platform principals are subject to.
+    max_trainings_per_day: int = Field(default=48, ge=1, le=100_000)
+    #: Shared control-plane database (quota counters, privacy ledger): ``postgresql://...`` when
+    #: several replicas serve (they then share them), ``sqlite:///path``; unset: a SQLite file beside a local
+    #: store's directory (``<store>.control.sqlite3``), else ``./var/audience-control.sqlite3``.
+    control_database_url: str = ""
     #: HMAC key of the identity map (hex or base64 of >= 32 bytes; a Kubernetes Secret). Unset: the
     #: embedded default file ``./var/identity-pepper`` (``services.events.pepper``).
     identity_pepper: SecretStr | None = Field(default=None, repr=False)
@@ -75,14 +95,6 @@ class AudienceSettings(BaseServiceSettings):
         """The identity pepper: this setting, else the embedded default (created on first use)."""
         value = self.identity_pepper
         return load_pepper(value.get_secret_value() if value is not None else None, environ={})
-
-    def control_database_path(self) -> str:
-        """The embedded default of ``control_database_url``: beside a local store, else under ./var."""
-        url = self.store_url
-        if url.startswith("s3://"):
-            return "var/audience-control.sqlite3"
-        directory = url[len("file://") :] if url.startswith("file://") else url
-        return directory.rstrip("/") + "-control.sqlite3"
 
     @field_validator("store_url")
     @classmethod
@@ -104,6 +116,14 @@ class AudienceSettings(BaseServiceSettings):
     @classmethod
     def _prefixes(cls, value: Any) -> Any:
         return _prefix(value, name="prefix")
+
+    @field_validator("control_database_url")
+    @classmethod
+    def _control_database_url(cls, value: str) -> str:
+        value = value.strip()
+        if value and not value.startswith(("postgresql://", "postgres://", "sqlite:///")):
+            raise ValueError("expected postgresql://user@host:port/database or sqlite:///path")
+        return value
 
     @field_validator("identity_pepper")
     @classmethod

@@ -15,6 +15,26 @@ was seen (so a replay faster than real time slides its windows with the replay, 
 still ages them). Definitions are stored in the object store (``live/{tenant}/{id}.json``); the
 state is rebuilt on start-up by replaying the stream from ``now - (longest window + margin)``.
 
+**Off the serving loop.** The event loop that serves CheckMembership only fetches from the bus and
+hands payloads to the ``Applier`` thread through a bounded queue (a full queue slows the follower,
+never the loop). The thread decodes them, merges batches that waited together, converts the columns
+to numpy once per batch (``Batch``) and evaluates only the leaves ``Dispatch`` finds for the
+``(item/category/campaign/video, event type)`` pairs the batch carries, updating each pack under
+that pack's lock, all its series at once. It gives the GIL away every millisecond of work and, after
+a pass, pauses as long as the pass took (at most 0.1 s). A read takes a pack's lock only to evaluate
+a pack whose version or minute changed since its last read. So one tenant's many live packs cost
+another tenant's CheckMembership at most about a millisecond, not every pack's update of every
+batch (``bench/tenant_flood.py``).
+
+**Owners.** Events carry an ``owner`` column: ``_platform`` for the platform's behaviour events, the
+tenant id for a tenant's own conversion events (stamped by the gateway). A live pack of tenant T
+counts the events whose owner is ``_platform`` or T; a batch without the column (the stream before
+owners) is all the platform's, and so is a null owner.
+
+**Quota.** A tenant principal may have ``FLASHCROWD_TENANT_MAX_LIVE_PACKS`` live packs (counted and
+installed under one lock; RESOURCE_EXHAUSTED ``TENANT_QUOTA`` past it, nothing stored); platform
+principals are exempt (``services/audience/quotas.py``).
+
 ``live_service(app)`` (picked up by ``services.audience.server``) serves LivePackService and, in
 the same process, the EventService on the same bus; with the in-process bus (``memory://``, the
 embedded default) it also runs the compactor, so the demo needs no servers.
@@ -26,10 +46,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import queue
+import threading
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import Any
 
 import grpc
@@ -39,7 +63,8 @@ from flashcrowd.audience.v1 import live_pack_pb2, live_pack_pb2_grpc, pack_pb2, 
 from google.protobuf import empty_pb2, json_format, timestamp_pb2
 from pyroaring import BitMap
 
-from services.audience.compiler import SHORTCUT_EVENT_TYPES
+from services.audience.compiler import SHORTCUT_EVENT_TYPES, ids_to_bitmap
+from services.audience.quotas import Limit, TenantQuotas, quota_refusal
 from services.audience.tenancy import (
     LIVE_PACK_TYPE,
     TENANT_TYPE,
@@ -47,7 +72,7 @@ from services.audience.tenancy import (
     parse_live_pack_name,
     parse_parent,
 )
-from services.events.bus import BusUnavailable, EventBus, open_bus
+from services.events.bus import BusUnavailable, EventBus, Subscription, open_bus
 from services.events.codec import decode_batch
 from services.events.config import RealtimeSettings
 from services.events.follower import StreamFollower
@@ -67,6 +92,14 @@ logger = logging.getLogger(__name__)
 
 MAX_WINDOW_MINUTES = 24 * 60
 MINUTE_US = 60_000_000
+#: Applying a batch gives the GIL away for ``GIL_YIELD_SECONDS`` after every ``GIL_SLICE_SECONDS`` of
+#: work: the serving loop then waits for it about a millisecond at most, not the interpreter's 5 ms
+#: switch interval (a sleep releases the GIL for sure; ``sleep(0)`` would take it straight back).
+GIL_SLICE_SECONDS = 0.001
+GIL_YIELD_SECONDS = 0.0002
+#: The events' owner column (stamped by the gateway) and the owner of the platform's own events.
+OWNER_COLUMN = "owner"
+PLATFORM_OWNER = "_platform"
 
 # The batch compiler's one-leaf shortcuts, plus purchasers approximated as payers: a live window
 # keeps no order history to subtract fully refunded payments from.
@@ -90,8 +123,14 @@ class Leaf:
     min_fen: int = 0
     max_fen: int = 0
 
-    def mask(self, frame: pl.DataFrame) -> pl.Series:
-        expr = pl.col("event_type").is_in(sorted(self.types))
+    def dispatch_keys(self) -> set[tuple[str, int, int]]:
+        """Where ``Dispatch`` files this leaf: ``(column, value, event type)`` of its first id filter
+        (item, category, campaign, video), or ``("", 0, event type)`` when it has none."""
+        for column, values in self._id_filters():
+            return {(column, value, t) for value in values for t in self.types}
+        return {("", 0, t) for t in self.types}
+
+    def _id_filters(self) -> Iterator[tuple[str, frozenset[int]]]:
         for column, values in (
             ("item_id", self.item_ids),
             ("category_id", self.category_ids),
@@ -99,12 +138,43 @@ class Leaf:
             ("video_id", self.video_ids),
         ):
             if values:
-                expr = expr & pl.col(column).is_in(sorted(values))
-        if self.min_fen:
-            expr = expr & (pl.col("amount_fen") >= self.min_fen)
-        if self.max_fen:
-            expr = expr & (pl.col("amount_fen") <= self.max_fen)
-        return frame.select(expr.fill_null(False)).to_series()
+                yield column, values
+
+    def rows(self, batch: Batch) -> np.ndarray:
+        """Indices of the batch's rows this leaf matches (numpy; no Python per row).
+
+        The first id filter picks candidate rows through the batch's sorted index of that column
+        (a binary search per value, so a leaf on one item costs O(log n + matches), not O(n));
+        the other conditions are checked on the candidates only.
+        """
+        candidates: np.ndarray | None = None
+        for column, values in self._id_filters():
+            if candidates is None:
+                candidates = batch.rows_with(column, values)
+            else:
+                ids, present = batch.column(column)
+                keep = np.isin(ids[candidates], np.fromiter(values, dtype=np.int64, count=len(values)))
+                if present is not None and 0 in values:  # a null id is "n/a", never the id 0
+                    keep &= present[candidates]
+                candidates = candidates[keep]
+            if candidates.size == 0:
+                return candidates
+        if candidates is None:
+            candidates = batch.rows_of_types(self.types)
+        else:
+            candidates = candidates[batch.type_mask(self.types)[candidates]]
+        if candidates.size and (self.min_fen or self.max_fen):
+            amounts, present = batch.column("amount_fen")
+            picked = amounts[candidates]
+            keep = np.ones(candidates.size, dtype=bool)
+            if self.min_fen:
+                keep &= picked >= self.min_fen
+            if self.max_fen:
+                keep &= picked <= self.max_fen
+            if present is not None:  # a missing amount matches no amount filter
+                keep &= present[candidates]
+            candidates = candidates[keep]
+        return candidates
 
 
 @dataclass(frozen=True)
@@ -192,6 +262,131 @@ def compile_live_spec(spec: spec_pb2.PackSpec, path: str = "live_pack.spec") -> 
 # State
 
 
+class Batch:
+    """One decoded bus batch as numpy columns, converted once and shared by every pack it is applied to.
+
+    Columns are converted when first asked for (``memory()`` frames of the benchmark carry only a
+    few); per-batch caches hold the masks of event-type sets, sorted indexes of id columns (a leaf on
+    one item finds its rows by binary search) and tenants' visibility. ``visible(tenant)`` is the
+    owner filter.
+    """
+
+    def __init__(self, frame: pl.DataFrame) -> None:
+        self.frame = frame
+        self.height = frame.height
+        self._columns: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        self._masks: dict[Any, np.ndarray] = {}
+        self._indexes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._visible: dict[str, np.ndarray | None] = {}
+        self._users: np.ndarray | None = None
+        self._minutes: np.ndarray | None = None
+        self._micros: np.ndarray | None = None
+        self._type_codes: np.ndarray | None = None
+
+    @property
+    def users(self) -> np.ndarray:
+        if self._users is None:
+            self._users = self.frame.get_column("user_id").to_numpy().astype(np.uint32, copy=False)
+        return self._users
+
+    @property
+    def micros(self) -> np.ndarray:
+        """Event time of each row, UTC epoch microseconds."""
+        if self._micros is None:
+            ts = self.frame.get_column("ts")
+            if ts.dtype != pl.Datetime("us", "UTC"):
+                ts = ts.cast(pl.Datetime("us", "UTC"))
+            self._micros = ts.to_physical().to_numpy()
+        return self._micros
+
+    @property
+    def minutes(self) -> np.ndarray:
+        """Minute of each event (event time, UTC epoch minutes)."""
+        if self._minutes is None:
+            self._minutes = self.micros // MINUTE_US
+        return self._minutes
+
+    def newest_us(self) -> int | None:
+        return int(self.micros.max()) if self.height else None
+
+    def column(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(values with nulls as 0, presence mask or None when nothing is null)``."""
+        found = self._columns.get(name)
+        if found is None:
+            series = self.frame.get_column(name)
+            present = series.is_not_null().to_numpy() if series.null_count() else None
+            found = self._columns[name] = (series.fill_null(0).to_numpy(), present)
+        return found
+
+    def type_mask(self, types: frozenset[int]) -> np.ndarray:
+        mask = self._masks.get(types)
+        if mask is None:
+            if self._type_codes is None:
+                self._type_codes = self.frame.get_column("event_type").to_numpy().astype(np.uint8, copy=False)
+            table = np.zeros(256, dtype=bool)
+            table[[t for t in types if 0 <= t < 256]] = True
+            mask = self._masks[types] = table[self._type_codes]
+        return mask
+
+    def rows_of_types(self, types: frozenset[int]) -> np.ndarray:
+        key = ("rows", types)
+        rows = self._masks.get(key)
+        if rows is None:
+            rows = self._masks[key] = np.flatnonzero(self.type_mask(types))
+        return rows
+
+    def rows_with(self, column: str, values: frozenset[int]) -> np.ndarray:
+        """Indices of the rows whose ``column`` is one of ``values`` (null never matches)."""
+        index = self._indexes.get(column)
+        if index is None:
+            ids, present = self.column(column)
+            order = np.argsort(ids, kind="stable")
+            if present is not None:  # nulls (filled with 0) out of the index
+                order = order[present[order]]
+            index = self._indexes[column] = (order, ids[order])
+        order, ordered = index
+        if len(values) == 1:
+            value = next(iter(values))
+            lo, hi = np.searchsorted(ordered, value, "left"), np.searchsorted(ordered, value, "right")
+            return order[lo:hi]
+        wanted = np.fromiter(values, dtype=np.int64, count=len(values))
+        los, his = np.searchsorted(ordered, wanted, "left"), np.searchsorted(ordered, wanted, "right")
+        hit = his > los
+        if not hit.any():
+            return order[:0]
+        return np.concatenate([order[lo:hi] for lo, hi in zip(los[hit], his[hit], strict=True)])
+
+    def present_keys(self, column: str) -> list[tuple[str, int, int]]:
+        """The distinct ``(column, value, event type)`` of the rows (``("", 0, type)`` for ``""``)."""
+        if self._type_codes is None:
+            self._type_codes = self.frame.get_column("event_type").to_numpy().astype(np.uint8, copy=False)
+        if not column:
+            return [("", 0, int(t)) for t in np.flatnonzero(np.bincount(self._type_codes, minlength=256))]
+        ids, present = self.column(column)
+        codes = ids.astype(np.int64) * 256 + self._type_codes
+        if present is not None:
+            codes = codes[present]
+        return [(column, int(c) >> 8, int(c) & 0xFF) for c in np.unique(codes)]
+
+    def visible(self, tenant: str) -> np.ndarray | None:
+        """Rows a live pack of ``tenant`` may count: owner ``_platform`` or ``tenant``; None = every row.
+
+        Without an ``owner`` column every event is the platform's (the stream before owners were
+        stamped); a null owner counts as the platform's for the same reason. Another tenant's events
+        (its own conversions, stamped by the gateway) are never counted.
+        """
+        if tenant in self._visible:
+            return self._visible[tenant]
+        if OWNER_COLUMN not in self.frame.columns:
+            mask = None
+        else:
+            owner = self.frame.get_column(OWNER_COLUMN).cast(pl.Utf8)
+            shown = (owner.is_null() | (owner == PLATFORM_OWNER) | (owner == tenant)).fill_null(True)
+            mask = None if shown.all() else shown.to_numpy()
+        self._visible[tenant] = mask
+        return mask
+
+
 class Series:
     """Per-minute bitmaps of the users matching one leaf."""
 
@@ -199,26 +394,45 @@ class Series:
         self.leaf = leaf
         self.buckets: dict[int, BitMap] = {}
 
-    def apply(self, frame: pl.DataFrame, floor_minute: int) -> None:
-        matched = frame.filter(self.leaf.mask(frame))
-        if matched.height == 0:
-            return
-        minutes = matched.get_column("ts").dt.epoch("us").to_numpy() // MINUTE_US
-        users = matched.get_column("user_id").to_numpy()
+    def apply(
+        self, batch: Batch | pl.DataFrame, floor_minute: int, visible: np.ndarray | None = None
+    ) -> bool:
+        """Add the batch's matching users (rows in ``visible``, default all) to their minute buckets.
+
+        Returns whether any bucket changed.
+        """
+        if isinstance(batch, pl.DataFrame):
+            batch = Batch(batch)
+        rows = self.leaf.rows(batch)
+        if visible is not None and rows.size:
+            rows = rows[visible[rows]]
+        if rows.size == 0:
+            return False
+        minutes = batch.minutes[rows]
+        users = batch.users[rows]
         keep = minutes >= floor_minute
         if not keep.all():
             minutes, users = minutes[keep], users[keep]
         if minutes.size == 0:
-            return
+            return False
+        first, last = int(minutes.min()), int(minutes.max())
+        if first == last:  # the usual case of a live stream: one minute per batch
+            self._add(first, users)
+            return True
         order = np.argsort(minutes, kind="stable")
-        minutes, users = minutes[order], users[order].astype(np.uint32)
+        minutes, users = minutes[order], users[order]
         cuts = np.flatnonzero(np.diff(minutes)) + 1
         for lo, hi in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [minutes.size])), strict=True):
-            minute = int(minutes[lo])
-            bucket = self.buckets.get(minute)
-            if bucket is None:
-                bucket = self.buckets[minute] = BitMap()
-            bucket.update(users[lo:hi])
+            self._add(int(minutes[lo]), users[lo:hi])
+        return True
+
+    def _add(self, minute: int, users: np.ndarray) -> None:
+        bucket = self.buckets.get(minute)
+        added = ids_to_bitmap(users) if users.size > 64 else BitMap(users.tolist())
+        if bucket is None:
+            self.buckets[minute] = added
+        else:
+            bucket |= added
 
     def members(self, now_minute: int) -> BitMap:
         first = now_minute - self.leaf.minutes
@@ -227,14 +441,17 @@ class Series:
             return BitMap()
         return BitMap.union(*chosen) if len(chosen) > 1 else BitMap(chosen[0])
 
-    def prune(self, now_minute: int) -> None:
+    def prune(self, now_minute: int) -> bool:
+        """Drop buckets older than the window; returns whether any was dropped."""
         first = now_minute - self.leaf.minutes
-        for minute in [m for m in self.buckets if m < first]:
+        old = [m for m in self.buckets if m < first]
+        for minute in old:
             del self.buckets[minute]
+        return bool(old)
 
     def memory_bytes(self) -> int:
         total = 0
-        for bucket in self.buckets.values():
+        for bucket in list(self.buckets.values()):
             stats = bucket.get_statistics()
             total += (
                 stats["n_bytes_array_containers"]
@@ -244,8 +461,52 @@ class Series:
         return total
 
 
-@dataclass
+class Dispatch:
+    """Which series of which packs a batch can touch, so a batch costs its matching leaves, not all.
+
+    Every series is filed under its leaf's ``dispatch_keys``; a batch looks up the keys its rows
+    carry (``Batch.present_keys``). Changed by the engine under its ``_packs_lock``.
+    """
+
+    def __init__(self) -> None:
+        self._table: dict[tuple[str, int, int], list[tuple[LivePackState, Series]]] = {}
+        self._columns: dict[str, int] = {}  # column -> series filed under it
+
+    def add(self, state: LivePackState) -> None:
+        for series in state.series.values():
+            for key in series.leaf.dispatch_keys():
+                self._table.setdefault(key, []).append((state, series))
+                self._columns[key[0]] = self._columns.get(key[0], 0) + 1
+
+    def remove(self, state: LivePackState) -> None:
+        for series in state.series.values():
+            for key in series.leaf.dispatch_keys():
+                entries = [e for e in self._table.get(key, ()) if e[0] is not state]
+                if entries:
+                    self._table[key] = entries
+                else:
+                    self._table.pop(key, None)
+                left = self._columns.get(key[0], 0) - 1
+                if left > 0:
+                    self._columns[key[0]] = left
+                else:
+                    self._columns.pop(key[0], None)
+
+    def candidates(self, batch: Batch) -> dict[LivePackState, set[Series]]:
+        found: dict[LivePackState, set[Series]] = {}
+        for column in list(self._columns):
+            for key in batch.present_keys(column):
+                for state, series in self._table.get(key, ()):
+                    found.setdefault(state, set()).add(series)
+        return found
+
+
+@dataclass(eq=False)
 class LivePackState:
+    """One live pack. Its series change only under ``lock`` (the applier thread, one pack at a time);
+    readers evaluate under the same lock, so a read sees every batch applied to this pack wholly or
+    not at all (both sides of "clicked and not paid" from the same batches)."""
+
     tenant: str
     pack_id: str
     display_name: str
@@ -253,13 +514,18 @@ class LivePackState:
     create_time: datetime
     expr: Node
     series: dict[Leaf, Series] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: Bumped by every change of a series (new members, dropped buckets): the read cache's key.
+    version: int = 0
+    #: Minute of the clock when buckets older than the window were last dropped.
+    pruned_minute: int = -1
     _cache: tuple[tuple[int, int], BitMap] | None = None
 
     @property
     def name(self) -> str:
         return f"tenants/{self.tenant}/livePacks/{self.pack_id}"
 
-    @property
+    @cached_property
     def window_minutes(self) -> int:
         return max(leaf.minutes for leaf in self.expr.leaves())
 
@@ -278,8 +544,137 @@ class LivePackState:
         return base
 
 
+@dataclass
+class _Work:
+    payload: bytes | None = None
+    seq: int = 0
+    targets: tuple[LivePackState, ...] | None = None
+    done: asyncio.Future | None = None  # a barrier: set once everything before it is applied
+    stop: bool = False
+
+
+class Applier:
+    """The thread that applies batches to live packs, fed through a bounded queue.
+
+    ``submit`` waits (asynchronously) for a free slot, so a slow applier slows the stream follower,
+    never the event loop. Batches of the main stream waiting together are applied as one (fewer
+    passes over the packs under a flood); ``barrier()`` resolves once everything submitted before it
+    is applied. Batches are decoded in the thread too.
+    """
+
+    #: Rows of waiting batches merged into one pass at most.
+    MAX_MERGED_ROWS = 50_000
+    #: Longest pause between passes (the pause is as long as the previous pass, so the thread holds
+    #: the GIL at most about half the time under a flood, and merges what arrives meanwhile).
+    MAX_PAUSE_SECONDS = 0.1
+
+    def __init__(self, engine: LivePackEngine, max_pending: int = 64) -> None:
+        self.engine = engine
+        self.max_pending = max_pending
+        self._queue: queue.Queue[_Work] = queue.Queue()
+        self._slots: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._slots = asyncio.Semaphore(self.max_pending)
+            self._thread = threading.Thread(target=self._run, name="live-pack-applier", daemon=True)
+            self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    async def submit(
+        self, payload: bytes, seq: int, targets: tuple[LivePackState, ...] | None = None
+    ) -> None:
+        assert self._slots is not None, "Applier.start() first"
+        await self._slots.acquire()
+        self._queue.put(_Work(payload, seq, targets))
+
+    async def barrier(self) -> None:
+        assert self._loop is not None and self._slots is not None, "Applier.start() first"
+        done = self._loop.create_future()
+        await self._slots.acquire()
+        self._queue.put(_Work(done=done))
+        await done
+
+    async def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(_Work(stop=True))
+            await asyncio.to_thread(self._thread.join, 10)
+            self._thread = None
+
+    def _release(self, count: int) -> None:
+        assert self._loop is not None and self._slots is not None
+        slots = self._slots
+
+        def release() -> None:
+            for _ in range(count):
+                slots.release()
+
+        with contextlib.suppress(RuntimeError):  # loop closed
+            self._loop.call_soon_threadsafe(release)
+
+    def _run(self) -> None:
+        pending: deque[_Work] = deque()  # taken from the queue while merging, not yet applied
+        resume = 0.0  # monotonic time the next pass may start
+        while True:
+            work = pending.popleft() if pending else self._queue.get()
+            if work.stop:
+                return
+            taken = 1
+            try:
+                if work.done is not None:
+                    self._resolve(work.done)
+                    continue
+                pause = resume - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)  # the GIL is the serving loop's meanwhile
+                started = time.monotonic()
+                frames = [decode_batch(work.payload or b"")]
+                seq, rows = work.seq, frames[0].height
+                while work.targets is None and rows < self.MAX_MERGED_ROWS:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more.stop or more.done is not None or more.targets is not None:
+                        pending.append(more)  # handled after this pass, in order
+                        break
+                    taken += 1
+                    frames.append(decode_batch(more.payload or b""))
+                    seq, rows = max(seq, more.seq), rows + frames[-1].height
+                frame = frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
+                self.engine.apply(frame, seq, targets=work.targets)
+                took = time.monotonic() - started
+                resume = time.monotonic() + min(took, self.MAX_PAUSE_SECONDS)
+            except Exception:
+                logger.exception("live packs: applying batch %s failed; skipped", work.seq)
+            finally:
+                self._release(taken)
+
+    def _resolve(self, done: asyncio.Future) -> None:
+        assert self._loop is not None
+
+        def resolve() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(resolve)
+
+
 class LivePackEngine(StreamFollower):
-    """All live packs of a process, fed from the bus."""
+    """All live packs of a process, fed from the bus.
+
+    Threads: definitions (``packs``) change on the event loop under ``_packs_lock``; once started,
+    batches are applied by the ``Applier`` thread, one pack at a time under that pack's lock, so the
+    event loop that serves CheckMembership only ever waits for one pack's update of one batch.
+    ``apply`` may also be called directly (tests, tools): it then runs in the caller's thread.
+    """
 
     consumer = "live-packs"
 
@@ -291,14 +686,31 @@ class LivePackEngine(StreamFollower):
         prefix: str = "live/",
         margin: timedelta = timedelta(minutes=5),
         clock=time.monotonic,
+        max_pending_batches: int = 64,
     ) -> None:
         super().__init__(bus, clock=clock)
         self.store = store
         self.prefix = prefix
         self.margin = margin
         self.packs: dict[tuple[str, str], LivePackState] = {}
+        self._packs_lock = threading.Lock()
+        self._dispatch = Dispatch()
+        self._watermark: tuple[int, float] | None = None  # (newest event time, clock when seen)
+        self._fetched = 0  # last stream sequence handed to the applier
+        self.applier = Applier(self, max_pending_batches)
 
     # ---- clock ----------------------------------------------------------------------------------
+
+    def now_us(self) -> int:
+        watermark = self._watermark  # one tuple: read atomically against the applier's writes
+        if watermark is None:
+            return int(datetime.now(UTC).timestamp() * 1_000_000)
+        return watermark[0] + int((self.clock() - watermark[1]) * 1_000_000)
+
+    def observe(self, newest_us: int) -> None:
+        watermark = self._watermark
+        if watermark is None or newest_us > watermark[0]:
+            self._watermark = (newest_us, self.clock())
 
     def now_minute(self) -> int:
         return self.now_us() // MINUTE_US
@@ -326,20 +738,44 @@ class LivePackEngine(StreamFollower):
         return count
 
     def _install(
-        self, tenant: str, pack_id: str, display_name: str, spec: spec_pb2.PackSpec, created: datetime
+        self,
+        tenant: str,
+        pack_id: str,
+        display_name: str,
+        spec: spec_pb2.PackSpec,
+        created: datetime,
+        limit: Limit | None = None,
     ) -> LivePackState:
         expr = compile_live_spec(spec)
         state = LivePackState(tenant, pack_id, display_name, spec, created, expr)
         state.series = {leaf: Series(leaf) for leaf in expr.leaves()}
-        self.packs[(tenant, pack_id)] = state
+        with self._packs_lock:
+            if (tenant, pack_id) in self.packs:
+                raise AlreadyExists(LIVE_PACK_TYPE, f"tenants/{tenant}/livePacks/{pack_id}")
+            if limit is not None:  # counted and taken under one lock: two creates never both get the last
+                owned = sum(1 for t, _ in self.packs if t == tenant)
+                if owned >= limit.value:
+                    raise quota_refusal(tenant, limit, used=owned, retry_after_seconds=60.0)
+            self.packs[(tenant, pack_id)] = state
+            self._dispatch.add(state)
         return state
 
+    def count(self, tenant: str) -> int:
+        with self._packs_lock:
+            return sum(1 for t, _ in self.packs if t == tenant)
+
     async def create(
-        self, tenant: str, pack_id: str, display_name: str, spec: spec_pb2.PackSpec
+        self,
+        tenant: str,
+        pack_id: str,
+        display_name: str,
+        spec: spec_pb2.PackSpec,
+        *,
+        limit: Limit | None = None,
     ) -> LivePackState:
-        if (tenant, pack_id) in self.packs:
-            raise AlreadyExists(LIVE_PACK_TYPE, f"tenants/{tenant}/livePacks/{pack_id}")
-        state = self._install(tenant, pack_id, display_name, spec, datetime.now(UTC))
+        """Define a live pack (and backfill it from the stream when following); ``limit``: the
+        tenant's live-pack quota (RESOURCE_EXHAUSTED ``TENANT_QUOTA`` at it, nothing stored)."""
+        state = self._install(tenant, pack_id, display_name, spec, datetime.now(UTC), limit)
         if self.store is not None:
             doc = {
                 "tenant": tenant,
@@ -348,15 +784,27 @@ class LivePackEngine(StreamFollower):
                 "spec": json_format.MessageToDict(spec),
                 "create_time": state.create_time.isoformat(),
             }
-            await asyncio.to_thread(
-                self.store.put_bytes, self._key(tenant, pack_id), json.dumps(doc).encode()
-            )
-        if self._task is not None:
+            try:
+                await asyncio.to_thread(
+                    self.store.put_bytes, self._key(tenant, pack_id), json.dumps(doc).encode()
+                )
+            except BaseException:
+                self._uninstall(tenant, pack_id)
+                raise
+        if self._task is not None and self.applier.running:
             await self._backfill(state)
         return state
 
+    def _uninstall(self, tenant: str, pack_id: str) -> LivePackState | None:
+        with self._packs_lock:
+            removed = self.packs.pop((tenant, pack_id), None)
+            if removed is not None:
+                self._dispatch.remove(removed)
+        return removed
+
     async def delete(self, tenant: str, pack_id: str) -> None:
-        if self.packs.pop((tenant, pack_id), None) is None:
+        removed = self._uninstall(tenant, pack_id)
+        if removed is None:
             raise NotFound(LIVE_PACK_TYPE, f"tenants/{tenant}/livePacks/{pack_id}")
         if self.store is not None:
             with contextlib.suppress(ObjectNotFound):
@@ -368,64 +816,162 @@ class LivePackEngine(StreamFollower):
             raise NotFound(LIVE_PACK_TYPE, f"tenants/{tenant}/livePacks/{pack_id}")
         return state
 
+    def of_tenant(self, tenant: str) -> list[str]:
+        with self._packs_lock:
+            return sorted(p for t, p in self.packs if t == tenant)
+
     # ---- reading --------------------------------------------------------------------------------
 
     def members(self, state: LivePackState) -> BitMap:
-        """Current members (cached until the next applied message or minute)."""
-        key = (self.seq, self.now_minute())
-        if state._cache is not None and state._cache[0] == key:
-            return state._cache[1]
-        bitmap = state.evaluate(state.expr, key[1])
-        state._cache = (key, bitmap)
+        """Current members: cached until the pack changes or the minute turns; else evaluated under
+        the pack's lock (held by the applier only while it updates this one pack)."""
+        now_minute = self.now_minute()
+        cached = state._cache
+        if cached is not None and cached[0] == (state.version, now_minute):
+            return cached[1]
+        with state.lock:
+            key = (state.version, now_minute)
+            bitmap = state.evaluate(state.expr, now_minute)
+            state._cache = (key, bitmap)
         return bitmap
 
     def live_members(self, tenant: str, pack_id: str) -> tuple[int, BitMap]:
         """``AudienceServicer.live_packs`` protocol: ``(last stream sequence applied, members)``."""
-        return self.seq, self.members(self.get(tenant, pack_id))
+        state = self.get(tenant, pack_id)
+        return self.seq, self.members(state)
 
     def memory_bytes(self, state: LivePackState) -> int:
-        return sum(s.memory_bytes() for s in state.series.values())
+        with state.lock:
+            return sum(s.memory_bytes() for s in state.series.values())
 
     # ---- feeding --------------------------------------------------------------------------------
 
     def apply(self, frame: pl.DataFrame, seq: int, targets: Iterable[LivePackState] | None = None) -> None:
-        """Apply one decoded batch (stream sequence ``seq``) to every pack (or ``targets``)."""
-        if frame.height:
-            self.observe(int(frame.get_column("ts").dt.epoch("us").max()))
+        """Apply one decoded batch (stream sequence ``seq``) to every pack (or ``targets``).
+
+        Only the series ``Dispatch`` finds for the batch's rows are evaluated; each pack counts only
+        the events its tenant may see (``Batch.visible``) and is updated under its lock, all its
+        series at once. Runs in the calling thread (the applier's, once started). ``seq`` is the
+        stream sequence up to which every pack is applied once this returns (not for ``targets``).
+        """
+        batch = Batch(frame)
+        newest = batch.newest_us()
+        if newest is not None:
+            self.observe(newest)
         now_minute = self.now_minute()
-        for state in list(targets if targets is not None else self.packs.values()):
+        with self._packs_lock:
+            if targets is None:
+                touched = self._dispatch.candidates(batch) if batch.height else {}
+                everyone = list(self.packs.values())
+            else:
+                everyone = list(targets)
+                touched = {state: set(state.series.values()) for state in everyone} if batch.height else {}
+        slice_start = time.perf_counter()
+        for state, series_set in touched.items():
+            if time.perf_counter() - slice_start > GIL_SLICE_SECONDS:
+                time.sleep(GIL_YIELD_SECONDS)  # hand the GIL to the serving loop if it waits for it
+                slice_start = time.perf_counter()
             floor = now_minute - state.window_minutes
-            for series in state.series.values():
-                series.apply(frame, floor)
-                series.prune(now_minute)
-            state._cache = None
+            visible = batch.visible(state.tenant)
+            with state.lock:
+                changed = False
+                for series in series_set:
+                    changed = series.apply(batch, floor, visible) or changed
+                if changed:
+                    state.version += 1
+        for state in everyone:  # drop buckets that left the window, once per minute of the clock
+            if state.pruned_minute != now_minute:
+                with state.lock:
+                    dropped = [series.prune(now_minute) for series in state.series.values()]
+                    state.pruned_minute = now_minute
+                    if any(dropped):
+                        state.version += 1
         if targets is None:
             self.seq = max(self.seq, seq)
 
     def _start_time(self, minutes: int) -> datetime:
         return datetime.now(UTC) - timedelta(minutes=minutes) - self.margin
 
+    async def _subscribe(self) -> Subscription:
+        if self._fetched:
+            return await self.bus.subscribe(self.consumer, start_seq=self._fetched + 1)
+        return await self.bus.subscribe(self.consumer, start_time=self.first_start_time())
+
+    async def run(self) -> None:
+        """The follower loop (``StreamFollower.run``), handing batches to the applier thread.
+
+        ``ready`` is set once the stream is caught up *and* everything fetched is applied.
+        """
+        self.applier.start()
+        sub: Subscription | None = None
+        backoff = 0.5
+        while not self._stopping.is_set():
+            try:
+                if sub is None:
+                    sub = await self._subscribe()
+                batch = await sub.fetch(256, 0.5 if self.ready.is_set() else 0.2)
+                if not batch and not self.ready.is_set():
+                    await self.applier.barrier()
+                    self.ready.set()  # caught up with the stream
+                for d in batch:
+                    await self.applier.submit(d.payload, d.seq)
+                    self._fetched = max(self._fetched, d.seq)
+                backoff = 0.5
+            except BusUnavailable as error:
+                logger.warning("%s: bus unavailable (%s); retrying", self.consumer, error)
+                if sub is not None:
+                    with contextlib.suppress(Exception):
+                        await sub.close()
+                sub = None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), backoff)
+                backoff = min(backoff * 2, 10.0)
+        if sub is not None:
+            await sub.close()
+
+    def start(self) -> None:
+        if self._task is None:
+            self.applier.start()
+        super().start()
+
+    async def stop(self) -> None:
+        await super().stop()
+        await self.applier.stop()
+
     async def _backfill(self, state: LivePackState) -> None:
-        """Fill a new pack from the stream up to the sequence the main loop has reached."""
-        until = self.seq
+        """Fill a new pack from the stream up to what the follower has handed to the applier.
+
+        Later batches reach the pack through the main stream (it is installed already); batches
+        applied twice change nothing (unions), so the overlap needs no care.
+        """
+        until = self._fetched
+        if until == 0:  # nothing fetched yet: the main stream will bring everything
+            return
         sub = await self.bus.subscribe(
-            f"live-backfill-{state.pack_id}", start_time=self._start_time(state.window_minutes)
+            f"live-backfill-{state.tenant}-{state.pack_id}", start_time=self._start_time(state.window_minutes)
         )
         try:
-            while True:
+            reached = False
+            while not reached:
                 batch = await sub.fetch(256, 0.2)
                 if not batch:
                     break
                 for d in batch:
                     if d.seq > until:
-                        return
-                    self.apply(decode_batch(d.payload), d.seq, targets=[state])
+                        reached = True
+                        break
+                    await self.applier.submit(d.payload, d.seq, targets=(state,))
+                    if d.seq == until:
+                        reached = True
+                        break
         finally:
             await sub.close()
+        await self.applier.barrier()
 
     def first_start_time(self) -> datetime:
         """Replay from the longest window back (at least an hour) when there is no checkpoint."""
-        longest = max((s.window_minutes for s in self.packs.values()), default=60)
+        with self._packs_lock:
+            longest = max((s.window_minutes for s in self.packs.values()), default=60)
         return self._start_time(max(longest, 60))
 
 
@@ -474,8 +1020,14 @@ class LivePackServicer(live_pack_pb2_grpc.LivePackServiceServicer):
         check_id(request.live_pack_id, "live_pack_id")
         if not request.live_pack.HasField("spec"):
             raise InvalidArgument("live_pack.spec", "required")
+        quotas = getattr(self.app, "quotas", None)
+        limited = quotas is not None and TenantQuotas.applies_to(self.app.tenancy.caller(context))
         state = await self.engine.create(
-            tenant, request.live_pack_id, request.live_pack.display_name, request.live_pack.spec
+            tenant,
+            request.live_pack_id,
+            request.live_pack.display_name,
+            request.live_pack.spec,
+            limit=quotas.limits.live_packs if limited else None,  # platform principals are exempt
         )
         return self.to_pb(state)
 
@@ -487,7 +1039,7 @@ class LivePackServicer(live_pack_pb2_grpc.LivePackServiceServicer):
         if request.page_size < 0 or request.page_size > 1000:
             raise InvalidArgument("page_size", "must be 0..1000")
         size = request.page_size or 50
-        ids = sorted(p for t, p in self.engine.packs if t == tenant)
+        ids = self.engine.of_tenant(tenant)
         start = int(request.page_token) if request.page_token.isdigit() else 0
         page = ids[start : start + size]
         token = str(start + size) if start + size < len(ids) else ""

@@ -1,11 +1,22 @@
 """Long-running operations for pack builds (and any other slow job of this process).
 
-``OperationManager`` runs jobs in a bounded thread pool (polars releases the GIL for most of a
-build), keeps each job's ``google.longrunning.Operation`` with live metadata (stage, percent), and
+``OperationManager`` runs jobs on ``max_workers`` worker threads (polars releases the GIL for most
+of a build), keeps each job's ``google.longrunning.Operation`` with live metadata (stage, percent), and
 records every operation in the object store as ``{prefix}{tenant}/{id}.json``: once when it is
 accepted and again when it finishes, so that GetOperation/ListOperations keep working after a
 restart. An operation still marked running when a process starts belonged to a process that died:
 ``recover()`` marks it failed (UNAVAILABLE, "server restarted; retry").
+
+Jobs wait in a **fair queue** (``FairQueue``): one FIFO lane per tenant, and a free worker takes the
+head of the lane of the tenant with the fewest running jobs, ties going to the tenant served least
+recently; a tenant already running ``tenant_max_running`` jobs is skipped while it is at that cap.
+So a tenant that queued 20 builds delays another tenant's one build by at most the builds already
+running, never by its 20. Admission refuses (RESOURCE_EXHAUSTED, nothing recorded):
+
+* a tenant with ``queued_limit`` jobs already waiting (reason ``TENANT_QUOTA``, QuotaFailure naming
+  ``FLASHCROWD_TENANT_MAX_QUEUED_BUILDS``), unless the caller is exempt (platform principals);
+* anyone once ``max_workers + max_queued`` jobs of all tenants are queued or running (the global
+  safety cap, reason ``TOO_MANY_BUILDS``), and everyone while the manager shuts down.
 
 A job is a function ``fn(ctx: JobContext) -> Message`` run in a worker thread (a coroutine function
 is run to completion in the worker thread). ``ctx.progress(stage, percent)`` updates the metadata
@@ -22,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
@@ -32,7 +42,7 @@ import logging
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -46,6 +56,7 @@ from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from services.audience.privacy import Discloser
+from services.audience.quotas import Limit, quota_refusal
 from services.audience.tenancy import (
     OPERATION_TYPE,
     Tenancy,
@@ -156,7 +167,8 @@ class _Job:
     error: status_pb2.Status | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     cancel_message: str = "operation cancelled"
-    future: concurrent.futures.Future[None] | None = None
+    #: "queued" (in the fair queue, not yet taken by a worker), "running" or "done".
+    phase: str = "queued"
     waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list)
     on_done: Callable[[], None] | None = None
 
@@ -235,8 +247,95 @@ def request_fingerprint(request: Message) -> str:
     return hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
 
 
+@dataclass
+class _Queued:
+    job: _Job
+    fn: Callable[[JobContext], Any]
+    seq: int
+
+
+class FairQueue:
+    """Jobs waiting for a worker: one FIFO lane per tenant, served fairly (see ``pop``).
+
+    Not thread-safe by itself: ``OperationManager`` calls it with its lock held.
+    """
+
+    #: Tenants whose last-served tick is remembered (the oldest are forgotten past this).
+    MAX_REMEMBERED = 10_000
+
+    def __init__(self, max_running_per_tenant: int | None = None) -> None:
+        self.max_running = max_running_per_tenant
+        self._lanes: dict[str, deque[_Queued]] = {}
+        self._running: dict[str, int] = {}
+        self._served: OrderedDict[str, int] = OrderedDict()  # tenant -> tick of its last dispatch
+        self._tick = 0
+        self._seq = 0
+
+    def push(self, job: _Job, fn: Callable[[JobContext], Any]) -> None:
+        self._seq += 1
+        self._lanes.setdefault(job.tenant, deque()).append(_Queued(job, fn, self._seq))
+
+    def pop(self) -> _Queued | None:
+        """The next job to run, or None when every waiting tenant is at its running cap (or none waits).
+
+        Among tenants with a waiting job and fewer than ``max_running`` running: the fewest running
+        first, then the one whose last job started longest ago (never: first), then the oldest head.
+        """
+        best: str | None = None
+        best_key: tuple[int, int, int] | None = None
+        for tenant, lane in self._lanes.items():
+            running = self._running.get(tenant, 0)
+            if self.max_running is not None and running >= self.max_running:
+                continue
+            key = (running, self._served.get(tenant, -1), lane[0].seq)
+            if best_key is None or key < best_key:
+                best, best_key = tenant, key
+        if best is None:
+            return None
+        lane = self._lanes[best]
+        item = lane.popleft()
+        if not lane:
+            del self._lanes[best]
+        self._running[best] = self._running.get(best, 0) + 1
+        self._tick += 1
+        self._served.pop(best, None)
+        self._served[best] = self._tick
+        if len(self._served) > self.MAX_REMEMBERED:
+            self._served.popitem(last=False)
+        return item
+
+    def finished(self, tenant: str) -> None:
+        """A job ``pop`` returned has finished (its tenant may run another)."""
+        left = self._running.get(tenant, 0) - 1
+        if left > 0:
+            self._running[tenant] = left
+        else:
+            self._running.pop(tenant, None)
+
+    def remove(self, job: _Job) -> bool:
+        """Take a still-waiting job out of its lane (cancelled); False if a worker already took it."""
+        lane = self._lanes.get(job.tenant)
+        if lane is None:
+            return False
+        for item in lane:
+            if item.job is job:
+                lane.remove(item)
+                if not lane:
+                    del self._lanes[job.tenant]
+                return True
+        return False
+
+    def waiting(self, tenant: str | None = None) -> int:
+        if tenant is not None:
+            return len(self._lanes.get(tenant, ()))
+        return sum(len(lane) for lane in self._lanes.values())
+
+    def running(self, tenant: str) -> int:
+        return self._running.get(tenant, 0)
+
+
 class OperationManager:
-    """Runs jobs in a bounded pool and serves their operations; see the module doc."""
+    """Runs jobs on a bounded set of worker threads, fairly across tenants; see the module doc."""
 
     def __init__(
         self,
@@ -245,21 +344,27 @@ class OperationManager:
         *,
         max_workers: int = 2,
         max_queued: int = 16,
+        queued_limit: Limit | None = None,
+        tenant_max_running: int | None = None,
         memory_limit: int = DEFAULT_MEMORY_LIMIT,
         retry_after_seconds: float = 5.0,
     ) -> None:
+        """``max_queued`` is the global cap of waiting jobs; ``queued_limit`` the per-tenant one (none:
+        only the global cap); ``tenant_max_running`` caps one tenant's running jobs (none: the pool)."""
         self.store = store
         self.prefix = prefix
         self.max_workers = max_workers
         self.max_queued = max_queued
+        self.queued_limit = queued_limit
         self.memory_limit = memory_limit
         self.retry_after_seconds = retry_after_seconds
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max_workers, thread_name_prefix="audience-build"
-        )
         self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._queue = FairQueue(tenant_max_running)
+        self._workers: list[threading.Thread] = []
         self._jobs: OrderedDict[tuple[str, str], _Job] = OrderedDict()
         self._active = 0  # queued + running
+        self._admitted: dict[str, int] = {}  # tenant -> jobs admitted and not yet taken by a worker
         self._requests: dict[tuple[str, str], str] = {}  # (tenant, request_key) -> op id
         self._closing = False
 
@@ -340,12 +445,17 @@ class OperationManager:
             raise InvalidArgument("request_id", "already used for a different request")
         return self._snapshot(job)
 
-    def _admit(self) -> None:
+    def _admit(self, tenant: str, exempt: bool) -> None:
         limit = self.max_workers + self.max_queued
         with self._lock:
             if self._closing:
                 raise ResourceExhausted(
                     SHUTDOWN_MESSAGE, retry_after_seconds=self.retry_after_seconds, reason="SHUTTING_DOWN"
+                )
+            waiting = self._admitted.get(tenant, 0)
+            if not exempt and self.queued_limit is not None and waiting >= self.queued_limit.value:
+                raise quota_refusal(
+                    tenant, self.queued_limit, used=waiting, retry_after_seconds=self.retry_after_seconds
                 )
             if self._active >= limit:
                 raise ResourceExhausted(
@@ -355,10 +465,25 @@ class OperationManager:
                     reason="TOO_MANY_BUILDS",
                 )
             self._active += 1
+            self._admitted[tenant] = waiting + 1
 
-    def _release(self) -> None:
+    def _unadmit(self, tenant: str) -> None:
+        """With the lock held: a job admitted for ``tenant`` left the queue (taken, cancelled, failed)."""
+        left = self._admitted.get(tenant, 0) - 1
+        if left > 0:
+            self._admitted[tenant] = left
+        else:
+            self._admitted.pop(tenant, None)
+
+    def _release(self, tenant: str) -> None:
         with self._lock:
             self._active -= 1
+            self._unadmit(tenant)
+
+    def queued(self, tenant: str) -> int:
+        """Jobs of ``tenant`` accepted and not yet running."""
+        with self._lock:
+            return self._admitted.get(tenant, 0)
 
     async def start(
         self,
@@ -370,14 +495,16 @@ class OperationManager:
         request_key: str = "",
         fingerprint: str = "",
         on_done: Callable[[], None] | None = None,
+        exempt: bool = False,
     ) -> operations_pb2.Operation:
-        """Accept a job: record it, queue it, return its (not yet done) operation.
+        """Accept a job: record it, queue it in its tenant's lane, return its (not yet done) operation.
 
-        RESOURCE_EXHAUSTED (with RetryInfo) when ``max_workers + max_queued`` jobs are already
+        RESOURCE_EXHAUSTED (with RetryInfo) when the tenant already has ``queued_limit`` jobs waiting
+        (``exempt``: platform principals are not held to it) or ``max_workers + max_queued`` jobs are
         running or queued. ``on_done`` runs in the worker thread after the outcome is recorded,
         whatever it is (release reservations there).
         """
-        self._admit()
+        self._admit(tenant, exempt)
         try:
             job = _Job(
                 tenant=tenant,
@@ -396,11 +523,41 @@ class OperationManager:
                 if request_key:
                     self._requests[(tenant, request_key)] = job.op_id
                 snapshot = job.to_operation()
-            job.future = self._pool.submit(self._run, job, fn)
+                self._queue.push(job, fn)
+                self._ensure_workers()
+                self._wakeup.notify()
         except BaseException:
-            self._release()
+            self._release(tenant)
             raise
         return snapshot
+
+    def _ensure_workers(self) -> None:
+        """With the lock held: start the worker threads on first use."""
+        while len(self._workers) < self.max_workers:
+            worker = threading.Thread(
+                target=self._work, name=f"audience-build-{len(self._workers)}", daemon=True
+            )
+            self._workers.append(worker)
+            worker.start()
+
+    def _work(self) -> None:
+        """A worker thread: take the fair queue's next job, run it, repeat until closed."""
+        while True:
+            with self._lock:
+                item = self._queue.pop()
+                while item is None:
+                    if self._closing:
+                        return
+                    self._wakeup.wait()
+                    item = self._queue.pop()
+                item.job.phase = "running"
+                self._unadmit(item.job.tenant)
+            try:
+                self._run(item.job, item.fn)
+            finally:
+                with self._lock:
+                    self._queue.finished(item.job.tenant)
+                    self._wakeup.notify_all()  # this tenant's next job may run now
 
     def _run(self, job: _Job, fn: Callable[[JobContext], Any]) -> None:
         ctx = JobContext(operation=job.name, _job=job, _manager=self)
@@ -457,6 +614,7 @@ class OperationManager:
                 logger.exception("on_done of operation %s failed", job.name)
             with self._lock:
                 job.metadata, job.error, job.response, job.done = metadata, status, packed, True
+                job.phase = "done"
                 self._active -= 1
                 released = True
         except Exception:
@@ -465,6 +623,7 @@ class OperationManager:
             if not released:
                 with self._lock:
                     job.done = True
+                    job.phase = "done"
                     self._active -= 1
             self._wake(job)
             self._trim()
@@ -557,9 +716,16 @@ class OperationManager:
             if job.done:
                 return
             job.cancel.set()
-            future = job.future
-        if future is not None and future.cancel():  # still queued: it will never run
+            dequeued = self._take_queued(job)
+        if dequeued:  # still queued: it will never run
             self._finish(job, None, OperationCancelled("operation cancelled before it started"))
+
+    def _take_queued(self, job: _Job) -> bool:
+        """With the lock held: remove a job no worker has taken yet from the queue."""
+        if job.phase != "queued" or not self._queue.remove(job):
+            return False
+        self._unadmit(job.tenant)
+        return True
 
     def delete(self, tenant: str, op_id: str) -> None:
         job = self._require(tenant, op_id)
@@ -589,12 +755,15 @@ class OperationManager:
         for job in jobs:
             job.cancel_message = SHUTDOWN_MESSAGE
             job.cancel.set()
-            if job.future is not None and job.future.cancel():
+            with self._lock:
+                dequeued = self._take_queued(job)
+            if dequeued:
                 self._finish(job, None, OperationCancelled(SHUTDOWN_MESSAGE))
+        with self._lock:
+            self._wakeup.notify_all()  # idle workers see _closing and exit
         deadline = time.monotonic() + grace_seconds
         while self.running() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 async def _await(awaitable: Any) -> Any:
@@ -720,6 +889,7 @@ def unpack_metadata(op: operations_pb2.Operation, message_type: type[Message]) -
 
 __all__ = [
     "RESTARTED_MESSAGE",
+    "FairQueue",
     "JobContext",
     "OperationCancelled",
     "OperationManager",

@@ -2,8 +2,9 @@
 
 ``create_audience_server(settings)`` is what tests call (port 0) and ``build_service(settings)``
 is what ``python -m services.audience`` hands to the runtime's ``run_service``; both wire the same
-``AudienceApp``: one object store, the pack store, the operation manager (recovered at start-up),
-the membership cache and the servicers.
+``AudienceApp``: one object store, the pack store, the operation manager (recovered at start-up,
+its build queue fair across tenants), the membership cache, the tenant quotas (limits and their
+shared counters, ``services/audience/quotas.py``) and the servicers.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from services.audience.operations import OperationManager, OperationsServicer
 from services.audience.packstore import PackStore
 from services.audience.privacy import Discloser, PrivacyParameters
 from services.audience.privacy_ledger import open_privacy_ledger
+from services.audience.quotas import TenantQuotas, default_control_path, open_quotas
 from services.audience.servicer import AudienceServicer
 from services.audience.tenancy import Tenancy
 from services.runtime import ServiceDefinition, create_server
@@ -48,6 +50,8 @@ class AudienceApp:
     discloser: Discloser
     servicer: AudienceServicer
     operations_servicer: OperationsServicer
+    #: Per-tenant limits and their shared counters (None only for apps wired by hand in tests).
+    quotas: TenantQuotas | None = None
 
     @property
     def service_names(self) -> list[str]:
@@ -63,17 +67,23 @@ class AudienceApp:
         self.extra_stops = []
         await self.operations.close(self.settings.grace_seconds)
         self.discloser.ledger.close()
+        if self.quotas is not None:
+            self.quotas.close()
+            self.quotas = None
 
 
 def build_app(settings: AudienceSettings, store: ObjectStore | None = None) -> AudienceApp:
     """Open the store and wire the components; marks operations of a dead predecessor failed."""
     store = store if store is not None else open_store(settings.store_url)
     packs = PackStore(store, settings.packs_prefix)
+    quotas = open_quotas(settings)
     operations = OperationManager(
         store,
         settings.operations_prefix,
         max_workers=settings.max_concurrent_builds,
         max_queued=settings.max_queued_builds,
+        queued_limit=quotas.limits.queued_builds,
+        tenant_max_running=quotas.limits.running_builds,
     )
     failed = operations.recover()
     if failed:
@@ -87,7 +97,7 @@ def build_app(settings: AudienceSettings, store: ObjectStore | None = None) -> A
     tenancy = Tenancy()
     discloser = Discloser(
         settings.pepper().key,
-        open_privacy_ledger(settings.control_database_url, settings.control_database_path()),
+        open_privacy_ledger(settings.control_database_url, default_control_path(settings.store_url)),
         PrivacyParameters(
             min_reported_size=settings.privacy_min_reported_size,
             persona_min_size=settings.persona_min_size,
@@ -96,12 +106,12 @@ def build_app(settings: AudienceSettings, store: ObjectStore | None = None) -> A
             daily_budget=settings.privacy_daily_budget,
         ),
     )
-    servicer = AudienceServicer(settings, store, packs, operations, membership, tenancy, discloser)
+    servicer = AudienceServicer(settings, store, packs, operations, membership, tenancy, discloser, quotas)
     ops_servicer = OperationsServicer(
         operations, tenancy, discloser, max_wait_seconds=settings.max_wait_seconds
     )
     return AudienceApp(
-        settings, store, packs, operations, membership, tenancy, discloser, servicer, ops_servicer
+        settings, store, packs, operations, membership, tenancy, discloser, servicer, ops_servicer, quotas
     )
 
 

@@ -43,6 +43,7 @@ from services.audience.membership import MembershipCache, as_user_ids, check_bat
 from services.audience.operations import JobContext, OperationCancelled, OperationManager, request_fingerprint
 from services.audience.packstore import PackStore
 from services.audience.privacy import BELOW_MINIMUM, Discloser, fingerprint_of_pack, is_exact_for
+from services.audience.quotas import TenantQuotas
 from services.audience.spec_validation import validate_spec
 from services.audience.tenancy import (
     LIVE_PACK_TYPE,
@@ -209,10 +210,13 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
         membership: MembershipCache,
         tenancy: Tenancy,
         discloser: Discloser,
+        quotas: TenantQuotas | None = None,
     ) -> None:
         self.settings = settings
         #: What tenants may learn of counts (noisy sizes and personas above minimums; privacy.py).
         self.discloser = discloser
+        #: Per-tenant limits and counters (None: no tenant quotas, e.g. servicers wired by hand).
+        self.quotas = quotas
         self.store = store
         self.packs = packs
         self.operations = operations
@@ -384,6 +388,10 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
 
     # --- CreatePack / RefreshPack -------------------------------------------------------------------
 
+    def _quota_exempt(self, context: grpc.aio.ServicerContext | None) -> bool:
+        """Platform principals (and direct calls) are not held to tenant quotas (``quotas.py``)."""
+        return not TenantQuotas.applies_to(self.tenancy.caller(context))
+
     async def CreatePack(self, request, context):
         tenant = self._parent(request.parent, context)
         problems: list[tuple[str, str]] = []
@@ -425,6 +433,7 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
                 request_key=f"create:{request.request_id}" if request.request_id else "",
                 fingerprint=fingerprint,
                 on_done=lambda: self._release(tenant, pack_id, reservation),
+                exempt=self._quota_exempt(context),  # else TENANT_QUOTA past the tenant's queued builds
             )
         except BaseException:
             self._release(tenant, pack_id, reservation)
@@ -469,6 +478,7 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
                 self._build_job(tenant, pack_id, template),
                 metadata,
                 on_done=lambda: self._release(tenant, pack_id, reservation),
+                exempt=self._quota_exempt(context),
             )
         except BaseException:
             self._release(tenant, pack_id, reservation)
@@ -719,9 +729,12 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
 
     async def UploadPack(self, request_iterator, context):
         reserved: list[tuple[str, str, _Reservation]] = []
+        quotas = None if self._quota_exempt(context) else self.quotas
 
         async def on_header(header: UploadHeader) -> None:
             self.tenancy.authorize(context, header.tenant)
+            if quotas is not None:  # refuse before the rows are streamed when none is left today
+                await asyncio.to_thread(quotas.require_room, header.tenant, quotas.limits.uploads_per_day)
             name = pack_name(header.tenant, header.pack_id)
             reserved.append(
                 (header.tenant, header.pack_id, self._reserve(header.tenant, header.pack_id, "upload"))
@@ -736,6 +749,21 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
             header = upload.header
 
             def work() -> tuple[pack_pb2.Pack, pack_pb2.UploadStats, list[Any]]:
+                grant = None
+                if quotas is not None:  # one upload and its rows, both or neither; refunded on failure
+                    limits = quotas.limits
+                    grant = quotas.charge(
+                        header.tenant,
+                        [(limits.uploads_per_day, 1), (limits.upload_rows_per_day, len(upload.rows))],
+                    )
+                try:
+                    return publish()
+                except BaseException:
+                    if grant is not None:
+                        grant.refund()
+                    raise
+
+            def publish() -> tuple[pack_pb2.Pack, pack_pb2.UploadStats, list[Any]]:
                 checked = check_rows(
                     upload.rows, hash_length=header.hash_length, hash_label=header.hash_label
                 )

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 
 import grpc
 import grpc.aio
+import numpy as np
+import polars as pl
 import pytest
 from flashcrowd.audience.v1 import (
     audience_service_pb2,
@@ -21,15 +24,17 @@ from flashcrowd.audience.v1 import (
     spec_pb2,
 )
 from google.protobuf import duration_pb2
+from pyroaring import BitMap
 
 from services.audience.config import AudienceSettings
-from services.audience.live import LivePackEngine, compile_live_spec
+from services.audience.live import Leaf, LivePackEngine, compile_live_spec
 from services.audience.server import create_audience_server
 from services.events.bus import MemoryBus
 from services.events.ingest import EventIngestor
-from services.runtime import InvalidArgument, load_settings
+from services.events.schema import EVENTS_SCHEMA
+from services.runtime import InvalidArgument, error_details, load_settings
 from services.storage import LocalObjectStore
-from tests.fixtures.channels import backend_channel
+from tests.fixtures.channels import as_tenant, backend_channel
 
 from .conftest import drop_stream, make_jetstream_bus
 from .events import make_event
@@ -220,3 +225,215 @@ async def test_grpc_live_pack_membership_and_snapshot(tmp_path, nats_url, monkey
         await server.stop(0.2)
         await app.close()
         await drop_stream(bus)
+
+
+# --- owners, quota, the applier thread, the dispatch --------------------------------------------
+
+
+def _frame(rows: list[dict], *, owner: bool) -> pl.DataFrame:
+    """Events as a decoded bus batch; ``owner`` adds the owner column (``None`` in a row: null)."""
+    now_us = int(datetime.now(UTC).timestamp() * 1_000_000) - 1_000_000
+    columns: dict[str, list] = {name: [] for name in EVENTS_SCHEMA}
+    owners = []
+    for i, row in enumerate(rows):
+        for name in EVENTS_SCHEMA:
+            default = {"event_id": 10_000 + i, "bucket": 0, "ts": now_us, "event_type": CLICK}.get(name)
+            columns[name].append(row.get(name, default))
+        owners.append(row.get("owner"))
+    frame = (
+        pl.DataFrame(columns)
+        .with_columns(pl.col("ts").cast(pl.Datetime("us", "UTC")))
+        .cast(dict(EVENTS_SCHEMA))
+    )
+    return frame.with_columns(pl.Series("owner", owners, dtype=pl.Utf8)) if owner else frame
+
+
+async def test_live_packs_count_only_their_tenants_and_the_platforms_events() -> None:
+    engine = LivePackEngine(MemoryBus(4))
+    for tenant in ("t1", "t2"):
+        await engine.create(tenant, "clickers", "", behavior(CLICK, 15))
+        await engine.create(tenant, "bought", "", behavior(PAY, 15, item_ids=[7]))
+    # The stream before owners were stamped: no owner column, every event is the platform's.
+    engine.apply(_frame([{"user_id": u} for u in (1, 2)], owner=False), 1)
+    assert sorted(engine.live_members("t1", "clickers")[1]) == [1, 2]
+    assert sorted(engine.live_members("t2", "clickers")[1]) == [1, 2]
+    # With owners: the platform's behaviour, each tenant's own conversions, and a null (the platform's).
+    engine.apply(
+        _frame(
+            [
+                {"user_id": 10, "owner": "_platform"},
+                {"user_id": 11, "owner": "t1"},
+                {"user_id": 12, "owner": "t2"},
+                {"user_id": 13, "owner": None},
+                {"user_id": 14, "owner": "t1", "event_type": PAY, "item_id": 7, "amount_fen": 2990},
+                {"user_id": 15, "owner": "t2", "event_type": PAY, "item_id": 7, "amount_fen": 2990},
+            ],
+            owner=True,
+        ),
+        2,
+    )
+    assert sorted(engine.live_members("t1", "clickers")[1]) == [1, 2, 10, 11, 13]
+    assert sorted(engine.live_members("t2", "clickers")[1]) == [1, 2, 10, 12, 13]
+    assert list(engine.live_members("t1", "bought")[1]) == [14]
+    assert list(engine.live_members("t2", "bought")[1]) == [15]
+    # A batch where every event is another tenant's changes nothing for t1.
+    before = engine.get("t1", "clickers").version
+    engine.apply(_frame([{"user_id": 20, "owner": "t2"}], owner=True), 3)
+    assert (
+        engine.get("t1", "clickers").version == before and 20 not in engine.live_members("t1", "clickers")[1]
+    )
+    assert 20 in engine.live_members("t2", "clickers")[1]
+
+
+def _reference(leaf: Leaf, frame: pl.DataFrame) -> set[int]:
+    """The leaf's users by a plain polars filter (the engine's numpy/dispatch path must agree)."""
+    expr = pl.col("event_type").is_in(sorted(leaf.types))
+    for column, values in (
+        ("item_id", leaf.item_ids),
+        ("category_id", leaf.category_ids),
+        ("campaign_id", leaf.campaign_ids),
+        ("video_id", leaf.video_ids),
+    ):
+        if values:
+            expr &= pl.col(column).is_in(sorted(values))
+    if leaf.min_fen:
+        expr &= pl.col("amount_fen") >= leaf.min_fen
+    if leaf.max_fen:
+        expr &= pl.col("amount_fen") <= leaf.max_fen
+    return set(frame.filter(expr.fill_null(False)).get_column("user_id").to_list())
+
+
+async def test_dispatch_and_numpy_masks_match_a_plain_filter() -> None:
+    rng = np.random.default_rng(11)
+    engine = LivePackEngine(MemoryBus(4))
+    leaves = []
+    for k in range(120):
+        flt: dict = {}
+        if k % 2:
+            flt["item_ids"] = sorted(set(rng.integers(0, 6, 1 + k % 3).tolist()))  # 0 is "n/a": matches none
+        if k % 3 == 0:
+            flt["category_ids"] = [int(rng.integers(1, 4))]
+        if k % 5 == 0:
+            flt["campaign_ids"] = [int(rng.integers(1, 3))]
+        if k % 7 == 0:
+            flt["amount"] = spec_pb2.AmountRange(
+                min_fen=int(rng.integers(0, 500)), max_fen=int(rng.integers(500, 900))
+            )
+        types = sorted(set(rng.choice([CLICK, PAY, LIVE], 1 + k % 2).tolist()))
+        spec = spec_pb2.PackSpec(
+            behavior=spec_pb2.BehaviorCondition(
+                event_types=types, window=last(15), filter=spec_pb2.EventFilter(**flt)
+            )
+        )
+        state = await engine.create("t", f"p{k}", "", spec)
+        leaves.append((f"p{k}", next(iter(state.expr.leaves()))))
+    frames = []
+    for b in range(6):
+        n = 400
+        rows = [
+            {
+                "user_id": int(rng.integers(1, 3000)),
+                "event_id": b * 1000 + i,
+                "event_type": int(rng.choice([CLICK, PAY, LIVE])),
+                "item_id": None if rng.random() < 0.2 else int(rng.integers(1, 6)),
+                "category_id": None if rng.random() < 0.2 else int(rng.integers(1, 4)),
+                "campaign_id": int(rng.integers(1, 3)),
+                "amount_fen": None if rng.random() < 0.3 else int(rng.integers(0, 1000)),
+            }
+            for i in range(n)
+        ]
+        frames.append(_frame(rows, owner=False))
+    for seq, frame in enumerate(frames[:3], 1):
+        engine.apply(frame, seq)
+    engine.apply(pl.concat(frames[3:]), 4)  # a merged pass, as the applier makes under load
+    everything = pl.concat(frames)
+    for pack_id, leaf in leaves:
+        assert set(engine.live_members("t", pack_id)[1]) == _reference(leaf, everything), pack_id
+
+
+async def test_batches_are_applied_off_the_event_loop_with_backpressure(tmp_path) -> None:
+    bus = MemoryBus(4)
+    engine = LivePackEngine(bus, LocalObjectStore(tmp_path), max_pending_batches=2)
+    await engine.create("t1", "clickers", "", behavior(CLICK, 15))
+    await engine.create("t2", "room", "", behavior(LIVE, 15))
+    loop_thread = threading.get_ident()
+    threads: set[int] = set()
+    gate = threading.Event()
+    apply = engine.apply
+
+    def watched(frame, seq, targets=None):
+        threads.add(threading.get_ident())
+        gate.wait(30)
+        apply(frame, seq, targets)
+
+    engine.apply = watched  # type: ignore[method-assign]
+    ingest = EventIngestor(bus).ingest
+    for i in range(6):  # six requests of one event: six bus messages
+        await ingest([make_event(500 + i, 1, CLICK)])
+    engine.start()
+    try:
+        await asyncio.wait_for(_until(lambda: engine._fetched >= 2), 5)
+        await asyncio.sleep(0.2)
+        # The applier holds the first batch, one more waits in the queue: the follower stopped fetching,
+        # and the loop keeps answering reads of packs (the blocked batch holds no pack's lock).
+        assert engine._fetched == 2 and not engine.ready.is_set()
+        assert engine.live_members("t2", "room") == (0, BitMap())
+        gate.set()
+        await asyncio.wait_for(engine.ready.wait(), 10)
+        assert engine.live_members("t1", "clickers")[1] == BitMap([1])
+        assert engine.seq == await bus.last_seq() and threads and loop_thread not in threads
+    finally:
+        gate.set()
+        await engine.stop()
+
+
+@pytest.mark.timeout(60)
+async def test_live_packs_per_tenant_quota(tmp_path) -> None:
+    settings = load_settings(
+        AudienceSettings,
+        store_url=f"file://{tmp_path}/store",
+        port=0,
+        grace_seconds=0.2,
+        log_json=False,
+        tenant_max_live_packs=2,
+    )
+    server, port, app = await create_audience_server(settings)
+    try:
+        async with backend_channel(f"127.0.0.1:{port}") as channel:
+            live = live_pack_pb2_grpc.LivePackServiceStub(channel)
+
+            def create(tenant: str, pack_id: str, **kwargs):
+                return live.CreateLivePack(
+                    live_pack_pb2.CreateLivePackRequest(
+                        parent=f"tenants/{tenant}",
+                        live_pack_id=pack_id,
+                        live_pack=live_pack_pb2.LivePack(spec=behavior(CLICK, 15)),
+                    ),
+                    **kwargs,
+                )
+
+            await create("t1", "a", metadata=as_tenant("t1"))
+            await create("t1", "b", metadata=as_tenant("t1"))
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await create("t1", "c", metadata=as_tenant("t1"))
+            details = error_details(caught.value)
+            assert details.code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.reason == "TENANT_QUOTA"
+            [violation] = details.quota_failure.violations
+            assert violation.subject == "tenants/t1"
+            assert "FLASHCROWD_TENANT_MAX_LIVE_PACKS" in violation.description
+            assert details.error_info.metadata["quota"] == "live_packs"
+            # Nothing of the refused pack exists: not listed, no definition stored.
+            listed = await live.ListLivePacks(live_pack_pb2.ListLivePacksRequest(parent="tenants/t1"))
+            assert [p.name for p in listed.live_packs] == ["tenants/t1/livePacks/a", "tenants/t1/livePacks/b"]
+            assert sorted(i.key for i in app.store.list("live/t1/")) == ["live/t1/a.json", "live/t1/b.json"]
+            # Another tenant has its own quota; deleting one frees a place; platform principals are exempt.
+            await create("t2", "a", metadata=as_tenant("t2"))
+            await live.DeleteLivePack(
+                live_pack_pb2.DeleteLivePackRequest(name="tenants/t1/livePacks/b"), metadata=as_tenant("t1")
+            )
+            await create("t1", "c", metadata=as_tenant("t1"))
+            await create("t1", "by-platform")
+            assert app.live_packs.count("t1") == 3
+    finally:
+        await server.stop(0.2)
+        await app.close()

@@ -26,6 +26,13 @@ Training operations belong to the caller's tenant when the gateway names one, el
 ``FLASHCROWD_LOOKALIKE_OPERATIONS_TENANT`` (default ``platform``): models are platform-wide
 (``lookalikeModels/{m}``), trained over the whole population. Bots (the audience service's rule)
 are removed from seeds and never selected, unless ``FLASHCROWD_LOOKALIKE_EXCLUDE_BOTS=false``.
+
+Quotas (``services/audience/quotas.py``; RESOURCE_EXHAUSTED ``TENANT_QUOTA`` naming the limit, and a
+refused call consumes nothing): a tenant principal's accepted expansions per UTC day
+(``FLASHCROWD_TENANT_MAX_EXPANSIONS_PER_DAY``, checked before the seed is read and charged once
+every other check passed) and its queued builds; accepted trainings per day of the operation's
+owner (``FLASHCROWD_MAX_TRAININGS_PER_DAY``, the one limit platform principals are held to, since
+only they train).
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from services.audience.lookalike.expand import (
 )
 from services.audience.lookalike.model import DEFAULT_CLUSTERS, MODEL_ID, LookalikeModel
 from services.audience.operations import JobContext
+from services.audience.quotas import Grant, TenantQuotas
 from services.audience.tenancy import PACK_TYPE, check_id, pack_name, parse_pack_name, parse_parent
 from services.runtime import (
     AlreadyExists,
@@ -236,12 +244,23 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
                 )  # fmt: skip
                 return model_proto(model)
 
+        grant: Grant | None = None
         try:
+            quotas = self.app.quotas
+            if quotas is not None:  # the training limit holds for every caller (only platform trains)
+                grant = await asyncio.to_thread(quotas.charge, tenant, [(quotas.limits.trainings_per_day, 1)])
             return await self.app.operations.start(
-                tenant, "TrainLookalikeModel", job, metadata, on_done=lambda: self._training.discard(model_id)
+                tenant,
+                "TrainLookalikeModel",
+                job,
+                metadata,
+                on_done=lambda: self._training.discard(model_id),
+                exempt=True,  # platform principals are not held to a tenant's queued-builds limit
             )
         except BaseException:
             self._training.discard(model_id)
+            if grant is not None:
+                await asyncio.to_thread(grant.refund)
             raise
 
     async def ExpandLookalike(self, request, context):
@@ -301,21 +320,32 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
             )
 
         name = pack_name(tenant, request.pack_id)
+        quotas = self.app.quotas if TenantQuotas.applies_to(self.app.tenancy.caller(context)) else None
+        if quotas is not None:  # refuse before reading the seed when no expansion is left today
+            await asyncio.to_thread(quotas.require_room, tenant, quotas.limits.expansions_per_day)
         self._reserve_pack(tenant, request.pack_id)
+        grant: Grant | None = None
         try:
             prepared = await asyncio.to_thread(prepare)
             metadata = audience_service_pb2.BuildPackMetadata(
                 pack=name, version=prepared.version, stage="queued"
             )
+            if quotas is not None:
+                grant = await asyncio.to_thread(
+                    quotas.charge, tenant, [(quotas.limits.expansions_per_day, 1)]
+                )
             return await self.app.operations.start(
                 tenant,
                 "ExpandLookalike",
                 self._expand_job(prepared),
                 metadata,
                 on_done=lambda: self._release_pack(tenant, request.pack_id),
+                exempt=quotas is None,
             )
         except BaseException:
             self._release_pack(tenant, request.pack_id)
+            if grant is not None:
+                await asyncio.to_thread(grant.refund)
             raise
 
     def _expand_job(self, prepared: pipeline.PreparedExpansion):

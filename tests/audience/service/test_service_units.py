@@ -201,3 +201,29 @@ def test_operation_manager_queue_cancel_and_limits(tmp_path) -> None:
     asyncio.run(run())
     # Everything was recorded in the store.
     assert len([i for i in store.list("operations/t/")]) == 3
+
+
+def test_fair_queue_serves_the_tenant_with_fewest_running_then_least_recently_served() -> None:
+    from services.audience.operations import FairQueue, _Job
+
+    def job(tenant: str, n: int) -> _Job:
+        return _Job(tenant=tenant, op_id=f"{tenant}{n}", kind="Test", metadata=api.BuildPackMetadata())
+
+    queue = FairQueue(max_running_per_tenant=2)
+    a_jobs = [job("a", n) for n in range(4)]
+    for queued in a_jobs:
+        queue.push(queued, lambda ctx: None)
+    queue.push(job("b", 0), lambda ctx: None)
+    queue.push(job("c", 0), lambda ctx: None)
+    order = []
+    first = queue.pop()  # nobody runs anything: the oldest head (a) goes first
+    order.append(first.job.op_id)
+    order += [queue.pop().job.op_id, queue.pop().job.op_id]  # then b and c (0 running) before a's second
+    assert order == ["a0", "b0", "c0"] and queue.waiting("a") == 3
+    second = queue.pop()
+    assert second.job.op_id == "a1" and queue.pop() is None  # a is at its cap of 2; nobody else waits
+    queue.finished("a")
+    assert queue.pop().job.op_id == "a2"
+    # A waiting job can be taken out (cancelled); one a worker took cannot.
+    assert not queue.remove(a_jobs[0]) and queue.remove(a_jobs[3])
+    assert queue.waiting() == 0 and queue.running("a") == 2 and queue.pop() is None
