@@ -64,6 +64,7 @@ from google.protobuf import empty_pb2, json_format, timestamp_pb2
 from pyroaring import BitMap
 
 from services.audience.compiler import SHORTCUT_EVENT_TYPES, ids_to_bitmap
+from services.audience.privacy import is_exact_for
 from services.audience.quotas import Limit, TenantQuotas, quota_refusal
 from services.audience.tenancy import (
     LIVE_PACK_TYPE,
@@ -1002,13 +1003,17 @@ class LivePackServicer(live_pack_pb2_grpc.LivePackServiceServicer):
         self.app.tenancy.authorize(context, tenant, resource_type=LIVE_PACK_TYPE, name=name)
         return self.engine.get(tenant, pack_id)
 
-    def to_pb(self, state: LivePackState) -> live_pack_pb2.LivePack:
+    def to_pb(self, state: LivePackState, context: Any = None) -> live_pack_pb2.LivePack:
+        """The live pack as the caller may see it: tenants get its size disclosed (privacy.py)."""
         members = self.engine.members(state)
+        size = len(members)
+        if not is_exact_for(self.app.tenancy.caller(context)):
+            size, _ = self.app.discloser.live_size(state.name, self.engine.now_us() // MINUTE_US, size)
         return live_pack_pb2.LivePack(
             name=state.name,
             display_name=state.display_name,
             spec=state.spec,
-            size=len(members),
+            size=size,
             as_of=_ts(self.engine.now_us()),
             stream_sequence=self.engine.seq,
             create_time=_ts(state.create_time),
@@ -1029,10 +1034,10 @@ class LivePackServicer(live_pack_pb2_grpc.LivePackServiceServicer):
             request.live_pack.spec,
             limit=quotas.limits.live_packs if limited else None,  # platform principals are exempt
         )
-        return self.to_pb(state)
+        return self.to_pb(state, context)
 
     async def GetLivePack(self, request, context):
-        return self.to_pb(self._named(request.name, context))
+        return self.to_pb(self._named(request.name, context), context)
 
     async def ListLivePacks(self, request, context):
         tenant = self._tenant(request.parent, context)
@@ -1044,7 +1049,8 @@ class LivePackServicer(live_pack_pb2_grpc.LivePackServiceServicer):
         page = ids[start : start + size]
         token = str(start + size) if start + size < len(ids) else ""
         return live_pack_pb2.ListLivePacksResponse(
-            live_packs=[self.to_pb(self.engine.get(tenant, p)) for p in page], next_page_token=token
+            live_packs=[self.to_pb(self.engine.get(tenant, p), context) for p in page],
+            next_page_token=token,
         )
 
     async def DeleteLivePack(self, request, context):

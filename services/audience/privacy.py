@@ -128,6 +128,16 @@ class Discloser:
             stats.match_rate = shown.size / stats.valid if stats.valid and shown.size else 0.0
         return shown
 
+    def live_size(self, live_pack: str, minute: int, true_size: int) -> tuple[int, int]:
+        """A live pack's size for its tenant: noise drawn once per live pack and minute, below the
+        minimum read 0. Not charged to the budget (a live size changes every minute): a weaker
+        guarantee than stored packs' sizes, stated in PRIVACY.md."""
+        p = self.parameters
+        value = self.noisy("live", f"{live_pack}@{minute}", "", true_size, 1.0 / p.epsilon_size)
+        if value < p.min_reported_size:
+            return 0, BELOW_MINIMUM
+        return value, NOISY
+
     def estimate(self, tenant: str, sample: BitMap, scale_up: float) -> tuple[int, int, int]:
         """``(noisy sample count, disclosed estimate, disclosure)`` of a size estimate's sample."""
         p = self.parameters

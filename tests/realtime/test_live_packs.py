@@ -202,6 +202,11 @@ async def test_grpc_live_pack_membership_and_snapshot(tmp_path, nats_url, monkey
 
             got = await live.GetLivePack(live_pack_pb2.GetLivePackRequest(name="tenants/t1/livePacks/warm"))
             assert got.size == 90 and got.memory_bytes > 0
+            # The tenant itself sees a disclosed size: 90 members is below the reporting minimum.
+            shown = await live.GetLivePack(
+                live_pack_pb2.GetLivePackRequest(name="tenants/t1/livePacks/warm"), metadata=as_tenant("t1")
+            )
+            assert shown.size == 0
             snap = await live.SnapshotLivePack(
                 live_pack_pb2.SnapshotLivePackRequest(name="tenants/t1/livePacks/warm", pack_id="warm-snap")
             )
