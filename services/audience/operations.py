@@ -367,6 +367,8 @@ class OperationManager:
         self._admitted: dict[str, int] = {}  # tenant -> jobs admitted and not yet taken by a worker
         self._requests: dict[tuple[str, str], str] = {}  # (tenant, request_key) -> op id
         self._closing = False
+        #: Set by ``begin_close`` (SIGTERM): ``close`` waits no longer than this monotonic time.
+        self._close_deadline: float | None = None
 
     # --- keys and persistence ---------------------------------------------------------------------
 
@@ -747,8 +749,24 @@ class OperationManager:
         with self._lock:
             return self._active
 
+    def begin_close(self, grace_seconds: float) -> None:
+        """At SIGTERM: refuse new jobs and cancel the others now; ``close`` then waits only for
+        what is left of ``grace_seconds`` (one grace for RPCs and jobs together)."""
+        if self._close_deadline is None:
+            self._close_deadline = time.monotonic() + grace_seconds
+        self._cancel_all()
+
     async def close(self, grace_seconds: float = 5.0) -> None:
-        """Refuse new jobs, cancel queued and running ones, wait up to ``grace_seconds`` for them."""
+        """Refuse new jobs, cancel queued and running ones, wait up to ``grace_seconds`` for them
+        (or until the deadline ``begin_close`` set, whichever is first)."""
+        deadline = time.monotonic() + grace_seconds
+        if self._close_deadline is not None:
+            deadline = min(deadline, self._close_deadline)
+        self._cancel_all()
+        while self.running() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    def _cancel_all(self) -> None:
         with self._lock:
             self._closing = True
             jobs = [job for job in self._jobs.values() if not job.done]
@@ -761,9 +779,6 @@ class OperationManager:
                 self._finish(job, None, OperationCancelled(SHUTDOWN_MESSAGE))
         with self._lock:
             self._wakeup.notify_all()  # idle workers see _closing and exit
-        deadline = time.monotonic() + grace_seconds
-        while self.running() and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
 
 
 async def _await(awaitable: Any) -> Any:

@@ -61,6 +61,10 @@ class AudienceApp:
         audience_service_pb2_grpc.add_AudienceServiceServicer_to_server(self.servicer, server)
         operations_pb2_grpc.add_OperationsServicer_to_server(self.operations_servicer, server)
 
+    async def begin_close(self) -> None:
+        """At SIGTERM: cancel builds now, so they end within the server's grace (one wait)."""
+        self.operations.begin_close(self.settings.grace_seconds)
+
     async def close(self) -> None:
         for stop in getattr(self, "extra_stops", ()):  # live packs, event bus (services.audience.live)
             await stop()
@@ -172,6 +176,7 @@ def _definition(app: AudienceApp) -> ServiceDefinition:
         register=register,
         interceptors=backend_interceptors(app.settings),
         on_stop=[app.close],
+        on_stopping=[app.begin_close],
         readiness=store_reachable,
     )
 

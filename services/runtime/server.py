@@ -154,11 +154,14 @@ async def serve_forever(
     *,
     telemetry: Telemetry | None = None,
     on_stop: Sequence[StopCallback] = (),
+    on_stopping: Sequence[StopCallback] = (),
 ) -> None:
     """Serve until SIGTERM/SIGINT (or the server stops), then stop gracefully and return.
 
-    After the server stopped, ``on_stop`` callbacks run (close pools, flush stores) and telemetry is
-    flushed last so that spans from the shutdown itself are exported.
+    ``on_stopping`` callbacks run first, as soon as the stop is requested (cancel background work so
+    that it ends within the same grace as the in-flight RPCs: one grace wait, not two); after the
+    server stopped, ``on_stop`` callbacks run (close pools, flush stores) and telemetry is flushed
+    last so that spans from the shutdown itself are exported.
     """
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
@@ -185,6 +188,7 @@ async def serve_forever(
         for waiter in waiters:
             waiter.cancel()
         try:
+            await _run_callbacks(on_stopping)
             await graceful_stop(server, health, settings.grace_seconds)
             await _run_callbacks(on_stop)
             logger.info("stopped")
@@ -204,6 +208,9 @@ class ServiceDefinition:
     interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
     #: Awaited after the server stopped (close connection pools, channels).
     on_stop: Sequence[StopCallback] = ()
+    #: Awaited when a stop is requested, before the server's grace starts (cancel background jobs
+    #: so they end within that same grace).
+    on_stopping: Sequence[StopCallback] = ()
     #: Polled every ``readiness_interval_seconds`` while serving: False (or an error) turns every
     #: health status NOT_SERVING until it answers True again (e.g. the object store is unreachable).
     readiness: Callable[[], Awaitable[bool]] | None = None
@@ -257,7 +264,14 @@ async def _run(settings: S, build: Build[S], telemetry: Telemetry) -> None:
     )
     watcher = asyncio.ensure_future(watch_readiness(definition, health)) if definition.readiness else None
     try:
-        await serve_forever(server, health, settings, telemetry=telemetry, on_stop=definition.on_stop)
+        await serve_forever(
+            server,
+            health,
+            settings,
+            telemetry=telemetry,
+            on_stop=definition.on_stop,
+            on_stopping=definition.on_stopping,
+        )
     finally:
         if watcher is not None:
             watcher.cancel()

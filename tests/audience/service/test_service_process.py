@@ -78,3 +78,49 @@ async def test_module_serves_and_stops_on_sigterm(local_world) -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_sigterm_during_a_training_ends_within_one_grace(local_world) -> None:
+    """A lookalike training (which never checks for cancellation) is running at SIGTERM: the
+    process still exits within its grace, not after the RPC grace plus a second job grace."""
+    import time
+
+    from flashcrowd.audience.v1 import lookalike_pb2, lookalike_pb2_grpc
+
+    _, url = local_world
+    grace = 1.0
+    env = {
+        **os.environ,
+        "FLASHCROWD_STORE_URL": url,
+        "FLASHCROWD_PORT": "0",
+        "FLASHCROWD_LOG_JSON": "true",
+        "FLASHCROWD_GRACE_SECONDS": str(grace),
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.audience", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        port = None
+        while port is None:
+            line = await asyncio.wait_for(process.stderr.readline(), timeout=60)
+            assert line, "process exited before serving"
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("message") == "serving":
+                port = entry["port"]
+        async with backend_channel(f"127.0.0.1:{port}") as channel:
+            stub = lookalike_pb2_grpc.LookalikeServiceStub(channel)
+            operation = await stub.TrainLookalikeModel(
+                lookalike_pb2.TrainLookalikeModelRequest(model_id="sigterm-model", cluster_count=8)
+            )
+            assert not operation.done
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+        assert time.monotonic() - started < grace + 3.0, "the pod would outlive its termination grace"
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
