@@ -80,7 +80,7 @@ async def test_module_serves_and_stops_on_sigterm(local_world) -> None:
             await process.wait()
 
 
-async def test_sigterm_during_a_training_ends_within_one_grace(local_world) -> None:
+async def test_sigterm_during_a_training_ends_within_one_grace(local_world, tmp_path) -> None:
     """A lookalike training (which never checks for cancellation) is running at SIGTERM: the
     process still exits within its grace, not after the RPC grace plus a second job grace."""
     import time
@@ -95,6 +95,8 @@ async def test_sigterm_during_a_training_ends_within_one_grace(local_world) -> N
         "FLASHCROWD_PORT": "0",
         "FLASHCROWD_LOG_JSON": "true",
         "FLASHCROWD_GRACE_SECONDS": str(grace),
+        # Its own control database: the training must not use up the shared store's daily quota.
+        "FLASHCROWD_CONTROL_DATABASE_URL": f"sqlite:///{tmp_path / 'control.sqlite3'}",
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "services.audience", env=env, stderr=asyncio.subprocess.PIPE
