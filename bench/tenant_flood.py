@@ -69,7 +69,7 @@ def _requests(count: int, events: int, items: int, first_id: int) -> list[list]:
     import polars as pl
 
     from services.events.codec import shard_table, split_batches
-    from services.events.schema import EVENTS_SCHEMA
+    from services.events.schema import EVENTS_SCHEMA, OWNER, PLATFORM_OWNER
     from services.events.sharding import buckets_np
 
     rng = np.random.default_rng(3)
@@ -95,10 +95,11 @@ def _requests(count: int, events: int, items: int, first_id: int) -> list[list]:
             }
         ).with_columns(pl.col("ts").cast(pl.Datetime("us", "UTC")))
         frame = frame.with_columns(
-            [
+            *[
                 pl.when(pl.col(c) == 0).then(None).otherwise(pl.col(c)).alias(c)
                 for c in ("video_id", "order_id")
-            ]
+            ],
+            pl.lit(PLATFORM_OWNER).alias(OWNER),  # the platform's behaviour stream
         ).cast(dict(EVENTS_SCHEMA))
         out.append(split_batches(frame, table))
     return out
