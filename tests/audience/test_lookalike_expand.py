@@ -210,7 +210,7 @@ def test_model_and_snapshot_resolution(trained: Trained, tmp_path) -> None:
     assert fresh.fingerprint == t.model.feature_schema
     assert pipeline.snapshot_for(t.store, ROOT, t.model).snapshot_id == fresh.snapshot_id
     buf = io.BytesIO(t.store.get_bytes(f"{ROOT}models/m1/v1/centers.npy"))
-    assert np.load(buf, allow_pickle=False).shape == (32, len(t.model.schema.columns))
+    assert np.load(buf, allow_pickle=False).shape == (5, 32, len(t.model.schema.columns))  # 5 fits
 
 
 def test_seed_direction_ranks_inside_a_cluster() -> None:
