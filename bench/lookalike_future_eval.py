@@ -37,9 +37,14 @@ from sklearn.metrics import roc_auc_score
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.audience.lookalike.expand import ScoringParams, score_in_memory  # noqa: E402
-from services.audience.lookalike.features import FeatureSource, FrameSource, build_snapshot  # noqa: E402
+from services.audience.lookalike.features import (  # noqa: E402
+    FeatureSource,
+    FrameSource,
+    activity_from_raw,
+    build_snapshot,
+)
 from services.audience.lookalike.model import train_model  # noqa: E402
+from services.audience.lookalike.ranking import RankingParams, rank_in_memory  # noqa: E402
 from services.events.adapters import shared_data_dir  # noqa: E402
 from services.events.schema import EventType  # noqa: E402
 from services.storage import LocalObjectStore  # noqa: E402
@@ -76,7 +81,7 @@ class Result:
     seconds: dict[str, float]
     cold_truth: int = 0
     dropped: list[str] = field(default_factory=list)
-    weights: tuple[float, float] = (0.0, 0.0)  # the expansion's chosen (gamma, beta)
+    weights: tuple[float, ...] = (0.0, 0.0, 0.0)  # the expansion's blend (cluster, classifier, activity)
 
 
 def _x_filter(sc: Scenario) -> pl.Expr:
@@ -86,7 +91,7 @@ def _x_filter(sc: Scenario) -> pl.Expr:
     return expr
 
 
-def evaluate(sc: Scenario, *, params: ScoringParams | None = None, seed: int = 0) -> Result:
+def evaluate(sc: Scenario, *, params: RankingParams | None = None, seed: int = 0) -> Result:
     source = sc.source()
     events = source.scan_events()
     if sc.split == "per_user":
@@ -111,8 +116,7 @@ def evaluate(sc: Scenario, *, params: ScoringParams | None = None, seed: int = 0
         ids, raw = snap.load_all()
         x = snap.scaler.transform(raw)
         t1 = time.perf_counter()
-        k = min(sc.clusters, max(2, len(ids) // 20))
-        model = train_model(store, snap, model_id="eval", clusters=k, seed=seed)
+        model = train_model(store, snap, model_id="eval", seed=seed)  # the population rule
         t["fit"] = time.perf_counter() - t1
     seed_ids = before.filter(_x_filter(sc)).select("user_id").unique().collect()["user_id"].to_numpy()
     truth_ids = later.filter(_x_filter(sc)).select("user_id").unique().collect()["user_id"].to_numpy()
@@ -135,8 +139,11 @@ def evaluate(sc: Scenario, *, params: ScoringParams | None = None, seed: int = 0
     rng = np.random.default_rng(seed)
 
     t2 = time.perf_counter()
-    ranking = score_in_memory(model.centers, ids, x, seed_ids.astype(np.uint32), params)
-    look, d2 = ranking.scores["all"], ranking.d2["all"]
+    ranking = rank_in_memory(
+        model.ensemble, ids, x, activity_from_raw(snap.schema, raw), seed_ids.astype(np.uint32), params,
+        median_d2=model.median_d2,
+    )  # fmt: skip
+    look, d2 = ranking.scores["all"], ranking.tie
     dropped = [c for c, keep in zip(model.schema.columns, ranking.dims, strict=True) if not keep]
     t["expand"] = time.perf_counter() - t2
     t3 = time.perf_counter()
@@ -176,7 +183,7 @@ def evaluate(sc: Scenario, *, params: ScoringParams | None = None, seed: int = 0
         t,
         cold_truth,
         dropped,
-        ranking.weights,
+        tuple(ranking.blend.weights),
     )
 
 
@@ -311,7 +318,7 @@ def print_table(results: list[Result]) -> None:
         look, ref = res.metrics["lookalike"]["auc"], res.metrics["logreg"]["auc"]
         se = res.metrics["lookalike"]["auc_se"]
         print(f"{'':<26} lookalike AUC = {look / ref:.0%} of logreg's (AUC s.e. ≈ {se:.3f}); "
-              f"gamma={res.weights[0]:g} beta={res.weights[1]:g}; {res.cold_truth} first-time doers "
+              f"blend {'/'.join(f'{w:g}' for w in res.weights)}; {res.cold_truth} first-time doers "
               "had no events before T (not rankable); "
               f"time: features {res.seconds['features']:.2f}s fit {res.seconds['fit']:.2f}s "
               f"expand {res.seconds['expand']:.2f}s")  # fmt: skip
@@ -325,16 +332,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gen-users", type=int, default=50_000, help="generated population (0 = skip)")
     parser.add_argument("--only", default=None, help="substring of the scenario names to run")
     parser.add_argument("--prior", type=float, default=None)
-    parser.add_argument("--beta", type=float, default=None, help="fix beta (default: chosen per expansion)")
-    parser.add_argument("--gamma", type=float, default=None, help="fix gamma (default: chosen per expansion)")
+    parser.add_argument(
+        "--blend",
+        default=None,
+        help="fix the blend 'cluster,classifier,activity' (default: chosen per expansion)",
+    )
     parser.add_argument("--min-dim-variance", type=float, default=None)
     parser.add_argument("--verbose", action="store_true", help="list the columns each expansion dropped")
     args = parser.parse_args(argv)
-    defaults = ScoringParams()
-    params = ScoringParams(
+    defaults = RankingParams()
+    params = RankingParams(
         prior=args.prior if args.prior is not None else defaults.prior,
-        betas=(args.beta,) if args.beta is not None else defaults.betas,
-        gammas=(args.gamma,) if args.gamma is not None else defaults.gammas,
+        fixed_blend=tuple(float(w) for w in args.blend.split(",")) if args.blend else None,  # type: ignore[arg-type]
         min_dim_variance=args.min_dim_variance
         if args.min_dim_variance is not None
         else defaults.min_dim_variance,
@@ -349,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only:
             scenarios = [s for s in scenarios if args.only in s.name]
         print(
-            f"lookalike eval: scoring prior={params.prior} gammas={params.gammas} betas={params.betas}; "
+            f"lookalike eval: prior={params.prior} blend={params.fixed_blend or 'chosen per expansion'}; "
             "reach = share of population\n"
         )
         results = []

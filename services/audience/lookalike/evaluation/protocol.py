@@ -2,7 +2,8 @@
 
 For one target (``targets.Target``):
 
-1. the features are built without the events that define the target (its categories);
+1. the features are built without the events that define the target (``Target.exclusion``: the
+   product's ``FeatureExclusion.from_seed_spec`` of the target's spec, passed to ``build_snapshot``);
 2. the positives are split in two halves at random (``split_seed``): the **seed** (what a caller
    would upload) and the **hidden** half (the truth);
 3. every user of the population outside the seed is ranked by each method, which sees only the
@@ -37,7 +38,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import polars as pl
 from sklearn.linear_model import LogisticRegression
 
 from services.audience.lookalike.evaluation.metrics import (
@@ -48,8 +48,13 @@ from services.audience.lookalike.evaluation.metrics import (
     percentile_interval,
 )
 from services.audience.lookalike.evaluation.targets import Target, TargetSet
-from services.audience.lookalike.features import FeatureSnapshot, FeatureSource, build_snapshot
-from services.events.sharding import Shard
+from services.audience.lookalike.exclusion import FeatureExclusion
+from services.audience.lookalike.features import (
+    FeatureSnapshot,
+    FeatureSource,
+    activity_from_raw,
+    build_snapshot,
+)
 from services.storage import LocalObjectStore, ObjectStore
 
 __all__ = [
@@ -81,27 +86,38 @@ class Ranker(Protocol):
 
 
 class ProductRanker:
-    """The product's defaults: ``train_model`` then the expansion's ranking (``score_in_memory``)."""
+    """The product's defaults: ``train_model`` (cluster count by its rule, the fit ensemble), then
+    the expansion's ranking (``ranking.rank_in_memory``)."""
 
-    def __init__(self, clusters: int = 64) -> None:
+    def __init__(self, clusters: int | None = None, params: Any = None) -> None:
         self.clusters = clusters
+        self.params = params
 
     def train(self, store: ObjectStore, snapshot: FeatureSnapshot, fit_seed: int) -> Any:
         from services.audience.lookalike.model import train_model
 
-        clusters = min(self.clusters, snapshot.population)
+        clusters = None if self.clusters is None else min(self.clusters, snapshot.population)
         return train_model(store, snapshot, model_id=f"eval-{fit_seed}", clusters=clusters, seed=fit_seed)
 
     def score(
         self, model: Any, snapshot: FeatureSnapshot, seed_ids: np.ndarray
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        from services.audience.lookalike.expand import score_in_memory
+        from services.audience.lookalike.features import activity_from_raw
+        from services.audience.lookalike.ranking import rank_in_memory
 
         ids, raw = snapshot.load_all()
-        ranking = score_in_memory(model.centers, ids, model.transform(raw), seed_ids)
-        gamma, beta = ranking.weights
-        # the expansion breaks score ties by distance: the same order here
-        return ranking.scores["all"] - 1e-9 * ranking.d2["all"], {"gamma": gamma, "beta": beta}
+        ranking = rank_in_memory(
+            model.ensemble, ids, model.transform(raw), activity_from_raw(snapshot.schema, raw), seed_ids,
+            self.params, median_d2=model.median_d2,
+        )  # fmt: skip
+        weights = "/".join(f"{w:g}" for w in ranking.blend.weights)
+        # the expansion breaks score ties by distance to the nearest centres: the same order here
+        score = ranking.scores["all"] - 1e-9 * ranking.tie
+        return score, {
+            "k": model.cluster_count,
+            "blend": weights,
+            "heldout_auc": round(ranking.heldout_auc, 3),
+        }
 
 
 @dataclass
@@ -135,28 +151,6 @@ class TargetResult:
     def stability_range(self) -> float:
         finite = [a for a in self.stability if np.isfinite(a)]
         return max(finite) - min(finite) if finite else float("nan")
-
-
-@dataclass
-class _ExcludingSource:
-    """A feature source without the events of some categories (what the target is defined by)."""
-
-    inner: FeatureSource
-    categories: tuple[int, ...]
-
-    def scan_events(self, *, shard: Shard | None = None, end: datetime | None = None) -> pl.LazyFrame:
-        lf = self.inner.scan_events(shard=shard, end=end)
-        keep = ~pl.col("category_id").is_in(list(self.categories)).fill_null(False)
-        return lf.filter(keep) if self.categories else lf
-
-    def scan_profiles(self, *, shard: Shard | None = None) -> pl.LazyFrame:
-        return self.inner.scan_profiles(shard=shard)
-
-
-def activity_of(snapshot: FeatureSnapshot, raw: np.ndarray) -> np.ndarray:
-    """Events per user, recovered from the ``ev_*`` columns (log1p counts) of the snapshot."""
-    cols = [i for i, c in enumerate(snapshot.schema.columns) if c.startswith("ev_")]
-    return np.rint(np.expm1(raw[:, cols].astype(np.float64))).sum(axis=1)
 
 
 def _isin(ids: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -247,12 +241,13 @@ def evaluate_target(
 
 
 def _prepare(
-    store: ObjectStore, source: FeatureSource, as_of: datetime, categories: tuple[int, ...],
+    store: ObjectStore, source: FeatureSource, as_of: datetime, exclusion: FeatureExclusion,
     ranker: Ranker, fit_seeds: Sequence[int], snapshot_id: str,
 ) -> _Prepared:  # fmt: skip
     t0 = time.perf_counter()
-    feature_source = _ExcludingSource(source, categories) if categories else source
-    snapshot = build_snapshot(store, feature_source, as_of=as_of, shards=1, snapshot_id=snapshot_id)
+    snapshot = build_snapshot(
+        store, source, as_of=as_of, shards=1, snapshot_id=snapshot_id, exclusion=exclusion
+    )
     ids, raw = snapshot.load_all()
     t1 = time.perf_counter()
     models = {s: ranker.train(store, snapshot, s) for s in fit_seeds}
@@ -261,7 +256,7 @@ def _prepare(
         snapshot,
         ids,
         snapshot.scaler.transform(raw),
-        activity_of(snapshot, raw),
+        activity_from_raw(snapshot.schema, raw),
         models,
         {"features": t1 - t0, "fit": (t2 - t1) / max(len(fit_seeds), 1)},
     )
@@ -281,9 +276,9 @@ def evaluate_set(
     results = []
     with tempfile.TemporaryDirectory(prefix="fc-holdout-", dir=work) as tmp:
         store = LocalObjectStore(Path(tmp))
-        cache: dict[tuple[int, ...], _Prepared] = {}
+        cache: dict[FeatureExclusion, _Prepared] = {}
         for target in target_set.targets:
-            key = target.exclude_categories
+            key = target.exclusion
             if key not in cache:
                 cache.clear()  # one snapshot at a time in memory
                 cache[key] = _prepare(

@@ -1,8 +1,10 @@
 """Targets of the seed-holdout evaluation, read through the project's adapters and generator.
 
-A target is a set of *positive* users (those who did X) plus the events that define X, which are
-kept out of the features (so no method can find the positives by the very behaviour that makes
-them positive). Target sets group the targets of one data set over one feature source:
+A target is a set of *positive* users (those who did X) plus X written as a pack spec; the events
+that define X are kept out of the features by the product's own rule,
+``FeatureExclusion.from_seed_spec`` (so no method can find the positives by the very behaviour
+that makes them positive, and the evaluation exercises the exclusion expansions apply to seeds).
+Target sets group the targets of one data set over one feature source:
 
 =================  ===============================================================================
 MovieLens 100K     every genre with at least ``min_positives`` (150) positive users; positive =
@@ -22,12 +24,14 @@ loaders raise ``FileNotFoundError`` naming the folder when it is absent, so call
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+from flashcrowd.audience.v1 import spec_pb2
 
+from services.audience.lookalike.exclusion import FeatureExclusion
 from services.audience.lookalike.features import FeatureSource, FrameSource
 from services.events.schema import EventType
 
@@ -42,12 +46,33 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Target:
-    """Positive users and the categories whose events define them (removed from the features)."""
+    """Positive users and the spec that selects them (None: nothing observable defines them)."""
 
     name: str
     positives: np.ndarray  # sorted uint32
-    exclude_categories: tuple[int, ...] = ()
+    spec: spec_pb2.PackSpec | None = None
     description: str = ""
+
+    @property
+    def exclusion(self) -> FeatureExclusion:
+        """What the features leave out: the product's rule applied to the target's spec."""
+        return FeatureExclusion.from_seed_spec(self.spec)
+
+
+def _behaviour_spec(
+    event_type: EventType, category: int, start: datetime, end: datetime, min_count: int = 1
+) -> spec_pb2.PackSpec:
+    window = spec_pb2.TimeWindow()
+    window.absolute.start_time.FromDatetime(start)
+    window.absolute.end_time.FromDatetime(end + timedelta(seconds=1))
+    return spec_pb2.PackSpec(
+        behavior=spec_pb2.BehaviorCondition(
+            event_types=[int(event_type)],
+            window=window,
+            min_count=min_count,
+            filter=spec_pb2.EventFilter(category_ids=[category]),
+        )
+    )
 
 
 @dataclass
@@ -84,6 +109,8 @@ def movielens_targets(
     names = {int(c["category_id"]): str(c["name"]) for c in data.categories}
     plays = data.events.filter(pl.col("event_type") == int(EventType.VIDEO_PLAY))
     per_user = plays.group_by("category_id", "user_id").len().filter(pl.col("len") >= min_films)
+    start, end = data.events["ts"].min(), data.events["ts"].max()
+    assert isinstance(start, datetime) and isinstance(end, datetime)
     targets = []
     for (category,), group in sorted(per_user.group_by("category_id"), key=lambda g: names[int(g[0][0])]):
         genre = names[int(category)]
@@ -93,12 +120,10 @@ def movielens_targets(
             Target(
                 f"movielens: {genre}",
                 _ids(group["user_id"]),
-                (int(category),),
+                _behaviour_spec(EventType.VIDEO_PLAY, int(category), start, end, min_films),
                 f"rated >= {min_films} {genre} films; the genre's films removed from the features",
             )
         )
-    end = data.events["ts"].max()
-    assert isinstance(end, datetime)
     return TargetSet(
         "movielens-100k",
         FrameSource(data.events, data.profiles),
@@ -120,17 +145,17 @@ def taobao_targets(base: Path | None = None, *, top: int = 4) -> TargetSet:
         .sort(["n", "category_id"], descending=[True, False])
         .head(top)
     )
+    start, end = data.events["ts"].min(), data.events["ts"].max()
+    assert isinstance(start, datetime) and isinstance(end, datetime)
     targets = [
         Target(
             f"taobao: buy cat {int(c)}",
             np.unique(np.asarray(users, np.uint32)),
-            (int(c),),
+            _behaviour_spec(EventType.PAY, int(c), start, end),
             "bought in the category; every event of the category removed from the features",
         )
         for c, users, _n in by_category.iter_rows()
     ]
-    end = data.events["ts"].max()
-    assert isinstance(end, datetime)
     return TargetSet(
         "taobao-first-users",
         FrameSource(data.events, data.profiles),
@@ -155,7 +180,7 @@ def generated_targets(work: Path, *, users: int = 20_000, days: int = 6, seed: i
         Target(
             f"generated: {s.name}",
             _ids(truth.filter(pl.col("segment") == s.code)["user_id"]),
-            (),
+            None,
             f"latent segment {s.code} ({s.share:.0%} of users); never a feature",
         )
         for s in SEGMENTS
