@@ -752,7 +752,7 @@ def execute_expansion(
         inputs.snapshot = build_snapshot(
             store, dataset, root=root, as_of=inputs.snapshot.as_of, schema=inputs.model.schema,
             dataset=_dataset_info(dataset), exclusion=inputs.exclusion,
-            progress=(lambda pct, stage: progress("features", pct / 100.0)) if progress else None,
+            progress=(lambda pct, stage: progress("features", 0.15 * pct / 100.0)) if progress else None,
         )  # fmt: skip
     try:
         result = run_expand(
