@@ -43,10 +43,10 @@ def stage(name: str, store_dir: Path, clusters: int) -> dict:
     elif name == "fit":
         snap = pipeline.build_features(store, dataset)  # reused: same inputs, same snapshot id
         t0 = time.perf_counter()
-        model = pipeline.train_model(store, snap, model_id="bench", clusters=clusters)
+        model = pipeline.train_model(store, snap, model_id="bench", clusters=clusters or None)
         started = t0
         fit = model.manifest["fit_seconds"]
-        out.update(users=model.population, clusters=model.cluster_count, fit_seconds=fit)
+        out.update(users=model.population, clusters=model.cluster_count, fits=model.fits, fit_seconds=fit)
     elif name == "expand":
         import polars as pl
 
@@ -66,7 +66,9 @@ def stage(name: str, store_dir: Path, clusters: int) -> dict:
             users=result.population,
             seed=result.seed_matched,
             selected=len(result.members),
-            expected_lift_5=next(lift for f, _n, lift in result.lift_curve if abs(f - 0.05) < 1e-9),
+            expected_lift_5=next(s.lift for s in result.lift_curve if s.requested),
+            heldout_auc=round(result.heldout_auc, 4),
+            blend=result.blend,
             timings={k: round(v, 2) for k, v in result.timings.items()},
         )
     out["seconds"] = round(time.perf_counter() - started, 2)
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--users", type=int, nargs="+", default=[1_000_000, 5_000_000])
     parser.add_argument("--days", type=int, default=8)
-    parser.add_argument("--clusters", type=int, default=64)
+    parser.add_argument("--clusters", type=int, default=0, help="0 = the population rule (64 here)")
     parser.add_argument("--work", type=Path, default=ROOT / "var" / "bench" / "lookalike")
     parser.add_argument("--stage", choices=["features", "fit", "expand"], help=argparse.SUPPRESS)
     parser.add_argument("--store", type=Path, help=argparse.SUPPRESS)
@@ -132,9 +134,15 @@ def main(argv: list[str] | None = None) -> int:
         if r["stage"] == "features":
             notes = f"{r['shards']} shards x {r['columns']} columns"
         elif r["stage"] == "fit":
-            notes = f"k={r['clusters']}, fit {r['fit_seconds']}s on <= 500k sampled users, rest = assign all"
+            notes = (
+                f"k={r['clusters']} x {r['fits']} fits, fit {r['fit_seconds']}s on <= 500k sampled users, "
+                "rest = assign all"
+            )
         elif r["stage"] == "expand":
-            notes = f"seed {r['seed']:,}, 5% = {r['selected']:,}, expected lift {r['expected_lift_5']:.2f}x"
+            notes = (
+                f"seed {r['seed']:,}, 5% = {r['selected']:,}, expected lift {r['expected_lift_5']:.2f}x, "
+                f"held-out AUC {r['heldout_auc']}"
+            )
         print(
             f"{r['population']:>10,} {r['events']:>12,} {r['stage']:<9} {r['seconds']:>8.1f} {rate:>11,.0f}"
             f" {r['peak_rss_mib']:>6,} MiB  {notes}"

@@ -1,9 +1,16 @@
 """``flashcrowd lookalike``: train models and expand seed packs without the server (batch Jobs).
 
-    flashcrowd lookalike train --model-id m1 [--clusters 64] [--as-of 2025-06-19T00:00:00Z]
+    flashcrowd lookalike train --model-id m1 [--clusters K] [--fits 5] [--as-of 2025-06-19T00:00:00Z]
+                               [--exclude-features 'types=pay,refund' ...]
     flashcrowd lookalike features --like-model m1          (fresh features the model can score)
     flashcrowd lookalike expand --tenant T --seed-pack buyers --pack-id buyers-lal5 --reach 0.05
-                                [--model m1] [--exclude-pack P ...] [--age-band 25_30 ...] ...
+                                [--model m1] [--model-version 2 | --refresh-model]
+                                [--exclude-features 'categories=7 items=100,101' ...]
+                                [--exclude-pack P ...] [--age-band 25_30 ...] ...
+
+``--exclude-features`` is one exclusion rule (repeatable): space-separated ``types=``,
+``categories=``, ``items=`` lists; an event is kept out of the features when it matches every list
+of a rule (services/audience/lookalike/exclusion.py).
     flashcrowd lookalike show --model m1
 
 Same code as the LookalikeService (``services.audience.lookalike.pipeline``), same checks and
@@ -51,6 +58,35 @@ def _when(text: str) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
+def _exclusion_rule(text: str) -> Any:
+    from services.audience.lookalike.exclusion import ExclusionRule
+    from services.events.schema import EventType
+
+    names = {e.label: int(e) for e in EventType}
+    fields: dict[str, tuple[int, ...]] = {}
+    try:
+        for token in text.replace(";", " ").split():
+            key, _, values = token.partition("=")
+            items = [v for v in values.split(",") if v]
+            if key == "types":
+                fields["event_types"] = tuple(names[v] if v in names else int(v) for v in items)
+            elif key in ("categories", "items"):
+                fields["category_ids" if key == "categories" else "item_ids"] = tuple(int(v) for v in items)
+            else:
+                raise ValueError(f"unknown key {key!r} (types, categories, items)")
+        return ExclusionRule(**fields)
+    except (KeyError, ValueError) as error:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {error} (e.g. 'types=pay,refund categories=7'; types: {', '.join(names)})"
+        ) from None
+
+
+def _exclusion(rules: list[Any]) -> Any:
+    from services.audience.lookalike.exclusion import FeatureExclusion
+
+    return FeatureExclusion(tuple(rules))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="lookalike_command", metavar="SUBCOMMAND", required=True)
 
@@ -59,7 +95,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument(
         "--model-id", required=True, help="model id (1-63 of [a-z0-9-], starting with a letter)"
     )
-    train.add_argument("--clusters", type=int, default=64, help="clusters to fit (default 64)")
+    train.add_argument(
+        "--clusters",
+        type=int,
+        default=None,
+        help="clusters per fit (default: round(sqrt(users)), at most 64)",
+    )
+    train.add_argument("--fits", type=int, default=5, help="independent clusterings kept (default 5)")
+    train.add_argument(
+        "--exclude-features", type=_exclusion_rule, action="append", default=[], metavar="RULE",
+        help="events kept out of the features, e.g. 'types=pay,refund' (repeatable)",
+    )  # fmt: skip
     train.add_argument(
         "--as-of", type=_when, default=None, help="feature reference time (default: end of data)"
     )
@@ -87,6 +133,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     reach.add_argument("--reach", type=float, help="share of the population in [0.01, 0.10]")
     reach.add_argument("--reach-size", type=int, help="absolute number of users")
     exp.add_argument("--model", default="", help="model id (default: the newest)")
+    version = exp.add_mutually_exclusive_group()
+    version.add_argument(
+        "--model-version", type=int, default=0, help="model version (default: pinned on refresh, else newest)"
+    )
+    version.add_argument(
+        "--refresh-model", action="store_true", help="on a refresh, use the newest model version"
+    )
+    exp.add_argument(
+        "--exclude-features",
+        type=_exclusion_rule,
+        action="append",
+        default=[],
+        metavar="RULE",
+        help="events kept out of the features, e.g. 'categories=7' (repeatable; the seed spec's "
+        "behaviour is excluded automatically)",
+    )
     exp.add_argument("--exclude-pack", action="append", default=[], help="pack id whose members are excluded")
     exp.add_argument("--include-seed", action="store_true", help="keep seed members in the result")
     exp.add_argument("--age-band", action="append", default=[], help="e.g. 25_30 (repeatable)")
@@ -144,6 +206,9 @@ def _model_doc(model: Any) -> dict[str, Any]:
         "version": model.version,
         "algorithm": m["algorithm"],
         "cluster_count": model.cluster_count,
+        "fits": model.fits,
+        "cluster_rule": m.get("cluster_rule", "fixed"),
+        "feature_exclusion": model.exclusion.to_json(),
         "population": model.population,
         "feature_schema": model.feature_schema,
         "feature_snapshot": model.feature_snapshot,
@@ -157,11 +222,19 @@ def _model_doc(model: Any) -> dict[str, Any]:
 
 def _model_lines(doc: dict[str, Any]) -> list[str]:
     return [
-        f"model     {doc['name']} v{doc['version']} ({doc['algorithm']}, k={doc['cluster_count']})",
+        f"model     {doc['name']} v{doc['version']} ({doc['algorithm']}, k={doc['cluster_count']} x "
+        f"{doc['fits']} fits; k: {doc['cluster_rule']})",
+        f"excluded  {_exclusion_text(doc['feature_exclusion'])}",
         f"features  {doc['feature_snapshot']} ({doc['columns']} columns, {doc['feature_schema'][:19]}...)",
         f"users     {doc['population']:,}; inertia/user {doc['inertia_per_user']:.3f}",
         f"took      fit {doc['fit_seconds']}s, total {doc['train_seconds']}s",
     ]
+
+
+def _exclusion_text(doc: list[dict[str, list[int]]]) -> str:
+    from services.audience.lookalike.exclusion import FeatureExclusion
+
+    return FeatureExclusion.from_json(doc).describe()
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -171,11 +244,13 @@ def _train(args: argparse.Namespace) -> int:
 
     if not MODEL_ID.fullmatch(args.model_id):
         raise InvalidArgument("--model-id", "1-63 chars of [a-z0-9-], starting with a letter")
-    if not 2 <= args.clusters <= 1024:
+    if args.clusters is not None and not 2 <= args.clusters <= 1024:
         raise InvalidArgument("--clusters", f"{args.clusters} is outside [2, 1024]")
+    if not 1 <= args.fits <= 32:
+        raise InvalidArgument("--fits", f"{args.fits} is outside [1, 32]")
     store = open_store_arg(args.store)
     dataset = _dataset(store, args.prefix)
-    if args.clusters > dataset.population_size():
+    if args.clusters is not None and args.clusters > dataset.population_size():
         raise InvalidArgument(
             "--clusters", f"{args.clusters} clusters for {dataset.population_size():,} users"
         )
@@ -188,7 +263,8 @@ def _train(args: argparse.Namespace) -> int:
 
     model, _snapshot = pipeline.train(
         store, dataset, model_id=args.model_id, root=args.root, clusters=args.clusters, as_of=args.as_of,
-        seed=args.seed, shards=args.shards, progress=progress,
+        seed=args.seed, shards=args.shards, fits=args.fits, exclusion=_exclusion(args.exclude_features),
+        progress=progress,
     )  # fmt: skip
     if show:
         print(file=sys.stderr)
@@ -252,6 +328,8 @@ def _expand(args: argparse.Namespace) -> int:
         raise InvalidArgument("--reach", f"{args.reach:g} is outside [0.01, 0.1] of the population")
     if args.min_seed < 1:
         raise InvalidArgument("--min-seed", "must be at least 1")
+    if args.model_version < 0:
+        raise InvalidArgument("--model-version", "must be 0 (pinned/newest) or a version")
     bands = {v: k for k, v in AGE_BAND_NAMES.items() if k}
     genders = {v: k for k, v in GENDER_NAMES.items() if k}
     bad = [("--age-band", b) for b in args.age_band if b not in bands]
@@ -273,6 +351,9 @@ def _expand(args: argparse.Namespace) -> int:
         genders=tuple(genders[g] for g in args.gender),
         regions=tuple(args.region),
         interests=tuple(args.interest),
+        model_version=args.model_version,
+        refresh_model=args.refresh_model,
+        exclusion=_exclusion(args.exclude_features),
     )
 
     def dataset() -> Any:
@@ -286,16 +367,48 @@ def _expand(args: argparse.Namespace) -> int:
     prepared = pipeline.prepare_expansion(
         store, args.root, packs, dataset, request, min_seed=args.min_seed, bots=bots
     )
-    stored, result = pipeline.execute_expansion(store, args.root, packs, prepared, min_seed=args.min_seed)
-    doc = {"pack": stored.name, "version": stored.version, "size": stored.size, **result.stats()}
+    show = not args.json and sys.stderr.isatty()
+
+    def progress(stage: str, fraction: float) -> None:
+        if show:
+            print(f"\r{stage:<10} {100 * fraction:5.1f}%", end="", file=sys.stderr, flush=True)
+
+    stored, result = pipeline.execute_expansion(
+        store, args.root, packs, prepared, min_seed=args.min_seed, progress=progress
+    )
+    if show:
+        print(file=sys.stderr)
+    inputs = prepared.inputs
+    doc = {
+        "pack": stored.name,
+        "version": stored.version,
+        "size": stored.size,
+        "model": inputs.model.name,
+        "model_version": inputs.model.version,
+        "model_version_reason": inputs.version_reason,
+        "feature_exclusion": inputs.snapshot.exclusion.to_json(),
+        **result.stats(),
+    }
+    auc = "n/a" if doc["heldout_auc"] is None else f"{doc['heldout_auc']:.3f}"
+    blend = ", ".join(f"{k} {v:.2f}" for k, v in result.blend.items())
     lines = [
         f"pack      {stored.name} v{stored.version}: {stored.size:,} users ({stored.display_name})",
+        f"model     {inputs.model.name} v{inputs.model.version} ({inputs.version_reason}); features without "
+        f"{inputs.snapshot.exclusion.describe()}",
         f"seed      {result.seed_matched:,} of {result.seed_size:,} in the population of "
         f"{result.population:,}; "
         f"{result.clusters_covered} of {result.cluster_count} clusters covered, "
         f"{result.seed_concentration:.0%} in the top 10% of clusters",
-        "expected lift (held-out half of the seed):",
-        *(f"  {f:>6.1%} reach  {n:>10,} users  {lift:6.2f}x" for f, n, lift in result.lift_curve),
+        f"ranking   {blend} ({result.blend_rule}); held-out seed AUC {auc}",
+        "expected lift (held-out halves of the seed, 95% interval):",
     ]
+    for s in result.lift_curve:
+        mark = "  <- requested" if s.requested else ""
+        figure = f"withheld: {s.withheld}" if s.withheld else f"{s.lift:6.2f}x [{s.low:.2f}, {s.high:.2f}]"
+        lines.append(f"  {s.reach_fraction:>6.1%} reach  {s.size:>10,} users  {figure}{mark}")
+    lines.append(
+        "tiers     "
+        + ", ".join(f"{t.start_fraction:.0%}-{t.end_fraction:.0%}: {t.size:,}" for t in result.tiers)
+    )
     _print(args, doc, lines)
     return 0

@@ -10,12 +10,15 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import polars as pl
 import pytest
+from flashcrowd.audience.v1 import events_pb2, spec_pb2
 
+from services.audience.lookalike.exclusion import ExclusionRule, FeatureExclusion
 from services.audience.lookalike.features import (
     CLIP,
     FeatureSchema,
     FeatureSnapshot,
     FrameSource,
+    activity_from_raw,
     build_snapshot,
     compute_shard_features,
     pick_categories,
@@ -216,3 +219,96 @@ def test_frame_source_shards() -> None:
 
     parts = [src.scan_events(shard=s).collect()["user_id"].to_list() for s in Shard.all(3)]
     assert sorted(u for p in parts for u in p) == list(range(1, 200))
+
+
+# --- feature exclusions ------------------------------------------------------------------------------
+
+
+def test_exclusion_rules_normalise_and_match() -> None:
+    a = FeatureExclusion((ExclusionRule((8, 9, 8)), ExclusionRule(category_ids=(7,))))
+    b = FeatureExclusion((ExclusionRule(category_ids=(7, 7)), ExclusionRule((9, 8))))
+    assert a == b and a.key == b.key and a.key.startswith("x") and FeatureExclusion().key == ""
+    assert FeatureExclusion.from_json(a.to_json()) == a
+    assert a.union(FeatureExclusion((ExclusionRule((8, 9)),))) == a  # union never duplicates a rule
+    assert a.describe() == "categories 7; pay/refund"
+    with pytest.raises(ValueError, match="needs event types"):
+        ExclusionRule()
+    with pytest.raises(ValueError, match="unknown event types"):
+        ExclusionRule((42,))
+    frame = pl.DataFrame(
+        {
+            "event_type": [8, 8, 4, 4, 6],
+            "category_id": [7, 1, 7, None, 1],
+            "item_id": [1, 2, 3, 4, 5],
+        },
+        schema={"event_type": pl.UInt8, "category_id": pl.UInt32, "item_id": pl.UInt32},
+    )
+    both = FeatureExclusion((ExclusionRule((8,), (7,)),))  # payments in category 7 only
+    kept = both.apply(frame.lazy()).collect()["item_id"].to_list()
+    assert kept == [2, 3, 4, 5]  # an event without a category never matches a category rule
+    items = FeatureExclusion((ExclusionRule(item_ids=(5,)), ExclusionRule(category_ids=(7,))))
+    assert items.apply(frame.lazy()).collect()["item_id"].to_list() == [2, 4]
+
+
+def test_snapshot_without_a_category(any_store: ObjectStore, world: World) -> None:
+    """Every event of the category is gone before anything is computed; the schema stays the model's."""
+    as_of = world.dataset.end
+    base = build_snapshot(any_store, world.dataset, as_of=as_of, dataset={"version": 1})
+    category = base.schema.categories[0]
+    rule = FeatureExclusion((ExclusionRule(category_ids=(category,)),))
+    excluded = build_snapshot(
+        any_store, world.dataset, as_of=as_of, schema=base.schema, dataset={"version": 1}, exclusion=rule
+    )
+    assert excluded.snapshot_id == f"{base.snapshot_id}-{rule.key}" and excluded.exclusion == rule
+    assert excluded.fingerprint == base.fingerprint and excluded.population == base.population
+    again = build_snapshot(
+        any_store, world.dataset, as_of=as_of, schema=base.schema, dataset={"version": 1}, exclusion=rule
+    )
+    assert again.manifest["published_at"] == excluded.manifest["published_at"]  # reused
+    ids, raw = excluded.load_all()
+    cols = excluded.schema.columns
+    assert np.all(raw[:, cols.index(f"cat_{category}")] == 0)
+    # Events per user dropped by exactly that category's events (the activity the rankings see).
+    base_ids, base_raw = base.load_all()
+    assert np.array_equal(ids, base_ids)
+    dropped = (
+        world.events.filter((pl.col("category_id") == category) & (pl.col("ts") < as_of))
+        .group_by("user_id")
+        .len()
+    )
+    expected = dict(zip(dropped["user_id"].to_list(), dropped["len"].to_list(), strict=True))
+    diff = activity_from_raw(base.schema, base_raw) - activity_from_raw(excluded.schema, raw)
+    assert diff.tolist() == [float(expected.get(int(u), 0)) for u in ids]
+    with pytest.raises(FileExistsError, match="another exclusion"):
+        build_snapshot(any_store, world.dataset, as_of=as_of, snapshot_id=excluded.snapshot_id)
+
+
+def test_exclusion_from_a_seed_spec() -> None:
+    from google.protobuf import duration_pb2
+
+    from services.events.schema import EventType as E
+
+    window = spec_pb2.TimeWindow(last=duration_pb2.Duration(seconds=86_400))
+    purchasers = spec_pb2.PackSpec(
+        shortcut=spec_pb2.Shortcut(kind=spec_pb2.Shortcut.KIND_PURCHASERS, window=window)
+    )
+    got = FeatureExclusion.from_seed_spec(purchasers)
+    assert got == FeatureExclusion((ExclusionRule((int(E.ORDER), int(E.PAY), int(E.REFUND))),))
+    clicked_not_paid = spec_pb2.PackSpec(
+        exclude=spec_pb2.ExcludeOperands(
+            base=spec_pb2.PackSpec(
+                behavior=spec_pb2.BehaviorCondition(
+                    event_types=[events_pb2.EVENT_TYPE_CLICK],
+                    window=window,
+                    filter=spec_pb2.EventFilter(category_ids=[7], campaign_ids=[3]),  # campaign: widened
+                )
+            ),
+            subtract=[spec_pb2.PackSpec(behavior=spec_pb2.BehaviorCondition(
+                event_types=[events_pb2.EVENT_TYPE_PAY], window=window))],
+        )
+    )  # fmt: skip
+    rules = FeatureExclusion.from_seed_spec(clicked_not_paid).rules
+    # Filtered to category 7: every event of the category goes (as the evaluation removes a target).
+    assert set(rules) == {ExclusionRule(category_ids=(7,)), ExclusionRule((int(E.ORDER), int(E.PAY)))}
+    upload_like = spec_pb2.PackSpec(profile=spec_pb2.ProfileFilter(genders=[spec_pb2.GENDER_FEMALE]))
+    assert not FeatureExclusion.from_seed_spec(upload_like) and not FeatureExclusion.from_seed_spec(None)

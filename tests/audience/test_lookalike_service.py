@@ -15,11 +15,19 @@ import numpy as np
 import polars as pl
 import pytest
 import pytest_asyncio
-from flashcrowd.audience.v1 import audience_service_pb2, lookalike_pb2, lookalike_pb2_grpc, pack_pb2, spec_pb2
+from flashcrowd.audience.v1 import (
+    audience_service_pb2,
+    events_pb2,
+    lookalike_pb2,
+    lookalike_pb2_grpc,
+    pack_pb2,
+    spec_pb2,
+)
 from google.protobuf import duration_pb2
 from pyroaring import BitMap
 
 from services.audience.lookalike import pipeline
+from services.audience.lookalike.exclusion import FeatureExclusion
 from services.audience.lookalike.service import LOOKALIKE_SERVICE
 from services.audience.server import AUDIENCE_SERVICE
 from services.cli.main import main
@@ -307,3 +315,116 @@ async def test_round_trip_on_s3(s3_server: str) -> None:
         assert any(k.startswith("lookalike/features/") for k in la.keys("lookalike/"))
     finally:
         await stop_service(la.svc)
+
+
+# --- issue 15: what an expansion reports, the seed's behaviour kept out, the model version pinned --
+
+
+def _response(op) -> lookalike_pb2.ExpandLookalikeResponse:
+    assert not op.HasField("error"), op.error
+    response = lookalike_pb2.ExpandLookalikeResponse()
+    op.response.Unpack(response)
+    return response
+
+
+async def test_response_names_model_blend_heldout_auc_tiers_and_lift_intervals(la: Lookalike) -> None:
+    req = request(reach_fraction=0.05)
+    response = _response(await la.expand(req))
+    assert response.model == "lookalikeModels/m1" and response.model_version == 1
+    assert 0.5 < response.heldout_auc <= 1.0
+    b = response.blend
+    assert b.cluster_weight + b.classifier_weight + b.activity_weight == pytest.approx(1.0) and b.rule
+    assert [s.size for s in response.lift_curve] == [80, 160, 400, 800]  # the requested 5% listed once
+    assert [s.requested for s in response.lift_curve] == [False, False, True, False]
+    for step in response.lift_curve:
+        assert not step.withheld_reason
+        assert step.expected_lift_low <= step.expected_lift <= step.expected_lift_high
+    assert [(t.start_fraction, t.end_fraction, t.size) for t in response.tiers] == [
+        (0.0, 0.01, 80),
+        (0.01, 0.02, 80),
+        (0.02, 0.05, 240),
+    ]
+    assert sum(t.size for t in response.tiers) == response.pack.size
+    # The seed is "purchasers": orders, payments, refunds were kept out of the features, automatically.
+    purchase = [events_pb2.EVENT_TYPE_ORDER, events_pb2.EVENT_TYPE_PAY, events_pb2.EVENT_TYPE_REFUND]
+    assert [list(e.event_types) for e in response.feature_exclusions] == [purchase]
+    record = json.loads(la.store.get_bytes(f"lookalike/expansions/{TENANT}/{req.pack_id}/v000001.json"))
+    assert record["feature_exclusion_sources"] == {"seed_spec": [{"event_types": [7, 8, 9]}]}
+    assert record["feature_snapshot"].endswith(FeatureExclusion.from_json(record["feature_exclusion"]).key)
+    assert record["model_version"] == 1 and record["model_version_reason"] == "newest"
+    assert record["stats"]["heldout_auc"] == pytest.approx(response.heldout_auc, abs=1e-4)
+    # A request's own exclusion is added to the seed's.
+    views = lookalike_pb2.FeatureExclusion(event_types=[events_pb2.EVENT_TYPE_PRODUCT_VIEW], category_ids=[1])
+    more = _response(await la.expand(request(reach_size=100, feature_exclusions=[views])))
+    assert len(more.feature_exclusions) == 2 and more.pack.size == 100
+
+
+async def test_refresh_keeps_the_model_version_unless_asked(la: Lookalike) -> None:
+    train = lookalike_pb2.TrainLookalikeModelRequest
+    for _ in range(2):  # versions 1 and 2 of a model of its own (other tests use m1's newest)
+        op = await la.svc.wait((await la.stub.TrainLookalikeModel(train(model_id="pinned"))).name)
+        assert not op.HasField("error"), op.error
+    trained = lookalike_pb2.LookalikeModel()
+    op.response.Unpack(trained)
+    assert trained.version == 2 and trained.fit_count == 5 and trained.cluster_count == 64
+    assert "sqrt" in trained.cluster_rule
+    pack_id = f"pin-{uuid.uuid4().hex[:8]}"
+    first = _response(
+        await la.expand(request(pack_id=pack_id, model="lookalikeModels/pinned", model_version=1))
+    )
+    assert first.model_version == 1
+    refreshed = _response(await la.expand(request(pack_id=pack_id, model="")))  # a refresh, no model named
+    assert refreshed.pack.version == 2 and refreshed.model == "lookalikeModels/pinned"
+    assert refreshed.model_version == 1  # pinned by the pack's previous expansion, not the newest (2)
+    record = json.loads(la.store.get_bytes(f"lookalike/expansions/{TENANT}/{pack_id}/v000002.json"))
+    assert record["model_version_reason"] == "pinned by v1 of the pack"
+    newest = _response(await la.expand(request(pack_id=pack_id, model="", refresh_model=True)))
+    assert newest.pack.version == 3 and newest.model_version == 2
+    # A pinned version that is gone fails before anything is written, naming the way out.
+    la.store.delete_prefix("lookalike/models/pinned/v2/")
+    details = await _fails(
+        la.stub.ExpandLookalike(request(pack_id=pack_id, model="")), grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert details.reason == "MODEL_VERSION_GONE" and "refresh_model" in details.message
+    await _fails(
+        la.stub.ExpandLookalike(request(model="lookalikeModels/pinned", model_version=7)),
+        grpc.StatusCode.NOT_FOUND,
+        "model_version",
+    )
+
+
+async def test_bad_exclusions_and_versions(la: Lookalike) -> None:
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    empty = lookalike_pb2.FeatureExclusion()
+    unknown = lookalike_pb2.FeatureExclusion(event_types=[99])
+    await _fails(
+        la.stub.ExpandLookalike(request(feature_exclusions=[empty])), invalid, "feature_exclusions[0]"
+    )
+    await _fails(
+        la.stub.ExpandLookalike(request(feature_exclusions=[empty, unknown])),
+        invalid,
+        "feature_exclusions[1].event_types[0]",
+    )
+    await _fails(la.stub.ExpandLookalike(request(model_version=-1)), invalid, "model_version")
+    train = lookalike_pb2.TrainLookalikeModelRequest(model_id="bad-x", feature_exclusions=[empty])
+    await _fails(la.stub.TrainLookalikeModel(train), invalid, "feature_exclusions[0]")
+    assert not la.keys("lookalike/models/bad-x/")
+
+
+async def test_model_trained_without_a_behaviour(la: Lookalike) -> None:
+    follows = lookalike_pb2.FeatureExclusion(event_types=[events_pb2.EVENT_TYPE_FOLLOW])
+    op = await la.stub.TrainLookalikeModel(
+        lookalike_pb2.TrainLookalikeModelRequest(
+            model_id="no-follows", cluster_count=8, feature_exclusions=[follows]
+        )
+    )
+    op = await la.svc.wait(op.name)
+    assert not op.HasField("error"), op.error
+    model = lookalike_pb2.LookalikeModel()
+    op.response.Unpack(model)
+    assert [list(e.event_types) for e in model.feature_exclusions] == [[events_pb2.EVENT_TYPE_FOLLOW]]
+    assert model.cluster_rule == "fixed by the caller" and model.cluster_count == 8
+    response = _response(await la.expand(request(model=model.name, reach_size=50)))
+    kinds = sorted(tuple(e.event_types) for e in response.feature_exclusions)
+    purchase = (events_pb2.EVENT_TYPE_ORDER, events_pb2.EVENT_TYPE_PAY, events_pb2.EVENT_TYPE_REFUND)
+    assert kinds == [purchase, (events_pb2.EVENT_TYPE_FOLLOW,)]

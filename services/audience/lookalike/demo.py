@@ -44,10 +44,11 @@ async def lookalike_step(
     pack_id: str = "purchasers-lookalike-5",
     reach_fraction: float = 0.05,
     model_id: str = "demo",
-    clusters: int = 64,
+    clusters: int = 0,  # 0: chosen from the population
     title: str = "Lookalike",
 ) -> lookalike_pb2.ExpandLookalikeResponse:
     from services.demo import render
+    from services.events.schema import EventType
 
     lookalike = lookalike_pb2_grpc.LookalikeServiceStub(channel)
     audience = audience_service_pb2_grpc.AudienceServiceStub(channel)
@@ -61,8 +62,8 @@ async def lookalike_step(
         lookalike_pb2.LookalikeModel(),
     )
     render.note(
-        f"model {model.name}: {model.algorithm}, k={model.cluster_count}, {model.population_size:,} users, "
-        f"features {model.feature_snapshot}"
+        f"model {model.name} v{model.version}: {model.algorithm}, k={model.cluster_count} x "
+        f"{model.fit_count} fits, {model.population_size:,} users, features {model.feature_snapshot}"
     )
     response = await _wait(
         ops,
@@ -82,10 +83,29 @@ async def lookalike_step(
         f"in {response.clusters_covered} of {model.cluster_count} clusters, "
         f"{response.seed_concentration:.0%} of it in the top 10% of clusters"
     )
+    b = response.blend
+    excluded = "; ".join(
+        "/".join(EventType(t).label for t in e.event_types)
+        + (f" in categories {list(e.category_ids)}" if e.category_ids else "")
+        for e in response.feature_exclusions
+    )
+    render.note(
+        f"{response.model} v{response.model_version}; ranking = cluster {b.cluster_weight:.2f}, classifier "
+        f"{b.classifier_weight:.2f}, activity {b.activity_weight:.2f} ({b.rule}); held-out seed AUC "
+        f"{response.heldout_auc:.3f}; features without {excluded or 'nothing'} (the seed's behaviour)"
+    )
     render.table(
-        "expected lift over random (held-out half of the seed)",
-        ["reach", "users", "lift"],
-        [(f"{s.reach_fraction:.0%}", s.size, f"{s.expected_lift:.2f}x") for s in response.lift_curve],
+        "expected lift over random (held-out halves of the seed, 95% interval)",
+        ["reach", "users", "lift", "interval"],
+        [
+            (
+                f"{s.reach_fraction:.0%}",
+                s.size,
+                "withheld" if s.withheld_reason else f"{s.expected_lift:.2f}x",
+                s.withheld_reason or f"{s.expected_lift_low:.2f}-{s.expected_lift_high:.2f}x",
+            )
+            for s in response.lift_curve
+        ],
     )
     personas: list[pack_pb2.PackPersona | None] = []
     for name in (seed_pack, response.pack.name):

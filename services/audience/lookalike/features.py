@@ -30,6 +30,11 @@ The column list, the category vocabulary, the group weights and ``FEATURE_VERSIO
 *feature schema*; its SHA-256 fingerprint is stored with the snapshot and with every model trained
 on it, so that a model is never applied to columns it was not trained on.
 
+An optional ``FeatureExclusion`` (``exclusion.py``) drops events before anything is computed
+(types, categories, items: the behaviour a seed or an evaluation target is defined by). It is part
+of the snapshot's identity (id suffix, manifest) but not of its schema: the columns are the same,
+so a model scores snapshots built with or without it.
+
 Building is chunked by user shard (``services.events.sharding``): a global pass picks the category
 vocabulary, then each shard's events are aggregated and written as one Parquet file, and running
 sums give the scaler. Memory is bounded by one shard's events; the manifest is published last.
@@ -52,6 +57,7 @@ from typing import Any, Protocol
 import numpy as np
 import polars as pl
 
+from services.audience.lookalike.exclusion import FeatureExclusion
 from services.events.schema import (
     AGE_BAND_NAMES,
     EVENT_TYPE_NAMES,
@@ -74,6 +80,7 @@ __all__ = [
     "FeatureSource",
     "FrameSource",
     "Scaler",
+    "activity_from_raw",
     "build_snapshot",
     "compute_shard_features",
     "default_shard_count",
@@ -322,6 +329,17 @@ def compute_shard_features(
     )
 
 
+def activity_from_raw(schema: FeatureSchema, raw: np.ndarray) -> np.ndarray:
+    """Events per user (float64), recovered exactly from the raw ``ev_*`` columns (log1p counts).
+
+    The "most active users" a ranking is compared with, and one of its inputs.
+    """
+    cols = [i for i, c in enumerate(schema.columns) if c.startswith("ev_")]
+    if not cols or raw.shape[0] == 0:
+        return np.zeros(raw.shape[0], np.float64)
+    return np.rint(np.expm1(raw[:, cols].astype(np.float64))).sum(axis=1)
+
+
 def _ensure_profile_columns(frame: pl.DataFrame) -> pl.DataFrame:
     defaults: dict[str, pl.Expr] = {
         "age_band": pl.lit(0, dtype=pl.UInt8),
@@ -444,6 +462,11 @@ class FeatureSnapshot:
     def as_of(self) -> datetime:
         return datetime.fromisoformat(self.manifest["as_of"].replace("Z", "+00:00"))
 
+    @property
+    def exclusion(self) -> FeatureExclusion:
+        """Events kept out of these features (empty for snapshots from before exclusions)."""
+        return FeatureExclusion.from_json(self.manifest.get("exclusion"))
+
     def shard_keys(self) -> list[str]:
         return [s["key"] for s in self.manifest["shards"]]
 
@@ -497,9 +520,12 @@ def build_snapshot(
     lookback: timedelta | None = None,
     population_estimate: int | None = None,
     dataset: dict[str, Any] | None = None,
+    exclusion: FeatureExclusion | None = None,
     progress: Progress | None = None,
 ) -> FeatureSnapshot:
     """Compute features shard by shard, publish them (manifest last) and return the snapshot.
+
+    ``exclusion`` drops matching events first (its key is appended to the default id).
 
     ``schema`` reuses a given column list (e.g. a model's, so that the model can score fresh
     features); otherwise the top ``top_categories`` categories before ``as_of`` are picked. The
@@ -509,7 +535,8 @@ def build_snapshot(
     started = time.perf_counter()
     as_of = _utc(as_of)
     since = as_of - lookback if lookback is not None else None
-    all_events = source.scan_events(shard=Shard.whole(), end=as_of)
+    exclusion = exclusion or FeatureExclusion()
+    all_events = exclusion.apply(source.scan_events(shard=Shard.whole(), end=as_of))
     if since is not None:
         all_events = all_events.filter(pl.col("ts") >= since)
     if schema is None:
@@ -519,10 +546,14 @@ def build_snapshot(
         snapshot_id = (
             f"{as_of.strftime('%Y%m%dt%H%M%Sz')}-d{version}-{schema.fingerprint.removeprefix('sha256:')[:12]}"
         )
+        if exclusion:
+            snapshot_id += f"-{exclusion.key}"
     existing = _try_load(store, root, snapshot_id)
     if existing is not None:
         if existing.fingerprint != schema.fingerprint:
             raise FileExistsError(f"feature snapshot {snapshot_id!r} exists with another schema")
+        if existing.exclusion != exclusion:
+            raise FileExistsError(f"feature snapshot {snapshot_id!r} exists with another exclusion")
         return existing
 
     first = (
@@ -541,7 +572,7 @@ def build_snapshot(
     data: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix="flashcrowd-features-") as tmp:
         for i, shard in enumerate(Shard.all(shards)):
-            events = source.scan_events(shard=shard, end=as_of)
+            events = exclusion.apply(source.scan_events(shard=shard, end=as_of))
             if since is not None:
                 events = events.filter(pl.col("ts") >= since)
             frame = compute_shard_features(
@@ -566,6 +597,7 @@ def build_snapshot(
             "population": moments.n,
             "schema": schema.to_json(),
             "schema_fingerprint": schema.fingerprint,
+            "exclusion": exclusion.to_json(),
             "scaler": scaler.to_json(),
             "shards": entries,
             "dataset": dataset or {},

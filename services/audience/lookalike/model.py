@@ -1,4 +1,4 @@
-"""Lookalike clustering models: MiniBatchKMeans over a standardised feature snapshot.
+"""Lookalike clustering models: an ensemble of MiniBatchKMeans fits over a standardised feature snapshot.
 
 Why MiniBatchKMeans (the argument, also in docs/lookalike.md):
 
@@ -19,9 +19,26 @@ Why MiniBatchKMeans (the argument, also in docs/lookalike.md):
   because the cells only need to be *homogeneous enough* for the seed rate to vary between them;
   the distance refinement inside a cell ranks what the cells cannot separate.
 
-Persistence: no pickles. A model version is ``centers.npy`` (float32, k×d) plus a JSON manifest
-(feature schema and fingerprint, scaler, snapshot, cluster sizes, inertia, parameters), published
-manifest last under ``{root}models/{model_id}/v{n}/``. Reloading needs only numpy.
+Cluster count (``default_cluster_count``), when the caller does not fix it: ``k = round(√n)``
+for a population of ``n`` users, clipped to [2, 64], at most ``n / 10`` (ten users per cluster on
+average) and at most the number of distinct feature rows in the fit sample (k-means cannot place
+more centres than there are distinct points). MovieLens' 943 users get 31 clusters, every
+population above 4,096 users 64. A fixed 64 gave 15 users per cluster on MovieLens, and cells that
+small make the seed's over-representation per cell mostly noise.
+
+Consensus (``fits``, default 5): the model is ``fits`` independent MiniBatchKMeans fits (one
+initialisation each, random states derived from ``seed``, each on its own subsample of at most
+``member_sample`` = 100k rows of the fit sample: 1,500 rows per centre at k = 64, and five fits on
+500k rows took 31 s at 1M users where five on 100k take a fifth), all kept. Expansion averages its
+cluster term over them and uses soft memberships, so no single fit's arbitrary cell boundaries
+decide a user's score: retraining with another seed moves the evaluation's AUC by at most 0.01 on
+MovieLens, where one fit moved it by up to 0.11. Each fit's median squared distance to the nearest
+centre (over the fit sample) is stored: it is the scale of the soft memberships.
+
+Persistence: no pickles. A model version is ``centers.npy`` (float32, fits×k×d; a k×d file of a
+one-fit model from before the ensemble is read as one fit) plus a JSON manifest (feature schema and
+fingerprint, scaler, snapshot, exclusion, cluster sizes, inertia, the cluster rule, parameters),
+published manifest last under ``{root}models/{model_id}/v{n}/``. Reloading needs only numpy.
 """
 
 from __future__ import annotations
@@ -29,6 +46,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -39,7 +57,13 @@ from typing import Any
 import numpy as np
 from sklearn.cluster import MiniBatchKMeans
 
-from services.audience.lookalike.features import FEATURE_VERSION, FeatureSchema, FeatureSnapshot, Scaler
+from services.audience.lookalike.features import (
+    FEATURE_VERSION,
+    FeatureExclusion,
+    FeatureSchema,
+    FeatureSnapshot,
+    Scaler,
+)
 from services.storage import ObjectNotFound, ObjectStore, publish, read_manifest
 
 log = logging.getLogger(__name__)
@@ -47,8 +71,10 @@ log = logging.getLogger(__name__)
 __all__ = [
     "ALGORITHM",
     "DEFAULT_CLUSTERS",
+    "DEFAULT_FITS",
     "LookalikeModel",
     "assign",
+    "default_cluster_count",
     "latest_model_id",
     "list_model_ids",
     "load_model",
@@ -56,7 +82,12 @@ __all__ = [
 ]
 
 ALGORITHM = "MiniBatchKMeans"
+#: Largest cluster count the population rule gives (``default_cluster_count``).
 DEFAULT_CLUSTERS = 64
+DEFAULT_FITS = 5
+CLUSTER_RULE = (
+    "round(sqrt(population)) clipped to [2, 64], <= population/10, <= distinct rows of the fit sample"
+)
 FORMAT = "flashcrowd.lookalike.model/v1"
 MODEL_ID = re.compile(r"[a-z][a-z0-9-]{0,62}")
 _VERSION_DIR = re.compile(r"v(\d+)/$")
@@ -82,16 +113,46 @@ def assign(centers: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels, dist
 
 
+def default_cluster_count(population: int, distinct_rows: int | None = None) -> int:
+    """The cluster count of a population of ``population`` users (see the module doc)."""
+    k = min(DEFAULT_CLUSTERS, max(2, round(math.sqrt(max(population, 0)))), max(2, population // 10))
+    if distinct_rows is not None:
+        k = min(k, max(distinct_rows, 1))
+    return max(1, min(k, max(population, 1)))
+
+
 @dataclass
 class LookalikeModel:
-    """A trained model version, as published (centres + manifest)."""
+    """A trained model version, as published (centres of every fit + manifest).
+
+    ``ensemble`` is ``fits × k × d``; ``centers`` is the first fit (what reports of coverage and
+    concentration use).
+    """
 
     model_id: str
     version: int
-    centers: np.ndarray
+    ensemble: np.ndarray
     schema: FeatureSchema
     scaler: Scaler
     manifest: dict[str, Any]
+
+    @property
+    def centers(self) -> np.ndarray:
+        return self.ensemble[0]
+
+    @property
+    def fits(self) -> int:
+        return int(self.ensemble.shape[0])
+
+    @property
+    def median_d2(self) -> list[float] | None:
+        """Per fit, the median squared distance to the nearest centre (None for old models)."""
+        values = self.manifest.get("median_d2")
+        return [float(v) for v in values] if values else None
+
+    @property
+    def exclusion(self) -> FeatureExclusion:
+        return FeatureExclusion.from_json(self.manifest.get("exclusion"))
 
     @property
     def name(self) -> str:
@@ -99,7 +160,7 @@ class LookalikeModel:
 
     @property
     def cluster_count(self) -> int:
-        return int(self.centers.shape[0])
+        return int(self.ensemble.shape[1])
 
     @property
     def feature_schema(self) -> str:
@@ -160,11 +221,13 @@ def load_model(store: ObjectStore, root: str, model_id: str, version: int | None
     prefix = f"{_model_prefix(root, model_id)}v{version}/"
     manifest = read_manifest(store, prefix + "manifest.json")
     centers = np.load(io.BytesIO(store.get_bytes(prefix + "centers.npy")), allow_pickle=False)
+    if centers.ndim == 2:  # one fit (models from before the ensemble)
+        centers = centers[None, :, :]
     schema = FeatureSchema.from_json(manifest["schema"])
     return LookalikeModel(
         model_id=model_id,
         version=version,
-        centers=centers.astype(np.float32, copy=False),
+        ensemble=centers.astype(np.float32, copy=False),
         schema=schema,
         scaler=Scaler.from_json(manifest["scaler"]),
         manifest=manifest,
@@ -207,37 +270,59 @@ def train_model(
     *,
     model_id: str,
     root: str = "lookalike/",
-    clusters: int = DEFAULT_CLUSTERS,
+    clusters: int | None = None,
     seed: int = 0,
     fit_sample: int = 500_000,
-    n_init: int = 3,
+    fits: int = DEFAULT_FITS,
+    member_sample: int = 100_000,
     progress: Progress | None = None,
 ) -> LookalikeModel:
-    """Fit on a sample of the snapshot, assign every user (cluster sizes, inertia), publish a version."""
+    """Fit ``fits`` clusterings on a sample of the snapshot (each on its own ``member_sample`` rows of
+    it), assign every user (sizes, inertia), publish a version. ``clusters=None`` applies
+    ``default_cluster_count``."""
     if not MODEL_ID.fullmatch(model_id):
         raise ValueError(f"invalid model id {model_id!r}: 1-63 chars of [a-z0-9-], starting with a letter")
-    if snapshot.population < clusters:
+    if clusters is not None and snapshot.population < clusters:
         raise ValueError(
             f"feature snapshot {snapshot.snapshot_id} has {snapshot.population} users; "
             f"at least cluster_count={clusters} are needed"
         )
+    if fits < 1:
+        raise ValueError(f"fits must be at least 1, got {fits}")
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     x = _sample(snapshot, fit_sample, rng)
+    rule = clusters is None
+    if clusters is None:
+        distinct = len(np.unique(x, axis=0)) if len(x) <= 200_000 else None
+        clusters = default_cluster_count(snapshot.population, distinct)
     if progress:
         progress(20.0, "fit")
     fit_started = time.perf_counter()
-    km = MiniBatchKMeans(
-        n_clusters=clusters,
-        batch_size=4096,
-        n_init=n_init,
-        max_iter=100,
-        random_state=seed,
-        reassignment_ratio=0.01,
-    )
-    km.fit(x)
+    centers_list, medians = [], []
+    for i in range(fits):
+        rows = x
+        if len(x) > member_sample:  # each fit on its own subsample: bounded cost, more diverse fits
+            rows = x[
+                np.random.default_rng((seed * 1_009 + i) % 2**31).choice(len(x), member_sample, replace=False)
+            ]
+        km = MiniBatchKMeans(
+            n_clusters=clusters,
+            batch_size=4096,
+            n_init=1,
+            max_iter=100,
+            random_state=(seed * 1_009 + i) % 2**31,
+            reassignment_ratio=0.01,
+        )
+        km.fit(rows)
+        c = km.cluster_centers_.astype(np.float32)
+        centers_list.append(c)
+        medians.append(float(np.median(assign(c, x)[1])) if len(x) else 1.0)
+        if progress:
+            progress(20.0 + 40.0 * (i + 1) / fits, "fit")
     fit_seconds = time.perf_counter() - fit_started
-    centers = km.cluster_centers_.astype(np.float32)
+    ensemble = np.stack(centers_list)
+    centers = ensemble[0]
     del x
     if progress:
         progress(60.0, "score")
@@ -257,9 +342,13 @@ def train_model(
         "model_id": model_id,
         "algorithm": ALGORITHM,
         "cluster_count": clusters,
+        "cluster_rule": CLUSTER_RULE if rule else "fixed by the caller",
+        "fits": fits,
+        "median_d2": [round(m, 6) for m in medians],
         "feature_version": FEATURE_VERSION,
         "feature_schema": snapshot.fingerprint,
         "feature_snapshot": snapshot.snapshot_id,
+        "exclusion": snapshot.exclusion.to_json(),
         "schema": snapshot.schema.to_json(),
         "scaler": snapshot.scaler.to_json(),
         "population": int(sizes.sum()),
@@ -269,8 +358,9 @@ def train_model(
             "seed": seed,
             "fit_sample": fit_sample,
             "fit_rows": int(min(fit_sample, snapshot.population)),
+            "member_sample": member_sample,
             "batch_size": 4096,
-            "n_init": n_init,
+            "n_init": 1,
             "max_iter": 100,
         },
         "fit_seconds": round(fit_seconds, 3),
@@ -278,7 +368,7 @@ def train_model(
         "created": created,
     }
     buffer = io.BytesIO()
-    np.save(buffer, centers, allow_pickle=False)
+    np.save(buffer, ensemble, allow_pickle=False)
     payload = buffer.getvalue()
     for _attempt in range(5):  # a concurrent training of the same id took our version: take the next
         versions = _versions(store, root, model_id)
@@ -297,14 +387,15 @@ def train_model(
     else:
         raise RuntimeError(f"could not allocate a version for model {model_id!r}")
     log.info(
-        "lookalike model %s v%d: k=%d, %d users, inertia/user %.3f",
+        "lookalike model %s v%d: k=%d x %d fits, %d users, inertia/user %.3f",
         model_id,
         version,
         clusters,
+        fits,
         doc["population"],
         doc["inertia_per_user"],
     )
-    return LookalikeModel(model_id, version, centers, snapshot.schema, snapshot.scaler, doc)
+    return LookalikeModel(model_id, version, ensemble, snapshot.schema, snapshot.scaler, doc)
 
 
 def iter_models(store: ObjectStore, root: str) -> Iterator[LookalikeModel]:

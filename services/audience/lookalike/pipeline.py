@@ -7,10 +7,22 @@ Object-store layout under ``root`` (default ``lookalike/``)::
     lookalike/expansions/{tenant}/{pack}/v000003.json                         what made a pack version
 
 Which features an expansion scores: the newest snapshot whose schema fingerprint equals the model's
-(the model's own snapshot, or a fresher one built with ``build_features(like_model=...)`` so that
-a model keeps expanding over current behaviour until it is retrained). A model whose feature version
-differs from this code's, or whose schema no snapshot has, fails with ``SchemaMismatch`` /
-``SnapshotMissing`` (FAILED_PRECONDITION at the RPC), never with a silently wrong ranking.
+and whose feature exclusion is the model's (the model's own snapshot, or a fresher one built with
+``build_features(like_model=...)`` so that a model keeps expanding over current behaviour until it
+is retrained). A model whose feature version differs from this code's, or whose schema no snapshot
+has, fails with ``SchemaMismatch`` / ``SnapshotMissing`` (FAILED_PRECONDITION at the RPC), never
+with a silently wrong ranking.
+
+Which events an expansion keeps out of the features (``exclusion.py``): the model's exclusion, the
+request's, and the behaviour the seed pack's spec is defined by (``FeatureExclusion.from_seed_spec``;
+nothing for uploads). When that is more than the model's own exclusion, the expansion scores a
+snapshot with the model's schema, at the base snapshot's ``as_of``, built without those events
+(reused when it exists: its id carries the exclusion's key; built inside the operation otherwise).
+
+Which model version: ``model_version`` when the request names one; on a refresh (re-expanding into
+an existing lookalike pack) the version the previous expansion of that pack used, unless
+``refresh_model`` asks for the newest; else the newest version. The expansion record and the
+response name the version used.
 """
 
 from __future__ import annotations
@@ -29,12 +41,13 @@ import numpy as np
 from flashcrowd.audience.v1 import pack_pb2, spec_pb2
 from pyroaring import BitMap
 
+from services.audience.lookalike.exclusion import FeatureExclusion
 from services.audience.lookalike.expand import (
     DEFAULT_MIN_SEED,
     ExpandError,
     ExpandResult,
     NotEnoughCandidates,
-    ScoringParams,
+    RankingParams,
     expand,
     resolve_reach,
 )
@@ -44,7 +57,7 @@ from services.audience.lookalike.features import (
     build_snapshot,
 )
 from services.audience.lookalike.model import (
-    DEFAULT_CLUSTERS,
+    DEFAULT_FITS,
     LookalikeModel,
     latest_model_id,
     load_model,
@@ -65,6 +78,7 @@ __all__ = [
     "ExpandRequest",
     "LookalikeError",
     "ModelNotFound",
+    "ModelVersionGone",
     "NoModel",
     "PreparedExpansion",
     "SchemaMismatch",
@@ -97,9 +111,21 @@ class LookalikeError(Exception):
 
 
 class ModelNotFound(LookalikeError):
-    def __init__(self, model_id: str) -> None:
-        super().__init__(f"lookalike model lookalikeModels/{model_id} not found")
+    def __init__(self, model_id: str, version: int | None = None) -> None:
+        which = f" v{version}" if version else ""
+        super().__init__(f"lookalike model lookalikeModels/{model_id}{which} not found")
         self.model_id = model_id
+        self.version = version
+
+
+class ModelVersionGone(LookalikeError):
+    def __init__(self, model_id: str, version: int, pinned_by: str) -> None:
+        super().__init__(
+            f"lookalikeModels/{model_id} v{version} ({pinned_by}) no longer exists; "
+            "set refresh_model (or model_version) to expand with another version"
+        )
+        self.model_id = model_id
+        self.version = version
 
 
 class NoModel(LookalikeError):
@@ -150,13 +176,17 @@ def build_features(
     like_model: LookalikeModel | None = None,
     top_categories: int = 32,
     shards: int | None = None,
+    exclusion: FeatureExclusion | None = None,
     progress: Progress | None = None,
 ) -> FeatureSnapshot:
     """A feature snapshot of the dataset at ``as_of`` (default: the end of the data).
 
-    With ``like_model`` the snapshot uses that model's schema, so the model can score it.
+    With ``like_model`` the snapshot uses that model's schema (so the model can score it) and, unless
+    ``exclusion`` is given, its exclusion.
     """
     as_of = as_of or dataset.end
+    if exclusion is None and like_model is not None:
+        exclusion = like_model.exclusion
     return build_snapshot(
         dataset.store if store is None else store,
         dataset,
@@ -167,6 +197,7 @@ def build_features(
         shards=shards,
         population_estimate=dataset.population_size(),
         dataset=_dataset_info(dataset),
+        exclusion=exclusion,
         progress=(lambda pct, stage: progress("features", pct / 100.0)) if progress else None,
     )
 
@@ -177,14 +208,19 @@ def train(
     *,
     model_id: str,
     root: str = DEFAULT_ROOT,
-    clusters: int = DEFAULT_CLUSTERS,
+    clusters: int | None = None,
     as_of: datetime | None = None,
     seed: int = 0,
     shards: int | None = None,
+    fits: int = DEFAULT_FITS,
+    exclusion: FeatureExclusion | None = None,
     progress: Progress | None = None,
 ) -> tuple[LookalikeModel, FeatureSnapshot]:
-    """Features (reused when this dataset version/as_of/schema was already built) + a new model version."""
-    snapshot = build_features(store, dataset, root=root, as_of=as_of, shards=shards, progress=progress)
+    """Features (reused when this dataset version/as_of/schema/exclusion was already built) + a new
+    model version. ``clusters=None``: the population rule (``model.default_cluster_count``)."""
+    snapshot = build_features(
+        store, dataset, root=root, as_of=as_of, shards=shards, exclusion=exclusion, progress=progress
+    )
     model = train_model(
         store,
         snapshot,
@@ -192,21 +228,24 @@ def train(
         root=root,
         clusters=clusters,
         seed=seed,
+        fits=fits,
         progress=(lambda pct, stage: progress(stage, pct / 100.0)) if progress else None,
     )
     return model, snapshot
 
 
-def resolve_model(store: ObjectStore, root: str, model_id: str | None) -> LookalikeModel:
-    """The named model's latest version, or the newest model when ``model_id`` is empty."""
+def resolve_model(
+    store: ObjectStore, root: str, model_id: str | None, version: int | None = None
+) -> LookalikeModel:
+    """The named model's latest (or given) version, or the newest model when ``model_id`` is empty."""
     if not model_id:
         model_id = latest_model_id(store, root)
         if model_id is None:
             raise NoModel()
     try:
-        return load_model(store, root, model_id)
+        return load_model(store, root, model_id, version or None)
     except ObjectNotFound:
-        raise ModelNotFound(model_id) from None
+        raise ModelNotFound(model_id, version) from None
 
 
 def _snapshot_manifests(store: ObjectStore, root: str) -> list[tuple[str, dict[str, Any]]]:
@@ -220,8 +259,12 @@ def _snapshot_manifests(store: ObjectStore, root: str) -> list[tuple[str, dict[s
     return out
 
 
-def snapshot_for(store: ObjectStore, root: str, model: LookalikeModel) -> FeatureSnapshot:
-    """The newest snapshot the model can score; ``SchemaMismatch`` / ``SnapshotMissing`` otherwise."""
+def snapshot_for(
+    store: ObjectStore, root: str, model: LookalikeModel, exclusion: FeatureExclusion | None = None
+) -> FeatureSnapshot:
+    """The newest snapshot the model can score with ``exclusion`` (default: the model's own);
+    ``SchemaMismatch`` / ``SnapshotMissing`` otherwise."""
+    wanted = model.exclusion if exclusion is None else exclusion
     if model.feature_version != FEATURE_VERSION:
         raise SchemaMismatch(
             model, f"feature version {model.feature_version}, this server computes version {FEATURE_VERSION}"
@@ -237,7 +280,8 @@ def snapshot_for(store: ObjectStore, root: str, model: LookalikeModel) -> Featur
     for key, manifest in _snapshot_manifests(store, root):
         if manifest.get("snapshot_id") == model.feature_snapshot:
             own = manifest
-        if manifest.get("schema_fingerprint") == model.feature_schema:
+        same_exclusion = FeatureExclusion.from_json(manifest.get("exclusion")) == wanted
+        if manifest.get("schema_fingerprint") == model.feature_schema and same_exclusion:
             candidates.append(
                 (str(manifest.get("as_of", "")), str(manifest.get("published_at", "")), key, manifest)
             )
@@ -287,6 +331,12 @@ class ExpandInputs:
     allowed: np.ndarray | None = None
     population_ids: np.ndarray | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: events kept out of the features: the model's, the request's and the seed spec's
+    exclusion: FeatureExclusion = field(default_factory=FeatureExclusion)
+    #: where the exclusion came from (``model``, ``request``, ``seed_spec``) -> its rules
+    exclusion_sources: dict[str, list[dict[str, list[int]]]] = field(default_factory=dict)
+    #: why this model version ("requested", "pinned by v3 of the pack", "newest")
+    version_reason: str = ""
 
 
 def run_expand(
@@ -296,7 +346,7 @@ def run_expand(
     reach_size: int | None = None,
     include_seed: bool = False,
     min_seed: int = DEFAULT_MIN_SEED,
-    params: ScoringParams | None = None,
+    params: RankingParams | None = None,
     progress: Progress | None = None,
 ) -> ExpandResult:
     return expand(
@@ -329,16 +379,22 @@ def expansion_record(
     result: ExpandResult,
     model: LookalikeModel,
     snapshot: FeatureSnapshot,
+    version_reason: str = "",
+    exclusion_sources: dict[str, Any] | None = None,
 ) -> None:
-    """What made this pack version (request, model, snapshot, stats): for refreshes and audits."""
+    """What made this pack version (request, model version, snapshot, exclusion, stats): for
+    refreshes (the model version is pinned from it) and audits."""
     document = {
         "pack": f"tenants/{tenant}/packs/{pack_id}",
         "version": version,
         "request": request,
         "model": model.name,
         "model_version": model.version,
+        "model_version_reason": version_reason,
         "feature_snapshot": snapshot.snapshot_id,
         "feature_schema": snapshot.fingerprint,
+        "feature_exclusion": snapshot.exclusion.to_json(),
+        "feature_exclusion_sources": exclusion_sources or {},
         "stats": result.stats(),
         "created": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
     }
@@ -370,7 +426,13 @@ MODEL_TYPE = "flashcrowd.dev/LookalikeModel"
 def as_service_error(error: LookalikeError, field: str = "model") -> ServiceError:
     """The status a lookalike error maps to (NOT_FOUND / FAILED_PRECONDITION with the subject)."""
     if isinstance(error, ModelNotFound):
-        return NotFound(MODEL_TYPE, f"lookalikeModels/{error.model_id}", metadata={"field": field})
+        description = f"version {error.version} does not exist" if error.version else ""
+        return NotFound(
+            MODEL_TYPE,
+            f"lookalikeModels/{error.model_id}",
+            description=description,
+            metadata={"field": field},
+        )
     if isinstance(error, NoModel):
         return FailedPrecondition(
             "NO_LOOKALIKE_MODEL", str(error), [("NO_LOOKALIKE_MODEL", field, "train a model first")]
@@ -393,6 +455,14 @@ def as_service_error(error: LookalikeError, field: str = "model") -> ServiceErro
             [("FEATURE_SNAPSHOT_MISSING", error.model.name, error.model.feature_snapshot)],
             metadata={"field": field},
         )
+    if isinstance(error, ModelVersionGone):
+        subject = f"lookalikeModels/{error.model_id}"
+        return FailedPrecondition(
+            "MODEL_VERSION_GONE",
+            str(error),
+            [("MODEL_VERSION_GONE", subject, f"v{error.version}")],
+            metadata={"field": field, "model": subject, "version": str(error.version)},
+        )
     return FailedPrecondition("LOOKALIKE_UNAVAILABLE", str(error))
 
 
@@ -412,13 +482,25 @@ class ExpandRequest:
     genders: tuple[int, ...] = ()
     regions: tuple[str, ...] = ()
     interests: tuple[str, ...] = ()
+    #: a model version to use (0: pinned by the pack's previous expansion, else the newest)
+    model_version: int = 0
+    #: on a refresh, use the newest model version instead of the pinned one
+    refresh_model: bool = False
+    #: events to keep out of the features (on top of the model's and the seed spec's)
+    exclusion: FeatureExclusion = field(default_factory=FeatureExclusion)
 
     @property
     def has_profile(self) -> bool:
         return bool(self.age_bands or self.genders or self.regions or self.interests)
 
     def describe(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        out: dict[str, Any] = {}
+        for k, v in self.__dict__.items():
+            if isinstance(v, FeatureExclusion):
+                out[k] = v.to_json()
+            else:
+                out[k] = list(v) if isinstance(v, tuple) else v
+        return out
 
 
 @dataclass
@@ -429,6 +511,50 @@ class PreparedExpansion:
     population: int
     requested: int
     version: int  # the pack version this expansion will publish
+    #: builds the excluded snapshot inside the operation when ``inputs.snapshot`` lacks the exclusion
+    dataset: Callable[[], EventDataset] | None = None
+
+
+def previous_expansion(
+    store: ObjectStore, root: str, tenant: str, pack_id: str, version: int
+) -> dict[str, Any] | None:
+    """The record of a lookalike pack version (None when there is none or it cannot be read)."""
+    try:
+        return json.loads(store.get_bytes(expansion_key(root, tenant, pack_id, version)))
+    except (ObjectNotFound, ValueError):
+        return None
+
+
+def _pick_model(
+    store: ObjectStore, root: str, request: ExpandRequest, previous: dict[str, Any] | None, pack_version: int
+) -> tuple[LookalikeModel, str]:
+    """The model version an expansion uses, and why (see the module doc)."""
+    if request.model_version:
+        return resolve_model(store, root, request.model_id or None, request.model_version), "requested"
+    if previous is not None and not request.refresh_model:
+        pinned = str(previous.get("model", ""))
+        pinned_version = int(previous.get("model_version") or 0)
+        m = MODEL_NAME.fullmatch(pinned)
+        if m and pinned_version and (not request.model_id or request.model_id == m.group(1)):
+            reason = f"pinned by v{pack_version} of the pack"
+            try:
+                return load_model(store, root, m.group(1), pinned_version), reason
+            except ObjectNotFound:
+                raise ModelVersionGone(m.group(1), pinned_version, reason) from None
+    return resolve_model(store, root, request.model_id or None), "newest"
+
+
+def _exclusion_snapshot(
+    store: ObjectStore, root: str, model: LookalikeModel, base: FeatureSnapshot, exclusion: FeatureExclusion
+) -> FeatureSnapshot | None:
+    """The published snapshot with the model's schema, ``base``'s as_of and ``exclusion``, if any."""
+    if exclusion == base.exclusion:
+        return base
+    try:
+        found = snapshot_for(store, root, model, exclusion)
+    except LookalikeError:
+        return None
+    return found if found.as_of == base.as_of else None
 
 
 def _pack_bitmap(
@@ -456,13 +582,43 @@ def prepare_expansion(
     bots: BitMap | None = None,
 ) -> PreparedExpansion:
     """Resolve the model, snapshot and packs, and check every limit; raise before anything is written."""
+    existing = None
+    with contextlib.suppress(NotFound):
+        existing = packs.get(request.tenant, request.pack_id)
+    if existing is not None and existing.source != pack_pb2.Pack.SOURCE_LOOKALIKE:
+        raise AlreadyExists(
+            PACK_TYPE,
+            f"tenants/{request.tenant}/packs/{request.pack_id}",
+            description="exists and is not a lookalike pack",
+            metadata={"field": "pack_id"},
+        )
+    previous = None
+    if existing is not None:
+        previous = previous_expansion(store, root, request.tenant, request.pack_id, existing.version)
     try:
-        model = resolve_model(store, root, request.model_id or None)
-        snapshot = snapshot_for(store, root, model)
+        model, version_reason = _pick_model(
+            store, root, request, previous, existing.version if existing is not None else 0
+        )
+        base = snapshot_for(store, root, model)
     except LookalikeError as error:
-        raise as_service_error(error, "model") from None
+        raise as_service_error(error, "model_version" if request.model_version else "model") from None
     seed_bitmap, seed = _pack_bitmap(packs, request.tenant, request.seed_pack, "seed_pack")
     refs = [spec_pb2.PackReference(pack=seed.name, version=seed.version)]
+    seed_as_of = seed.build_stats.as_of.ToDatetime(UTC) if seed.build_stats.HasField("as_of") else None
+    from_spec = FeatureExclusion.from_seed_spec(
+        seed.spec if seed.HasField("spec") else None, as_of=seed_as_of
+    )
+    exclusion = model.exclusion.union(request.exclusion, from_spec)
+    sources = {
+        name: part.to_json()
+        for name, part in (
+            ("model", model.exclusion),
+            ("request", request.exclusion),
+            ("seed_spec", from_spec),
+        )
+        if part
+    }
+    snapshot = _exclusion_snapshot(store, root, model, base, exclusion)
     exclude = BitMap()
     for i, pid in enumerate(request.exclude_packs):
         bitmap, pack = _pack_bitmap(packs, request.tenant, pid, f"exclude_packs[{i}]")
@@ -481,7 +637,7 @@ def prepare_expansion(
             reason="SEED_TOO_SMALL",
             metadata={"size": len(seed_ids), "minimum": min_seed},
         )
-    population = population_ids(snapshot)
+    population = population_ids(base)
     matched = seed_in_population(seed_ids, population)
     if matched < min_seed:
         raise InvalidArgument(
@@ -516,19 +672,20 @@ def prepare_expansion(
             [("NOT_ENOUGH_CANDIDATES", "reach", f"{requested} requested, {eligible} eligible")],
             metadata={"requested": requested, "eligible": eligible},
         )
-    existing = None
-    with contextlib.suppress(NotFound):
-        existing = packs.get(request.tenant, request.pack_id)
-    if existing is not None and existing.source != pack_pb2.Pack.SOURCE_LOOKALIKE:
-        raise AlreadyExists(
-            PACK_TYPE,
-            f"tenants/{request.tenant}/packs/{request.pack_id}",
-            description="exists and is not a lookalike pack",
-            metadata={"field": "pack_id"},
-        )
-    inputs = ExpandInputs(model=model, snapshot=snapshot, seed=seed_ids, exclude=exclude_ids, allowed=allowed)
+    inputs = ExpandInputs(
+        model=model,
+        snapshot=snapshot if snapshot is not None else base,
+        seed=seed_ids,
+        exclude=exclude_ids,
+        allowed=allowed,
+        exclusion=exclusion,
+        exclusion_sources=sources,
+        version_reason=version_reason,
+    )
     version = (existing.version if existing is not None else 0) + 1
-    return PreparedExpansion(request, inputs, refs, len(population), requested, version)
+    return PreparedExpansion(
+        request, inputs, refs, len(population), requested, version, dataset if snapshot is None else None
+    )
 
 
 def count_eligible(
@@ -572,18 +729,31 @@ def execute_expansion(
     prepared: PreparedExpansion,
     *,
     min_seed: int = DEFAULT_MIN_SEED,
-    params: ScoringParams | None = None,
+    params: RankingParams | None = None,
     progress: Progress | None = None,
     before_publish: Callable[[], None] | None = None,
 ) -> tuple[pack_pb2.Pack, ExpandResult]:
-    """Rank, select exactly the reach, publish the pack version (source LOOKALIKE) and its record.
+    """Build the excluded snapshot if needed, rank, select exactly the reach, publish the pack
+    version (source LOOKALIKE) and its record.
 
-    ``before_publish`` runs last before anything is written (the operation's cancellation check).
+    ``before_publish`` runs last before anything is written (the operation's cancellation check);
+    the excluded snapshot is written before it (a cache: reused by the next expansion).
     """
     from services.audience.compiler import ids_to_bitmap
 
     started = time.monotonic()
     request, inputs = prepared.request, prepared.inputs
+    if inputs.snapshot.exclusion != inputs.exclusion:
+        if prepared.dataset is None:
+            raise FailedPrecondition(
+                "LOOKALIKE_UNAVAILABLE", "no dataset to build the excluded features from"
+            )
+        dataset = prepared.dataset()
+        inputs.snapshot = build_snapshot(
+            store, dataset, root=root, as_of=inputs.snapshot.as_of, schema=inputs.model.schema,
+            dataset=_dataset_info(dataset), exclusion=inputs.exclusion,
+            progress=(lambda pct, stage: progress("features", 0.15 * pct / 100.0)) if progress else None,
+        )  # fmt: skip
     try:
         result = run_expand(
             inputs,
@@ -626,6 +796,7 @@ def execute_expansion(
         expansion_record(
             store, root, tenant=request.tenant, pack_id=request.pack_id, version=stored.version,
             request=request.describe(), result=result, model=inputs.model, snapshot=inputs.snapshot,
+            version_reason=inputs.version_reason, exclusion_sources=inputs.exclusion_sources,
         )  # fmt: skip
     except Exception:  # the pack is published; the record only serves audits and refreshes
         log.warning("could not record the expansion of %s v%d", stored.name, stored.version, exc_info=True)

@@ -13,14 +13,21 @@ INVALID_ARGUMENT       malformed names/ids (field named); ``reach_fraction`` out
                        ``seed_pack`` below the minimum seed size (``FLASHCROWD_LOOKALIKE_MIN_SEED``,
                        default 100) counted in the pack *and* in the model's population — the
                        message gives both numbers; ``profile`` with unknown values;
-                       ``cluster_count`` outside [2, 1024] or above the population
+                       ``cluster_count`` outside [2, 1024] or above the population (0 = chosen from
+                       the population); ``feature_exclusions[i]`` empty or with unknown event types;
+                       ``model_version`` < 0
 NOT_FOUND              unknown or other tenants' ``seed_pack`` / ``exclude_packs[i]`` (exactly as
-                       if missing); unknown ``model``
+                       if missing); unknown ``model`` or ``model_version``
 FAILED_PRECONDITION    no model trained yet; the model was built from another feature schema (or
-                       its snapshot is gone); no event dataset; fewer eligible users than the reach
+                       its snapshot is gone); no event dataset; fewer eligible users than the reach;
+                       ``MODEL_VERSION_GONE``: a refresh's pinned model version no longer exists
 ALREADY_EXISTS         ``pack_id`` names a pack that is not a lookalike (a lookalike pack gets a
                        new version: re-expanding is how a lookalike is refreshed)
 =====================  ===========================================================================
+
+A refresh (re-expanding into an existing lookalike pack) uses the model version the pack's previous
+expansion used unless ``refresh_model`` (or ``model_version``) says otherwise; the behaviour that
+defines the seed pack's spec is kept out of the features automatically (``pipeline`` module doc).
 
 Training operations belong to the caller's tenant when the gateway names one, else to the
 ``FLASHCROWD_LOOKALIKE_OPERATIONS_TENANT`` (default ``platform``): models are platform-wide
@@ -39,13 +46,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import TYPE_CHECKING
 
 import grpc
 from flashcrowd.audience.v1 import audience_service_pb2, lookalike_pb2, lookalike_pb2_grpc, pack_pb2, spec_pb2
-from google.protobuf import timestamp_pb2
 from opentelemetry import trace
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -56,10 +61,10 @@ from services.audience.lookalike.expand import (
     MAX_REACH_FRACTION,
     MIN_REACH_FRACTION,
     ExpandError,
-    ExpandResult,
     resolve_reach,
 )
-from services.audience.lookalike.model import DEFAULT_CLUSTERS, MODEL_ID, LookalikeModel
+from services.audience.lookalike.messages import exclusion_from_proto, model_proto, response_proto
+from services.audience.lookalike.model import MODEL_ID
 from services.audience.operations import JobContext
 from services.audience.quotas import Grant, TenantQuotas
 from services.audience.tenancy import PACK_TYPE, check_id, pack_name, parse_pack_name, parse_parent
@@ -101,24 +106,6 @@ class LookalikeSettings(BaseSettings):
     exclude_bots: bool = True
     #: Tenant that owns training operations of direct (non-gateway) callers.
     operations_tenant: str = "platform"
-
-
-def _ts(moment: datetime) -> timestamp_pb2.Timestamp:
-    out = timestamp_pb2.Timestamp()
-    out.FromDatetime(moment.astimezone(UTC))
-    return out
-
-
-def model_proto(model: LookalikeModel) -> lookalike_pb2.LookalikeModel:
-    return lookalike_pb2.LookalikeModel(
-        name=model.name,
-        algorithm=str(model.manifest.get("algorithm", "")),
-        cluster_count=model.cluster_count,
-        feature_schema=model.feature_schema,
-        feature_snapshot=model.feature_snapshot,
-        population_size=model.population,
-        create_time=_ts(model.created),
-    )
 
 
 def _model_id(name: str, field: str) -> str:
@@ -196,11 +183,14 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
         elif not MODEL_ID.fullmatch(request.model_id):
             problems.append(("model_id", f"invalid id {request.model_id[:80]!r}: 1-63 chars of [a-z0-9-], "
                                          "starting with a letter"))  # fmt: skip
-        clusters = request.cluster_count or DEFAULT_CLUSTERS
-        if not 2 <= clusters <= MAX_CLUSTERS:
+        clusters = request.cluster_count or None  # None: chosen from the population (model.py)
+        if clusters is not None and not 2 <= clusters <= MAX_CLUSTERS:
             problems.append(
-                ("cluster_count", f"{request.cluster_count} is outside [2, {MAX_CLUSTERS}] (0 = 64)")
-            )
+                ("cluster_count", f"{request.cluster_count} is outside [2, {MAX_CLUSTERS}] (0 = chosen from "
+                                  "the population)")
+            )  # fmt: skip
+        exclusion, exclusion_problems = exclusion_from_proto(request.feature_exclusions)
+        problems.extend(exclusion_problems)
         as_of = None
         if request.HasField("as_of"):
             if not (
@@ -214,7 +204,7 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
         tenant = self.app.tenancy.trusted_tenant(context) or self.settings.operations_tenant
         dataset = await asyncio.to_thread(self.app.servicer.dataset)
         population = dataset.population_size()
-        if clusters > population:
+        if clusters is not None and clusters > population:
             raise InvalidArgument(
                 "cluster_count", f"{clusters} clusters for a population of {population:,} users"
             )
@@ -240,7 +230,7 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
                 ctx.progress("features", 0.0)
                 model, _snapshot = pipeline.train(
                     self.store, dataset, model_id=model_id, root=self.root, clusters=clusters, as_of=as_of,
-                    progress=progress,
+                    exclusion=exclusion, progress=progress,
                 )  # fmt: skip
                 return model_proto(model)
 
@@ -289,6 +279,12 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
         if request.HasField("profile"):
             problems.extend(_profile_violations(request.profile))
         model_id = _model_id(request.model, "model") if request.model else ""
+        if request.model_version < 0:
+            problems.append(
+                ("model_version", f"{request.model_version}: must be 0 (pinned/newest) or a version")
+            )
+        exclusion, exclusion_problems = exclusion_from_proto(request.feature_exclusions)
+        problems.extend(exclusion_problems)
         if problems:
             raise InvalidArgument(problems)
         domain = pipeline.ExpandRequest(
@@ -306,6 +302,9 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
             genders=tuple(request.profile.genders),
             regions=tuple(request.profile.regions),
             interests=tuple(request.profile.interests),
+            model_version=request.model_version,
+            refresh_model=request.refresh_model,
+            exclusion=exclusion,
         )
 
         def prepare() -> pipeline.PreparedExpansion:
@@ -374,22 +373,10 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
                 )
                 self.app.membership.invalidate(prepared.request.tenant, prepared.request.pack_id)
                 span.set_attribute("flashcrowd.pack.size", stored.size)
-                return response_proto(stored, result)
+                inputs = prepared.inputs
+                return response_proto(stored, result, inputs.model, inputs.snapshot.exclusion)
 
         return job
-
-
-def response_proto(stored: pack_pb2.Pack, result: ExpandResult) -> lookalike_pb2.ExpandLookalikeResponse:
-    return lookalike_pb2.ExpandLookalikeResponse(
-        pack=stored,
-        seed_matched=result.seed_matched,
-        clusters_covered=result.clusters_covered,
-        seed_concentration=result.seed_concentration,
-        lift_curve=[
-            lookalike_pb2.LiftStep(reach_fraction=f, size=n, expected_lift=0.0 if math.isnan(lift) else lift)
-            for f, n, lift in result.lift_curve
-        ],
-    )
 
 
 def _profile_violations(profile: spec_pb2.ProfileFilter) -> list[tuple[str, str]]:

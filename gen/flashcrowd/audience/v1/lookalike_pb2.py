@@ -22,6 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from flashcrowd.audience.v1 import events_pb2 as flashcrowd_dot_audience_dot_v1_dot_events__pb2
 from flashcrowd.audience.v1 import pack_pb2 as flashcrowd_dot_audience_dot_v1_dot_pack__pb2
 from flashcrowd.audience.v1 import spec_pb2 as flashcrowd_dot_audience_dot_v1_dot_spec__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
@@ -31,7 +32,7 @@ from google.longrunning import operations_pb2 as google_dot_longrunning_dot_oper
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&flashcrowd/audience/v1/lookalike.proto\x12\x16\x66lashcrowd.audience.v1\x1a!flashcrowd/audience/v1/pack.proto\x1a!flashcrowd/audience/v1/spec.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a#google/longrunning/operations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xab\x02\n\x0eLookalikeModel\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x17\n\talgorithm\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1b\n\rcluster_count\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x66\x65\x61ture_schema\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1e\n\x10\x66\x65\x61ture_snapshot\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1d\n\x0fpopulation_size\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:;\xea\x41\x38\n\x1d\x66lashcrowd.dev/LookalikeModel\x12\x17lookalikeModels/{model}\"v\n\x1aTrainLookalikeModelRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\rcluster_count\x18\x02 \x01(\x05\x12)\n\x05\x61s_of\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"U\n\x1bTrainLookalikeModelMetadata\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x18\n\x10progress_percent\x18\x03 \x01(\x01\".\n\x18GetLookalikeModelRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x8b\x02\n\x16\x45xpandLookalikeRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tseed_pack\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05model\x18\x03 \x01(\t\x12\x18\n\x0ereach_fraction\x18\x04 \x01(\x01H\x00\x12\x14\n\nreach_size\x18\x05 \x01(\x03H\x00\x12\x15\n\x07pack_id\x18\x06 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x0cinclude_seed\x18\x07 \x01(\x08\x12\x15\n\rexclude_packs\x18\x08 \x03(\t\x12\x36\n\x07profile\x18\t \x01(\x0b\x32%.flashcrowd.audience.v1.ProfileFilterB\x07\n\x05reach\"G\n\x08LiftStep\x12\x16\n\x0ereach_fraction\x18\x01 \x01(\x01\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x15\n\rexpected_lift\x18\x03 \x01(\x01\"\xc7\x01\n\x17\x45xpandLookalikeResponse\x12*\n\x04pack\x18\x01 \x01(\x0b\x32\x1c.flashcrowd.audience.v1.Pack\x12\x14\n\x0cseed_matched\x18\x02 \x01(\x03\x12\x18\n\x10\x63lusters_covered\x18\x03 \x01(\x05\x12\x1a\n\x12seed_concentration\x18\x04 \x01(\x01\x12\x34\n\nlift_curve\x18\x05 \x03(\x0b\x32 .flashcrowd.audience.v1.LiftStep2\xae\x04\n\x10LookalikeService\x12\xb8\x01\n\x13TrainLookalikeModel\x12\x32.flashcrowd.audience.v1.TrainLookalikeModelRequest\x1a\x1d.google.longrunning.Operation\"N\xca\x41-\n\x0eLookalikeModel\x12\x1bTrainLookalikeModelMetadata\x82\xd3\xe4\x93\x02\x18\"\x13/v1/lookalikeModels:\x01*\x12\x93\x01\n\x11GetLookalikeModel\x12\x30.flashcrowd.audience.v1.GetLookalikeModelRequest\x1a&.flashcrowd.audience.v1.LookalikeModel\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/{name=lookalikeModels/*}\x12\xc8\x01\n\x0f\x45xpandLookalike\x12..flashcrowd.audience.v1.ExpandLookalikeRequest\x1a\x1d.google.longrunning.Operation\"f\xca\x41,\n\x17\x45xpandLookalikeResponse\x12\x11\x42uildPackMetadata\x82\xd3\xe4\x93\x02\x31\",/v1/{parent=tenants/*}/packs:expandLookalike:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&flashcrowd/audience/v1/lookalike.proto\x12\x16\x66lashcrowd.audience.v1\x1a#flashcrowd/audience/v1/events.proto\x1a!flashcrowd/audience/v1/pack.proto\x1a!flashcrowd/audience/v1/spec.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a#google/longrunning/operations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc3\x03\n\x0eLookalikeModel\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x17\n\talgorithm\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1b\n\rcluster_count\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x66\x65\x61ture_schema\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1e\n\x10\x66\x65\x61ture_snapshot\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1d\n\x0fpopulation_size\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x15\n\x07version\x18\x08 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x17\n\tfit_count\x18\t \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x63luster_rule\x18\n \x01(\tB\x04\xe2\x41\x01\x03\x12J\n\x12\x66\x65\x61ture_exclusions\x18\x0b \x03(\x0b\x32(.flashcrowd.audience.v1.FeatureExclusionB\x04\xe2\x41\x01\x03:;\xea\x41\x38\n\x1d\x66lashcrowd.dev/LookalikeModel\x12\x17lookalikeModels/{model}\"r\n\x10\x46\x65\x61tureExclusion\x12\x36\n\x0b\x65vent_types\x18\x01 \x03(\x0e\x32!.flashcrowd.audience.v1.EventType\x12\x14\n\x0c\x63\x61tegory_ids\x18\x02 \x03(\r\x12\x10\n\x08item_ids\x18\x03 \x03(\r\"\xbc\x01\n\x1aTrainLookalikeModelRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\rcluster_count\x18\x02 \x01(\x05\x12)\n\x05\x61s_of\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x44\n\x12\x66\x65\x61ture_exclusions\x18\x04 \x03(\x0b\x32(.flashcrowd.audience.v1.FeatureExclusion\"U\n\x1bTrainLookalikeModelMetadata\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x18\n\x10progress_percent\x18\x03 \x01(\x01\".\n\x18GetLookalikeModelRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\xff\x02\n\x16\x45xpandLookalikeRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tseed_pack\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05model\x18\x03 \x01(\t\x12\x18\n\x0ereach_fraction\x18\x04 \x01(\x01H\x00\x12\x14\n\nreach_size\x18\x05 \x01(\x03H\x00\x12\x15\n\x07pack_id\x18\x06 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x0cinclude_seed\x18\x07 \x01(\x08\x12\x15\n\rexclude_packs\x18\x08 \x03(\t\x12\x36\n\x07profile\x18\t \x01(\x0b\x32%.flashcrowd.audience.v1.ProfileFilter\x12\x15\n\rmodel_version\x18\n \x01(\x05\x12\x15\n\rrefresh_model\x18\x0b \x01(\x08\x12\x44\n\x12\x66\x65\x61ture_exclusions\x18\x0c \x03(\x0b\x32(.flashcrowd.audience.v1.FeatureExclusionB\x07\n\x05reach\"\xaa\x01\n\x08LiftStep\x12\x16\n\x0ereach_fraction\x18\x01 \x01(\x01\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x15\n\rexpected_lift\x18\x03 \x01(\x01\x12\x19\n\x11\x65xpected_lift_low\x18\x04 \x01(\x01\x12\x1a\n\x12\x65xpected_lift_high\x18\x05 \x01(\x01\x12\x17\n\x0fwithheld_reason\x18\x06 \x01(\t\x12\x11\n\trequested\x18\x07 \x01(\x08\"h\n\x0cRankingBlend\x12\x16\n\x0e\x63luster_weight\x18\x01 \x01(\x01\x12\x19\n\x11\x63lassifier_weight\x18\x02 \x01(\x01\x12\x17\n\x0f\x61\x63tivity_weight\x18\x03 \x01(\x01\x12\x0c\n\x04rule\x18\x04 \x01(\t\"K\n\rLookalikeTier\x12\x16\n\x0estart_fraction\x18\x01 \x01(\x01\x12\x14\n\x0c\x65nd_fraction\x18\x02 \x01(\x01\x12\x0c\n\x04size\x18\x03 \x01(\x03\"\xb3\x03\n\x17\x45xpandLookalikeResponse\x12*\n\x04pack\x18\x01 \x01(\x0b\x32\x1c.flashcrowd.audience.v1.Pack\x12\x14\n\x0cseed_matched\x18\x02 \x01(\x03\x12\x18\n\x10\x63lusters_covered\x18\x03 \x01(\x05\x12\x1a\n\x12seed_concentration\x18\x04 \x01(\x01\x12\x34\n\nlift_curve\x18\x05 \x03(\x0b\x32 .flashcrowd.audience.v1.LiftStep\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\x05\x12\x13\n\x0bheldout_auc\x18\x08 \x01(\x01\x12\x33\n\x05\x62lend\x18\t \x01(\x0b\x32$.flashcrowd.audience.v1.RankingBlend\x12\x44\n\x12\x66\x65\x61ture_exclusions\x18\n \x03(\x0b\x32(.flashcrowd.audience.v1.FeatureExclusion\x12\x34\n\x05tiers\x18\x0b \x03(\x0b\x32%.flashcrowd.audience.v1.LookalikeTier2\xae\x04\n\x10LookalikeService\x12\xb8\x01\n\x13TrainLookalikeModel\x12\x32.flashcrowd.audience.v1.TrainLookalikeModelRequest\x1a\x1d.google.longrunning.Operation\"N\xca\x41-\n\x0eLookalikeModel\x12\x1bTrainLookalikeModelMetadata\x82\xd3\xe4\x93\x02\x18\"\x13/v1/lookalikeModels:\x01*\x12\x93\x01\n\x11GetLookalikeModel\x12\x30.flashcrowd.audience.v1.GetLookalikeModelRequest\x1a&.flashcrowd.audience.v1.LookalikeModel\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/{name=lookalikeModels/*}\x12\xc8\x01\n\x0f\x45xpandLookalike\x12..flashcrowd.audience.v1.ExpandLookalikeRequest\x1a\x1d.google.longrunning.Operation\"f\xca\x41,\n\x17\x45xpandLookalikeResponse\x12\x11\x42uildPackMetadata\x82\xd3\xe4\x93\x02\x31\",/v1/{parent=tenants/*}/packs:expandLookalike:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,6 +53,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOOKALIKEMODEL'].fields_by_name['population_size']._serialized_options = b'\342A\001\003'
   _globals['_LOOKALIKEMODEL'].fields_by_name['create_time']._loaded_options = None
   _globals['_LOOKALIKEMODEL'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_LOOKALIKEMODEL'].fields_by_name['version']._loaded_options = None
+  _globals['_LOOKALIKEMODEL'].fields_by_name['version']._serialized_options = b'\342A\001\003'
+  _globals['_LOOKALIKEMODEL'].fields_by_name['fit_count']._loaded_options = None
+  _globals['_LOOKALIKEMODEL'].fields_by_name['fit_count']._serialized_options = b'\342A\001\003'
+  _globals['_LOOKALIKEMODEL'].fields_by_name['cluster_rule']._loaded_options = None
+  _globals['_LOOKALIKEMODEL'].fields_by_name['cluster_rule']._serialized_options = b'\342A\001\003'
+  _globals['_LOOKALIKEMODEL'].fields_by_name['feature_exclusions']._loaded_options = None
+  _globals['_LOOKALIKEMODEL'].fields_by_name['feature_exclusions']._serialized_options = b'\342A\001\003'
   _globals['_LOOKALIKEMODEL']._loaded_options = None
   _globals['_LOOKALIKEMODEL']._serialized_options = b'\352A8\n\035flashcrowd.dev/LookalikeModel\022\027lookalikeModels/{model}'
   _globals['_TRAINLOOKALIKEMODELREQUEST'].fields_by_name['model_id']._loaded_options = None
@@ -70,20 +79,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOOKALIKESERVICE'].methods_by_name['GetLookalikeModel']._serialized_options = b'\202\323\344\223\002\036\022\034/v1/{name=lookalikeModels/*}'
   _globals['_LOOKALIKESERVICE'].methods_by_name['ExpandLookalike']._loaded_options = None
   _globals['_LOOKALIKESERVICE'].methods_by_name['ExpandLookalike']._serialized_options = b'\312A,\n\027ExpandLookalikeResponse\022\021BuildPackMetadata\202\323\344\223\0021\",/v1/{parent=tenants/*}/packs:expandLookalike:\001*'
-  _globals['_LOOKALIKEMODEL']._serialized_start=297
-  _globals['_LOOKALIKEMODEL']._serialized_end=596
-  _globals['_TRAINLOOKALIKEMODELREQUEST']._serialized_start=598
-  _globals['_TRAINLOOKALIKEMODELREQUEST']._serialized_end=716
-  _globals['_TRAINLOOKALIKEMODELMETADATA']._serialized_start=718
-  _globals['_TRAINLOOKALIKEMODELMETADATA']._serialized_end=803
-  _globals['_GETLOOKALIKEMODELREQUEST']._serialized_start=805
-  _globals['_GETLOOKALIKEMODELREQUEST']._serialized_end=851
-  _globals['_EXPANDLOOKALIKEREQUEST']._serialized_start=854
-  _globals['_EXPANDLOOKALIKEREQUEST']._serialized_end=1121
-  _globals['_LIFTSTEP']._serialized_start=1123
-  _globals['_LIFTSTEP']._serialized_end=1194
-  _globals['_EXPANDLOOKALIKERESPONSE']._serialized_start=1197
-  _globals['_EXPANDLOOKALIKERESPONSE']._serialized_end=1396
-  _globals['_LOOKALIKESERVICE']._serialized_start=1399
-  _globals['_LOOKALIKESERVICE']._serialized_end=1957
+  _globals['_LOOKALIKEMODEL']._serialized_start=334
+  _globals['_LOOKALIKEMODEL']._serialized_end=785
+  _globals['_FEATUREEXCLUSION']._serialized_start=787
+  _globals['_FEATUREEXCLUSION']._serialized_end=901
+  _globals['_TRAINLOOKALIKEMODELREQUEST']._serialized_start=904
+  _globals['_TRAINLOOKALIKEMODELREQUEST']._serialized_end=1092
+  _globals['_TRAINLOOKALIKEMODELMETADATA']._serialized_start=1094
+  _globals['_TRAINLOOKALIKEMODELMETADATA']._serialized_end=1179
+  _globals['_GETLOOKALIKEMODELREQUEST']._serialized_start=1181
+  _globals['_GETLOOKALIKEMODELREQUEST']._serialized_end=1227
+  _globals['_EXPANDLOOKALIKEREQUEST']._serialized_start=1230
+  _globals['_EXPANDLOOKALIKEREQUEST']._serialized_end=1613
+  _globals['_LIFTSTEP']._serialized_start=1616
+  _globals['_LIFTSTEP']._serialized_end=1786
+  _globals['_RANKINGBLEND']._serialized_start=1788
+  _globals['_RANKINGBLEND']._serialized_end=1892
+  _globals['_LOOKALIKETIER']._serialized_start=1894
+  _globals['_LOOKALIKETIER']._serialized_end=1969
+  _globals['_EXPANDLOOKALIKERESPONSE']._serialized_start=1972
+  _globals['_EXPANDLOOKALIKERESPONSE']._serialized_end=2407
+  _globals['_LOOKALIKESERVICE']._serialized_start=2410
+  _globals['_LOOKALIKESERVICE']._serialized_end=2968
 # @@protoc_insertion_point(module_scope)
