@@ -49,13 +49,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
-from flashcrowd.audience.v1 import pack_pb2
+from flashcrowd.audience.v1 import lookalike_pb2, pack_pb2
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from services.audience.privacy import Discloser
+from services.audience.privacy import Discloser, fingerprint_of_pack, is_exact_for
 from services.audience.quotas import Limit, quota_refusal
 from services.audience.tenancy import (
     OPERATION_TYPE,
@@ -810,14 +810,29 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         """A finished build's Pack as the caller may see it (tenants: disclosed sizes only)."""
         if self.discloser is None or not operation.HasField("response"):
             return operation
-        if not operation.response.Is(pack_pb2.Pack.DESCRIPTOR):
-            return operation
-        pack = pack_pb2.Pack()
-        operation.response.Unpack(pack)
+        caller = self.tenancy.caller(context)
         shown = operations_pb2.Operation()
-        shown.CopyFrom(operation)
-        shown.response.Pack(self.discloser.pack(pack, self.tenancy.caller(context)))
-        return shown
+        if operation.response.Is(pack_pb2.Pack.DESCRIPTOR):
+            pack = pack_pb2.Pack()
+            operation.response.Unpack(pack)
+            shown.CopyFrom(operation)
+            shown.response.Pack(self.discloser.pack(pack, caller))
+            return shown
+        if operation.response.Is(lookalike_pb2.ExpandLookalikeResponse.DESCRIPTOR):
+            expansion = lookalike_pb2.ExpandLookalikeResponse()
+            operation.response.Unpack(expansion)
+            exact_pack = pack_pb2.Pack()
+            exact_pack.CopyFrom(expansion.pack)
+            expansion.pack.CopyFrom(self.discloser.pack(expansion.pack, caller))
+            if not is_exact_for(caller) and caller is not None and caller.tenant is not None:
+                # The seed's matched members are a count about people too: disclosed like a size.
+                expansion.seed_matched, _ = self.discloser.size(
+                    caller.tenant, f"seed-of:{fingerprint_of_pack(exact_pack)}", expansion.seed_matched
+                )
+            shown.CopyFrom(operation)
+            shown.response.Pack(expansion)
+            return shown
+        return operation
 
     def _operation(self, name: str, context: grpc.aio.ServicerContext) -> tuple[str, str]:
         tenant, op_id = parse_operation_name(name)
