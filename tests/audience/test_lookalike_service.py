@@ -23,6 +23,7 @@ from flashcrowd.audience.v1 import (
     pack_pb2,
     spec_pb2,
 )
+from google.longrunning import operations_pb2
 from google.protobuf import duration_pb2
 from pyroaring import BitMap
 
@@ -161,6 +162,19 @@ async def test_exclusions_and_profile_constraints(la: Lookalike) -> None:
     # Through the gateway: the trusted tenant header names the same tenant.
     op = await la.expand(second, metadata=((AS_TENANT, TENANT),))
     assert not op.HasField("error"), op.error
+    # The tenant reads its expansion's counts as disclosed (privacy.py); the platform exactly.
+    as_tenant_op = await la.svc.ops.GetOperation(
+        operations_pb2.GetOperationRequest(name=op.name), metadata=((AS_TENANT, TENANT),)
+    )
+    shown, exact = lookalike_pb2.ExpandLookalikeResponse(), lookalike_pb2.ExpandLookalikeResponse()
+    as_tenant_op.response.Unpack(shown)
+    op.response.Unpack(exact)
+    assert exact.pack.size_disclosure == pack_pb2.SIZE_DISCLOSURE_EXACT and exact.pack.size == 300
+    assert shown.pack.size_disclosure == pack_pb2.SIZE_DISCLOSURE_NOISY
+    if exact.seed_matched < 100:  # below the reporting minimum: "fewer than 100"
+        assert shown.seed_matched == 0
+    else:  # Laplace(2) noise: far inside 40 with overwhelming odds
+        assert abs(shown.seed_matched - exact.seed_matched) <= 40
     members, pack = la.svc.app.packs.load_bitmap(TENANT, second.pack_id)
     excluded, _ = la.svc.app.packs.load_bitmap(TENANT, first.pack_id)
     assert len(members) == 300 and not (members & excluded)
