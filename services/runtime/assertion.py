@@ -193,11 +193,15 @@ class AssertionVerifier:
         expected = hmac.new(self._key, f"{version}.{payload}".encode(), hashlib.sha256).digest()
         try:
             presented = _unb64(mac)
+        except (binascii.Error, ValueError):
+            raise _refused("malformed gateway assertion") from None
+        # The signature first: nothing of an unsigned payload is parsed.
+        if not hmac.compare_digest(presented, expected):
+            raise _refused("gateway assertion signature does not verify")
+        try:
             body = json.loads(_unb64(payload))
         except (binascii.Error, ValueError):
             raise _refused("malformed gateway assertion") from None
-        if not hmac.compare_digest(presented, expected):
-            raise _refused("gateway assertion signature does not verify")
         if not isinstance(body, dict) or body.get("m") != method:
             raise _refused("gateway assertion was made for another method")
         expiry = body.get("e")
