@@ -4,14 +4,37 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from .conftest import ROOT, free_port
+from .conftest import ROOT
+
+
+def _free_block(count: int) -> list[int]:
+    """``count`` consecutive free ports below the kernel's ephemeral range (32768+), so that no
+    client socket of another process takes one of them before the stack binds it."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20_000, 32_000 - count)
+        socks = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return list(range(base, base + count))
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no block of free ports")
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -28,9 +51,7 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 def test_dev_up_then_tenant_and_key_commands(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHCROWD_")}
     env["FLASHCROWD_GATEWAY_ASSERTION_KEY"] = os.environ["FLASHCROWD_GATEWAY_ASSERTION_KEY"]
-    base, http = free_port(), free_port()
-    while base + 3 >= 65535 or any(p == http for p in range(base, base + 4)):
-        base, http = free_port(), free_port()
+    base, *_, http = _free_block(5)  # gateway, audience, retarget, monitor, HTTP
     state = tmp_path / "dev"
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli.main", "dev", "up", "--dir", str(state),
