@@ -73,7 +73,7 @@ from services.audience.tenancy import (
     parse_live_pack_name,
     parse_parent,
 )
-from services.events.bus import BusUnavailable, EventBus, Subscription, open_bus
+from services.events.bus import BusUnavailable, EventBus, open_bus
 from services.events.codec import decode_batch
 from services.events.config import RealtimeSettings
 from services.events.follower import StreamFollower
@@ -893,42 +893,22 @@ class LivePackEngine(StreamFollower):
     def _start_time(self, minutes: int) -> datetime:
         return datetime.now(UTC) - timedelta(minutes=minutes) - self.margin
 
-    async def _subscribe(self) -> Subscription:
-        if self._fetched:
-            return await self.bus.subscribe(self.consumer, start_seq=self._fetched + 1)
-        return await self.bus.subscribe(self.consumer, start_time=self.first_start_time())
+    # The follower loop (``StreamFollower.run``), handing batches to the applier thread: ``ready`` is
+    # set once the stream is caught up *and* everything fetched is applied.
+
+    def resume_seq(self) -> int:
+        return self._fetched
+
+    async def deliver(self, payload: bytes, seq: int) -> None:
+        await self.applier.submit(payload, seq)
+        self._fetched = max(self._fetched, seq)
+
+    async def caught_up(self) -> None:
+        await self.applier.barrier()
 
     async def run(self) -> None:
-        """The follower loop (``StreamFollower.run``), handing batches to the applier thread.
-
-        ``ready`` is set once the stream is caught up *and* everything fetched is applied.
-        """
         self.applier.start()
-        sub: Subscription | None = None
-        backoff = 0.5
-        while not self._stopping.is_set():
-            try:
-                if sub is None:
-                    sub = await self._subscribe()
-                batch = await sub.fetch(256, 0.5 if self.ready.is_set() else 0.2)
-                if not batch and not self.ready.is_set():
-                    await self.applier.barrier()
-                    self.ready.set()  # caught up with the stream
-                for d in batch:
-                    await self.applier.submit(d.payload, d.seq)
-                    self._fetched = max(self._fetched, d.seq)
-                backoff = 0.5
-            except BusUnavailable as error:
-                logger.warning("%s: bus unavailable (%s); retrying", self.consumer, error)
-                if sub is not None:
-                    with contextlib.suppress(Exception):
-                        await sub.close()
-                sub = None
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), backoff)
-                backoff = min(backoff * 2, 10.0)
-        if sub is not None:
-            await sub.close()
+        await super().run()
 
     def start(self) -> None:
         if self._task is None:

@@ -63,11 +63,26 @@ class StreamFollower(abc.ABC):
     def apply(self, frame: pl.DataFrame, seq: int) -> None:
         """Fold one decoded batch (stream sequence ``seq``) into the state."""
 
+    # ---- hooks with defaults (live packs hand batches to a thread instead) ---------------------------
+
+    def resume_seq(self) -> int:
+        """The stream sequence everything up to which is handled: a resubscription starts after it."""
+        return self.seq
+
+    async def deliver(self, payload: bytes, seq: int) -> None:
+        """Handle one bus message (stream sequence ``seq``)."""
+        self.apply(decode_batch(payload), seq)
+
+    async def caught_up(self) -> None:
+        """Called once, when the first empty fetch shows the stream is caught up (before ``ready``)."""
+        return None
+
     # ---- the loop ----------------------------------------------------------------------------------
 
     async def _subscribe(self) -> Subscription:
-        if self.seq:
-            return await self.bus.subscribe(self.consumer, start_seq=self.seq + 1)
+        resume = self.resume_seq()
+        if resume:
+            return await self.bus.subscribe(self.consumer, start_seq=resume + 1)
         return await self.bus.subscribe(self.consumer, start_time=self.first_start_time())
 
     async def run(self) -> None:
@@ -78,10 +93,11 @@ class StreamFollower(abc.ABC):
                 if sub is None:
                     sub = await self._subscribe()
                 batch = await sub.fetch(256, 0.5 if self.ready.is_set() else 0.2)
-                if not batch:
+                if not batch and not self.ready.is_set():
+                    await self.caught_up()
                     self.ready.set()  # caught up with the stream
                 for d in batch:
-                    self.apply(decode_batch(d.payload), d.seq)
+                    await self.deliver(d.payload, d.seq)
                 backoff = 0.5
             except BusUnavailable as error:
                 logger.warning("%s: bus unavailable (%s); retrying", self.consumer, error)
