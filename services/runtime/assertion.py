@@ -331,9 +331,13 @@ def _refusing_handler(handler: Any, error: Unauthenticated) -> Any:
     )
 
 
-def _with_assertion(signer: AssertionSigner, caller: Caller, details: Any) -> Any:
+#: Picks the caller of one call from its metadata: ``(caller, the metadata to send)``.
+CallerChoice = Callable[[list[tuple[str, Any]]], tuple[Caller, list[tuple[str, Any]]]]
+
+
+def _with_assertion(signer: AssertionSigner, choose: CallerChoice, details: Any) -> Any:
     method = details.method.decode() if isinstance(details.method, bytes) else details.method
-    metadata = [(k, v) for k, v in (details.metadata or ()) if k != ASSERTION_HEADER]
+    caller, metadata = choose([(k, v) for k, v in (details.metadata or ()) if k != ASSERTION_HEADER])
     metadata.append(signer.metadata(caller, method))
     return grpc.aio.ClientCallDetails(
         details.method,
@@ -345,34 +349,38 @@ def _with_assertion(signer: AssertionSigner, caller: Caller, details: Any) -> An
 
 
 class _Signing:
-    def __init__(self, signer: AssertionSigner, caller: Caller) -> None:
+    def __init__(self, signer: AssertionSigner, choose: CallerChoice) -> None:
         self.signer = signer
-        self.caller = caller
+        self.choose = choose
 
 
 class _UnaryUnary(_Signing, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(_with_assertion(self.signer, self.caller, details), request)
+        return await continuation(_with_assertion(self.signer, self.choose, details), request)
 
 
 class _UnaryStream(_Signing, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(_with_assertion(self.signer, self.caller, details), request)
+        return await continuation(_with_assertion(self.signer, self.choose, details), request)
 
 
 class _StreamUnary(_Signing, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return await continuation(_with_assertion(self.signer, self.caller, details), request_iterator)
+        return await continuation(_with_assertion(self.signer, self.choose, details), request_iterator)
 
 
 class _StreamStream(_Signing, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return await continuation(_with_assertion(self.signer, self.caller, details), request_iterator)
+        return await continuation(_with_assertion(self.signer, self.choose, details), request_iterator)
 
 
-def signing_interceptors(signer: AssertionSigner, caller: Caller) -> list[grpc.aio.ClientInterceptor]:
-    """Client interceptors that assert ``caller`` on every call of a channel (all four call shapes)."""
-    return [cls(signer, caller) for cls in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
+def signing_interceptors(
+    signer: AssertionSigner, caller: Caller | CallerChoice
+) -> list[grpc.aio.ClientInterceptor]:
+    """Client interceptors that assert ``caller`` on every call of a channel (all four call shapes);
+    ``caller`` may also choose per call from the call's metadata (``CallerChoice``)."""
+    choose: CallerChoice = caller if callable(caller) else (lambda metadata: (caller, metadata))
+    return [cls(signer, choose) for cls in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
 
 
 __all__ = [
@@ -415,12 +423,13 @@ def platform_interceptors(
 
 def asserting_channel(
     target: str,
-    caller: Caller,
+    caller: Caller | CallerChoice,
     *,
     key: bytes | None = None,
     options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.aio.Channel:
-    """A plain channel to a backend whose every call asserts ``caller`` (demo, tools, tests).
+    """A plain channel to a backend whose every call asserts ``caller`` (or the caller a
+    ``CallerChoice`` picks per call) - demo, tools, tests.
 
     ``key`` defaults to ``FLASHCROWD_GATEWAY_ASSERTION_KEY`` or the embedded default under ./var.
     """
