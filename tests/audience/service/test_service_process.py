@@ -47,6 +47,19 @@ def test_settings_defaults() -> None:
     assert settings.persona_min_size == 1000 and settings.upload_max_rows == 5_000_000
 
 
+async def _serving_port(process: asyncio.subprocess.Process) -> int:
+    """The port from the process's JSON "serving" log line."""
+    while True:
+        line = await asyncio.wait_for(process.stderr.readline(), timeout=60)  # type: ignore[union-attr]
+        assert line, "process exited before serving"
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("message") == "serving":
+            return int(entry["port"])
+
+
 async def test_module_serves_and_stops_on_sigterm(local_world) -> None:
     _, url = local_world
     env = {**os.environ, "FLASHCROWD_STORE_URL": url, "FLASHCROWD_PORT": "0", "FLASHCROWD_LOG_JSON": "true"}
@@ -54,16 +67,7 @@ async def test_module_serves_and_stops_on_sigterm(local_world) -> None:
         sys.executable, "-m", "services.audience", env=env, stderr=asyncio.subprocess.PIPE
     )
     try:
-        port = None
-        while port is None:
-            line = await asyncio.wait_for(process.stderr.readline(), timeout=60)
-            assert line, "process exited before serving"
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if entry.get("message") == "serving":
-                port = entry["port"]
+        port = await _serving_port(process)
         async with backend_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
             for service in ("", "flashcrowd.audience.v1.AudienceService", "google.longrunning.Operations"):
@@ -102,16 +106,7 @@ async def test_sigterm_during_a_training_ends_within_one_grace(local_world, tmp_
         sys.executable, "-m", "services.audience", env=env, stderr=asyncio.subprocess.PIPE
     )
     try:
-        port = None
-        while port is None:
-            line = await asyncio.wait_for(process.stderr.readline(), timeout=60)
-            assert line, "process exited before serving"
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if entry.get("message") == "serving":
-                port = entry["port"]
+        port = await _serving_port(process)
         async with backend_channel(f"127.0.0.1:{port}") as channel:
             stub = lookalike_pb2_grpc.LookalikeServiceStub(channel)
             operation = await stub.TrainLookalikeModel(
