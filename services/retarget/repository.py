@@ -327,27 +327,25 @@ def campaign_by_pk(tx: Tx, pk: int, *, lock: bool = False) -> Row | None:
 
 
 def list_campaigns(
-    tx: Tx, tenant: str | None, state: str | None, after: tuple[int, int] | None, limit: int
+    tx: Tx,
+    tenant: str | None,
+    state: str | None,
+    after: tuple[int, int] | None,
+    limit: int,
+    *,
+    launched: bool = False,
 ) -> list[Row]:
     """Newest first; ``after`` is the (create_us, id) of the previous page's last row; every
-    tenant's when ``tenant`` is None."""
+    tenant's when ``tenant`` is None; ``launched``: only campaigns with a launch operation (every
+    state but DRAFT)."""
     query = "SELECT * FROM campaigns WHERE " + ("tenant = ?" if tenant is not None else "1 = 1")
     params: list[Any] = [tenant] if tenant is not None else []
     if state:
         query += " AND state = ?"
         params.append(state)
-    if after is not None:
-        query += " AND (create_us < ? OR (create_us = ? AND id < ?))"
-        params += [after[0], after[0], after[1]]
-    query += " ORDER BY create_us DESC, id DESC LIMIT ?"
-    params.append(limit)
-    return tx.all(query, params)
-
-
-def list_launched(tx: Tx, tenant: str, after: tuple[int, int] | None, limit: int) -> list[Row]:
-    """Campaigns that have a launch operation (every state but DRAFT), newest first."""
-    query = "SELECT * FROM campaigns WHERE tenant = ? AND state <> ?"
-    params: list[Any] = [tenant, d.DRAFT]
+    if launched:
+        query += " AND state <> ?"
+        params.append(d.DRAFT)
     if after is not None:
         query += " AND (create_us < ? OR (create_us = ? AND id < ?))"
         params += [after[0], after[0], after[1]]

@@ -515,7 +515,9 @@ class LaunchOperationsServicer(operations_pb2_grpc.OperationsServicer):
         more = False
         # ``done`` derives from state and launch error, so it is filtered on the rows read.
         while True:
-            rows = await self.app.db.run(repo.list_launched, tenant, key, size + 1, write=False)
+            rows = await self.app.db.run(
+                repo.list_campaigns, tenant, None, key, size + 1, launched=True, write=False
+            )
             page = rows[:size]
             for index, row in enumerate(page):
                 key = (int(row["create_us"]), int(row["id"]))
