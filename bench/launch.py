@@ -202,8 +202,8 @@ async def main() -> None:
     hashes = phone_hashes(store_dir, args.users)
     workdir = Path(tempfile.mkdtemp(prefix="retarget-launch-"))
     url = create_pg_database() if args.database == "postgresql" else f"sqlite:///{workdir / 'retarget.db'}"
-    # The audience process writes its pack and operations under a prefix of this run only
-    # (removed at the end), never next to a cached world's own packs.
+    # The audience process writes its pack under a prefix of this run only (removed at the end),
+    # never next to a cached world's own packs; its operations go to a control database of this run.
     run_prefix = f"bench-retarget-{uuid.uuid4().hex[:8]}/"
     try:
         with AudienceProcess(
@@ -211,7 +211,7 @@ async def main() -> None:
             upload_max_rows=max(args.users, 1),
             max_message_bytes=64 << 20,
             packs_prefix=f"{run_prefix}packs/",
-            operations_prefix=f"{run_prefix}operations/",
+            control_database_url=f"sqlite:///{workdir / 'audience-control.sqlite3'}",
         ) as aud:
             pack, size, upload_seconds = await upload(aud.target, hashes)
             print(f"audience     {pack}: {size:,} members (uploaded in {upload_seconds:.1f} s)")

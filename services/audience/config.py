@@ -39,10 +39,15 @@ class AudienceSettings(BaseServiceSettings):
     dataset_prefix: str = "data/"
     #: Where packs (bitmaps + manifests) live.
     packs_prefix: str = "packs/"
-    #: Where finished and running long-running operations are recorded.
-    operations_prefix: str = "operations/"
-    #: Builds running at once (threads; polars releases the GIL for most of a build).
+    #: Builds running at once in this process (threads; polars releases the GIL for most of a build).
     max_concurrent_builds: int = Field(default=2, ge=1, le=64)
+    #: ``audience-worker`` processes this server starts beside itself (``python -m
+    #: services.audience.worker``): they run the pack builds of the shared queue, so that builds never
+    #: compete with CheckMembership for this process's GIL. 0: builds run on this process's threads.
+    worker_processes: int = Field(default=0, ge=0, le=64)
+    #: An operation's owner renews its lease every second; a replica or worker that stopped renewing
+    #: for this long is presumed dead and its builds are taken over (queued again) by another.
+    operation_lease_seconds: float = Field(default=15.0, ge=1.0, le=3600.0)
     #: Global safety cap of builds waiting for a worker, all tenants together (one more is refused
     #: with RESOURCE_EXHAUSTED and retry info). Far above the per-tenant limit below: tenants are
     #: refused by their own limit long before the server's queue fills.
@@ -83,9 +88,10 @@ class AudienceSettings(BaseServiceSettings):
     #: Accepted lookalike model trainings per operation owner per UTC day. Only platform principals
     #: may train, so this is the one quota platform principals are subject to.
     max_trainings_per_day: int = Field(default=48, ge=1, le=100_000)
-    #: Shared control-plane database (quota counters, privacy ledger): ``postgresql://...`` when
-    #: several replicas serve (they then share them), ``sqlite:///path``; unset: a SQLite file beside a local
-    #: store's directory (``<store>.control.sqlite3``), else ``./var/audience-control.sqlite3``.
+    #: Shared control-plane database (operations and their queue, pack-id reservations, quota
+    #: counters, privacy ledger): ``postgresql://...`` when several replicas serve (they then share
+    #: them), ``sqlite:///path``; unset: a SQLite file beside a local store's directory
+    #: (``<store>.control.sqlite3``), else ``./var/audience-control-<hash of the store URL>.sqlite3``.
     control_database_url: str = ""
     #: HMAC key of the identity map (hex or base64 of >= 32 bytes; a Kubernetes Secret). Unset: the
     #: embedded default file ``./var/identity-pepper`` (``services.events.pepper``).
@@ -112,7 +118,7 @@ class AudienceSettings(BaseServiceSettings):
                 )
         return value
 
-    @field_validator("dataset_prefix", "packs_prefix", "operations_prefix", mode="before")
+    @field_validator("dataset_prefix", "packs_prefix", mode="before")
     @classmethod
     def _prefixes(cls, value: Any) -> Any:
         return _prefix(value, name="prefix")

@@ -1,28 +1,37 @@
-"""Long-running operations for pack builds (and any other slow job of this process).
+"""Long-running operations for pack builds and other slow jobs, shared by every replica.
 
-``OperationManager`` runs jobs on ``max_workers`` worker threads (polars releases the GIL for most
-of a build), keeps each job's ``google.longrunning.Operation`` with live metadata (stage, percent), and
-records every operation in the object store as ``{prefix}{tenant}/{id}.json``: once when it is
-accepted and again when it finishes, so that GetOperation/ListOperations keep working after a
-restart. An operation still marked running when a process starts belonged to a process that died:
-``recover()`` marks it failed (UNAVAILABLE, "server restarted; retry").
+``OperationManager`` accepts jobs into the **shared queue** of the control database
+(``operation_store.py``: PostgreSQL in deployments, SQLite as the embedded default), runs queued jobs
+on ``max_workers`` worker threads, and keeps each job's ``google.longrunning.Operation`` (live
+metadata: stage, percent) in that database, so that any replica answers GetOperation, WaitOperation,
+ListOperations and CancelOperation for any operation.
 
-Jobs wait in a **fair queue** (``FairQueue``): one FIFO lane per tenant, and a free worker takes the
-head of the lane of the tenant with the fewest running jobs, ties going to the tenant served least
-recently; a tenant already running ``tenant_max_running`` jobs is skipped while it is at that cap.
-So a tenant that queued 20 builds delays another tenant's one build by at most the builds already
-running, never by its 20. Admission refuses (RESOURCE_EXHAUSTED, nothing recorded):
+Two kinds of job:
+
+* **portable** (``payload`` given for a kind in ``runners``): any replica or ``audience-worker``
+  process may claim it. If its owner dies (lease expired) another claims it and runs it again
+  (``JobContext.attempt`` > 1, so the job can find what the first run already published); a stopping
+  owner hands it back to the queue. Pack builds are portable.
+* **pinned** (a closure ``fn(ctx)``): only the process that accepted it can run it; if that process
+  dies, the first replica to notice the expired lease finishes it UNAVAILABLE "server restarted;
+  retry", and a process that stops cancels it.
+
+Fairness: a free worker claims the oldest queued job of the tenant with the fewest running jobs,
+skipping tenants already running ``tenant_max_running`` jobs: a tenant that queued 20 builds delays
+another tenant's one build by at most the builds already running, never by its 20. Admission
+refuses (RESOURCE_EXHAUSTED, nothing recorded):
 
 * a tenant with ``queued_limit`` jobs already waiting (reason ``TENANT_QUOTA``, QuotaFailure naming
   ``FLASHCROWD_TENANT_MAX_QUEUED_BUILDS``), unless the caller is exempt (platform principals);
 * anyone once ``max_workers + max_queued`` jobs of all tenants are queued or running (the global
-  safety cap, reason ``TOO_MANY_BUILDS``), and everyone while the manager shuts down.
+  safety cap, reason ``TOO_MANY_BUILDS``), and everyone while this process shuts down.
 
-A job is a function ``fn(ctx: JobContext) -> Message`` run in a worker thread (a coroutine function
-is run to completion in the worker thread). ``ctx.progress(stage, percent)`` updates the metadata
-and raises ``OperationCancelled`` once the operation was cancelled. Its result is packed into
-``Operation.response``; a ``ServiceError`` becomes ``Operation.error`` with the same
+A job's ``ctx.progress(stage, percent)`` updates the metadata (written at the next heartbeat) and
+raises ``OperationCancelled`` once the operation was cancelled, on any replica. Its result is packed
+into ``Operation.response``; a ``ServiceError`` becomes ``Operation.error`` with the same
 ``google.rpc.Status`` (ErrorInfo, BadRequest...) the error interceptor would send for a unary call.
+Every operation ends exactly once: the final write is guarded in SQL, and a finished operation's row
+never changes again.
 
 ``OperationsServicer`` is the standard ``google.longrunning.Operations`` service over a manager:
 names are ``tenants/{tenant}/operations/{id}``, and another tenant's operations are NOT_FOUND.
@@ -31,21 +40,19 @@ names are ``tenants/{tenant}/operations/{id}``, and another tenant's operations 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import dataclasses
 import hashlib
 import inspect
 import json
 import logging
+import os
 import secrets
+import socket
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -54,7 +61,17 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
 
+from services.audience.operation_store import (
+    DONE,
+    QUEUED,
+    Claimed,
+    OperationStore,
+    ReservationConflict,
+    StoredOperation,
+)
 from services.audience.privacy import Discloser, fingerprint_of_pack, is_exact_for
 from services.audience.quotas import Limit, quota_refusal
 from services.audience.tenancy import (
@@ -71,13 +88,11 @@ from services.runtime import (
     NotFound,
     ResourceExhausted,
     ServiceError,
+    Unavailable,
 )
-from services.storage import ObjectNotFound, ObjectStore
 
 logger = logging.getLogger(__name__)
 
-#: Finished operations kept in memory (older ones are read back from the store on demand).
-DEFAULT_MEMORY_LIMIT = 2000
 RESTARTED_MESSAGE = "server restarted; retry"
 SHUTDOWN_MESSAGE = "server shutting down; retry"
 _OP_ID_CHARS = frozenset("0123456789abcdef")
@@ -131,6 +146,12 @@ def _set_time(metadata: Message, field_name: str, *, only_if_unset: bool = False
     getattr(metadata, field_name).CopyFrom(_now_ts())
 
 
+#: A job: ``fn(ctx) -> Message``, run in a worker thread of the process that started it.
+JobFn = Callable[["JobContext"], Any]
+#: A portable job kind: rebuilds and runs a job from its payload in any process (replica or worker).
+PortableRunner = Callable[["JobContext", bytes], Message]
+
+
 @dataclass
 class JobContext:
     """Handed to a running job: progress reporting and cancellation."""
@@ -138,6 +159,9 @@ class JobContext:
     operation: str
     _job: _Job
     _manager: OperationManager
+    #: 1 on the first run; more when an earlier owner died or handed the job back (a re-run must
+    #: not publish twice: see ``PackBuilds``).
+    attempt: int = 1
 
     def progress(self, stage: str | None = None, percent: float | None = None) -> None:
         """Update the operation's metadata; raise ``OperationCancelled`` if it was cancelled."""
@@ -155,20 +179,22 @@ class JobContext:
 
 @dataclass
 class _Job:
+    """An operation this process started or runs (its live metadata, cancel flag and waiters)."""
+
     tenant: str
     op_id: str
     kind: str
     metadata: Message
-    request_key: str = ""
-    fingerprint: str = ""
-    create_time: str = ""
+    portable: bool = False
     done: bool = False
     response: Any = None  # any_pb2.Any
     error: status_pb2.Status | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     cancel_message: str = "operation cancelled"
-    #: "queued" (in the fair queue, not yet taken by a worker), "running" or "done".
+    #: "queued", "running" (here) or "done".
     phase: str = "queued"
+    #: The metadata changed since the last heartbeat wrote it.
+    dirty: bool = False
     waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list)
     on_done: Callable[[], None] | None = None
 
@@ -189,41 +215,16 @@ class _Job:
         return op
 
 
-def _record(job: _Job) -> bytes:
-    op = job.to_operation()
-    document = {
-        "tenant": job.tenant,
-        "id": job.op_id,
-        "kind": job.kind,
-        "request_key": job.request_key,
-        "fingerprint": job.fingerprint,
-        "create_time": job.create_time,
-        "done": job.done,
-        # Readable summary; the operation itself is stored as bytes so that it always parses back.
-        "error": {"code": job.error.code, "message": job.error.message} if job.error is not None else None,
-        "operation": base64.b64encode(op.SerializeToString()).decode("ascii"),
-    }
-    return json.dumps(document, sort_keys=True, indent=1).encode("utf-8")
+def _parse_record(record: bytes) -> operations_pb2.Operation:
+    return operations_pb2.Operation.FromString(record)
 
 
-def _job_from_record(raw: bytes) -> _Job:
-    document = json.loads(raw.decode("utf-8"))
-    op = operations_pb2.Operation.FromString(base64.b64decode(document["operation"]))
-    job = _Job(
-        tenant=document["tenant"],
-        op_id=document["id"],
-        kind=document.get("kind", ""),
-        metadata=_unpack_any(op.metadata),
-        request_key=document.get("request_key", ""),
-        fingerprint=document.get("fingerprint", ""),
-        create_time=document.get("create_time", ""),
-        done=op.done,
-    )
-    if op.HasField("error"):
-        job.error = op.error
-    elif op.HasField("response"):
-        job.response = op.response
-    return job
+def _job_of(stored: StoredOperation) -> _Job:
+    op = _parse_record(stored.record)
+    return _Job(
+        tenant=stored.tenant, op_id=stored.op_id, kind=stored.kind, metadata=_unpack_any(op.metadata),
+        portable=stored.portable, done=op.done,
+    )  # fmt: skip
 
 
 def _unpack_any(value: any_pb2.Any) -> Message:
@@ -247,325 +248,251 @@ def request_fingerprint(request: Message) -> str:
     return hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
 
 
-@dataclass
-class _Queued:
-    job: _Job
-    fn: Callable[[JobContext], Any]
-    seq: int
+def new_replica_id() -> str:
+    """Names this process as an owner of operations (host, pid and a random part)."""
+    return f"{socket.gethostname()[:40]}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-class FairQueue:
-    """Jobs waiting for a worker: one FIFO lane per tenant, served fairly (see ``pop``).
+def _trace_carrier() -> str:
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return json.dumps(carrier, sort_keys=True) if carrier else ""
 
-    Not thread-safe by itself: ``OperationManager`` calls it with its lock held.
-    """
 
-    #: Tenants whose last-served tick is remembered (the oldest are forgotten past this).
-    MAX_REMEMBERED = 10_000
-
-    def __init__(self, max_running_per_tenant: int | None = None) -> None:
-        self.max_running = max_running_per_tenant
-        self._lanes: dict[str, deque[_Queued]] = {}
-        self._running: dict[str, int] = {}
-        self._served: OrderedDict[str, int] = OrderedDict()  # tenant -> tick of its last dispatch
-        self._tick = 0
-        self._seq = 0
-
-    def push(self, job: _Job, fn: Callable[[JobContext], Any]) -> None:
-        self._seq += 1
-        self._lanes.setdefault(job.tenant, deque()).append(_Queued(job, fn, self._seq))
-
-    def pop(self) -> _Queued | None:
-        """The next job to run, or None when every waiting tenant is at its running cap (or none waits).
-
-        Among tenants with a waiting job and fewer than ``max_running`` running: the fewest running
-        first, then the one whose last job started longest ago (never: first), then the oldest head.
-        """
-        best: str | None = None
-        best_key: tuple[int, int, int] | None = None
-        for tenant, lane in self._lanes.items():
-            running = self._running.get(tenant, 0)
-            if self.max_running is not None and running >= self.max_running:
-                continue
-            key = (running, self._served.get(tenant, -1), lane[0].seq)
-            if best_key is None or key < best_key:
-                best, best_key = tenant, key
-        if best is None:
-            return None
-        lane = self._lanes[best]
-        item = lane.popleft()
-        if not lane:
-            del self._lanes[best]
-        self._running[best] = self._running.get(best, 0) + 1
-        self._tick += 1
-        self._served.pop(best, None)
-        self._served[best] = self._tick
-        if len(self._served) > self.MAX_REMEMBERED:
-            self._served.popitem(last=False)
-        return item
-
-    def finished(self, tenant: str) -> None:
-        """A job ``pop`` returned has finished (its tenant may run another)."""
-        left = self._running.get(tenant, 0) - 1
-        if left > 0:
-            self._running[tenant] = left
-        else:
-            self._running.pop(tenant, None)
-
-    def remove(self, job: _Job) -> bool:
-        """Take a still-waiting job out of its lane (cancelled); False if a worker already took it."""
-        lane = self._lanes.get(job.tenant)
-        if lane is None:
-            return False
-        for item in lane:
-            if item.job is job:
-                lane.remove(item)
-                if not lane:
-                    del self._lanes[job.tenant]
-                return True
-        return False
-
-    def waiting(self, tenant: str | None = None) -> int:
-        if tenant is not None:
-            return len(self._lanes.get(tenant, ()))
-        return sum(len(lane) for lane in self._lanes.values())
-
-    def running(self, tenant: str) -> int:
-        return self._running.get(tenant, 0)
+def _trace_context(trace: str) -> otel_context.Context:
+    try:
+        carrier = json.loads(trace) if trace else {}
+    except ValueError:
+        carrier = {}
+    return propagate.extract(carrier if isinstance(carrier, dict) else {})
 
 
 class OperationManager:
-    """Runs jobs on a bounded set of worker threads, fairly across tenants; see the module doc."""
+    """Accepts jobs into the shared queue and runs queued jobs on worker threads; see the module doc."""
 
     def __init__(
         self,
-        store: ObjectStore,
-        prefix: str = "operations/",
+        store: OperationStore,
         *,
         max_workers: int = 2,
         max_queued: int = 16,
         queued_limit: Limit | None = None,
         tenant_max_running: int | None = None,
-        memory_limit: int = DEFAULT_MEMORY_LIMIT,
         retry_after_seconds: float = 5.0,
+        runners: Mapping[str, PortableRunner] | None = None,
+        run_portable: bool = True,
+        lease_seconds: float = 15.0,
+        heartbeat_seconds: float = 1.0,
+        poll_seconds: float = 0.5,
+        replica_id: str = "",
+        start_threads: bool = True,
     ) -> None:
-        """``max_queued`` is the global cap of waiting jobs; ``queued_limit`` the per-tenant one (none:
-        only the global cap); ``tenant_max_running`` caps one tenant's running jobs (none: the pool)."""
+        """``max_queued`` is the cap of jobs waiting in the whole queue; ``queued_limit`` the per-tenant
+        one (none: only the global cap); ``tenant_max_running`` caps one tenant's running jobs.
+        ``runners`` are the portable kinds this process can run; ``run_portable=False`` leaves them
+        to worker processes (this process then runs only the jobs it started as closures).
+        ``start_threads=False`` starts no workers and no heartbeat (a process that only reads)."""
         self.store = store
-        self.prefix = prefix
         self.max_workers = max_workers
         self.max_queued = max_queued
         self.queued_limit = queued_limit
-        self.memory_limit = memory_limit
+        self.tenant_max_running = tenant_max_running
         self.retry_after_seconds = retry_after_seconds
+        self.runners = dict(runners or {})
+        self.run_portable = run_portable
+        self.lease_seconds = lease_seconds
+        self.heartbeat_seconds = heartbeat_seconds
+        self.poll_seconds = poll_seconds
+        self.replica_id = replica_id or new_replica_id()
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
-        self._queue = FairQueue(tenant_max_running)
-        self._workers: list[threading.Thread] = []
-        self._jobs: OrderedDict[tuple[str, str], _Job] = OrderedDict()
-        self._active = 0  # queued + running
-        self._admitted: dict[str, int] = {}  # tenant -> jobs admitted and not yet taken by a worker
-        self._requests: dict[tuple[str, str], str] = {}  # (tenant, request_key) -> op id
+        self._stopped = threading.Event()  # the heartbeat thread's sleep, cut short at close
+        #: Jobs started or run by this process and not finished yet (fresh metadata, waiters).
+        self._local: dict[tuple[str, str], _Job] = {}
+        #: Closures of the jobs this process started that no other process can run.
+        self._fns: dict[tuple[str, str], JobFn] = {}
+        self._running = 0
         self._closing = False
-        #: Set by ``begin_close`` (SIGTERM): ``close`` waits no longer than this monotonic time.
         self._close_deadline: float | None = None
+        self._threads: list[threading.Thread] = []
+        if start_threads:
+            self._start_threads()
 
-    # --- keys and persistence ---------------------------------------------------------------------
-
-    def _key(self, tenant: str, op_id: str) -> str:
-        return f"{self.prefix}{tenant}/{op_id}.json"
-
-    def _persist(self, job: _Job) -> None:
-        with self._lock:
-            payload = _record(job)
-        self.store.put_bytes(self._key(job.tenant, job.op_id), payload, "application/json")
-
-    def _load(self, tenant: str, op_id: str) -> _Job | None:
-        with self._lock:
-            job = self._jobs.get((tenant, op_id))
-        if job is not None:
-            return job
-        try:
-            raw = self.store.get_bytes(self._key(tenant, op_id))
-        except ObjectNotFound:
-            return None
-        try:
-            return _job_from_record(raw)
-        except (ValueError, KeyError, TypeError, binascii.Error):
-            logger.warning("corrupt operation record %s", self._key(tenant, op_id), exc_info=True)
-            return None
-
-    def recover(self) -> int:
-        """Mark operations left running by a previous process failed; index request ids.
-
-        Call once at start-up, before serving. Returns how many operations were marked failed.
-        """
-        failed = 0
-        for info in self.store.list(self.prefix):
-            if not info.key.endswith(".json"):
-                continue
-            try:
-                job = _job_from_record(self.store.get_bytes(info.key))
-            except ObjectNotFound:
-                continue
-            except (ValueError, KeyError, TypeError, binascii.Error):
-                logger.warning("corrupt operation record %s: skipped", info.key, exc_info=True)
-                continue
-            if job.request_key:
-                self._requests[(job.tenant, job.request_key)] = job.op_id
-            with self._lock:
-                if (job.tenant, job.op_id) in self._jobs:
-                    continue  # ours
-            if not job.done:
-                job.done = True
-                job.error = _restart_status(RESTARTED_MESSAGE)
-                _set_time(job.metadata, "end_time")
-                self.store.put_bytes(info.key, _record(job), "application/json")
-                failed += 1
-                logger.warning("operation %s was running when its server stopped: marked failed", job.name)
-        return failed
+    def _start_threads(self) -> None:
+        for index in range(self.max_workers):
+            worker = threading.Thread(target=self._work, name=f"audience-build-{index}", daemon=True)
+            self._threads.append(worker)
+            worker.start()
+        beat = threading.Thread(target=self._heartbeat_loop, name="audience-operations-lease", daemon=True)
+        self._threads.append(beat)
+        beat.start()
 
     # --- starting jobs ----------------------------------------------------------------------------
 
     def find_request(
         self, tenant: str, request_key: str, fingerprint: str
     ) -> operations_pb2.Operation | None:
-        """The operation an earlier call with the same ``request_key`` started, if any.
+        """The operation an earlier call with the same ``request_key`` started (on any replica).
 
         Raise INVALID_ARGUMENT (field ``request_id``) when the key was used for a different request.
         """
         if not request_key:
             return None
-        with self._lock:
-            op_id = self._requests.get((tenant, request_key))
-        if op_id is None:
+        stored = self.store.by_request(tenant, request_key)
+        if stored is None:
             return None
-        job = self._load(tenant, op_id)
-        if job is None:
-            return None
-        if job.fingerprint and fingerprint and job.fingerprint != fingerprint:
+        if stored.fingerprint and fingerprint and stored.fingerprint != fingerprint:
             raise InvalidArgument("request_id", "already used for a different request")
-        return self._snapshot(job)
-
-    def _admit(self, tenant: str, exempt: bool) -> None:
-        limit = self.max_workers + self.max_queued
-        with self._lock:
-            if self._closing:
-                raise ResourceExhausted(
-                    SHUTDOWN_MESSAGE, retry_after_seconds=self.retry_after_seconds, reason="SHUTTING_DOWN"
-                )
-            waiting = self._admitted.get(tenant, 0)
-            if not exempt and self.queued_limit is not None and waiting >= self.queued_limit.value:
-                raise quota_refusal(
-                    tenant, self.queued_limit, used=waiting, retry_after_seconds=self.retry_after_seconds
-                )
-            if self._active >= limit:
-                raise ResourceExhausted(
-                    f"{self._active} builds running or queued (limit {limit}); retry later",
-                    retry_after_seconds=self.retry_after_seconds,
-                    violations=[("builds", f"at most {limit} builds running or queued per server")],
-                    reason="TOO_MANY_BUILDS",
-                )
-            self._active += 1
-            self._admitted[tenant] = waiting + 1
-
-    def _unadmit(self, tenant: str) -> None:
-        """With the lock held: a job admitted for ``tenant`` left the queue (taken, cancelled, failed)."""
-        left = self._admitted.get(tenant, 0) - 1
-        if left > 0:
-            self._admitted[tenant] = left
-        else:
-            self._admitted.pop(tenant, None)
-
-    def _release(self, tenant: str) -> None:
-        with self._lock:
-            self._active -= 1
-            self._unadmit(tenant)
+        return self._current(stored)
 
     def queued(self, tenant: str) -> int:
-        """Jobs of ``tenant`` accepted and not yet running."""
-        with self._lock:
-            return self._admitted.get(tenant, 0)
+        """Jobs of ``tenant`` accepted and not yet running (on any replica)."""
+        return self.store.count(tenant, QUEUED)
 
     async def start(
         self,
         tenant: str,
         kind: str,
-        fn: Callable[[JobContext], Any],
+        fn: JobFn | None,
         metadata: Message,
         *,
+        payload: bytes | None = None,
         request_key: str = "",
         fingerprint: str = "",
         on_done: Callable[[], None] | None = None,
         exempt: bool = False,
+        reservation: tuple[str, str] | None = None,
     ) -> operations_pb2.Operation:
-        """Accept a job: record it, queue it in its tenant's lane, return its (not yet done) operation.
+        """Accept a job into the shared queue and return its (not yet done) operation.
 
-        RESOURCE_EXHAUSTED (with RetryInfo) when the tenant already has ``queued_limit`` jobs waiting
-        (``exempt``: platform principals are not held to it) or ``max_workers + max_queued`` jobs are
-        running or queued. ``on_done`` runs in the worker thread after the outcome is recorded,
-        whatever it is (release reservations there).
+        A job of a portable kind (``payload`` given, ``kind`` in ``runners``) may run on any replica
+        or worker; otherwise ``fn`` runs here. A ``request_key`` already used returns that earlier
+        operation (INVALID_ARGUMENT ``request_id`` when the request differs). ``reservation``
+        ``(resource, holder)`` is handed to the operation in the same transaction and released when
+        it finishes. RESOURCE_EXHAUSTED (with RetryInfo) when the tenant already has ``queued_limit``
+        jobs waiting (``exempt``: platform principals are not held to it) or ``max_workers +
+        max_queued`` jobs are running or queued. ``on_done`` runs here after the outcome is recorded
+        (only for jobs run by this process).
         """
-        self._admit(tenant, exempt)
+        portable = payload is not None and kind in self.runners
+        if not portable and fn is None:
+            raise ValueError(f"job kind {kind!r} is not portable: pass fn")
+        with self._lock:
+            if self._closing:
+                raise ResourceExhausted(
+                    SHUTDOWN_MESSAGE, retry_after_seconds=self.retry_after_seconds, reason="SHUTTING_DOWN"
+                )
+        job = _Job(tenant=tenant, op_id=_new_id(), kind=kind, metadata=metadata, portable=portable,
+                   on_done=on_done)  # fmt: skip
+        _set_time(job.metadata, "start_time", only_if_unset=True)
+        stored = StoredOperation(
+            tenant=tenant, op_id=job.op_id, kind=kind, state=QUEUED,
+            record=job.to_operation().SerializeToString(), request_key=request_key,
+            fingerprint=fingerprint, portable=portable,
+        )  # fmt: skip
+        key = (tenant, job.op_id)
+        with self._lock:  # before the row exists, so that a worker of ours that claims it finds both
+            self._local[key] = job
+            if not portable:
+                self._fns[key] = fn  # type: ignore[assignment]
         try:
-            job = _Job(
-                tenant=tenant,
-                op_id=_new_id(),
-                kind=kind,
-                metadata=metadata,
-                request_key=request_key,
-                fingerprint=fingerprint,
-                create_time=datetime.now(UTC).isoformat(),
-                on_done=on_done,
+            existing, refused = await asyncio.to_thread(
+                self.store.insert,
+                stored,
+                payload=payload if portable else None,
+                trace=_trace_carrier(),
+                owner="" if portable else self.replica_id,
+                lease_until=time.time() + self.lease_seconds,
+                tenant_queued_limit=None if exempt or self.queued_limit is None else self.queued_limit.value,
+                active_limit=self.max_workers + self.max_queued,
+                reservation=reservation,
             )
-            _set_time(job.metadata, "start_time", only_if_unset=True)
-            await asyncio.to_thread(self._persist, job)
-            with self._lock:
-                self._jobs[(tenant, job.op_id)] = job
-                if request_key:
-                    self._requests[(tenant, request_key)] = job.op_id
-                snapshot = job.to_operation()
-                self._queue.push(job, fn)
-                self._ensure_workers()
-                self._wakeup.notify()
         except BaseException:
-            self._release(tenant)
+            self._forget(key)
             raise
+        if existing is not None or refused:
+            self._forget(key)
+        if existing is not None:
+            if existing.fingerprint and fingerprint and existing.fingerprint != fingerprint:
+                raise InvalidArgument("request_id", "already used for a different request")
+            return self._current(existing)
+        if refused.startswith("tenant:"):
+            assert self.queued_limit is not None
+            raise quota_refusal(tenant, self.queued_limit, used=int(refused[7:]),
+                                retry_after_seconds=self.retry_after_seconds)  # fmt: skip
+        if refused:
+            limit = self.max_workers + self.max_queued
+            raise ResourceExhausted(
+                f"{refused[7:]} builds running or queued (limit {limit}); retry later",
+                retry_after_seconds=self.retry_after_seconds,
+                violations=[("builds", f"at most {limit} builds running or queued")],
+                reason="TOO_MANY_BUILDS",
+            )
+        with self._lock:
+            snapshot = job.to_operation()
+            self._wakeup.notify()
         return snapshot
 
-    def _ensure_workers(self) -> None:
-        """With the lock held: start the worker threads on first use."""
-        while len(self._workers) < self.max_workers:
-            worker = threading.Thread(
-                target=self._work, name=f"audience-build-{len(self._workers)}", daemon=True
-            )
-            self._workers.append(worker)
-            worker.start()
+    def _forget(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            self._local.pop(key, None)
+            self._fns.pop(key, None)
+
+    # --- running jobs -----------------------------------------------------------------------------
 
     def _work(self) -> None:
-        """A worker thread: take the fair queue's next job, run it, repeat until closed."""
+        """A worker thread: claim the next job this process may run, run it, until closed."""
         while True:
             with self._lock:
-                item = self._queue.pop()
-                while item is None:
-                    if self._closing:
-                        return
-                    self._wakeup.wait()
-                    item = self._queue.pop()
-                item.job.phase = "running"
-                self._unadmit(item.job.tenant)
+                if self._closing:
+                    return
             try:
-                self._run(item.job, item.fn)
-            finally:
+                claimed = self.store.claim(
+                    self.replica_id,
+                    time.time() + self.lease_seconds,
+                    portable=self.run_portable and bool(self.runners),
+                    pinned=True,
+                    max_running=self.tenant_max_running,
+                )
+            except Exception as error:  # the database is away: try again at the next poll
+                logger.warning("could not claim queued operations: %s", error)
+                claimed = None
+            if claimed is None:
                 with self._lock:
-                    self._queue.finished(item.job.tenant)
-                    self._wakeup.notify_all()  # this tenant's next job may run now
+                    if not self._closing:
+                        self._wakeup.wait(self.poll_seconds)
+                continue
+            self._run(claimed)
 
-    def _run(self, job: _Job, fn: Callable[[JobContext], Any]) -> None:
-        ctx = JobContext(operation=job.name, _job=job, _manager=self)
+    def _run(self, claimed: Claimed) -> None:
+        stored = claimed.operation
+        key = (stored.tenant, stored.op_id)
+        with self._lock:
+            job = self._local.get(key)
+            if job is None:  # a portable job accepted by another process
+                job = self._local[key] = _job_of(stored)
+            job.phase = "running"
+            fn = self._fns.pop(key, None)
+            self._running += 1
+            closing = self._closing
+        if closing:
+            job.cancel_message = SHUTDOWN_MESSAGE
+            job.cancel.set()
+        if stored.portable:
+            runner = self.runners[stored.kind]
+            payload = claimed.payload
+
+            def run_portable(ctx: JobContext) -> Message:
+                return runner(ctx, payload)
+
+            fn = run_portable
+        ctx = JobContext(operation=job.name, _job=job, _manager=self, attempt=stored.attempts)
         response: Message | None = None
         error: BaseException | None = None
+        token = otel_context.attach(_trace_context(claimed.trace))
         try:
+            if fn is None:  # pinned to us but its closure is gone: we restarted under the same id
+                raise Unavailable(RESTARTED_MESSAGE)
             ctx.check_cancelled()
             result = fn(ctx)
             if inspect.isawaitable(result):
@@ -575,75 +502,85 @@ class OperationManager:
             error = exc
             if not isinstance(exc, ServiceError | OperationCancelled):
                 logger.error("operation %s (%s) failed", job.name, job.kind, exc_info=exc)
-        self._finish(job, response, error)
-
-    def _finish(self, job: _Job, response: Message | None, error: BaseException | None) -> None:
-        """Record the outcome, run ``on_done``, then make it visible, free the slot and wake waiters.
-
-        In that order: once a caller sees the operation done, its outcome is in the store, the
-        job's reservations are released and its worker slot is free.
-        """
-        released = False
-        try:
-            status: status_pb2.Status | None = None
-            packed: any_pb2.Any | None = None
-            if error is None:
-                try:
-                    packed = any_pb2.Any()
-                    packed.Pack(response if response is not None else empty_pb2.Empty())
-                except Exception as exc:  # the job returned something that is not a message
-                    logger.error(
-                        "operation %s returned %r, not a message", job.name, type(response), exc_info=exc
-                    )
-                    error = exc
-            if error is not None:
-                status, packed = status_of(error, operation=job.name), None
-            with self._lock:
-                metadata = type(job.metadata)()
-                metadata.CopyFrom(job.metadata)
-            _set_time(metadata, "end_time")
-            if status is None and "progress_percent" in metadata.DESCRIPTOR.fields_by_name:
-                metadata.progress_percent = 100.0
-            final = dataclasses.replace(job, done=True, error=status, response=packed, metadata=metadata)
-            try:
-                self.store.put_bytes(self._key(job.tenant, job.op_id), _record(final), "application/json")
-            except Exception:
-                logger.exception("could not record the outcome of operation %s", job.name)
-            try:
-                if job.on_done is not None:
-                    job.on_done()
-            except Exception:
-                logger.exception("on_done of operation %s failed", job.name)
-            with self._lock:
-                job.metadata, job.error, job.response, job.done = metadata, status, packed, True
-                job.phase = "done"
-                self._active -= 1
-                released = True
-        except Exception:
-            logger.exception("finishing operation %s failed", job.name)
         finally:
-            if not released:
-                with self._lock:
-                    job.done = True
-                    job.phase = "done"
-                    self._active -= 1
-            self._wake(job)
-            self._trim()
+            otel_context.detach(token)
+        try:
+            if isinstance(error, OperationCancelled) and job.portable and self._handing_back(job):
+                self._hand_back(job)
+            else:
+                self._finish(job, response, error, owner=self.replica_id)
+        finally:
+            with self._lock:
+                self._running -= 1
+                self._wakeup.notify_all()
 
-    def _wake(self, job: _Job) -> None:
+    def _handing_back(self, job: _Job) -> bool:
+        """A portable job cancelled because this process stops (not by a caller) goes back."""
         with self._lock:
+            return self._closing and job.cancel_message == SHUTDOWN_MESSAGE
+
+    def _hand_back(self, job: _Job) -> None:
+        with self._lock:
+            job.metadata.ClearField("stage") if "stage" in job.metadata.DESCRIPTOR.fields_by_name else None
+            record = job.to_operation().SerializeToString()
+        try:
+            returned = self.store.hand_back(job.tenant, job.op_id, self.replica_id, record)
+        except Exception:
+            logger.exception("could not hand operation %s back; its lease will expire", job.name)
+            returned = False
+        if returned:
+            logger.info("operation %s handed back to the queue at shutdown", job.name)
+        self._forget((job.tenant, job.op_id))
+
+    def _finish(
+        self, job: _Job, response: Message | None, error: BaseException | None, *, owner: str | None
+    ) -> None:
+        """Record the outcome once, run ``on_done``, then make it visible and wake waiters."""
+        status: status_pb2.Status | None = None
+        packed: any_pb2.Any | None = None
+        if error is None:
+            try:
+                packed = any_pb2.Any()
+                packed.Pack(response if response is not None else empty_pb2.Empty())
+            except Exception as exc:  # the job returned something that is not a message
+                logger.error(
+                    "operation %s returned %r, not a message", job.name, type(response), exc_info=exc
+                )
+                error = exc
+        if error is not None:
+            status, packed = status_of(error, operation=job.name), None
+        with self._lock:
+            metadata = type(job.metadata)()
+            metadata.CopyFrom(job.metadata)
+        _set_time(metadata, "end_time")
+        if status is None and "progress_percent" in metadata.DESCRIPTOR.fields_by_name:
+            metadata.progress_percent = 100.0
+        final = dataclasses.replace(job, done=True, error=status, response=packed, metadata=metadata)
+        try:
+            recorded = self.store.finish(job.tenant, job.op_id, final.to_operation().SerializeToString(),
+                                         owner=owner)  # fmt: skip
+        except Exception:
+            logger.exception("could not record the outcome of operation %s; its lease will expire", job.name)
+            recorded = False
+        if not recorded:
+            logger.warning(
+                "operation %s was finished elsewhere (lease lost): this result is dropped", job.name
+            )
+        try:
+            if job.on_done is not None:
+                job.on_done()
+        except Exception:
+            logger.exception("on_done of operation %s failed", job.name)
+        with self._lock:
+            if recorded:
+                job.metadata, job.error, job.response, job.done = metadata, status, packed, True
+            job.phase = "done"
+            self._local.pop((job.tenant, job.op_id), None)
+            self._fns.pop((job.tenant, job.op_id), None)
             waiters, job.waiters = job.waiters, []
         for loop, event in waiters:
             with contextlib.suppress(RuntimeError):  # loop closed
                 loop.call_soon_threadsafe(event.set)
-
-    def _trim(self) -> None:
-        with self._lock:
-            excess = len(self._jobs) - self.memory_limit
-            if excess <= 0:
-                return
-            for key in [k for k, j in self._jobs.items() if j.done][:excess]:
-                del self._jobs[key]
 
     def _progress(self, job: _Job, stage: str | None, percent: float | None) -> None:
         fields = job.metadata.DESCRIPTOR.fields_by_name
@@ -652,35 +589,94 @@ class OperationManager:
                 job.metadata.stage = stage
             if percent is not None and "progress_percent" in fields:
                 job.metadata.progress_percent = max(0.0, min(100.0, float(percent)))
+            job.dirty = True
+
+    # --- leases -------------------------------------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        """Extend our leases, publish progress, pick up cancellations, expire dead owners' jobs."""
+        while not self._stopped.wait(self.heartbeat_seconds):
+            try:
+                self.heartbeat()
+            except Exception as error:
+                logger.warning("operation lease heartbeat failed: %s", error)
+
+    def heartbeat(self) -> None:
+        with self._lock:
+            records = {}
+            for key, job in self._local.items():
+                if job.phase == "running" and job.dirty:
+                    records[key] = job.to_operation().SerializeToString()
+                    job.dirty = False
+        cancelled = self.store.heartbeat(self.replica_id, time.time() + self.lease_seconds, records)
+        with self._lock:
+            for key in cancelled:
+                job = self._local.get(key)
+                if job is not None:
+                    job.cancel.set()
+        self.recover()
+
+    def recover(self) -> int:
+        """Take over what owners that stopped heartbeating left: portable jobs are queued again (and
+        re-run), jobs only their dead process could run are finished UNAVAILABLE "server restarted;
+        retry". Never touches a live owner's jobs. Returns how many were finished."""
+        finished = 0
+        for stored in self.store.expire(time.time()):
+            if stored.owner == self.replica_id:
+                continue  # our own (a slow heartbeat): keep it
+            job = _job_of(stored)
+            job.error = _restart_status(RESTARTED_MESSAGE)
+            job.done = True
+            _set_time(job.metadata, "end_time")
+            if self.store.finish(
+                stored.tenant, stored.op_id, job.to_operation().SerializeToString(), owner=None
+            ):
+                finished += 1
+                logger.warning("operation %s belonged to a process that stopped: marked failed", job.name)
+        return finished
 
     # --- reading ----------------------------------------------------------------------------------
 
-    def _snapshot(self, job: _Job) -> operations_pb2.Operation:
+    def _current(self, stored: StoredOperation) -> operations_pb2.Operation:
+        """The freshest view: this process's live job if it has one, else the stored record."""
         with self._lock:
-            return job.to_operation()
+            job = self._local.get((stored.tenant, stored.op_id))
+            if job is not None and not job.done:
+                return job.to_operation()
+        op = _parse_record(stored.record)
+        op.name = operation_name(stored.tenant, stored.op_id)
+        return op
 
-    def _require(self, tenant: str, op_id: str) -> _Job:
-        job = self._load(tenant, op_id)
-        if job is None:
+    def _require(self, tenant: str, op_id: str) -> StoredOperation:
+        stored = self.store.get(tenant, op_id)
+        if stored is None:
             raise NotFound(OPERATION_TYPE, operation_name(tenant, op_id))
-        return job
+        return stored
 
     def get(self, tenant: str, op_id: str) -> operations_pb2.Operation:
-        """Blocking (may read the store): call from a worker thread in async code."""
-        return self._snapshot(self._require(tenant, op_id))
+        """Blocking (reads the control database): call from a worker thread in async code."""
+        return self._current(self._require(tenant, op_id))
 
     async def wait(self, tenant: str, op_id: str, timeout: float) -> operations_pb2.Operation:
-        """The operation once done, or as it is after ``timeout`` seconds."""
-        job = await asyncio.to_thread(self._require, tenant, op_id)
-        event = asyncio.Event()
-        with self._lock:
-            if not job.done:
-                job.waiters.append((asyncio.get_running_loop(), event))
-            else:
-                event.set()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout=max(0.0, timeout))
-        return self._snapshot(job)
+        """The operation once done, or as it is after ``timeout`` seconds (wherever it runs)."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        current = await asyncio.to_thread(self.get, tenant, op_id)
+        while not current.done:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            event = asyncio.Event()
+            with self._lock:
+                job = self._local.get((tenant, op_id))
+                if job is not None:
+                    job.waiters.append((asyncio.get_running_loop(), event))
+            with contextlib.suppress(TimeoutError):  # ours: woken at once; elsewhere: polled
+                await asyncio.wait_for(event.wait(), timeout=min(left, self.poll_seconds))
+            try:
+                current = await asyncio.to_thread(self.get, tenant, op_id)
+            except NotFound:
+                break
+        return current
 
     def list(
         self, tenant: str, *, page_size: int, page_token: str = "", done: bool | None = None
@@ -688,97 +684,90 @@ class OperationManager:
         """Newest first; ``page_token`` is the last id of the previous page. Blocking."""
         if page_token and not (len(page_token) == 24 and set(page_token) <= _OP_ID_CHARS):
             raise InvalidArgument("page_token", "not a token from a previous ListOperations response")
-        prefix = f"{self.prefix}{tenant}/"
-        ids = [
-            info.key[len(prefix) : -len(".json")]
-            for info in self.store.list(prefix)
-            if info.key.endswith(".json") and "/" not in info.key[len(prefix) :]
-        ]
-        with self._lock:  # accepted but maybe not yet visible in a slow store listing
-            ids.extend(op_id for (t, op_id) in self._jobs if t == tenant)
-        ordered = sorted(set(ids), reverse=True)
-        if page_token:
-            ordered = [op_id for op_id in ordered if op_id < page_token]
-        page: list[operations_pb2.Operation] = []
-        last = ""
-        for op_id in ordered:
-            if len(page) == page_size:
-                return page, last
-            job = self._load(tenant, op_id)
-            last = op_id
-            if job is None or (done is not None and job.done != done):
-                continue
-            page.append(self._snapshot(job))
-        return page, ""
+        rows = self.store.list(tenant, before=page_token, limit=page_size + 1, done=done)
+        page = [self._current(row) for row in rows[:page_size]]
+        token = rows[page_size - 1].op_id if len(rows) > page_size else ""
+        return page, token
 
     def cancel(self, tenant: str, op_id: str) -> None:
-        """Best effort: a queued job never runs; a running one stops at its next progress report."""
-        job = self._require(tenant, op_id)
+        """Best effort: a queued job never runs; a running one stops at its next progress report
+        (on whichever replica runs it, within a heartbeat)."""
+        stored = self.store.request_cancel(tenant, op_id)
+        if stored is None:
+            raise NotFound(OPERATION_TYPE, operation_name(tenant, op_id))
         with self._lock:
-            if job.done:
-                return
-            job.cancel.set()
-            dequeued = self._take_queued(job)
-        if dequeued:  # still queued: it will never run
-            self._finish(job, None, OperationCancelled("operation cancelled before it started"))
-
-    def _take_queued(self, job: _Job) -> bool:
-        """With the lock held: remove a job no worker has taken yet from the queue."""
-        if job.phase != "queued" or not self._queue.remove(job):
-            return False
-        self._unadmit(job.tenant)
-        return True
+            job = self._local.get((tenant, op_id))
+            if job is not None:
+                job.cancel.set()
+        if stored.state == QUEUED:
+            queued = job if job is not None else _job_of(stored)
+            self._finish(
+                queued, None, OperationCancelled("operation cancelled before it started"), owner=None
+            )
 
     def delete(self, tenant: str, op_id: str) -> None:
-        job = self._require(tenant, op_id)
-        if not job.done:
+        stored = self._require(tenant, op_id)
+        if stored.state != DONE or not self.store.delete(tenant, op_id):
+            name = operation_name(tenant, op_id)
             raise FailedPrecondition(
                 "OPERATION_RUNNING",
-                f"operation {job.name} is still running; cancel it or wait for it first",
-                [("OPERATION_RUNNING", job.name, "not done")],
+                f"operation {name} is still running; cancel it or wait for it first",
+                [("OPERATION_RUNNING", name, "not done")],
             )
-        with self._lock:
-            self._jobs.pop((tenant, op_id), None)
-            if job.request_key:
-                self._requests.pop((tenant, job.request_key), None)
-        self.store.delete(self._key(tenant, op_id))
+
+    # --- reservations -------------------------------------------------------------------------------
+
+    def reserve(self, tenant: str, resource: str, *, lease_seconds: float = 300.0) -> str:
+        """Hold ``resource`` (a pack id) for a call of this process; return the holder to release
+        it with (or to pass to ``start``). ``ReservationConflict`` names a live holder."""
+        holder = f"call:{self.replica_id}:{secrets.token_hex(4)}"
+        self.store.reserve(tenant, resource, holder, lease_seconds)
+        return holder
+
+    def release(self, tenant: str, resource: str, holder: str) -> None:
+        self.store.release(tenant, resource, holder)
+
+    def holder(self, tenant: str, resource: str) -> str | None:
+        """Who holds ``resource``: an operation name, a call, or None."""
+        return self.store.holder(tenant, resource)
 
     # --- shutdown -----------------------------------------------------------------------------------
 
     def running(self) -> int:
+        """Jobs running in this process."""
         with self._lock:
-            return self._active
+            return self._running
 
     def begin_close(self, grace_seconds: float) -> None:
-        """At SIGTERM: refuse new jobs and cancel the others now; ``close`` then waits only for
-        what is left of ``grace_seconds`` (one grace for RPCs and jobs together)."""
+        """At SIGTERM: stop claiming and cancel running jobs now (portable ones go back to the
+        queue for another replica); ``close`` then waits only for what is left of the grace."""
         if self._close_deadline is None:
             self._close_deadline = time.monotonic() + grace_seconds
         self._cancel_all()
 
     async def close(self, grace_seconds: float = 5.0) -> None:
-        """Refuse new jobs, cancel queued and running ones, wait up to ``grace_seconds`` for them
-        (or until the deadline ``begin_close`` set, whichever is first)."""
+        """Stop claiming, cancel running jobs, finish the pinned jobs still queued here (they could
+        only run in this process), wait up to ``grace_seconds`` (or the ``begin_close`` deadline)."""
         deadline = time.monotonic() + grace_seconds
         if self._close_deadline is not None:
             deadline = min(deadline, self._close_deadline)
         self._cancel_all()
         while self.running() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        with self._lock:
+            pinned = [job for key, job in self._local.items() if key in self._fns and job.phase == "queued"]
+        for job in pinned:
+            await asyncio.to_thread(self._finish, job, None, OperationCancelled(SHUTDOWN_MESSAGE), owner=None)
+        self._stopped.set()
 
     def _cancel_all(self) -> None:
         with self._lock:
             self._closing = True
-            jobs = [job for job in self._jobs.values() if not job.done]
-        for job in jobs:
+            running = [job for job in self._local.values() if job.phase == "running"]
+            self._wakeup.notify_all()  # idle workers see _closing and exit
+        for job in running:
             job.cancel_message = SHUTDOWN_MESSAGE
             job.cancel.set()
-            with self._lock:
-                dequeued = self._take_queued(job)
-            if dequeued:
-                self._finish(job, None, OperationCancelled(SHUTDOWN_MESSAGE))
-        with self._lock:
-            self._wakeup.notify_all()  # idle workers see _closing and exit
 
 
 async def _await(awaitable: Any) -> Any:
@@ -919,11 +908,15 @@ def unpack_metadata(op: operations_pb2.Operation, message_type: type[Message]) -
 
 __all__ = [
     "RESTARTED_MESSAGE",
-    "FairQueue",
+    "SHUTDOWN_MESSAGE",
     "JobContext",
+    "JobFn",
     "OperationCancelled",
     "OperationManager",
     "OperationsServicer",
+    "PortableRunner",
+    "ReservationConflict",
+    "new_replica_id",
     "operation_error",
     "request_fingerprint",
     "status_of",

@@ -173,19 +173,21 @@ class PackStore:
         shards: int = 1,
         *,
         resolved_spec: spec_pb2.PackSpec | None = None,
+        operation: str = "",
     ) -> pack_pb2.Pack:
         """Publish ``bitmap`` as the next version of the pack; return the stored ``Pack``.
 
         From ``pack`` the caller's fields are kept (display_name, labels, spec, options, ttl, source,
         upload_stats, inputs); name, version, state, size, times, etag and build_stats are set here.
         ``shards > 1`` stores one file per shard (readers union them). ``resolved_spec`` (relative
-        windows made absolute) is recorded in the manifest next to the spec as written.
+        windows made absolute) is recorded in the manifest next to the spec as written, and
+        ``operation`` (the build's operation name) so that a re-run of that build finds its result.
         """
         check_ids(tenant, pack_id)
         if not 1 <= shards <= 256:
             raise InvalidArgument("shards", f"must be in 1..256, got {shards}")
         parts = list(zip(Shard.all(shards), split_by_shard(bitmap, shards), strict=True))
-        return self._publish(tenant, pack_id, parts, pack, stats, resolved_spec)
+        return self._publish(tenant, pack_id, parts, pack, stats, resolved_spec, operation)
 
     def _publish(
         self,
@@ -195,6 +197,7 @@ class PackStore:
         pack: pack_pb2.Pack,
         stats: pack_pb2.BuildStats | None,
         resolved_spec: spec_pb2.PackSpec | None,
+        operation: str = "",
     ) -> pack_pb2.Pack:
         name = pack_name(tenant, pack_id)
         previous = self._pointer(tenant, pack_id)
@@ -247,6 +250,8 @@ class PackStore:
             }
             if resolved_spec is not None:
                 manifest["resolved_spec"] = json_format.MessageToDict(resolved_spec)
+            if operation:
+                manifest["operation"] = operation
             try:
                 publish(self.store, data=data, manifest_key=base + "manifest.json", manifest=manifest)
                 break

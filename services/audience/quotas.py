@@ -289,14 +289,18 @@ class PostgresUsageStore(UsageStore):
 
 
 def default_control_path(store_url: str) -> str:
-    """The embedded default file: beside a local store's directory, else under ``./var``."""
+    """The embedded default file: beside a local store's directory, else under ``./var``, one file
+    per store (its queue holds jobs for that store's data only)."""
+    import hashlib
+
     from services.storage import LocalObjectStore, open_store
 
     if store_url.lower().startswith("file://") or "://" not in store_url:
         store = open_store(store_url)
         if isinstance(store, LocalObjectStore):
             return str(store.root.parent / f"{store.root.name}.control.sqlite3")
-    return str(Path("var") / "audience-control.sqlite3")
+    digest = hashlib.sha256(store_url.encode()).hexdigest()[:12]
+    return str(Path("var") / f"audience-control-{digest}.sqlite3")
 
 
 def open_usage_store(url: str, default_path: str) -> UsageStore:

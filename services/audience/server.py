@@ -1,32 +1,41 @@
-"""Assemble the audience server: AudienceService, google.longrunning.Operations, health, reflection.
+"""Assemble the audience server: AudienceService, google.longrunning.Operations, LookalikeService,
+LivePackService and EventService, health, reflection. This is the process's composition root.
 
 ``create_audience_server(settings)`` is what tests call (port 0) and ``build_service(settings)``
 is what ``python -m services.audience`` hands to the runtime's ``run_service``; both wire the same
-``AudienceApp``: one object store, the pack store, the operation manager (recovered at start-up,
-its build queue fair across tenants), the membership cache, the tenant quotas (limits and their
-shared counters, ``services/audience/quotas.py``) and the servicers.
+``AudienceApp``: one object store, the pack store, the control database (operations and their
+shared queue, pack-id reservations; ``operation_store.py``), the operation manager, the membership
+cache, the tenant quotas (``quotas.py``) and the servicers. With ``FLASHCROWD_WORKER_PROCESSES`` > 0
+the server also starts that many ``audience-worker`` processes (``services/audience/worker``) that run
+the pack builds, and runs none itself.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from flashcrowd.audience.v1 import audience_service_pb2, audience_service_pb2_grpc
 from google.longrunning import operations_pb2, operations_pb2_grpc
 
 from services.audience.config import AudienceSettings
+from services.audience.control_db import ControlDatabase
+from services.audience.live import live_service
+from services.audience.lookalike.service import lookalike_service
 from services.audience.membership import MembershipCache
+from services.audience.operation_store import OperationStore
 from services.audience.operations import OperationManager, OperationsServicer
+from services.audience.pack_builds import BUILD_KINDS, PackBuilds
 from services.audience.packstore import PackStore
 from services.audience.privacy import Discloser, PrivacyParameters
 from services.audience.privacy_ledger import open_privacy_ledger
 from services.audience.quotas import TenantQuotas, default_control_path, open_quotas
 from services.audience.servicer import AudienceServicer
 from services.audience.tenancy import Tenancy
+from services.audience.worker.processes import WorkerProcesses
 from services.runtime import ServiceDefinition, create_server
 from services.runtime.assertion import backend_interceptors
 from services.storage import ObjectStore, open_store
@@ -44,6 +53,7 @@ class AudienceApp:
     settings: AudienceSettings
     store: ObjectStore
     packs: PackStore
+    control: ControlDatabase
     operations: OperationManager
     membership: MembershipCache
     tenancy: Tenancy
@@ -52,6 +62,12 @@ class AudienceApp:
     operations_servicer: OperationsServicer
     #: Per-tenant limits and their shared counters (None only for apps wired by hand in tests).
     quotas: TenantQuotas | None = None
+    #: The live-pack engine, once ``live_service`` wired it (services/audience/live.py).
+    live_packs: Any = None
+    #: The LookalikeService, LivePackService and EventService of this process (``_definition``).
+    extras: list[ServiceDefinition] = field(default_factory=list)
+    #: ``audience-worker`` child processes running the builds (none: builds run on our threads).
+    workers: WorkerProcesses | None = None
 
     @property
     def service_names(self) -> list[str]:
@@ -62,42 +78,59 @@ class AudienceApp:
         operations_pb2_grpc.add_OperationsServicer_to_server(self.operations_servicer, server)
 
     async def begin_close(self) -> None:
-        """At SIGTERM: cancel builds now, so they end within the server's grace (one wait)."""
+        """At SIGTERM: stop claiming and cancel builds now (portable ones go back to the queue), so
+        that they end within the server's grace (one wait); workers get their SIGTERM too."""
         self.operations.begin_close(self.settings.grace_seconds)
+        if self.workers is not None:
+            self.workers.terminate()
 
     async def close(self) -> None:
-        for stop in getattr(self, "extra_stops", ()):  # live packs, event bus (services.audience.live)
-            await stop()
-        self.extra_stops = []
+        extras, self.extras = self.extras, []
+        for extra in extras:  # live packs, event bus
+            for stop in extra.on_stop:
+                await stop()
         await self.operations.close(self.settings.grace_seconds)
+        if self.workers is not None:
+            await self.workers.wait(self.settings.grace_seconds)
+            self.workers = None
+        self.control.close()
         self.discloser.ledger.close()
         if self.quotas is not None:
             self.quotas.close()
             self.quotas = None
 
 
+def open_control(settings: AudienceSettings) -> ControlDatabase:
+    """The shared control database (PostgreSQL in deployments, SQLite beside a local store)."""
+    return ControlDatabase(settings.control_database_url, default_control_path(settings.store_url))
+
+
 def build_app(settings: AudienceSettings, store: ObjectStore | None = None) -> AudienceApp:
-    """Open the store and wire the components; marks operations of a dead predecessor failed."""
+    """Open the store and the control database and wire the components (blocking)."""
     store = store if store is not None else open_store(settings.store_url)
     packs = PackStore(store, settings.packs_prefix)
     quotas = open_quotas(settings)
-    operations = OperationManager(
-        store,
-        settings.operations_prefix,
-        max_workers=settings.max_concurrent_builds,
-        max_queued=settings.max_queued_builds,
-        queued_limit=quotas.limits.queued_builds,
-        tenant_max_running=quotas.limits.running_builds,
-    )
-    failed = operations.recover()
-    if failed:
-        logger.warning("marked %d operation(s) of a previous process failed", failed)
     membership = MembershipCache(
         packs,
         capacity=settings.membership_cache_packs,
         refresh_ms=settings.membership_refresh_ms,
         dense_max_ids=settings.membership_dense_max_ids,
     )
+    builds = PackBuilds(store, packs, settings.dataset_prefix, invalidate=membership.invalidate)
+    control = open_control(settings)
+    operations = OperationManager(
+        OperationStore(control),
+        max_workers=settings.max_concurrent_builds,
+        max_queued=settings.max_queued_builds,
+        queued_limit=quotas.limits.queued_builds,
+        tenant_max_running=quotas.limits.running_builds,
+        runners=dict.fromkeys(BUILD_KINDS, builds.run),
+        run_portable=settings.worker_processes == 0,
+        lease_seconds=settings.operation_lease_seconds,
+    )
+    failed = operations.recover()
+    if failed:
+        logger.warning("marked %d operation(s) of stopped processes failed", failed)
     tenancy = Tenancy()
     discloser = Discloser(
         settings.pepper().key,
@@ -115,52 +148,23 @@ def build_app(settings: AudienceSettings, store: ObjectStore | None = None) -> A
         operations, tenancy, discloser, max_wait_seconds=settings.max_wait_seconds
     )
     return AudienceApp(
-        settings, store, packs, operations, membership, tenancy, discloser, servicer, ops_servicer, quotas
-    )
-
-
-#: Module that, once it exists, provides ``lookalike_service(app: AudienceApp) -> ServiceDefinition``:
-#: the LookalikeService is then served by this process too (sharing its store, packs and operations).
-LOOKALIKE_MODULE = "services.audience.lookalike.service"
-
-
-def _lookalike_definition(app: AudienceApp) -> ServiceDefinition | None:
-    """The LookalikeService, when its implementation is present (another issue's module)."""
-    try:
-        module = importlib.import_module(LOOKALIKE_MODULE)
-    except ModuleNotFoundError as error:
-        if error.name == LOOKALIKE_MODULE:
-            return None
-        raise  # the module exists but one of its own imports is missing: a real error
-    factory = getattr(module, "lookalike_service", None)
-    return factory(app) if factory is not None else None
+        settings, store, packs, control, operations, membership, tenancy, discloser, servicer,
+        ops_servicer, quotas,
+    )  # fmt: skip
 
 
 async def build_service(settings: AudienceSettings, store: ObjectStore | None = None) -> ServiceDefinition:
     """The runtime's view of this service (``run_service``'s ``build``)."""
     app = await asyncio.to_thread(build_app, settings, store)
+    if settings.worker_processes:
+        app.workers = WorkerProcesses.start(settings.worker_processes)
     return _definition(app)
 
 
-#: Module providing ``live_service(app) -> ServiceDefinition``: live packs (LivePackService) and the
-#: EventService on the event bus, served by this process too.
-LIVE_MODULE = "services.audience.live"
-
-
-def _live_definition(app: AudienceApp) -> ServiceDefinition | None:
-    return importlib.import_module(LIVE_MODULE).live_service(app)
-
-
 def _definition(app: AudienceApp) -> ServiceDefinition:
-    names = list(app.service_names)
-    registers = [app.register]
-    stops = []
-    for extra in (_lookalike_definition(app), _live_definition(app)):
-        if extra is not None:
-            names.extend(extra.names)
-            registers.append(extra.register)
-            stops.extend(extra.on_stop)
-    app.extra_stops = stops  # awaited by app.close() as well, for callers of create_audience_server
+    app.extras = [lookalike_service(app), live_service(app)]
+    names = [*app.service_names, *(name for extra in app.extras for name in extra.names)]
+    registers = [app.register, *(extra.register for extra in app.extras)]
 
     def register(server: grpc.aio.Server) -> None:
         for fn in registers:

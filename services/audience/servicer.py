@@ -20,9 +20,7 @@ import binascii
 import json
 import logging
 import math
-import threading
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,8 +28,8 @@ import grpc
 import numpy as np
 import polars as pl
 from flashcrowd.audience.v1 import audience_service_pb2, audience_service_pb2_grpc, pack_pb2, spec_pb2
+from google.longrunning import operations_pb2
 from google.protobuf import empty_pb2
-from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from pyroaring import BitMap
 
@@ -40,7 +38,8 @@ from services.audience import persona as pack_persona
 from services.audience.bots import bot_bitmap
 from services.audience.config import AudienceSettings
 from services.audience.membership import MembershipCache, as_user_ids, check_batch, membership_response
-from services.audience.operations import JobContext, OperationCancelled, OperationManager, request_fingerprint
+from services.audience.operations import OperationManager, ReservationConflict, request_fingerprint
+from services.audience.pack_builds import PACK_SIZE, build_payload, open_dataset
 from services.audience.packstore import PackStore
 from services.audience.privacy import BELOW_MINIMUM, Discloser, fingerprint_of_pack, is_exact_for
 from services.audience.quotas import TenantQuotas
@@ -66,7 +65,7 @@ from services.audience.uploads import (
     read_upload,
     upload_stats,
 )
-from services.events.dataset import DatasetNotFound, EventDataset
+from services.events.dataset import EventDataset
 from services.events.sharding import NUM_BUCKETS, Shard
 from services.runtime import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, attributes
 from services.storage import ObjectStore
@@ -74,15 +73,6 @@ from services.storage import ObjectStore
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("flashcrowd.audience")
 meter = metrics.get_meter("flashcrowd.audience")
-BUILDS = meter.create_counter(
-    attributes.METRIC_PACK_BUILDS, unit="{build}", description="Pack builds by outcome"
-)
-BUILD_DURATION = meter.create_histogram(
-    attributes.METRIC_PACK_BUILD_DURATION, unit="s", description="Wall time of pack builds"
-)
-PACK_SIZE = meter.create_histogram(
-    attributes.METRIC_PACK_SIZE, unit="{user}", description="Members of new packs"
-)
 UPLOAD_ROWS = meter.create_counter(
     attributes.METRIC_UPLOAD_ROWS, unit="{row}", description="Upload rows by outcome"
 )
@@ -191,13 +181,6 @@ class LiveMembership(Protocol):
         ...
 
 
-@dataclass(eq=False)
-class _Reservation:
-    """A pack id claimed by one build or upload of this process; ``holder`` names it when known."""
-
-    holder: str = ""
-
-
 class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
     """The ``AudienceService`` RPCs; see the module doc."""
 
@@ -224,9 +207,6 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
         self.tenancy = tenancy
         #: HMAC key of the identity map (uploads key their digests with it; keyed exports check it).
         self.pepper = settings.pepper()
-        # Packs with a build (or upload) in flight in this process: (tenant, pack id) -> operation.
-        self._building: dict[tuple[str, str], _Reservation] = {}
-        self._building_lock = threading.Lock()
         self._estimates = asyncio.Semaphore(settings.max_concurrent_builds)
         #: Set by a live-pack service running in this process: CheckMembership then answers
         #: ``tenants/{t}/livePacks/{id}`` names from it; without one they are NOT_FOUND.
@@ -236,12 +216,7 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
 
     def dataset(self) -> EventDataset:
         """A snapshot of the event dataset (blocking: reads its manifest)."""
-        try:
-            return EventDataset(self.store, self.settings.dataset_prefix)
-        except DatasetNotFound as error:
-            raise FailedPrecondition(
-                "DATASET_MISSING", f"no event dataset: {error}", [("DATASET_MISSING", "dataset", str(error))]
-            ) from None
+        return open_dataset(self.store, self.settings.dataset_prefix)
 
     def _pack(self, name: str, context: grpc.aio.ServicerContext, field: str = "name") -> tuple[str, str]:
         tenant, pack_id = parse_pack_name(name, field)
@@ -256,30 +231,23 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
         trace.get_current_span().set_attribute(attributes.TENANT, tenant)
         return tenant
 
-    def _reserve(self, tenant: str, pack_id: str, holder: str = "") -> _Reservation:
-        """Claim a pack id for one build or upload of this process; ALREADY_EXISTS if claimed."""
-        with self._building_lock:
-            if (tenant, pack_id) in self._building:
-                raise AlreadyExists(PACK_TYPE, pack_name(tenant, pack_id), description="being built")
-            reservation = self._building[(tenant, pack_id)] = _Reservation(holder)
-            return reservation
+    def reserve_pack(self, tenant: str, pack_id: str, purpose: str = "") -> str:
+        """Claim a pack id for one build or upload (shared by every replica); ALREADY_EXISTS while
+        another holds it. Returns the holder to release it with (or to hand to an operation). Blocking."""
+        try:
+            return self.operations.reserve(tenant, pack_id)
+        except ReservationConflict as conflict:
+            raise AlreadyExists(
+                PACK_TYPE, pack_name(tenant, pack_id), description=f"being built by {conflict.holder}"
+            ) from None
 
-    def _release(self, tenant: str, pack_id: str, reservation: _Reservation | None = None) -> None:
-        """Release a claim; with ``reservation``, only that one (not a later claim of the same id)."""
-        with self._building_lock:
-            current = self._building.get((tenant, pack_id))
-            if current is not None and (reservation is None or current is reservation):
-                del self._building[(tenant, pack_id)]
-
-    #: Public names for other services of this process (LookalikeService's ExpandLookalike).
-    reserve_pack = _reserve
-    release_pack = _release
+    def release_pack(self, tenant: str, pack_id: str, holder: str) -> None:
+        """Release a claim (only ``holder``'s, never a later claim of the same id). Blocking."""
+        self.operations.release(tenant, pack_id, holder)
 
     def _building_op(self, tenant: str, pack_id: str) -> str | None:
-        """The operation building the pack ("" while it is being accepted), None if none is."""
-        with self._building_lock:
-            reservation = self._building.get((tenant, pack_id))
-            return None if reservation is None else reservation.holder
+        """The operation (or call) building the pack on any replica, None if none is. Blocking."""
+        return self.operations.holder(tenant, pack_id)
 
     def check_references(self, tenant: str, spec: spec_pb2.PackSpec, path: str, self_id: str = "") -> None:
         """Every pack a spec references must be one of the tenant's visible packs (NOT_FOUND otherwise).
@@ -317,75 +285,6 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
                     metadata={"field": ref_path},
                 )
 
-    def _build_job(
-        self,
-        tenant: str,
-        pack_id: str,
-        template: pack_pb2.Pack,
-    ) -> Callable[[JobContext], pack_pb2.Pack]:
-        spec = template.spec
-        options = template.options
-        name = pack_name(tenant, pack_id)
-        parent = otel_context.get_current()  # the RPC's trace: the build's span is its child
-
-        def job(ctx: JobContext) -> pack_pb2.Pack:
-            token = otel_context.attach(parent)
-            started = time.monotonic()
-            outcome = "error"
-            try:
-                with tracer.start_as_current_span(
-                    "audience.build_pack",
-                    attributes={
-                        attributes.TENANT: tenant,
-                        attributes.PACK_NAME: name,
-                        "flashcrowd.operation": ctx.operation,
-                    },
-                ) as span:
-                    stored = build(ctx)
-                    span.set_attribute(attributes.PACK_VERSION, stored.version)
-                    span.set_attribute(attributes.PACK_SIZE, stored.size)
-                    PACK_SIZE.record(stored.size, {attributes.PACK_KIND: "spec"})
-                    outcome = "ok"
-                    return stored
-            except OperationCancelled:
-                outcome = "cancelled"
-                raise
-            finally:
-                BUILDS.add(1, {"outcome": outcome})
-                BUILD_DURATION.record(time.monotonic() - started, {"outcome": outcome})
-                otel_context.detach(token)
-
-        def build(ctx: JobContext) -> pack_pb2.Pack:
-            ctx.progress("compile", 0.0)
-            dataset = self.dataset()
-
-            def progress(stage: str, fraction: float) -> None:
-                ctx.progress(stage, 5.0 + 85.0 * max(0.0, min(1.0, fraction)))
-
-            result = pack_builder.build_pack(
-                dataset,
-                spec,
-                options,
-                resolve_pack=self.packs.resolve_pack(tenant),
-                resolve_spec=self.packs.resolve_spec(tenant),
-                pack_name=name,
-                progress=progress,
-                tenant=tenant,
-            )
-            ctx.progress("publish", 95.0)  # last chance to cancel: nothing is written before this
-            pack = pack_pb2.Pack()
-            pack.CopyFrom(template)
-            pack.source = pack_pb2.Pack.SOURCE_SPEC
-            del pack.inputs[:]
-            pack.inputs.extend(result.inputs)
-            stored = self.packs.publish_version(
-                tenant, pack_id, result.bitmap, pack, result.stats, resolved_spec=result.resolved_spec
-            )
-            self.membership.invalidate(tenant, pack_id)
-            return stored
-
-        return job
-
     # --- CreatePack / RefreshPack -------------------------------------------------------------------
 
     def _quota_exempt(self, context: grpc.aio.ServicerContext | None) -> bool:
@@ -409,15 +308,21 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
         _check_pack_fields(request.pack, "pack")
 
         fingerprint = request_fingerprint(request)
-        if request.request_id:
-            existing = await asyncio.to_thread(
-                self.operations.find_request, tenant, f"create:{request.request_id}", fingerprint
-            )
+        request_key = f"create:{request.request_id}" if request.request_id else ""
+        if request_key:
+            existing = await asyncio.to_thread(self.operations.find_request, tenant, request_key, fingerprint)
             if existing is not None:
                 return existing
         pack_id = request.pack_id
         name = pack_name(tenant, pack_id)
-        reservation = self._reserve(tenant, pack_id)
+        try:
+            reservation = await asyncio.to_thread(self.reserve_pack, tenant, pack_id)
+        except AlreadyExists:
+            if request_key:  # the same request accepted by another replica a moment ago
+                existing = await self._accepted_elsewhere(tenant, request_key, fingerprint)
+                if existing is not None:
+                    return existing
+            raise
         try:
             if await asyncio.to_thread(self.packs.exists, tenant, pack_id):
                 raise AlreadyExists(PACK_TYPE, name)
@@ -425,21 +330,31 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
             template = pack_pb2.Pack()
             template.CopyFrom(request.pack)
             metadata = audience_service_pb2.BuildPackMetadata(pack=name, version=1, stage="queued")
-            op = await self.operations.start(
+            return await self.operations.start(
                 tenant,
                 "CreatePack",
-                self._build_job(tenant, pack_id, template),
+                None,
                 metadata,
-                request_key=f"create:{request.request_id}" if request.request_id else "",
+                payload=build_payload(name, template),
+                request_key=request_key,
                 fingerprint=fingerprint,
-                on_done=lambda: self._release(tenant, pack_id, reservation),
                 exempt=self._quota_exempt(context),  # else TENANT_QUOTA past the tenant's queued builds
+                reservation=(pack_id, reservation),  # released when the operation ends
             )
         except BaseException:
-            self._release(tenant, pack_id, reservation)
+            await asyncio.to_thread(self.release_pack, tenant, pack_id, reservation)
             raise
-        reservation.holder = op.name
-        return op
+
+    async def _accepted_elsewhere(
+        self, tenant: str, request_key: str, fingerprint: str
+    ) -> operations_pb2.Operation | None:
+        """The operation of a request another replica is accepting right now (a few seconds' wait)."""
+        for _ in range(50):
+            existing = await asyncio.to_thread(self.operations.find_request, tenant, request_key, fingerprint)
+            if existing is not None:
+                return existing
+            await asyncio.sleep(0.1)
+        return None
 
     async def RefreshPack(self, request, context):
         tenant, pack_id = self._pack(request.name, context)
@@ -460,7 +375,7 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
                     )
                 ],
             )
-        reservation = self._reserve_refresh(tenant, pack_id, request.name)
+        reservation = await asyncio.to_thread(self._reserve_refresh, tenant, pack_id, request.name)
         try:
             template = pack_pb2.Pack()
             template.CopyFrom(current)
@@ -472,32 +387,28 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
             metadata = audience_service_pb2.BuildPackMetadata(
                 pack=request.name, version=current.version + 1, stage="queued"
             )
-            op = await self.operations.start(
+            return await self.operations.start(
                 tenant,
                 "RefreshPack",
-                self._build_job(tenant, pack_id, template),
+                None,
                 metadata,
-                on_done=lambda: self._release(tenant, pack_id, reservation),
+                payload=build_payload(request.name, template),
                 exempt=self._quota_exempt(context),
+                reservation=(pack_id, reservation),
             )
         except BaseException:
-            self._release(tenant, pack_id, reservation)
+            await asyncio.to_thread(self.release_pack, tenant, pack_id, reservation)
             raise
-        reservation.holder = op.name
-        return op
 
-    def _reserve_refresh(self, tenant: str, pack_id: str, name: str) -> _Reservation:
-        with self._building_lock:
-            running = self._building.get((tenant, pack_id))
-            if running is not None:
-                holder = running.holder
-                raise FailedPrecondition(
-                    "PACK_BUILDING",
-                    f"{name} is being built by {holder or 'another call'}; wait for it to finish",
-                    [("PACK_BUILDING", name, holder or "build in progress")],
-                )
-            reservation = self._building[(tenant, pack_id)] = _Reservation()
-            return reservation
+    def _reserve_refresh(self, tenant: str, pack_id: str, name: str) -> str:
+        try:
+            return self.operations.reserve(tenant, pack_id)
+        except ReservationConflict as conflict:
+            raise FailedPrecondition(
+                "PACK_BUILDING",
+                f"{name} is being built by {conflict.holder}; wait for it to finish",
+                [("PACK_BUILDING", name, conflict.holder)],
+            ) from None
 
     # --- EstimatePackSize ---------------------------------------------------------------------------
 
@@ -561,7 +472,7 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
             pack = await asyncio.to_thread(self.packs.get, tenant, pack_id)
             return await asyncio.to_thread(self.discloser.pack, pack, caller)
         except NotFound:
-            building = self._building_op(tenant, pack_id)
+            building = await asyncio.to_thread(self._building_op, tenant, pack_id)
             if building:  # first version still being built (in this process)
                 return pack_pb2.Pack(name=request.name, state=pack_pb2.Pack.STATE_BUILDING)
             raise
@@ -585,7 +496,7 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
 
     async def DeletePack(self, request, context):
         tenant, pack_id = self._pack(request.name, context)
-        running = self._building_op(tenant, pack_id)
+        running = await asyncio.to_thread(self._building_op, tenant, pack_id)
         if running is not None:
             raise FailedPrecondition(
                 "PACK_BUILDING",
@@ -728,7 +639,7 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
     # --- UploadPack ---------------------------------------------------------------------------------
 
     async def UploadPack(self, request_iterator, context):
-        reserved: list[tuple[str, str, _Reservation]] = []
+        reserved: list[tuple[str, str, str]] = []
         quotas = None if self._quota_exempt(context) else self.quotas
 
         async def on_header(header: UploadHeader) -> None:
@@ -736,9 +647,8 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
             if quotas is not None:  # refuse before the rows are streamed when none is left today
                 await asyncio.to_thread(quotas.require_room, header.tenant, quotas.limits.uploads_per_day)
             name = pack_name(header.tenant, header.pack_id)
-            reserved.append(
-                (header.tenant, header.pack_id, self._reserve(header.tenant, header.pack_id, "upload"))
-            )
+            holder = await asyncio.to_thread(self.reserve_pack, header.tenant, header.pack_id, "upload")
+            reserved.append((header.tenant, header.pack_id, holder))
             if await asyncio.to_thread(self.packs.exists, header.tenant, header.pack_id):
                 raise AlreadyExists(PACK_TYPE, name)
 
@@ -799,8 +709,8 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
             span.set_attribute(attributes.UPLOAD_MATCHED, stats.matched)
             span.set_attribute(attributes.UPLOAD_INVALID, stats.invalid)
         finally:
-            for tenant, pack_id, reservation in reserved:
-                self._release(tenant, pack_id, reservation)
+            for tenant, pack_id, holder in reserved:
+                await asyncio.to_thread(self.release_pack, tenant, pack_id, holder)
         shown = await asyncio.to_thread(self.discloser.pack, stored, self.tenancy.caller(context))
         return audience_service_pb2.UploadPackResponse(
             pack=shown, stats=shown.upload_stats, invalid_rows=invalid

@@ -182,7 +182,9 @@ def test_settings_bounds_name_the_variable(tmp_path) -> None:
 
 def test_the_embedded_default_sits_beside_a_local_store(tmp_path) -> None:
     assert default_control_path((tmp_path / "store").as_uri()) == str(tmp_path / "store.control.sqlite3")
-    assert default_control_path("s3://minio:9000/bucket") == "var/audience-control.sqlite3"
+    one = default_control_path("s3://minio:9000/bucket")
+    assert one.startswith("var/audience-control-") and one.endswith(".sqlite3")
+    assert default_control_path("s3://minio:9000/other") != one  # one queue per store
     store = open_usage_store(f"sqlite:///{tmp_path}/x.sqlite3", "unused")
     assert isinstance(store, SqliteUsageStore) and store.path == f"{tmp_path}/x.sqlite3"
     store.close()

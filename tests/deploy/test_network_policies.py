@@ -23,6 +23,7 @@ DEV_ALLOWED = [
     ("retarget", "postgres", 5432),
     ("retarget-migrate", "postgres", 5432),
     ("gateway", "postgres", 5432),  # the shared API-key store
+    ("audience", "postgres", 5432),  # the shared control plane (operations, build queue, quotas)
     ("audience", "nats", 4222),  # ingest (EventService), live packs
     ("compactor", "nats", 4222),
     ("sale-monitor", "nats", 4222),
@@ -46,7 +47,6 @@ DEV_DENIED = [
     ("otel-collector", "audience", 50051),
     ("gateway", "minio", 9000),
     ("retarget", "minio", 9000),
-    ("audience", "postgres", 5432),
     ("compactor", "postgres", 5432),
     ("sale-monitor", "postgres", 5432),
     ("pack-refresh", "postgres", 5432),

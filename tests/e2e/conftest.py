@@ -196,8 +196,8 @@ async def processes(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[P
             if proc.poll() is None:
                 proc.terminate()
         for name, proc in running.procs.items():
-            try:
-                proc.wait(timeout=10)
+            try:  # off the loop: the in-test collector must keep answering their final span flush
+                await asyncio.to_thread(proc.wait, 10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

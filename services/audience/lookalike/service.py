@@ -65,7 +65,7 @@ from services.audience.lookalike.expand import (
 )
 from services.audience.lookalike.messages import exclusion_from_proto, model_proto, response_proto
 from services.audience.lookalike.model import MODEL_ID
-from services.audience.operations import JobContext
+from services.audience.operations import JobContext, ReservationConflict
 from services.audience.quotas import Grant, TenantQuotas
 from services.audience.tenancy import PACK_TYPE, check_id, pack_name, parse_pack_name, parse_parent
 from services.runtime import (
@@ -122,23 +122,12 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
         self.app = app
         self.settings = settings or LookalikeSettings()
         self.root = self.settings.root if self.settings.root.endswith("/") else self.settings.root + "/"
-        self._training: set[str] = set()
 
     @property
     def store(self) -> ObjectStore:
         return self.app.store
 
     # --- helpers --------------------------------------------------------------------------------
-
-    def _reserve_pack(self, tenant: str, pack_id: str) -> None:
-        reserve = getattr(self.app.servicer, "_reserve", None)  # shared with CreatePack/UploadPack
-        if reserve is not None:
-            reserve(tenant, pack_id, "")
-
-    def _release_pack(self, tenant: str, pack_id: str) -> None:
-        release = getattr(self.app.servicer, "_release", None)
-        if release is not None:
-            release(tenant, pack_id)
 
     def _own_pack(self, tenant: str, name: str, field: str) -> str:
         ref_tenant, ref_pack = parse_pack_name(name, field)
@@ -208,14 +197,13 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
             raise InvalidArgument(
                 "cluster_count", f"{clusters} clusters for a population of {population:,} users"
             )
-        if request.model_id in self._training:
-            raise AlreadyExists(
-                MODEL_TYPE, f"lookalikeModels/{request.model_id}", description="being trained"
-            )
         name = f"lookalikeModels/{request.model_id}"
         metadata = lookalike_pb2.TrainLookalikeModelMetadata(model=name, stage="queued")
         model_id = request.model_id
-        self._training.add(model_id)
+        try:  # one training of a model id at a time, across replicas
+            holder = await asyncio.to_thread(self.app.operations.reserve, tenant, name)
+        except ReservationConflict:
+            raise AlreadyExists(MODEL_TYPE, name, description="being trained") from None
 
         def job(ctx: JobContext) -> lookalike_pb2.LookalikeModel:
             def progress(stage: str, fraction: float) -> None:
@@ -244,11 +232,11 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
                 "TrainLookalikeModel",
                 job,
                 metadata,
-                on_done=lambda: self._training.discard(model_id),
                 exempt=True,  # platform principals are not held to a tenant's queued-builds limit
+                reservation=(name, holder),
             )
         except BaseException:
-            self._training.discard(model_id)
+            await asyncio.to_thread(self.app.operations.release, tenant, name, holder)
             if grant is not None:
                 await asyncio.to_thread(grant.refund)
             raise
@@ -322,7 +310,9 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
         quotas = self.app.quotas if TenantQuotas.applies_to(self.app.tenancy.caller(context)) else None
         if quotas is not None:  # refuse before reading the seed when no expansion is left today
             await asyncio.to_thread(quotas.require_room, tenant, quotas.limits.expansions_per_day)
-        self._reserve_pack(tenant, request.pack_id)
+        holder = await asyncio.to_thread(
+            self.app.servicer.reserve_pack, tenant, request.pack_id, "lookalike expansion"
+        )
         grant: Grant | None = None
         try:
             prepared = await asyncio.to_thread(prepare)
@@ -338,11 +328,11 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
                 "ExpandLookalike",
                 self._expand_job(prepared),
                 metadata,
-                on_done=lambda: self._release_pack(tenant, request.pack_id),
                 exempt=quotas is None,
+                reservation=(request.pack_id, holder),
             )
         except BaseException:
-            self._release_pack(tenant, request.pack_id)
+            await asyncio.to_thread(self.app.servicer.release_pack, tenant, request.pack_id, holder)
             if grant is not None:
                 await asyncio.to_thread(grant.refund)
             raise

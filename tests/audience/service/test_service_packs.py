@@ -252,32 +252,56 @@ async def test_build_that_dies_midway_leaves_no_pack(svc, monkeypatch) -> None:
 
 
 async def test_operations_survive_a_restart(svc) -> None:
-    """A second server on the same store answers GetOperation for the first one's operations."""
+    """A second server on the same store and control database answers for the first one's
+    operations; what a dead process left behind is taken over only once its lease expired."""
+    import asyncio
+
+    from services.audience.operation_store import OperationStore
+    from services.audience.operations import OperationManager
+    from services.audience.pack_builds import build_payload
+    from services.audience.server import open_control
     from tests.audience.service.conftest import start_service, stop_service
 
     tenant = svc.new_tenant()
     d0, _, _, end = _days(svc)
     op = await svc.create(tenant, behavior([ET.EVENT_TYPE_LIVE_ENTER], d0, end))
-    # An operation a dead process left running.
-    from services.audience.operations import OperationManager
-
-    ghost_manager = OperationManager(svc.store, svc.settings.operations_prefix)
-    dead = threading.Event()
-    started = await ghost_manager.start(
-        tenant, "CreatePack", lambda ctx: dead.wait(30), api.BuildPackMetadata()
+    # A "dead" process: no worker threads and no heartbeat, so its leases run out after 0.3 s.
+    control = open_control(svc.settings)
+    ghost = OperationManager(
+        OperationStore(control), lease_seconds=0.3, start_threads=False, runners={"CreatePack": None}
     )
-    # The process "dies" here: its record says running; nobody will ever finish it.
+    dead = threading.Event()
+    pinned = await ghost.start(tenant, "CreatePack", lambda ctx: dead.wait(30), api.BuildPackMetadata())
+    # A portable build it had claimed when it died: another replica must run it to the end.
+    template = pack_pb2.Pack(spec=behavior([ET.EVENT_TYPE_CLICK], d0, end))
+    portable = await ghost.start(
+        tenant, "CreatePack", None, api.BuildPackMetadata(pack=f"tenants/{tenant}/packs/orphan"),
+        payload=build_payload(f"tenants/{tenant}/packs/orphan", template),
+    )  # fmt: skip
+    claimed = ghost.store.claim(ghost.replica_id, 0.0, portable=True, pinned=False, max_running=None)
+    assert claimed is not None and claimed.operation.op_id == portable.name.rsplit("/", 1)[1]
+    await asyncio.sleep(0.4)
 
     second = await start_service(svc.kind, svc.store, svc.store_url)
     try:
         same = await second.ops.GetOperation(operations_pb2.GetOperationRequest(name=op.name))
         assert same.done and same.response == op.response
-        ghost = await second.ops.GetOperation(operations_pb2.GetOperationRequest(name=started.name))
-        assert ghost.done and ghost.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
-        assert ghost.error.message == "server restarted; retry"
+        ghost_op = await second.ops.GetOperation(operations_pb2.GetOperationRequest(name=pinned.name))
+        assert ghost_op.done and ghost_op.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert ghost_op.error.message == "server restarted; retry"
+        rerun = await second.wait(portable.name)
+        assert not rerun.HasField("error"), rerun.error
+        built = pack_pb2.Pack()
+        assert rerun.response.Unpack(built) and built.size > 0
+        assert built.name == f"tenants/{tenant}/packs/orphan"
+        # Finished means finished: the ghost's late result cannot replace the recorded one.
+        assert not ghost.store.finish(tenant, claimed.operation.op_id, b"late", owner=ghost.replica_id)
+        again = await second.ops.GetOperation(operations_pb2.GetOperationRequest(name=portable.name))
+        assert again == rerun
     finally:
         dead.set()
         await stop_service(second)
+        control.close()
 
 
 async def test_operations_service_contract(svc) -> None:

@@ -25,7 +25,6 @@ from services.audience.servicer import ExportToken, sample_shard, scale_estimate
 from services.audience.tenancy import Tenancy, parse_operation_name, parse_pack_name, parse_parent
 from services.runtime import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from services.runtime.assertion import AssertionSigner, Caller, load_assertion_key
-from services.storage import LocalObjectStore
 
 ids_strategy = st.lists(st.integers(min_value=0, max_value=2**64 - 1), min_size=0, max_size=300)
 
@@ -161,10 +160,17 @@ def test_names_and_tenancy() -> None:
     tenancy.require_members(asserted(Caller.platform("ad-serving", {"members.read"})))
 
 
+def _operation_store(tmp_path):
+    from services.audience.control_db import ControlDatabase
+    from services.audience.operation_store import OperationStore
+
+    return OperationStore(ControlDatabase(f"sqlite:///{tmp_path}/control.sqlite3", ""))
+
+
 def test_operation_manager_queue_cancel_and_limits(tmp_path) -> None:
     import asyncio
 
-    store = LocalObjectStore(tmp_path / "store")
+    store = _operation_store(tmp_path)
     manager = OperationManager(store, max_workers=1, max_queued=1, retry_after_seconds=2)
     gate = threading.Event()
     started = threading.Event()
@@ -176,13 +182,13 @@ def test_operation_manager_queue_cancel_and_limits(tmp_path) -> None:
 
     async def run() -> None:
         first = await manager.start("t", "Test", blocker, api.BuildPackMetadata())
+        started.wait(5)
         queued = await manager.start(
             "t", "Test", lambda ctx: pack_pb2.Pack(name="never"), api.BuildPackMetadata()
         )
         with pytest.raises(ResourceExhausted) as caught:
             await manager.start("t", "Test", lambda ctx: None, api.BuildPackMetadata())
         assert caught.value.retry_after_seconds == 2
-        started.wait(5)
         manager.cancel("t", queued.name.rsplit("/", 1)[1])  # never runs
         op = manager.get("t", queued.name.rsplit("/", 1)[1])
         assert op.done and op.error.code == grpc.StatusCode.CANCELLED.value[0]
@@ -199,31 +205,31 @@ def test_operation_manager_queue_cancel_and_limits(tmp_path) -> None:
         await manager.close(1)
 
     asyncio.run(run())
-    # Everything was recorded in the store.
-    assert len([i for i in store.list("operations/t/")]) == 3
+    # Everything was recorded in the control database, all three finished.
+    assert store.count("t", "done") == 3 and store.count("t", "queued") == 0
 
 
-def test_fair_queue_serves_the_tenant_with_fewest_running_then_least_recently_served() -> None:
-    from services.audience.operations import FairQueue, _Job
+def test_claims_serve_the_tenant_with_fewest_running_then_least_recently_served(tmp_path) -> None:
+    from services.audience.operation_store import StoredOperation
 
-    def job(tenant: str, n: int) -> _Job:
-        return _Job(tenant=tenant, op_id=f"{tenant}{n}", kind="Test", metadata=api.BuildPackMetadata())
+    store = _operation_store(tmp_path)
+    for n, tenant in enumerate(["a", "a", "a", "a", "b", "c"]):
+        op_id = f"{n:024x}"
+        row = StoredOperation(tenant=tenant, op_id=op_id, kind="Test", state="queued", record=b"",
+                              portable=True)  # fmt: skip
+        assert store.insert(row, payload=b"", trace="", owner="", lease_until=0.0,
+                            tenant_queued_limit=None, active_limit=None) == (None, "")  # fmt: skip
 
-    queue = FairQueue(max_running_per_tenant=2)
-    a_jobs = [job("a", n) for n in range(4)]
-    for queued in a_jobs:
-        queue.push(queued, lambda ctx: None)
-    queue.push(job("b", 0), lambda ctx: None)
-    queue.push(job("c", 0), lambda ctx: None)
-    order = []
-    first = queue.pop()  # nobody runs anything: the oldest head (a) goes first
-    order.append(first.job.op_id)
-    order += [queue.pop().job.op_id, queue.pop().job.op_id]  # then b and c (0 running) before a's second
-    assert order == ["a0", "b0", "c0"] and queue.waiting("a") == 3
-    second = queue.pop()
-    assert second.job.op_id == "a1" and queue.pop() is None  # a is at its cap of 2; nobody else waits
-    queue.finished("a")
-    assert queue.pop().job.op_id == "a2"
-    # A waiting job can be taken out (cancelled); one a worker took cannot.
-    assert not queue.remove(a_jobs[0]) and queue.remove(a_jobs[3])
-    assert queue.waiting() == 0 and queue.running("a") == 2 and queue.pop() is None
+    def claim():
+        claimed = store.claim("w", 1e12, portable=True, pinned=False, max_running=2)
+        return None if claimed is None else (claimed.operation.tenant, int(claimed.operation.op_id, 16))
+
+    # Nobody runs anything: the oldest (a) first, then b and c (0 running) before a's second.
+    assert [claim(), claim(), claim()] == [("a", 0), ("b", 4), ("c", 5)]
+    assert claim() == ("a", 1) and claim() is None  # a is at its cap of 2; nobody else waits
+    assert store.finish("a", f"{0:024x}", b"done", owner="w")
+    assert claim() == ("a", 2)
+    # A finished row never changes again, whoever asks.
+    assert not store.finish("a", f"{0:024x}", b"again", owner="w")
+    assert not store.finish("a", f"{0:024x}", b"again", owner=None)
+    assert store.get("a", f"{0:024x}").record == b"done"
