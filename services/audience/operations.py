@@ -391,10 +391,12 @@ class OperationManager:
             fingerprint=fingerprint, portable=portable,
         )  # fmt: skip
         key = (tenant, job.op_id)
-        with self._lock:  # before the row exists, so that a worker of ours that claims it finds both
-            self._local[key] = job
-            if not portable:
+        if not portable:  # before the row exists, so that a worker of ours that claims it finds both
+            with self._lock:
+                self._local[key] = job
                 self._fns[key] = fn  # type: ignore[assignment]
+        # (A portable job is not kept here: whoever claims it, here or elsewhere, runs it from the
+        # record, and readers here see its progress through the control database.)
         try:
             existing, refused = await asyncio.to_thread(
                 self.store.insert,

@@ -23,7 +23,6 @@ from typing import Any
 import grpc
 import grpc.aio
 import polars as pl
-import psycopg
 import pytest
 import pytest_asyncio
 from flashcrowd.audience.v1 import audience_service_pb2, audience_service_pb2_grpc, pack_pb2
@@ -43,35 +42,12 @@ from services.retarget.server import RetargetApp, create_retarget_server
 from services.runtime import load_settings
 from services.storage import LocalObjectStore
 from tests.fixtures.channels import backend_channel
+from tests.fixtures.postgres import create_pg_database, drop_pg_database, pg_reachable
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 WORLD = GenConfig(users=24_000, days=2, seed=11)
 
 
 # --- PostgreSQL --------------------------------------------------------------------------------
-
-
-def pg_reachable() -> str | None:
-    """None when PostgreSQL answers, else why not."""
-    try:
-        with psycopg.connect(PG_ADMIN, connect_timeout=3) as conn:
-            conn.execute("SELECT 1")
-        return None
-    except psycopg.Error as error:
-        return f"PostgreSQL on 127.0.0.1:5432 is unreachable ({error.__class__.__name__}: {error})".strip()
-
-
-def create_pg_database(prefix: str = "retarget_test") -> str:
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return f"postgresql://postgres@127.0.0.1:5432/{name}"
-
-
-def drop_pg_database(url: str) -> None:
-    name = url.rsplit("/", 1)[1]
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture(scope="session")

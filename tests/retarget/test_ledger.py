@@ -18,8 +18,7 @@ from services.retarget import repository as repo
 from services.retarget.db import Database, UniqueConflict
 from services.retarget.migrations import MIGRATIONS, migrate, schema_version
 from services.retarget.report import two_proportion_p_value
-
-from .conftest import create_pg_database, drop_pg_database, pg_reachable
+from tests.fixtures.postgres import create_pg_database, drop_pg_database, pg_reachable
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -1,0 +1,190 @@
+"""The fleet keeps its promises: one operation per request, builds survive a SIGKILL, results never change.
+
+Real processes (``conftest.py``): 3 audience replicas with a build worker each, 2 retarget, 2 sale
+monitors and 2 gateways over one PostgreSQL database, one NATS stream and one Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import uuid
+
+import grpc
+import grpc.aio
+import pytest
+from flashcrowd.audience.v1 import audience_service_pb2 as aud
+from flashcrowd.audience.v1 import audience_service_pb2_grpc as aud_grpc
+from flashcrowd.audience.v1 import events_pb2, pack_pb2, spec_pb2
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.protobuf import duration_pb2
+
+from .conftest import LEASE_SECONDS, TENANT, Fleet
+
+pytestmark = [pytest.mark.fleet, pytest.mark.postgres]
+
+
+def clickers(days: int = 30) -> pack_pb2.Pack:
+    window = spec_pb2.TimeWindow(last=duration_pb2.Duration(seconds=days * 86400))
+    return pack_pb2.Pack(
+        spec=spec_pb2.PackSpec(
+            behavior=spec_pb2.BehaviorCondition(event_types=[events_pb2.EVENT_TYPE_CLICK], window=window)
+        )
+    )
+
+
+class Client:
+    """A tenant's client over both gateways (gRPC), turn by turn."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.channels = [grpc.aio.insecure_channel(fleet.target(n)) for n in fleet.names("gateway")]
+        self.audience = [aud_grpc.AudienceServiceStub(c) for c in self.channels]
+        self.ops = [operations_pb2_grpc.OperationsStub(c) for c in self.channels]
+        self.metadata = (("x-api-key", fleet.tenant_key),)
+
+    async def wait(self, name: str, seconds: int = 90) -> operations_pb2.Operation:
+        op = await self.ops[0].WaitOperation(
+            operations_pb2.WaitOperationRequest(name=name, timeout=duration_pb2.Duration(seconds=seconds)),
+            metadata=self.metadata,
+            timeout=seconds + 5,
+        )
+        assert op.done, f"{name} not done after {seconds} s"
+        return op
+
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close()
+
+
+@pytest.fixture
+async def client(fleet: Fleet):
+    c = Client(fleet)
+    yield c
+    await c.close()
+
+
+def _operation_rows(fleet: Fleet, op_name: str) -> list[tuple]:
+    op_id = op_name.rsplit("/", 1)[1]
+    return fleet.sql(
+        "SELECT state, owner, attempts, record FROM audience_operations WHERE tenant = %s AND op_id = %s",
+        (TENANT, op_id),
+    )
+
+
+async def test_every_backend_replica_serves(fleet: Fleet) -> None:
+    for name in fleet.names("audience") + fleet.names("retarget") + fleet.names("monitor"):
+        assert fleet.procs[name].poll() is None, fleet.log(name)
+    assert all(len(fleet.children(name)) == 1 for name in fleet.names("audience"))  # one worker each
+
+
+@pytest.mark.parametrize("same_request_id", [True, False], ids=["same-request-id", "other-request-ids"])
+async def test_the_same_create_through_both_gateways_makes_one_pack_and_one_operation(
+    fleet: Fleet, client: Client, same_request_id: bool
+) -> None:
+    pack_id = f"twin-{uuid.uuid4().hex[:8]}"
+    request_id = uuid.uuid4().hex
+
+    async def create(stub: aud_grpc.AudienceServiceStub) -> operations_pb2.Operation | grpc.StatusCode:
+        request = aud.CreatePackRequest(
+            parent=f"tenants/{TENANT}", pack_id=pack_id, pack=clickers(),
+            request_id=request_id if same_request_id else uuid.uuid4().hex,
+        )  # fmt: skip
+        try:
+            return await stub.CreatePack(request, metadata=client.metadata, timeout=30)
+        except grpc.aio.AioRpcError as error:
+            return error.code()
+
+    # Eight at once over both gateways (and so over the three audience replicas).
+    answers = await asyncio.gather(*(create(client.audience[i % 2]) for i in range(8)))
+    operations = {a.name for a in answers if isinstance(a, operations_pb2.Operation)}
+    refusals = [a for a in answers if not isinstance(a, operations_pb2.Operation)]
+    assert len(operations) == 1, answers
+    if same_request_id:
+        assert not refusals  # a retry of one request: everybody gets its operation
+    else:
+        assert refusals and set(refusals) == {grpc.StatusCode.ALREADY_EXISTS}
+    (name,) = operations
+    try:
+        done = await client.wait(name)
+    except AssertionError:
+        rows = fleet.sql("SELECT op_id, kind, state, owner, portable, attempts FROM audience_operations")
+        raise AssertionError(f"{rows}\n{fleet.log('audience1')}") from None
+    assert not done.HasField("error"), done.error
+    rows = fleet.sql(
+        "SELECT count(*) FROM audience_operations WHERE tenant = %s AND kind = 'CreatePack'"
+        " AND record IS NOT NULL AND op_id = %s",
+        (TENANT, name.rsplit("/", 1)[1]),
+    )
+    assert rows == [(1,)]
+    pack = await client.audience[1].GetPack(
+        aud.GetPackRequest(name=f"tenants/{TENANT}/packs/{pack_id}"), metadata=client.metadata
+    )
+    assert pack.version == 1 and pack.state == pack_pb2.Pack.STATE_READY
+
+
+async def test_a_build_whose_worker_is_killed_is_finished_by_another_once(
+    fleet: Fleet, client: Client
+) -> None:
+    workers = {pid: name for name in fleet.names("audience") for pid in fleet.children(name)}
+    assert len(workers) == 3
+    for pid in workers:  # freeze every worker: the build stays queued
+        os.kill(pid, signal.SIGSTOP)
+    killed: int | None = None
+    try:
+        pack_id = f"orphan-{uuid.uuid4().hex[:8]}"
+        op = await client.audience[0].CreatePack(
+            aud.CreatePackRequest(parent=f"tenants/{TENANT}", pack_id=pack_id, pack=clickers()),
+            metadata=client.metadata,
+        )
+        victim, *others = list(workers)
+        os.kill(victim, signal.SIGCONT)  # one worker takes it ...
+        for _ in range(2000):
+            rows = _operation_rows(fleet, op.name)
+            if rows and rows[0][0] != "queued":
+                break
+            await asyncio.sleep(0.005)
+        state, owner, _attempts, _record = rows[0]
+        assert state == "running" and f"-{victim}-" in owner, rows  # ... and is killed while running it
+        os.kill(victim, signal.SIGKILL)
+        killed = victim
+        for pid in others:
+            os.kill(pid, signal.SIGCONT)
+    finally:
+        for pid in workers:
+            if pid != killed:
+                os.kill(pid, signal.SIGCONT)
+    done = await client.wait(op.name, seconds=30 + 3 * LEASE_SECONDS)
+    assert not done.HasField("error"), done.error
+    state, owner, attempts, record = _operation_rows(fleet, op.name)[0]
+    assert state == "done" and attempts == 2 and f"-{killed}-" not in (owner or "")
+    pack = pack_pb2.Pack()
+    assert done.response.Unpack(pack) and pack.version == 1 and pack.size > 0
+    # It ended once: the record does not change any more, and no second version was published.
+    await asyncio.sleep(LEASE_SECONDS)
+    assert _operation_rows(fleet, op.name)[0][3] == record
+    again = await client.audience[1].GetPack(aud.GetPackRequest(name=pack.name), metadata=client.metadata)
+    assert again.version == 1
+
+
+async def test_finished_operations_never_change(fleet: Fleet, client: Client) -> None:
+    before = dict(fleet.sql("SELECT op_id, record FROM audience_operations WHERE state = 'done'"))
+    assert before, "the earlier tests finished operations"
+    # More work on every replica, then the same records.
+    ops = [
+        await client.audience[i % 2].CreatePack(
+            aud.CreatePackRequest(parent=f"tenants/{TENANT}", pack_id=f"more-{i}-{uuid.uuid4().hex[:6]}",
+                                  pack=clickers(days=1 + i)),
+            metadata=client.metadata,
+        )
+        for i in range(4)
+    ]  # fmt: skip
+    for op in ops:
+        assert not (await client.wait(op.name)).HasField("error")
+    after = dict(fleet.sql("SELECT op_id, record FROM audience_operations WHERE state = 'done'"))
+    assert {op_id: after[op_id] for op_id in before} == before
+    listed = await client.ops[1].ListOperations(
+        operations_pb2.ListOperationsRequest(name=f"tenants/{TENANT}/operations", page_size=100),
+        metadata=client.metadata,
+    )
+    assert {op.name for op in ops} <= {op.name for op in listed.operations}
