@@ -55,9 +55,9 @@ STANDARD_LABELS = (
 #: The gRPC services: Deployments whose pods the HPA/PDB/NetworkPolicy rules must cover.
 SERVICES = ("audience", "retarget", "gateway")
 #: Single-writer processes: exactly one pod at any time (replicas 1, strategy Recreate, no HPA).
-#: The compactor read-modify-writes the dataset manifest; the sale monitor's rule engine has no
-#: leader election.
-SINGLETONS = ("compactor", "sale-monitor")
+#: The compactor read-modify-writes the dataset manifest. (The sale monitor is not one: its rules
+#: run on the holder of a NATS KV lease, so its pods may overlap.)
+SINGLETONS = ("compactor",)
 #: Backends only their labelled callers may reach (gateway; retarget -> audience; sale-monitor ->
 #: retarget); datastores only their clients.
 BACKENDS = ("audience", "retarget", "sale-monitor")

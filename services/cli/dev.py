@@ -109,7 +109,7 @@ def _plan(args: argparse.Namespace, bus: str, admin_key: str) -> dict[str, tuple
                 "FLASHCROWD_RETARGET_TARGET": f"127.0.0.1:{ports['retarget']}",
             },
         )
-        plan["compactor"] = ("services.events.compactor", {})
+        plan["compactor"] = ("services.compactor", {})
     plan["gateway"] = (
         "services.gateway",
         {

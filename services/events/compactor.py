@@ -19,8 +19,8 @@ Exactly once, across crashes:
   as well, while another owner's events with the same ids are kept: one tenant cannot squat the ids
   of another's events. Rows are written with their ``owner``.
 
-``python -m services.events.compactor`` runs it with health checks and graceful shutdown (SIGTERM:
-stop fetching, publish the buffer, acknowledge, exit).
+``python -m services.compactor`` (``services/compactor``) runs it as its own process with health
+checks and graceful shutdown (SIGTERM: stop fetching, publish the buffer, acknowledge, exit).
 """
 
 from __future__ import annotations
@@ -36,14 +36,13 @@ import polars as pl
 from pyroaring import BitMap64
 
 from services.events.append import append_events, ingest_checkpoint, ingest_event_keys, read_dataset_manifest
-from services.events.bus import BusUnavailable, Delivery, EventBus, Subscription, open_bus
+from services.events.bus import BusUnavailable, Delivery, EventBus, Subscription
 from services.events.codec import decode_batch
 from services.events.config import RealtimeSettings
 from services.events.schema import OWNER
-from services.runtime import ServiceDefinition, run_service
-from services.storage import ObjectStore, open_store
+from services.storage import ObjectStore
 
-__all__ = ["Compactor", "CompactorStats", "build"]
+__all__ = ["Compactor", "CompactorStats", "compactor_from_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -276,22 +275,3 @@ def compactor_from_settings(settings: RealtimeSettings, store: ObjectStore, bus:
         pause_before_manifest=settings.compactor_pause_before_manifest_seconds,
         pause_before_ack=settings.compactor_pause_before_ack_seconds,
     )
-
-
-async def build(settings: RealtimeSettings) -> ServiceDefinition:
-    store = open_store(settings.store_url)
-    bus = open_bus(settings.bus_url, shard_count=settings.bus_shards)
-    compactor = compactor_from_settings(settings, store, bus)
-    task = asyncio.create_task(compactor.run(), name="compactor")
-
-    async def stop() -> None:
-        compactor.stop()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, timeout=max(settings.grace_seconds, 30.0))
-        await bus.close()
-
-    return ServiceDefinition(names=[], register=lambda server: None, on_stop=[stop])
-
-
-if __name__ == "__main__":
-    run_service("compactor", RealtimeSettings, build)

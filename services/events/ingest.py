@@ -1,7 +1,7 @@
 """EventService: validated events into the durable event bus, acknowledged only once stored.
 
-``python -m services.events.ingest`` serves it alone; the audience service and the demo can mount
-the same servicer. Per request: the serialized request -> numpy columns straight from the wire
+``python -m services.ingest`` (``services/ingest``) serves it alone; the audience service and the
+demo can mount the same servicer. Per request: the serialized request -> numpy columns straight from the wire
 (``services.events.columns``; protobuf parses whatever that decoder does not handle) ->
 ``validate_columns`` (bad events are returned one by one with index, field and reason; the valid
 rest goes on) -> duplicates of an event id inside the request dropped -> per-shard messages of up to
@@ -46,7 +46,7 @@ import numpy as np
 from flashcrowd.audience.v1 import event_service_pb2, event_service_pb2_grpc
 from google.protobuf.message import DecodeError
 
-from services.events.bus import BusUnavailable, EventBus, open_bus
+from services.events.bus import BusUnavailable, EventBus
 from services.events.codec import PROTO_FIELD, batches_from_columns, shard_table
 from services.events.columns import EventColumns, columns_from_proto, columns_from_wire, validate_columns
 from services.events.config import RealtimeSettings
@@ -55,12 +55,10 @@ from services.events.sharding import buckets_np
 from services.runtime import (
     InvalidArgument,
     PermissionDenied,
-    ServiceDefinition,
     Unauthenticated,
     Unavailable,
-    run_service,
 )
-from services.runtime.assertion import backend_interceptors, caller_of
+from services.runtime.assertion import caller_of
 from services.runtime.scopes import EVENTS_WRITE, PLATFORM_EVENTS_WRITE
 
 __all__ = [
@@ -68,7 +66,6 @@ __all__ = [
     "EventServicer",
     "IngestResult",
     "add_event_service",
-    "build",
     "event_service_definition",
     "owner_of_caller",
     "to_columns",
@@ -331,22 +328,3 @@ def event_service_definition(settings: RealtimeSettings, bus: EventBus) -> tuple
     """``(service names, register)`` for mounting EventService on another service's server."""
     servicer = EventServicer(ingestor_from_settings(settings, bus), max_events=settings.ingest_max_events)
     return [SERVICE_NAME], lambda server: add_event_service(servicer, server)
-
-
-async def build(settings: RealtimeSettings) -> ServiceDefinition:
-    bus = open_bus(settings.bus_url, shard_count=settings.bus_shards)
-    try:
-        await bus.start()
-    except BusUnavailable as error:  # serve anyway: ingest answers UNAVAILABLE until the bus is back
-        logger.warning("event bus not reachable at start: %s", error)
-    names, register = event_service_definition(settings, bus)
-    return ServiceDefinition(
-        names=names,
-        register=register,
-        interceptors=backend_interceptors(settings),
-        on_stop=[bus.close],
-    )
-
-
-if __name__ == "__main__":
-    run_service("ingest", RealtimeSettings, build)

@@ -14,7 +14,7 @@ PROCESSES = {
     "audience": "services.audience",
     "retarget": "services.retarget",
     "gateway": "services.gateway",
-    "compactor": "services.events.compactor",
+    "compactor": "services.compactor",
     "sale-monitor": "services.monitor",
 }
 #: terminationGracePeriodSeconds where it is not the services' 30 s.
@@ -184,7 +184,16 @@ def test_audience_reads_the_identity_pepper_from_its_secret(rendered, overlay: s
 
 
 @pytest.mark.parametrize("overlay", ["dev", "prod"])
-@pytest.mark.parametrize("name", ["compactor", "sale-monitor"])
+def test_sale_monitors_overlap_in_rollouts_their_rules_run_on_the_lease_holder(
+    rendered, overlay: str
+) -> None:
+    deployment = _get(rendered[overlay], "Deployment", "sale-monitor")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+@pytest.mark.parametrize("name", ["compactor"])
 def test_single_writers_run_one_pod_at_a_time(rendered, overlay: str, name: str) -> None:
     objs = rendered[overlay]
     deployment = _get(objs, "Deployment", name)

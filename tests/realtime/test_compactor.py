@@ -126,7 +126,7 @@ def start_compactor(
     }
     log = store_root.parent / f"compactor-{time.monotonic_ns()}.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "services.events.compactor"],
+        [sys.executable, "-m", "services.compactor"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
