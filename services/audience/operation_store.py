@@ -200,7 +200,7 @@ class OperationStore:
             ).fetchone()
         return _row(row) if row is not None else None
 
-    def list(self, tenant: str, *, before: str, limit: int, done: bool | None) -> list[StoredOperation]:
+    def page(self, tenant: str, *, before: str, limit: int, done: bool | None) -> list[StoredOperation]:
         """Newest first (ids sort by creation), ids below ``before`` when given."""
         sql = f"SELECT {_COLUMNS} FROM audience_operations WHERE tenant = ?"
         params: list = [tenant]

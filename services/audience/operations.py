@@ -138,6 +138,12 @@ def _restart_status(message: str) -> status_pb2.Status:
     return status
 
 
+def _set_field(metadata: Message, field_name: str, value: object) -> None:
+    """Set a metadata field when this metadata type has it (operations carry several types)."""
+    if field_name in metadata.DESCRIPTOR.fields_by_name:
+        setattr(metadata, field_name, value)
+
+
 def _set_time(metadata: Message, field_name: str, *, only_if_unset: bool = False) -> None:
     if field_name not in metadata.DESCRIPTOR.fields_by_name:
         return
@@ -523,7 +529,7 @@ class OperationManager:
 
     def _hand_back(self, job: _Job) -> None:
         with self._lock:
-            job.metadata.ClearField("stage") if "stage" in job.metadata.DESCRIPTOR.fields_by_name else None
+            _set_field(job.metadata, "stage", "queued")  # back in the queue for another owner
             record = job.to_operation().SerializeToString()
         try:
             returned = self.store.hand_back(job.tenant, job.op_id, self.replica_id, record)
@@ -555,8 +561,8 @@ class OperationManager:
             metadata = type(job.metadata)()
             metadata.CopyFrom(job.metadata)
         _set_time(metadata, "end_time")
-        if status is None and "progress_percent" in metadata.DESCRIPTOR.fields_by_name:
-            metadata.progress_percent = 100.0
+        if status is None:
+            _set_field(metadata, "progress_percent", 100.0)
         final = dataclasses.replace(job, done=True, error=status, response=packed, metadata=metadata)
         try:
             recorded = self.store.finish(job.tenant, job.op_id, final.to_operation().SerializeToString(),
@@ -585,12 +591,11 @@ class OperationManager:
                 loop.call_soon_threadsafe(event.set)
 
     def _progress(self, job: _Job, stage: str | None, percent: float | None) -> None:
-        fields = job.metadata.DESCRIPTOR.fields_by_name
         with self._lock:
-            if stage is not None and "stage" in fields:
-                job.metadata.stage = stage
-            if percent is not None and "progress_percent" in fields:
-                job.metadata.progress_percent = max(0.0, min(100.0, float(percent)))
+            if stage is not None:
+                _set_field(job.metadata, "stage", stage)
+            if percent is not None:
+                _set_field(job.metadata, "progress_percent", max(0.0, min(100.0, float(percent))))
             job.dirty = True
 
     # --- leases -------------------------------------------------------------------------------------
@@ -613,9 +618,9 @@ class OperationManager:
         cancelled = self.store.heartbeat(self.replica_id, time.time() + self.lease_seconds, records)
         with self._lock:
             for key in cancelled:
-                job = self._local.get(key)
-                if job is not None:
-                    job.cancel.set()
+                running = self._local.get(key)
+                if running is not None:
+                    running.cancel.set()
         self.recover()
 
     def recover(self) -> int:
@@ -686,7 +691,7 @@ class OperationManager:
         """Newest first; ``page_token`` is the last id of the previous page. Blocking."""
         if page_token and not (len(page_token) == 24 and set(page_token) <= _OP_ID_CHARS):
             raise InvalidArgument("page_token", "not a token from a previous ListOperations response")
-        rows = self.store.list(tenant, before=page_token, limit=page_size + 1, done=done)
+        rows = self.store.page(tenant, before=page_token, limit=page_size + 1, done=done)
         page = [self._current(row) for row in rows[:page_size]]
         token = rows[page_size - 1].op_id if len(rows) > page_size else ""
         return page, token

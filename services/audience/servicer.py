@@ -603,11 +603,11 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
         start = offset
         while True:
             end = min(start + page_size, total)
-            token = (
+            next_token = (
                 ExportToken(request.name, pack.version, request.format, end).encode() if end < total else ""
             )
             response = audience_service_pb2.ExportPackResponse(
-                next_page_token=token, exported=end, total=total
+                next_page_token=next_token, exported=end, total=total
             )
             page = members[start:end]
             if digests is None:
