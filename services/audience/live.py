@@ -54,7 +54,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -64,6 +64,7 @@ from google.protobuf import empty_pb2, json_format, timestamp_pb2
 from pyroaring import BitMap
 
 from services.audience.compiler import SHORTCUT_EVENT_TYPES, ids_to_bitmap
+from services.audience.operation_store import ReservationConflict
 from services.audience.privacy import is_exact_for
 from services.audience.quotas import Limit, TenantQuotas, quota_refusal
 from services.audience.tenancy import (
@@ -78,7 +79,14 @@ from services.events.codec import decode_batch
 from services.events.config import RealtimeSettings
 from services.events.follower import StreamFollower
 from services.events.schema import EventType
-from services.runtime import AlreadyExists, InvalidArgument, NotFound, ServiceDefinition, load_settings
+from services.runtime import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    ServiceDefinition,
+    Unavailable,
+    load_settings,
+)
 from services.storage import ObjectNotFound, ObjectStore
 
 __all__ = [
@@ -105,6 +113,20 @@ PLATFORM_OWNER = "_platform"
 # The batch compiler's one-leaf shortcuts, plus purchasers approximated as payers: a live window
 # keeps no order history to subtract fully refunded payments from.
 _SHORTCUT_TYPES = {**SHORTCUT_EVENT_TYPES, spec_pb2.Shortcut.KIND_PURCHASERS: (int(EventType.PAY),)}
+
+
+#: How often a replica re-reads the stored definitions (creates and deletes made on other replicas).
+DEFINITION_SYNC_SECONDS = 0.5
+#: The fleet-wide reservation a tenant's live-pack creates are counted and written under.
+CREATE_RESOURCE = "livePacks"
+
+
+class Reservations(Protocol):
+    """Fleet-wide claims on a tenant's resource (``OperationManager``: the control database)."""
+
+    def reserve(self, tenant: str, resource: str, *, lease_seconds: float = ...) -> str: ...
+
+    def release(self, tenant: str, resource: str, holder: str) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -688,12 +710,25 @@ class LivePackEngine(StreamFollower):
         margin: timedelta = timedelta(minutes=5),
         clock=time.monotonic,
         max_pending_batches: int = 64,
+        reservations: Reservations | None = None,
+        sync_seconds: float = DEFINITION_SYNC_SECONDS,
     ) -> None:
         super().__init__(bus, clock=clock)
         self.store = store
         self.prefix = prefix
         self.margin = margin
+        self.reservations = reservations
+        self.sync_seconds = sync_seconds
         self.packs: dict[tuple[str, str], LivePackState] = {}
+        # Definition sync (every replica serves every live pack): when each installed definition was
+        # known to be stored, keys being created here, and keys deleted here (with when), so that a
+        # listing taken before a local create or delete never undoes it.
+        self._stored_at: dict[str, float] = {}
+        self._creating: set[str] = set()
+        self._deleted_at: dict[str, float] = {}
+        self._unreadable: set[str] = set()
+        self._create_lock = asyncio.Lock()
+        self._sync_task: asyncio.Task | None = None
         self._packs_lock = threading.Lock()
         self._dispatch = Dispatch()
         self._watermark: tuple[int, float] | None = None  # (newest event time, clock when seen)
@@ -722,21 +757,81 @@ class LivePackEngine(StreamFollower):
         return f"{self.prefix}{tenant}/{pack_id}.json"
 
     def load_definitions(self) -> int:
+        """Install every stored definition (at start-up, before following). Blocking."""
+        return len(self.sync_definitions())
+
+    def _load(self, key: str) -> LivePackState | None:
+        """Install the definition stored at ``key`` (None if it vanished or is unreadable). Blocking."""
+        assert self.store is not None
+        try:
+            doc = json.loads(self.store.get_bytes(key))
+            spec = json_format.ParseDict(doc["spec"], spec_pb2.PackSpec())
+            tenant, pack_id = doc["tenant"], doc["pack_id"]
+            if (tenant, pack_id) in self.packs:
+                return None
+            return self._install(tenant, pack_id, doc.get("display_name", ""), spec,
+                                 datetime.fromisoformat(doc["create_time"]))  # fmt: skip
+        except (ObjectNotFound, AlreadyExists):  # deleted meanwhile, or installed by a local create
+            return None
+        except Exception:
+            if key not in self._unreadable:
+                self._unreadable.add(key)
+                logger.exception("live pack definition %s unreadable; skipped", key)
+            return None
+
+    def sync_definitions(self) -> list[LivePackState]:
+        """Make the installed packs those stored: install what other replicas created, drop what they
+        deleted. Returns the packs installed (the caller backfills them). Blocking."""
         if self.store is None:
-            return 0
-        count = 0
-        for info in self.store.list(self.prefix):
-            if not info.key.endswith(".json"):
-                continue
+            return []
+        started = self.clock()
+        stored = {info.key for info in self.store.list(self.prefix) if info.key.endswith(".json")}
+        self._deleted_at = {k: t for k, t in self._deleted_at.items() if started - t < 60.0}
+        with self._packs_lock:
+            installed = {self._key(t, p): (t, p) for t, p in self.packs}
+        added = []
+        for key in sorted(stored - installed.keys()):
+            if key in self._creating or self._deleted_at.get(key, -1.0) >= started:
+                continue  # created here right now, or deleted here after the listing began
+            state = self._load(key)
+            if state is not None:
+                self._stored_at[key] = started
+                added.append(state)
+        for key, (tenant, pack_id) in installed.items():
+            if (
+                key not in stored
+                and key not in self._creating
+                and self._stored_at.get(key, started) < started
+            ):
+                self._uninstall(tenant, pack_id)  # deleted by another replica
+                self._stored_at.pop(key, None)
+        return added
+
+    async def load_one(self, tenant: str, pack_id: str) -> LivePackState | None:
+        """Install one pack another replica created just now (a read of it arrived before the sync)."""
+        if self.store is None:
+            return None
+        key = self._key(tenant, pack_id)
+        started = self.clock()
+        state = await asyncio.to_thread(self._load, key)
+        if state is not None:
+            self._stored_at[key] = started
+            if self._task is not None and self.applier.running:
+                await self._backfill(state)
+        return state
+
+    async def follow_definitions(self) -> None:
+        """Every ``sync_seconds``: ``sync_definitions`` and backfill what it installed (until stopped)."""
+        while True:
+            await asyncio.sleep(self.sync_seconds)
             try:
-                doc = json.loads(self.store.get_bytes(info.key))
-                spec = json_format.ParseDict(doc["spec"], spec_pb2.PackSpec())
-                self._install(doc["tenant"], doc["pack_id"], doc.get("display_name", ""), spec,
-                              datetime.fromisoformat(doc["create_time"]))  # fmt: skip
-                count += 1
-            except Exception:
-                logger.exception("live pack definition %s unreadable; skipped", info.key)
-        return count
+                added = await asyncio.to_thread(self.sync_definitions)
+            except Exception as error:  # store unreachable: keep serving what is installed
+                logger.warning("live pack definitions not synced: %s", error)
+                continue
+            for state in added:
+                if self._task is not None and self.applier.running:
+                    await self._backfill(state)
 
     def _install(
         self,
@@ -775,26 +870,74 @@ class LivePackEngine(StreamFollower):
         limit: Limit | None = None,
     ) -> LivePackState:
         """Define a live pack (and backfill it from the stream when following); ``limit``: the
-        tenant's live-pack quota (RESOURCE_EXHAUSTED ``TENANT_QUOTA`` at it, nothing stored)."""
-        state = self._install(tenant, pack_id, display_name, spec, datetime.now(UTC), limit)
-        if self.store is not None:
-            doc = {
-                "tenant": tenant,
-                "pack_id": pack_id,
-                "display_name": display_name,
-                "spec": json_format.MessageToDict(spec),
-                "create_time": state.create_time.isoformat(),
-            }
-            try:
-                await asyncio.to_thread(
-                    self.store.put_bytes, self._key(tenant, pack_id), json.dumps(doc).encode()
-                )
-            except BaseException:
-                self._uninstall(tenant, pack_id)
-                raise
+        tenant's live-pack quota (RESOURCE_EXHAUSTED ``TENANT_QUOTA`` at it, nothing stored).
+
+        With a store the id and the quota are checked against the stored definitions, under a
+        fleet-wide reservation of the tenant's creates: two replicas never both create one id or
+        both take the last unit of quota.
+        """
+        if self.store is None:
+            return self._install(tenant, pack_id, display_name, spec, datetime.now(UTC), limit)
+        compile_live_spec(spec)  # INVALID_ARGUMENT before anything is claimed
+        key = self._key(tenant, pack_id)
+        created = datetime.now(UTC)
+        doc = {
+            "tenant": tenant,
+            "pack_id": pack_id,
+            "display_name": display_name,
+            "spec": json_format.MessageToDict(spec),
+            "create_time": created.isoformat(),
+        }
+        self._creating.add(key)
+        try:
+            async with self._tenant_creates(tenant):
+                ids = await asyncio.to_thread(self._stored_ids, tenant)
+                if pack_id in ids or (tenant, pack_id) in self.packs:
+                    raise AlreadyExists(LIVE_PACK_TYPE, f"tenants/{tenant}/livePacks/{pack_id}")
+                if limit is not None and len(ids) >= limit.value:
+                    raise quota_refusal(tenant, limit, used=len(ids), retry_after_seconds=60.0)
+                await asyncio.to_thread(self.store.put_bytes, key, json.dumps(doc).encode())
+            self._stored_at[key] = self.clock()
+            state = self._install(tenant, pack_id, display_name, spec, created)
+        finally:
+            self._creating.discard(key)
         if self._task is not None and self.applier.running:
             await self._backfill(state)
         return state
+
+    def _stored_ids(self, tenant: str) -> set[str]:
+        assert self.store is not None
+        base = f"{self.prefix}{tenant}/"
+        return {
+            info.key[len(base) : -len(".json")]
+            for info in self.store.list(base)
+            if info.key.endswith(".json")
+        }
+
+    @contextlib.asynccontextmanager
+    async def _tenant_creates(self, tenant: str):
+        """Hold the tenant's create reservation (fleet-wide), or a local lock without reservations."""
+        if self.reservations is None:
+            async with self._create_lock:
+                yield
+            return
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                holder = await asyncio.to_thread(
+                    self.reservations.reserve, tenant, CREATE_RESOURCE, lease_seconds=30.0
+                )
+                break
+            except ReservationConflict:
+                if time.monotonic() > deadline:
+                    raise Unavailable(
+                        "another create of this tenant's live packs holds its reservation; retry"
+                    ) from None
+                await asyncio.sleep(0.02)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(self.reservations.release, tenant, CREATE_RESOURCE, holder)
 
     def _uninstall(self, tenant: str, pack_id: str) -> LivePackState | None:
         with self._packs_lock:
@@ -804,12 +947,17 @@ class LivePackEngine(StreamFollower):
         return removed
 
     async def delete(self, tenant: str, pack_id: str) -> None:
+        """Remove the definition from the store (every replica drops it at its next sync) and here."""
+        key = self._key(tenant, pack_id)
+        stored = self.store is not None and await asyncio.to_thread(self.store.exists, key)
         removed = self._uninstall(tenant, pack_id)
-        if removed is None:
+        if removed is None and not stored:
             raise NotFound(LIVE_PACK_TYPE, f"tenants/{tenant}/livePacks/{pack_id}")
         if self.store is not None:
             with contextlib.suppress(ObjectNotFound):
-                await asyncio.to_thread(self.store.delete, self._key(tenant, pack_id))
+                await asyncio.to_thread(self.store.delete, key)
+            self._deleted_at[key] = self.clock()
+            self._stored_at.pop(key, None)
 
     def get(self, tenant: str, pack_id: str) -> LivePackState:
         state = self.packs.get((tenant, pack_id))
@@ -914,8 +1062,17 @@ class LivePackEngine(StreamFollower):
         if self._task is None:
             self.applier.start()
         super().start()
+        if self.store is not None and self._sync_task is None:
+            self._sync_task = asyncio.get_running_loop().create_task(
+                self.follow_definitions(), name="live-definitions"
+            )
 
     async def stop(self) -> None:
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync_task
+            self._sync_task = None
         await super().stop()
         await self.applier.stop()
 
@@ -978,10 +1135,15 @@ class LivePackServicer(live_pack_pb2_grpc.LivePackServiceServicer):
         tenant = parse_parent(parent)
         return self.app.tenancy.authorize(context, tenant, resource_type=TENANT_TYPE)
 
-    def _named(self, name: str, context) -> LivePackState:
+    async def _named(self, name: str, context) -> LivePackState:
         tenant, pack_id = parse_live_pack_name(name)
         self.app.tenancy.authorize(context, tenant, resource_type=LIVE_PACK_TYPE, name=name)
-        return self.engine.get(tenant, pack_id)
+        try:
+            return self.engine.get(tenant, pack_id)
+        except NotFound:  # created on another replica since this one's last sync?
+            if await self.engine.load_one(tenant, pack_id) is None:
+                raise
+            return self.engine.get(tenant, pack_id)
 
     def to_pb(self, state: LivePackState, context: Any = None) -> live_pack_pb2.LivePack:
         """The live pack as the caller may see it: tenants get its size disclosed (privacy.py)."""
@@ -1017,7 +1179,7 @@ class LivePackServicer(live_pack_pb2_grpc.LivePackServiceServicer):
         return self.to_pb(state, context)
 
     async def GetLivePack(self, request, context):
-        return self.to_pb(self._named(request.name, context), context)
+        return self.to_pb(await self._named(request.name, context), context)
 
     async def ListLivePacks(self, request, context):
         tenant = self._tenant(request.parent, context)
@@ -1034,12 +1196,12 @@ class LivePackServicer(live_pack_pb2_grpc.LivePackServiceServicer):
         )
 
     async def DeleteLivePack(self, request, context):
-        state = self._named(request.name, context)
+        state = await self._named(request.name, context)
         await self.engine.delete(state.tenant, state.pack_id)
         return empty_pb2.Empty()
 
     async def SnapshotLivePack(self, request, context):
-        state = self._named(request.name, context)
+        state = await self._named(request.name, context)
         check_id(request.pack_id, "pack_id")
         bitmap = BitMap(self.engine.members(state))
         pack = pack_pb2.Pack(
@@ -1075,7 +1237,7 @@ def live_service(app: Any) -> ServiceDefinition:
 
     settings = load_settings(RealtimeSettings)
     bus = open_bus(settings.bus_url, shard_count=settings.bus_shards)
-    engine = LivePackEngine(bus, app.store)
+    engine = LivePackEngine(bus, app.store, reservations=app.operations)
     engine.load_definitions()
     app.live_packs = engine
     app.servicer.live_packs = (
@@ -1095,9 +1257,6 @@ def live_service(app: Any) -> ServiceDefinition:
         if compactor is not None:
             tasks.append(asyncio.get_running_loop().create_task(compactor.run(), name="compactor"))
 
-    with contextlib.suppress(RuntimeError):  # no running loop: the caller starts it
-        tasks.append(asyncio.get_running_loop().create_task(start(), name="live-start"))
-
     async def stop() -> None:
         await engine.stop()
         if compactor is not None:
@@ -1112,4 +1271,4 @@ def live_service(app: Any) -> ServiceDefinition:
         register_events(server)
 
     names = [live_pack_pb2.DESCRIPTOR.services_by_name["LivePackService"].full_name, *event_names]
-    return ServiceDefinition(names=names, register=register, on_stop=[stop])
+    return ServiceDefinition(names=names, register=register, on_start=[start], on_stop=[stop])

@@ -3,8 +3,9 @@
 The payload is the pack as the caller asked for it (``Pack`` with ``name`` set to the pack's resource
 name, spec and options); the operation's metadata names the version it should become. A build that
 runs again after its first owner died (``JobContext.attempt`` > 1) first looks at the pack's newest
-version: if that version was published by this operation (the manifest records the operation), the
-build is already done and its pack is returned, so a retried build never publishes twice.
+versions: if one was published by this operation (the manifest records the operation; a version
+whose pointer the dead owner had not written yet is completed then), the build is already done and
+its pack is returned, so a retried build never publishes twice.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from services.audience.operations import JobContext, OperationCancelled
 from services.audience.packstore import PackStore
 from services.audience.tenancy import parse_pack_name
 from services.events.dataset import DatasetNotFound, EventDataset
-from services.runtime import FailedPrecondition, NotFound, attributes
+from services.runtime import FailedPrecondition, attributes
 from services.storage import ObjectStore
 
 tracer = trace.get_tracer("flashcrowd.audience")
@@ -105,13 +106,7 @@ class PackBuilds:
             BUILD_DURATION.record(time.monotonic() - started, {"outcome": outcome})
 
     def _already_published(self, tenant: str, pack_id: str, ctx: JobContext) -> pack_pb2.Pack | None:
-        try:
-            manifest = self.packs.manifest(tenant, pack_id)
-        except NotFound:
-            return None
-        if manifest.get("operation") != ctx.operation:
-            return None
-        return self.packs.get(tenant, pack_id, int(manifest["version"]))
+        return self.packs.published_by(tenant, pack_id, ctx.operation)
 
     def _build(self, ctx: JobContext, tenant: str, pack_id: str, template: pack_pb2.Pack) -> pack_pb2.Pack:
         ctx.progress("compile", 0.0)

@@ -287,6 +287,32 @@ class PackStore:
                 latest = max(latest, int(match.group(1)))
         return latest + 1
 
+    def published_by(self, tenant: str, pack_id: str, operation: str) -> pack_pb2.Pack | None:
+        """The version ``operation`` published, if it did (a build re-run after its first owner died).
+
+        A version whose data and manifest were written but whose pointer was not (the owner died in
+        between) is completed here: its pointer is written, so the re-run publishes nothing twice.
+        """
+        pointer = self._pointer(tenant, pack_id)
+        base = self.pack_prefix(tenant, pack_id)
+        versions = sorted(
+            (int(match.group(1)) for info in self.store.list(base, recursive=False)
+             if (match := _VERSION_DIR.fullmatch(info.key[len(base) :]))),
+            reverse=True,
+        )  # fmt: skip
+        for version in versions[:3]:  # the newest few: a build publishes one version
+            try:
+                manifest = read_manifest(self.store, self.manifest_key(tenant, pack_id, version))
+            except ObjectNotFound:
+                continue
+            if manifest.get("operation") != operation:
+                continue
+            stored = pack_from_manifest(manifest)
+            if pointer is None or pointer["version"] < version:
+                self._write_pointer(tenant, pack_id, stored, self.manifest_key(tenant, pack_id, version))
+            return stored
+        return None
+
     def delete(self, tenant: str, pack_id: str) -> None:
         """Make the pack vanish (pointer first), then delete its data. ``NotFound`` if absent/expired."""
         self.get(tenant, pack_id)

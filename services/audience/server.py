@@ -36,7 +36,7 @@ from services.audience.quotas import TenantQuotas, default_control_path, open_qu
 from services.audience.servicer import AudienceServicer
 from services.audience.tenancy import Tenancy
 from services.audience.worker.processes import WorkerProcesses
-from services.runtime import ServiceDefinition, create_server
+from services.runtime import ServiceDefinition, create_server, start_callbacks
 from services.runtime.assertion import backend_interceptors
 from services.storage import ObjectStore, open_store
 
@@ -68,6 +68,7 @@ class AudienceApp:
     extras: list[ServiceDefinition] = field(default_factory=list)
     #: ``audience-worker`` child processes running the builds (none: builds run on our threads).
     workers: WorkerProcesses | None = None
+    _supervisor: asyncio.Task | None = None
 
     @property
     def service_names(self) -> list[str]:
@@ -76,6 +77,12 @@ class AudienceApp:
     def register(self, server: grpc.aio.Server) -> None:
         audience_service_pb2_grpc.add_AudienceServiceServicer_to_server(self.servicer, server)
         operations_pb2_grpc.add_OperationsServicer_to_server(self.operations_servicer, server)
+
+    async def start(self) -> None:
+        """Start the worker processes (``settings.worker_processes``) and their supervisor."""
+        if self.settings.worker_processes and self.workers is None:
+            self.workers = WorkerProcesses.start(self.settings.worker_processes)
+            self._supervisor = asyncio.create_task(self.workers.supervise(), name="worker-supervisor")
 
     async def begin_close(self) -> None:
         """At SIGTERM: stop claiming and cancel builds now (portable ones go back to the queue), so
@@ -93,6 +100,9 @@ class AudienceApp:
         if self.workers is not None:
             await self.workers.wait(self.settings.grace_seconds)
             self.workers = None
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            self._supervisor = None
         self.control.close()
         self.discloser.ledger.close()
         if self.quotas is not None:
@@ -156,8 +166,6 @@ def build_app(settings: AudienceSettings, store: ObjectStore | None = None) -> A
 async def build_service(settings: AudienceSettings, store: ObjectStore | None = None) -> ServiceDefinition:
     """The runtime's view of this service (``run_service``'s ``build``)."""
     app = await asyncio.to_thread(build_app, settings, store)
-    if settings.worker_processes:
-        app.workers = WorkerProcesses.start(settings.worker_processes)
     return _definition(app)
 
 
@@ -179,6 +187,7 @@ def _definition(app: AudienceApp) -> ServiceDefinition:
         names=names,
         register=register,
         interceptors=backend_interceptors(app.settings),
+        on_start=[app.start, *(start for extra in app.extras for start in extra.on_start)],
         on_stop=[app.close],
         on_stopping=[app.begin_close],
         readiness=store_reachable,
@@ -200,6 +209,7 @@ async def create_audience_server(
         register=definition.register,
         interceptors=definition.interceptors,
     )
+    await start_callbacks(definition.on_start)
     return server, port, app
 
 

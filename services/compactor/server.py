@@ -16,15 +16,19 @@ async def build(settings: RealtimeSettings) -> ServiceDefinition:
     store = open_store(settings.store_url)
     bus = open_bus(settings.bus_url, shard_count=settings.bus_shards)
     compactor = compactor_from_settings(settings, store, bus)
-    task = asyncio.create_task(compactor.run(), name="compactor")
+    tasks: list[asyncio.Task] = []
+
+    async def start() -> None:
+        tasks.append(asyncio.create_task(compactor.run(), name="compactor"))
 
     async def stop() -> None:
         compactor.stop()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, timeout=max(settings.grace_seconds, 30.0))
+        for task in tasks:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, timeout=max(settings.grace_seconds, 30.0))
         await bus.close()
 
-    return ServiceDefinition(names=[], register=lambda server: None, on_stop=[stop])
+    return ServiceDefinition(names=[], register=lambda server: None, on_start=[start], on_stop=[stop])
 
 
 __all__ = ["build"]

@@ -36,6 +36,7 @@ from services.runtime.server import (
     run_service,
     serve_forever,
     server_options,
+    start_callbacks,
 )
 from services.runtime.telemetry import (
     Telemetry,
@@ -84,5 +85,6 @@ __all__ = [
     "server_options",
     "setup_logging",
     "setup_telemetry",
+    "start_callbacks",
     "tracing_server_interceptor",
 ]

@@ -137,6 +137,8 @@ async def graceful_stop(server: grpc.aio.Server, health: HealthServicer | None, 
 
 
 StopCallback = Callable[[], Awaitable[None]]
+#: Awaited once the server listens, before it reports SERVING (start workers, followers, loops).
+StartCallback = Callable[[], Awaitable[None]]
 
 
 async def _run_callbacks(callbacks: Sequence[StopCallback]) -> None:
@@ -145,6 +147,12 @@ async def _run_callbacks(callbacks: Sequence[StopCallback]) -> None:
             await callback()
         except Exception:  # one failing cleanup must not skip the others
             logger.exception("shutdown callback %r failed", callback)
+
+
+async def start_callbacks(callbacks: Sequence[StartCallback]) -> None:
+    """Run a definition's ``on_start`` callbacks in order (a failure stops the start)."""
+    for callback in callbacks:
+        await callback()
 
 
 async def serve_forever(
@@ -206,6 +214,9 @@ class ServiceDefinition:
     #: Adds the servicers, e.g. ``lambda s: pb2_grpc.add_AudienceServiceServicer_to_server(impl, s)``.
     register: Callable[[grpc.aio.Server], None]
     interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+    #: Awaited in order once the server is bound (background tasks, child processes, followers):
+    #: ``build`` only wires, so a process that fails to bind starts nothing.
+    on_start: Sequence[StartCallback] = ()
     #: Awaited after the server stopped (close connection pools, channels).
     on_stop: Sequence[StopCallback] = ()
     #: Awaited when a stop is requested, before the server's grace starts (cancel background jobs
@@ -253,6 +264,7 @@ async def _run(settings: S, build: Build[S], telemetry: Telemetry) -> None:
             interceptors=definition.interceptors,
             health=health,
         )
+        await start_callbacks(definition.on_start)
     except BaseException:
         if definition is not None:  # built but could not serve: still release what build opened
             await _run_callbacks(definition.on_stop)

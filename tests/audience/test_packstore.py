@@ -127,6 +127,22 @@ def test_unpublished_version_is_invisible(packs: PackStore) -> None:
     assert packs.publish_version("acme", "p", BitMap([3]), template()).version == 3
 
 
+def test_published_by_finds_and_completes_an_operations_version(packs: PackStore) -> None:
+    packs.publish_version("acme", "p", BitMap([1]), template(), operation="operations/a")
+    assert packs.published_by("acme", "p", "operations/b") is None
+    first_pointer = packs.store.get_bytes(packs.pointer_key("acme", "p"))
+    # The owner of operations/c died after writing the version's manifest, before its pointer.
+    published = packs.publish_version("acme", "p", BitMap([2, 3]), template(), operation="operations/c")
+    packs.store.put_bytes(packs.pointer_key("acme", "p"), first_pointer)
+    assert packs.get("acme", "p").version == 1
+    found = packs.published_by("acme", "p", "operations/c")
+    assert found is not None and found.version == published.version == 2 and found.size == 2
+    # The re-run completed the pointer: the version is visible, nothing was published twice.
+    assert packs.get("acme", "p") == published
+    assert packs.published_by("acme", "p", "operations/c") == published
+    assert packs.publish_version("acme", "p", BitMap([4]), template()).version == 3
+
+
 @pytest.mark.parametrize("fail_on", ["members.roaring", "manifest.json", "latest.json"])
 def test_failed_publish_leaves_nothing_visible(any_store: ObjectStore, fail_on: str) -> None:
     PackStore(any_store).publish_version("acme", "p", BitMap([1]), template())

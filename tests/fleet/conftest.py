@@ -10,6 +10,7 @@ when a process fails to start.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -36,6 +37,10 @@ BOOTSTRAP = "fleet-bootstrap-admin-key-0123456789abcdef"
 TENANT = "shop"
 #: Owner leases of build operations (s): a SIGKILLed worker's build is taken over after this.
 LEASE_SECONDS = 3
+#: The gateways' ListPacks bucket per tenant (calls/s and burst), shared through Redis.
+LIST_RATE = 20
+#: Shutdown grace of every process.
+GRACE_SECONDS = 2
 
 
 def _reachable(port: int) -> bool:
@@ -85,7 +90,8 @@ class Fleet:
                     stat = (entry / "stat").read_text()
                 except OSError:
                     continue
-                if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+                if int(ppid) == parent and state != "Z":  # a dead, not yet reaped worker is no worker
                     found.append(int(entry.name))
         return found
 
@@ -99,7 +105,7 @@ def _env(**values: str) -> dict[str, str]:
     env.update(
         PYTHONUNBUFFERED="1",
         FLASHCROWD_HOST="127.0.0.1",
-        FLASHCROWD_GRACE_SECONDS="2",
+        FLASHCROWD_GRACE_SECONDS=str(GRACE_SECONDS),
         FLASHCROWD_LOG_JSON="false",
         OTEL_TRACES_EXPORTER="none",
         OTEL_METRICS_EXPORTER="none",
@@ -175,6 +181,7 @@ async def fleet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fleet
             FLASHCROWD_AUDIENCE_TARGET=f"ipv4:{audiences}", FLASHCROWD_RETARGET_TARGET=f"ipv4:{retargets}",
             FLASHCROWD_KEYSTORE_URL=database, FLASHCROWD_BOOTSTRAP_ADMIN_KEY=BOOTSTRAP,
             FLASHCROWD_REDIS_URL="redis://127.0.0.1:6379/0", FLASHCROWD_GATEWAY_REPLICAS="2",
+            FLASHCROWD_RATE_LIMITS=json.dumps({"ListPacks": {"rate": LIST_RATE, "burst": LIST_RATE}}),
         )  # fmt: skip
     running = Fleet(root, database, ports)
     modules = {"audience": "services.audience", "retarget": "services.retarget",

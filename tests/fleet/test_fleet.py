@@ -10,17 +10,18 @@ import asyncio
 import os
 import signal
 import uuid
+from pathlib import Path
 
 import grpc
 import grpc.aio
 import pytest
 from flashcrowd.audience.v1 import audience_service_pb2 as aud
 from flashcrowd.audience.v1 import audience_service_pb2_grpc as aud_grpc
-from flashcrowd.audience.v1 import events_pb2, pack_pb2, spec_pb2
+from flashcrowd.audience.v1 import events_pb2, live_pack_pb2, live_pack_pb2_grpc, pack_pb2, spec_pb2
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import duration_pb2
 
-from .conftest import LEASE_SECONDS, TENANT, Fleet
+from .conftest import GRACE_SECONDS, LEASE_SECONDS, LIST_RATE, TENANT, Fleet
 
 pytestmark = [pytest.mark.fleet, pytest.mark.postgres]
 
@@ -31,6 +32,13 @@ def clickers(days: int = 30) -> pack_pb2.Pack:
         spec=spec_pb2.PackSpec(
             behavior=spec_pb2.BehaviorCondition(event_types=[events_pb2.EVENT_TYPE_CLICK], window=window)
         )
+    )
+
+
+def clicked_last(minutes: int) -> spec_pb2.PackSpec:
+    window = spec_pb2.TimeWindow(last=duration_pb2.Duration(seconds=minutes * 60))
+    return spec_pb2.PackSpec(
+        behavior=spec_pb2.BehaviorCondition(event_types=[events_pb2.EVENT_TYPE_CLICK], window=window)
     )
 
 
@@ -123,41 +131,44 @@ async def test_the_same_create_through_both_gateways_makes_one_pack_and_one_oper
     assert pack.version == 1 and pack.state == pack_pb2.Pack.STATE_READY
 
 
-async def test_a_build_whose_worker_is_killed_is_finished_by_another_once(
+async def _running_on_one_worker(
     fleet: Fleet, client: Client
-) -> None:
-    workers = {pid: name for name in fleet.names("audience") for pid in fleet.children(name)}
-    assert len(workers) == 3
+) -> tuple[operations_pb2.Operation, int, list[int]]:
+    """Start a build and let exactly one worker claim it: ``(operation, that worker's pid, the
+    other workers, still frozen: the caller thaws them)``."""
+    workers = [pid for name in fleet.names("audience") for pid in fleet.children(name)]
+    assert workers, "no audience-worker left"
     for pid in workers:  # freeze every worker: the build stays queued
         os.kill(pid, signal.SIGSTOP)
-    killed: int | None = None
+    victim, *others = workers
     try:
-        pack_id = f"orphan-{uuid.uuid4().hex[:8]}"
         op = await client.audience[0].CreatePack(
-            aud.CreatePackRequest(parent=f"tenants/{TENANT}", pack_id=pack_id, pack=clickers()),
+            aud.CreatePackRequest(parent=f"tenants/{TENANT}", pack_id=f"orphan-{uuid.uuid4().hex[:8]}",
+                                  pack=clickers()),
             metadata=client.metadata,
-        )
-        victim, *others = list(workers)
-        os.kill(victim, signal.SIGCONT)  # one worker takes it ...
-        for _ in range(2000):
+        )  # fmt: skip
+        os.kill(victim, signal.SIGCONT)  # one worker takes it (a replacement may still be starting)
+        for _ in range(6000):
             rows = _operation_rows(fleet, op.name)
             if rows and rows[0][0] != "queued":
                 break
             await asyncio.sleep(0.005)
         state, owner, _attempts, _record = rows[0]
-        assert state == "running" and f"-{victim}-" in owner, rows  # ... and is killed while running it
-        os.kill(victim, signal.SIGKILL)
-        killed = victim
+        assert state == "running" and f"-{victim}-" in owner, rows
+    except BaseException:
         for pid in others:
             os.kill(pid, signal.SIGCONT)
-    finally:
-        for pid in workers:
-            if pid != killed:
-                os.kill(pid, signal.SIGCONT)
+        raise
+    return op, victim, others
+
+
+async def _finished_once_elsewhere(
+    fleet: Fleet, client: Client, op: operations_pb2.Operation, gone: int
+) -> None:
     done = await client.wait(op.name, seconds=30 + 3 * LEASE_SECONDS)
     assert not done.HasField("error"), done.error
     state, owner, attempts, record = _operation_rows(fleet, op.name)[0]
-    assert state == "done" and attempts == 2 and f"-{killed}-" not in (owner or "")
+    assert state == "done" and attempts == 2 and f"-{gone}-" not in (owner or "")
     pack = pack_pb2.Pack()
     assert done.response.Unpack(pack) and pack.version == 1 and pack.size > 0
     # It ended once: the record does not change any more, and no second version was published.
@@ -165,6 +176,49 @@ async def test_a_build_whose_worker_is_killed_is_finished_by_another_once(
     assert _operation_rows(fleet, op.name)[0][3] == record
     again = await client.audience[1].GetPack(aud.GetPackRequest(name=pack.name), metadata=client.metadata)
     assert again.version == 1
+
+
+async def test_a_build_whose_worker_is_killed_is_finished_by_another_once(
+    fleet: Fleet, client: Client
+) -> None:
+    op, victim, others = await _running_on_one_worker(fleet, client)
+    os.kill(victim, signal.SIGKILL)  # while it runs the build
+    for pid in others:
+        os.kill(pid, signal.SIGCONT)
+    await _finished_once_elsewhere(fleet, client, op, victim)
+
+
+async def test_a_dead_worker_is_replaced(fleet: Fleet) -> None:
+    name = fleet.names("audience")[0]
+    (worker,) = fleet.children(name)
+    os.kill(worker, signal.SIGKILL)
+    for _ in range(200):
+        await asyncio.sleep(0.05)
+        if (children := fleet.children(name)) and worker not in children:
+            break
+    assert len(children) == 1 and worker not in children, fleet.log(name)
+
+
+async def test_a_worker_stopped_mid_build_hands_it_back_within_its_grace(
+    fleet: Fleet, client: Client
+) -> None:
+    op, victim, others = await _running_on_one_worker(fleet, client)
+    os.kill(victim, signal.SIGTERM)
+    stopped = asyncio.get_running_loop().time()
+    while Path(f"/proc/{victim}").exists() and "zombie" not in _status(victim):
+        await asyncio.sleep(0.05)
+    took = asyncio.get_running_loop().time() - stopped
+    assert took < GRACE_SECONDS + 3, f"worker took {took:.1f} s to stop (grace {GRACE_SECONDS} s)"
+    for pid in others:
+        os.kill(pid, signal.SIGCONT)
+    await _finished_once_elsewhere(fleet, client, op, victim)
+
+
+def _status(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return "zombie"
 
 
 async def test_finished_operations_never_change(fleet: Fleet, client: Client) -> None:
@@ -188,3 +242,80 @@ async def test_finished_operations_never_change(fleet: Fleet, client: Client) ->
         metadata=client.metadata,
     )
     assert {op.name for op in ops} <= {op.name for op in listed.operations}
+
+
+async def test_a_tenants_rate_limit_holds_across_both_gateways(fleet: Fleet, client: Client) -> None:
+    """Calls spread over both gateways admit what one bucket admits (burst + rate x time), +-10%."""
+    admitted = 0
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    request = aud.ListPacksRequest(parent=f"tenants/{TENANT}", page_size=1)
+
+    async def caller(index: int) -> None:
+        nonlocal admitted
+        turn = index
+        while loop.time() - started < 3.0:
+            try:
+                await client.audience[turn % 2].ListPacks(request, metadata=client.metadata, timeout=5)
+                admitted += 1
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+                await asyncio.sleep(0.01)
+            turn += 1
+
+    await asyncio.gather(*(caller(i) for i in range(8)))
+    elapsed = loop.time() - started
+    allowed = LIST_RATE + LIST_RATE * elapsed
+    assert abs(admitted - allowed) <= 0.1 * allowed, (admitted, allowed)
+
+
+async def test_a_live_pack_created_through_one_gateway_is_served_by_every_replica(
+    fleet: Fleet, client: Client
+) -> None:
+    """GETs right after the create, and lists within 2 s, over both gateways (round robin over the
+    three audience replicas): every one answers with the pack."""
+    stubs = [live_pack_pb2_grpc.LivePackServiceStub(c) for c in client.channels]
+    pack_id = f"live-{uuid.uuid4().hex[:8]}"
+    created = await stubs[0].CreateLivePack(
+        live_pack_pb2.CreateLivePackRequest(
+            parent=f"tenants/{TENANT}", live_pack_id=pack_id,
+            live_pack=live_pack_pb2.LivePack(display_name="clickers now", spec=clicked_last(15)),
+        ),
+        metadata=client.metadata,
+    )  # fmt: skip
+    loop = asyncio.get_running_loop()
+    listed_everywhere_by = loop.time() + 2.0
+    for turn in range(12):
+        got = await stubs[turn % 2].GetLivePack(
+            live_pack_pb2.GetLivePackRequest(name=created.name), metadata=client.metadata
+        )
+        assert got.name == created.name and got.spec == created.spec
+    while True:
+        listings = [
+            await stubs[turn % 2].ListLivePacks(
+                live_pack_pb2.ListLivePacksRequest(parent=f"tenants/{TENANT}"), metadata=client.metadata
+            )
+            for turn in range(12)
+        ]
+        if all(created.name in {p.name for p in page.live_packs} for page in listings):
+            break
+        assert loop.time() < listed_everywhere_by, "a replica did not list the new live pack within 2 s"
+        await asyncio.sleep(0.1)
+    await stubs[1].DeleteLivePack(
+        live_pack_pb2.DeleteLivePackRequest(name=created.name), metadata=client.metadata
+    )
+    gone_by = loop.time() + 2.0
+    while True:
+        codes = []
+        for turn in range(12):
+            try:
+                await stubs[turn % 2].GetLivePack(
+                    live_pack_pb2.GetLivePackRequest(name=created.name), metadata=client.metadata
+                )
+                codes.append(grpc.StatusCode.OK)
+            except grpc.aio.AioRpcError as error:
+                codes.append(error.code())
+        if set(codes) == {grpc.StatusCode.NOT_FOUND}:
+            break
+        assert loop.time() < gone_by, f"still served after its delete: {codes}"
+        await asyncio.sleep(0.1)

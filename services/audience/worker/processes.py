@@ -41,22 +41,44 @@ def die_with_parent() -> None:
         raise SystemExit("audience-worker: the server that started it is gone")
 
 
+def _spawn() -> subprocess.Popen:
+    env = {**os.environ, "FLASHCROWD_PORT": "0", "FLASHCROWD_WORKER_PROCESSES": "0",
+           PARENT_VARIABLE: str(os.getpid())}  # fmt: skip
+    return subprocess.Popen([sys.executable, "-m", "services.audience.worker"], env=env)
+
+
 @dataclass
 class WorkerProcesses:
+    """The pod's pool of build workers; ``supervise`` replaces one that died (its builds' leases
+    expire and any worker of the fleet takes them over)."""
+
     children: list[subprocess.Popen] = field(default_factory=list)
+    stopping: bool = False
 
     @classmethod
     def start(cls, count: int) -> WorkerProcesses:
-        env = {**os.environ, "FLASHCROWD_PORT": "0", "FLASHCROWD_WORKER_PROCESSES": "0",
-               PARENT_VARIABLE: str(os.getpid())}  # fmt: skip
-        command = [sys.executable, "-m", "services.audience.worker"]
-        children = [subprocess.Popen(command, env=env) for _ in range(count)]
+        children = [_spawn() for _ in range(count)]
         logger.info(
             "started %d audience-worker process(es)", count, extra={"pids": [c.pid for c in children]}
         )
         return cls(children)
 
+    async def supervise(self, interval_seconds: float = 1.0) -> None:
+        """Until ``terminate``: reap dead children and start a replacement for each (logged)."""
+        while not self.stopping:
+            await asyncio.sleep(interval_seconds)
+            for index, child in enumerate(self.children):
+                if self.stopping or child.poll() is None:
+                    continue
+                replacement = _spawn()
+                logger.warning(
+                    "audience-worker %d exited with status %s: started %d in its place",
+                    child.pid, child.returncode, replacement.pid,
+                )  # fmt: skip
+                self.children[index] = replacement
+
     def terminate(self) -> None:
+        self.stopping = True
         for child in self.children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
