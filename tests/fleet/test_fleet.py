@@ -18,6 +18,13 @@ import pytest
 from flashcrowd.audience.v1 import audience_service_pb2 as aud
 from flashcrowd.audience.v1 import audience_service_pb2_grpc as aud_grpc
 from flashcrowd.audience.v1 import events_pb2, live_pack_pb2, live_pack_pb2_grpc, pack_pb2, spec_pb2
+from flashcrowd.retarget.v1 import (
+    campaign_pb2,
+    coupon_pb2,
+    retarget_service_pb2,
+    retarget_service_pb2_grpc,
+    sale_monitor_pb2,
+)
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import duration_pb2
 
@@ -319,3 +326,83 @@ async def test_a_live_pack_created_through_one_gateway_is_served_by_every_replic
             break
         assert loop.time() < gone_by, f"still served after its delete: {codes}"
         await asyncio.sleep(0.1)
+
+
+STOP_NOW = campaign_pb2.Rule(
+    rule_id="stop-now",
+    action=campaign_pb2.Rule.ACTION_STOP,
+    metric="clicks",
+    comparison=campaign_pb2.Rule.COMPARISON_GREATER_OR_EQUAL,
+    threshold=0,  # holds at once: the leader's first evaluation fires it
+    cooldown=duration_pb2.Duration(seconds=600),
+    scope=sale_monitor_pb2.SaleScope(item_ids=[1]),
+)
+
+
+async def _stopped_by_its_rule(client: Client, pack: str, template: str) -> str:
+    """Launch a slow campaign with STOP_NOW; wait for the rule to pause it; the campaign's name."""
+    retarget = retarget_service_pb2_grpc.RetargetServiceStub(client.channels[1])
+    campaign = await retarget.CreateCampaign(
+        retarget_service_pb2.CreateCampaignRequest(
+            parent=f"tenants/{TENANT}", campaign_id=f"cmp-{uuid.uuid4().hex[:8]}",
+            campaign=campaign_pb2.Campaign(audience_pack=pack, coupon_template=template, rules=[STOP_NOW],
+                                           delivery_rate_per_second=1),
+        ),
+        metadata=client.metadata,
+    )  # fmt: skip
+    await retarget.LaunchCampaign(
+        retarget_service_pb2.LaunchCampaignRequest(name=campaign.name), metadata=client.metadata
+    )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while True:
+        got = await retarget.GetCampaign(
+            retarget_service_pb2.GetCampaignRequest(name=campaign.name), metadata=client.metadata
+        )
+        if got.state == campaign_pb2.Campaign.STATE_PAUSED:
+            return campaign.name
+        assert loop.time() < deadline, f"{campaign.name} not stopped by its rule: state {got.state}"
+        await asyncio.sleep(0.1)
+
+
+async def _firings(client: Client, campaign: str) -> list[campaign_pb2.RuleFiring]:
+    retarget = retarget_service_pb2_grpc.RetargetServiceStub(client.channels[0])
+    report = await retarget.GetCampaignReport(
+        retarget_service_pb2.GetCampaignReportRequest(campaign=campaign), metadata=client.metadata
+    )
+    return list(report.rule_firings)
+
+
+async def test_a_stop_rule_fires_once_with_two_monitors_and_again_after_the_leader_is_killed(
+    fleet: Fleet, client: Client
+) -> None:
+    """Last in this module: it SIGKILLs a sale monitor."""
+    op = await client.audience[0].CreatePack(
+        aud.CreatePackRequest(parent=f"tenants/{TENANT}", pack_id=f"rule-{uuid.uuid4().hex[:8]}",
+                              pack=clickers()),
+        metadata=client.metadata,
+    )  # fmt: skip
+    pack = pack_pb2.Pack()
+    assert (await client.wait(op.name)).response.Unpack(pack) and pack.size > 0
+    retarget = retarget_service_pb2_grpc.RetargetServiceStub(client.channels[0])
+    template = await retarget.CreateCouponTemplate(
+        retarget_service_pb2.CreateCouponTemplateRequest(
+            parent=f"tenants/{TENANT}", coupon_template_id=f"tpl-{uuid.uuid4().hex[:8]}",
+            coupon_template=coupon_pb2.CouponTemplate(fixed_amount=coupon_pb2.FixedAmountOff(amount_fen=1000)),
+        ),
+        metadata=client.metadata,
+    )  # fmt: skip
+    first = await _stopped_by_its_rule(client, pack.name, template.name)
+    await asyncio.sleep(3.0)  # three more evaluations by whichever monitor leads
+    firings = await _firings(client, first)
+    assert [f.rule_id for f in firings] == ["stop-now"], firings
+    leaders = [n for n in fleet.names("monitor") if f"fired on {first}" in fleet.log(n)]
+    assert len(leaders) == 1, {n: fleet.log(n)[-2000:] for n in fleet.names("monitor")}
+    (leader,) = leaders
+    fleet.procs[leader].send_signal(signal.SIGKILL)
+    fleet.procs[leader].wait(10)
+    # The survivor takes the lease over once it expires (3 s) and stops the next campaign.
+    second = await _stopped_by_its_rule(client, pack.name, template.name)
+    assert [f.rule_id for f in await _firings(client, second)] == ["stop-now"]
+    (survivor,) = [n for n in fleet.names("monitor") if n != leader]
+    assert f"fired on {second}" in fleet.log(survivor)
