@@ -24,6 +24,7 @@ import asyncio
 import multiprocessing as mp
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,6 +61,11 @@ from services.storage import LocalObjectStore
 METHOD = "/flashcrowd.audience.v1.AudienceService/CheckMembership"
 TENANT = "bench"
 KEY = os.environ.setdefault("FLASHCROWD_GATEWAY_ASSERTION_KEY", "ab" * 32)
+
+
+def _start(module: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """``gateway_overhead.start`` with this run's assertion key (the direct baseline signs with it)."""
+    return start(module, {"FLASHCROWD_GATEWAY_ASSERTION_KEY": KEY, **env}, log)
 
 
 def _requests(packs: list[BitMap], names: list[str], universe: int, count: int = 300) -> list[bytes]:
@@ -134,7 +140,7 @@ async def scaling(args: argparse.Namespace, tmp: Path) -> None:
     control = f"sqlite:///{tmp / 'control.sqlite3'}"
     ports = [free_port() for _ in range(3)]
     replicas = [
-        start("services.audience", {"FLASHCROWD_PORT": str(p), "FLASHCROWD_STORE_URL": str(store_dir),
+        _start("services.audience", {"FLASHCROWD_PORT": str(p), "FLASHCROWD_STORE_URL": str(store_dir),
                                     "FLASHCROWD_CONTROL_DATABASE_URL": control}, tmp / f"audience{i}.log")
         for i, p in enumerate(ports)
     ]  # fmt: skip
@@ -146,7 +152,7 @@ async def scaling(args: argparse.Namespace, tmp: Path) -> None:
         rates = {}
         for n in (1, 2, 3):
             gport = free_port()
-            gateway = start(
+            gateway = _start(
                 "services.gateway",
                 {"FLASHCROWD_PORT": str(gport), "FLASHCROWD_HTTP_PORT": str(free_port()),
                  "FLASHCROWD_AUDIENCE_TARGET": "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports[:n]),
@@ -235,7 +241,7 @@ async def builds(args: argparse.Namespace, tmp: Path) -> None:
     for workers in (0, 1):
         port = free_port()
         prefix = f"bench-fleet-{os.getpid()}-{workers}/"
-        proc = start(
+        proc = _start(
             "services.audience",
             {"FLASHCROWD_PORT": str(port), "FLASHCROWD_STORE_URL": str(world),
              "FLASHCROWD_PACKS_PREFIX": prefix,

@@ -76,8 +76,10 @@ from services.audience.tenancy import (
 )
 from services.events.bus import BusUnavailable, EventBus, open_bus
 from services.events.codec import decode_batch
+from services.events.compactor import compactor_from_settings
 from services.events.config import RealtimeSettings
 from services.events.follower import StreamFollower
+from services.events.ingest import event_service_definition
 from services.events.schema import EventType
 from services.runtime import (
     AlreadyExists,
@@ -91,10 +93,13 @@ from services.storage import ObjectNotFound, ObjectStore
 
 __all__ = [
     "LIVE_PACK_TYPE",
+    "LiveDeps",
     "LivePackEngine",
     "LivePackServicer",
+    "LiveParts",
     "compile_live_spec",
     "live_service",
+    "open_live",
 ]
 
 logger = logging.getLogger(__name__)
@@ -1126,10 +1131,30 @@ def _ts(value: datetime | int) -> timestamp_pb2.Timestamp:
     return ts
 
 
+class PackClaims(Protocol):
+    """Claims on pack ids shared with CreatePack (``AudienceServicer.reserve_pack``/``release_pack``)."""
+
+    def reserve_pack(self, tenant: str, pack_id: str, purpose: str = "") -> str: ...
+
+    def release_pack(self, tenant: str, pack_id: str, holder: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class LiveDeps:
+    """What LivePackService needs of the audience process besides the engine."""
+
+    tenancy: Any  # Tenancy: who calls, which tenant they may act on
+    discloser: Any  # Discloser: the sizes a tenant may learn
+    packs: Any  # PackStore: snapshots become pack versions
+    membership: Any  # MembershipCache: invalidated when a snapshot lands
+    claims: PackClaims
+    quotas: TenantQuotas | None = None
+
+
 class LivePackServicer(live_pack_pb2_grpc.LivePackServiceServicer):
-    def __init__(self, engine: LivePackEngine, app: Any) -> None:
+    def __init__(self, engine: LivePackEngine, deps: LiveDeps) -> None:
         self.engine = engine
-        self.app = app  # AudienceApp: packs (snapshots), membership cache, tenancy
+        self.app = deps
 
     def _tenant(self, parent: str, context) -> str:
         tenant = parse_parent(parent)
@@ -1167,7 +1192,7 @@ class LivePackServicer(live_pack_pb2_grpc.LivePackServiceServicer):
         check_id(request.live_pack_id, "live_pack_id")
         if not request.live_pack.HasField("spec"):
             raise InvalidArgument("live_pack.spec", "required")
-        quotas = getattr(self.app, "quotas", None)
+        quotas = self.app.quotas
         limited = quotas is not None and TenantQuotas.applies_to(self.app.tenancy.caller(context))
         state = await self.engine.create(
             tenant,
@@ -1213,15 +1238,13 @@ class LivePackServicer(live_pack_pb2_grpc.LivePackServiceServicer):
         stats = pack_pb2.BuildStats(shard="0/1")
         stats.as_of.CopyFrom(_ts(self.engine.now_us()))
         # The pack id is claimed like a build's, so a concurrent CreatePack of the same id waits its turn.
-        reservation = self.app.servicer.reserve_pack(
-            state.tenant, request.pack_id, f"snapshot of {state.name}"
-        )
+        reservation = self.app.claims.reserve_pack(state.tenant, request.pack_id, f"snapshot of {state.name}")
         try:
             stored = await asyncio.to_thread(
                 self.app.packs.publish_version, state.tenant, request.pack_id, bitmap, pack, stats
             )
         finally:
-            self.app.servicer.release_pack(state.tenant, request.pack_id, reservation)
+            self.app.claims.release_pack(state.tenant, request.pack_id, reservation)
         self.app.membership.invalidate(state.tenant, request.pack_id)
         return stored
 
@@ -1230,22 +1253,30 @@ class LivePackServicer(live_pack_pb2_grpc.LivePackServiceServicer):
 # Wiring into the audience process
 
 
-def live_service(app: Any) -> ServiceDefinition:
-    """LivePackService + EventService (+ the compactor on the in-process bus) for the audience server."""
-    from services.events.compactor import compactor_from_settings
-    from services.events.ingest import event_service_definition
+@dataclass
+class LiveParts:
+    """The audience process's live-pack engine and the bus it follows (``open_live``)."""
 
+    settings: RealtimeSettings
+    bus: EventBus
+    engine: LivePackEngine
+
+
+def open_live(store: ObjectStore, reservations: Reservations) -> LiveParts:
+    """The bus (``FLASHCROWD_BUS_URL``) and the engine with the stored definitions (blocking)."""
     settings = load_settings(RealtimeSettings)
     bus = open_bus(settings.bus_url, shard_count=settings.bus_shards)
-    engine = LivePackEngine(bus, app.store, reservations=app.operations)
+    engine = LivePackEngine(bus, store, reservations=reservations)
     engine.load_definitions()
-    app.live_packs = engine
-    app.servicer.live_packs = (
-        engine  # CheckMembership answers live pack names from the engine (LiveMembership)
-    )
-    servicer = LivePackServicer(engine, app)
+    return LiveParts(settings, bus, engine)
+
+
+def live_service(live: LiveParts, deps: LiveDeps, store: ObjectStore) -> ServiceDefinition:
+    """LivePackService + EventService (+ the compactor on the in-process bus) for the audience server."""
+    settings, bus, engine = live.settings, live.bus, live.engine
+    servicer = LivePackServicer(engine, deps)
     event_names, register_events = event_service_definition(settings, bus)
-    compactor = compactor_from_settings(settings, app.store, bus) if bus.url.startswith("memory") else None
+    compactor = compactor_from_settings(settings, store, bus) if bus.url.startswith("memory") else None
     tasks: list[asyncio.Task] = []
 
     async def start() -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 from flashcrowd.audience.v1 import audience_service_pb2, audience_service_pb2_grpc
@@ -23,7 +22,7 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 
 from services.audience.config import AudienceSettings
 from services.audience.control_db import ControlDatabase
-from services.audience.live import live_service
+from services.audience.live import LiveDeps, LiveParts, live_service, open_live
 from services.audience.lookalike.service import lookalike_service
 from services.audience.membership import MembershipCache
 from services.audience.operation_store import OperationStore
@@ -62,8 +61,8 @@ class AudienceApp:
     operations_servicer: OperationsServicer
     #: Per-tenant limits and their shared counters (None only for apps wired by hand in tests).
     quotas: TenantQuotas | None = None
-    #: The live-pack engine, once ``live_service`` wired it (services/audience/live.py).
-    live_packs: Any = None
+    #: The live-pack engine and its bus (services/audience/live.py); None only in apps wired by hand.
+    live: LiveParts | None = None
     #: The LookalikeService, LivePackService and EventService of this process (``_definition``).
     extras: list[ServiceDefinition] = field(default_factory=list)
     #: ``audience-worker`` child processes running the builds (none: builds run on our threads).
@@ -153,13 +152,16 @@ def build_app(settings: AudienceSettings, store: ObjectStore | None = None) -> A
             daily_budget=settings.privacy_daily_budget,
         ),
     )
-    servicer = AudienceServicer(settings, store, packs, operations, membership, tenancy, discloser, quotas)
+    live = open_live(store, operations)
+    servicer = AudienceServicer(
+        settings, store, packs, operations, membership, tenancy, discloser, quotas, live.engine
+    )
     ops_servicer = OperationsServicer(
         operations, tenancy, discloser, max_wait_seconds=settings.max_wait_seconds
     )
     return AudienceApp(
         settings, store, packs, control, operations, membership, tenancy, discloser, servicer,
-        ops_servicer, quotas,
+        ops_servicer, quotas, live,
     )  # fmt: skip
 
 
@@ -170,7 +172,10 @@ async def build_service(settings: AudienceSettings, store: ObjectStore | None = 
 
 
 def _definition(app: AudienceApp) -> ServiceDefinition:
-    app.extras = [lookalike_service(app), live_service(app)]
+    app.extras = [lookalike_service(app)]
+    if app.live is not None:
+        deps = LiveDeps(app.tenancy, app.discloser, app.packs, app.membership, app.servicer, app.quotas)
+        app.extras.append(live_service(app.live, deps, app.store))
     names = [*app.service_names, *(name for extra in app.extras for name in extra.names)]
     registers = [app.register, *(extra.register for extra in app.extras)]
 

@@ -194,6 +194,7 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
         tenancy: Tenancy,
         discloser: Discloser,
         quotas: TenantQuotas | None = None,
+        live_packs: LiveMembership | None = None,
     ) -> None:
         self.settings = settings
         #: What tenants may learn of counts (noisy sizes and personas above minimums; privacy.py).
@@ -208,9 +209,9 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
         #: HMAC key of the identity map (uploads key their digests with it; keyed exports check it).
         self.pepper = settings.pepper()
         self._estimates = asyncio.Semaphore(settings.max_concurrent_builds)
-        #: Set by a live-pack service running in this process: CheckMembership then answers
-        #: ``tenants/{t}/livePacks/{id}`` names from it; without one they are NOT_FOUND.
-        self.live_packs: LiveMembership | None = None
+        #: The process's live-pack engine: CheckMembership answers ``tenants/{t}/livePacks/{id}``
+        #: names from it; without one they are NOT_FOUND.
+        self.live_packs = live_packs
 
     # --- helpers ------------------------------------------------------------------------------------
 

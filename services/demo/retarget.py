@@ -3,7 +3,7 @@
 Everything goes through the retarget service's RPCs over gRPC: coupon templates, the campaign on
 the ``clickers-not-buyers`` pack (resolved by retarget calling the audience service), the launch
 as a long-running operation, the audience's response played from the generator's behaviour model
-(``services.retarget.simulate``: claims, redemptions and refunds through the same RPCs), and the
+(``services.demo.simulate``: claims, redemptions and refunds through the same RPCs), and the
 funnel/ROI report per arm against the holdout.
 """
 
@@ -115,7 +115,7 @@ async def retarget_step(demo: Any, *, tenant: str, audience_pack: str, title: st
             f"{p.held_out:,} held out ({HOLDOUT_BASIS_POINTS / 100:.0f}%), {p.skipped:,} skipped"
         )
 
-        from services.retarget.simulate import simulate_responses
+        from services.demo.simulate import simulate_responses
 
         summary = await simulate_responses(
             stub=stub,

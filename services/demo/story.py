@@ -26,10 +26,10 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
 from services.audience.config import AudienceSettings
-from services.audience.lookalike.demo import lookalike_step
 from services.audience.server import create_audience_server
 from services.audience.spec_io import spec_from_data
 from services.demo import render
+from services.demo.lookalike import lookalike_step
 from services.demo.realtime import realtime_step, use_demo_bus
 from services.demo.retarget import retarget_step, start_retarget
 from services.demo.specs import story_specs

@@ -438,7 +438,7 @@ async def test_live_packs_per_tenant_quota(tmp_path) -> None:
             )
             await create("t1", "c", metadata=as_tenant("t1"))
             await create("t1", "by-platform")
-            assert app.live_packs.count("t1") == 3
+            assert app.live.engine.count("t1") == 3
     finally:
         await server.stop(0.2)
         await app.close()

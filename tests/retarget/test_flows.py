@@ -602,8 +602,8 @@ async def test_report_uplift_against_holdout(rt: Rt) -> None:
 
 async def test_simulated_responses_feed_the_report(rt: Rt) -> None:
     """The demo's simulation (generator behaviour model) through the service's own RPCs."""
+    from services.demo.simulate import simulate_responses
     from services.events.dataset import EventDataset
-    from services.retarget.simulate import simulate_responses
     from services.storage import LocalObjectStore
 
     tenant = rt.tenant()
