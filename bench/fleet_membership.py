@@ -118,12 +118,14 @@ async def _platform_key(gateway: str) -> str:
         return key.secret
 
 
-def _direct_metadata() -> tuple:
-    """A platform assertion a replica accepts without the gateway (what the gateway would sign)."""
+def _direct_metadata(method: str = METHOD) -> tuple:
+    """A platform assertion for ``method`` that a replica accepts without the gateway (what the
+    gateway would sign)."""
     from services.runtime.assertion import AssertionSigner, load_assertion_key
 
     signer = AssertionSigner(load_assertion_key(KEY), ttl_seconds=3600)  # outlives the run
-    return (signer.metadata(Caller.platform("bench", {"members.read"}), METHOD),)
+    caller = Caller.platform("bench", {"members.read", "packs.read", "packs.write"})
+    return (signer.metadata(caller, method),)
 
 
 async def scaling(args: argparse.Namespace, tmp: Path) -> None:
@@ -196,6 +198,8 @@ CLICKED = spec_pb2.PackSpec(
 async def _during_builds(target: str, count: int, seconds: float) -> tuple[list[float], list[float], float]:
     """(idle latencies, latencies while ``count`` builds run, seconds the builds took)."""
     metadata = _direct_metadata()
+    create_metadata = _direct_metadata("/flashcrowd.audience.v1.AudienceService/CreatePack")
+    operation_metadata = _direct_metadata("/google.longrunning.Operations/GetOperation")
     async with grpc.aio.insecure_channel(target) as channel:
         stub = api_grpc.AudienceServiceStub(channel)
         ops = operations_pb2_grpc.OperationsStub(channel)
@@ -204,11 +208,11 @@ async def _during_builds(target: str, count: int, seconds: float) -> tuple[list[
             request = api.CreatePackRequest(
                 parent=f"tenants/{TENANT}", pack_id=pack_id, pack=pack_pb2.Pack(spec=CLICKED)
             )
-            return (await stub.CreatePack(request, metadata=metadata)).name
+            return (await stub.CreatePack(request, metadata=create_metadata)).name
 
         async def done(name: str) -> bool:
             request = operations_pb2.GetOperationRequest(name=name)
-            return (await ops.GetOperation(request, metadata=metadata)).done
+            return (await ops.GetOperation(request, metadata=operation_metadata)).done
 
         seed = await create("seed")
         while not await done(seed):

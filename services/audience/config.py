@@ -45,6 +45,9 @@ class AudienceSettings(BaseServiceSettings):
     #: services.audience.worker``): they run the pack builds of the shared queue, so that builds never
     #: compete with CheckMembership for this process's GIL. 0: builds run on this process's threads.
     worker_processes: int = Field(default=0, ge=0, le=64)
+    #: Child processes computing personas (compute_pool.py), off the serving process's GIL.
+    #: 0: personas are computed on this process's threads.
+    compute_processes: int = Field(default=0, ge=0, le=64)
     #: An operation's owner renews its lease every second; a replica or worker that stopped renewing
     #: for this long is presumed dead and its builds are taken over (queued again) by another.
     operation_lease_seconds: float = Field(default=15.0, ge=1.0, le=3600.0)

@@ -78,6 +78,27 @@ def is_exact_for(caller: Caller | None) -> bool:
     return caller is None or caller.is_platform
 
 
+def _noisy(secret: bytes, kind: str, fingerprint: str, label: str, true_count: int, scale: float) -> int:
+    """``true_count`` plus Laplace noise seeded by the release (the same release, the same noise)."""
+    seed = hmac.digest(secret, f"{kind}|{fingerprint}|{label}".encode(), "sha256")[:16]
+    noise = float(np.random.default_rng(int.from_bytes(seed, "big")).laplace(0.0, scale))
+    return max(0, round(true_count + noise))
+
+
+@dataclass(frozen=True)
+class PersonaNoise:
+    """The noise of one persona's counts; a plain value, so a compute process can apply it."""
+
+    secret: bytes
+    fingerprint: str
+    #: The epsilon of each of the persona's parts.
+    part: float
+
+    def __call__(self, label: str, true_count: int) -> int:
+        scale = PERSONA_SENSITIVITY.get(label.split("|", 1)[0], 1) / self.part
+        return _noisy(self.secret, "persona", self.fingerprint, label, true_count, scale)
+
+
 class Discloser:
     """Applies the mechanism to what tenant principals are about to see."""
 
@@ -87,12 +108,8 @@ class Discloser:
         self.parameters = parameters
 
     # --- noise --------------------------------------------------------------------------------
-    def _laplace(self, kind: str, fingerprint: str, label: str, scale: float) -> float:
-        seed = hmac.digest(self._secret, f"{kind}|{fingerprint}|{label}".encode(), "sha256")[:16]
-        return float(np.random.default_rng(int.from_bytes(seed, "big")).laplace(0.0, scale))
-
     def noisy(self, kind: str, fingerprint: str, label: str, true_count: int, scale: float) -> int:
-        return max(0, round(true_count + self._laplace(kind, fingerprint, label, scale)))
+        return _noisy(self._secret, kind, fingerprint, label, true_count, scale)
 
     # --- sizes --------------------------------------------------------------------------------
     def size(self, tenant: str, fingerprint: str, true_size: int) -> tuple[int, int]:
@@ -151,7 +168,7 @@ class Discloser:
         return noisy_sample, estimate, NOISY
 
     # --- personas -----------------------------------------------------------------------------
-    def persona_noise(self, tenant: str, fingerprint: str, name: str) -> CountNoise:
+    def persona_noise(self, tenant: str, fingerprint: str, name: str) -> PersonaNoise:
         """The noise of one persona (charging ``epsilon_persona``); RESOURCE_EXHAUSTED past the budget."""
         p = self.parameters
         if not self.ledger.charge(
@@ -165,14 +182,7 @@ class Discloser:
                 reason="PRIVACY_BUDGET_EXHAUSTED",
                 metadata={"pack": name},
             )
-        part = p.epsilon_persona / PERSONA_PARTS
-
-        def noise(label: str, true_count: int) -> int:
-            dimension = label.split("|", 1)[0]
-            scale = PERSONA_SENSITIVITY.get(dimension, 1) / part
-            return self.noisy("persona", fingerprint, label, true_count, scale)
-
-        return noise
+        return PersonaNoise(self._secret, fingerprint, p.epsilon_persona / PERSONA_PARTS)
 
 
 __all__ = [

@@ -20,6 +20,7 @@ import grpc
 from flashcrowd.audience.v1 import audience_service_pb2, audience_service_pb2_grpc
 from google.longrunning import operations_pb2, operations_pb2_grpc
 
+from services.audience.compute_pool import ComputePool
 from services.audience.config import AudienceSettings
 from services.audience.control_db import ControlDatabase
 from services.audience.live import LiveDeps, LiveParts, live_service, open_live
@@ -27,11 +28,11 @@ from services.audience.lookalike.service import lookalike_service
 from services.audience.membership import MembershipCache
 from services.audience.operation_store import OperationStore
 from services.audience.operations import OperationManager, OperationsServicer
-from services.audience.pack_builds import BUILD_KINDS, PackBuilds
 from services.audience.packstore import PackStore
 from services.audience.privacy import Discloser, PrivacyParameters
 from services.audience.privacy_ledger import open_privacy_ledger
 from services.audience.quotas import TenantQuotas, default_control_path, open_quotas
+from services.audience.runners import portable_runners
 from services.audience.servicer import AudienceServicer
 from services.audience.tenancy import Tenancy
 from services.audience.worker.processes import WorkerProcesses
@@ -102,6 +103,7 @@ class AudienceApp:
         if self._supervisor is not None:
             self._supervisor.cancel()
             self._supervisor = None
+        self.servicer.compute.close()
         self.control.close()
         self.discloser.ledger.close()
         if self.quotas is not None:
@@ -125,7 +127,6 @@ def build_app(settings: AudienceSettings, store: ObjectStore | None = None) -> A
         refresh_ms=settings.membership_refresh_ms,
         dense_max_ids=settings.membership_dense_max_ids,
     )
-    builds = PackBuilds(store, packs, settings.dataset_prefix, invalidate=membership.invalidate)
     control = open_control(settings)
     operations = OperationManager(
         OperationStore(control),
@@ -133,7 +134,7 @@ def build_app(settings: AudienceSettings, store: ObjectStore | None = None) -> A
         max_queued=settings.max_queued_builds,
         queued_limit=quotas.limits.queued_builds,
         tenant_max_running=quotas.limits.running_builds,
-        runners=dict.fromkeys(BUILD_KINDS, builds.run),
+        runners=portable_runners(settings, store, packs, invalidate=membership.invalidate),
         run_portable=settings.worker_processes == 0,
         lease_seconds=settings.operation_lease_seconds,
     )
@@ -153,8 +154,9 @@ def build_app(settings: AudienceSettings, store: ObjectStore | None = None) -> A
         ),
     )
     live = open_live(store, operations)
+    compute = ComputePool(store, settings.dataset_prefix, settings.compute_processes)
     servicer = AudienceServicer(
-        settings, store, packs, operations, membership, tenancy, discloser, quotas, live.engine
+        settings, store, packs, operations, membership, tenancy, discloser, quotas, live.engine, compute
     )
     ops_servicer = OperationsServicer(
         operations, tenancy, discloser, max_wait_seconds=settings.max_wait_seconds

@@ -34,8 +34,7 @@ from opentelemetry import metrics, trace
 from pyroaring import BitMap
 
 from services.audience import builder as pack_builder
-from services.audience import persona as pack_persona
-from services.audience.bots import bot_bitmap
+from services.audience.compute_pool import ComputePool
 from services.audience.config import AudienceSettings
 from services.audience.membership import MembershipCache, as_user_ids, check_batch, membership_response
 from services.audience.operations import OperationManager, ReservationConflict, request_fingerprint
@@ -195,8 +194,11 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
         discloser: Discloser,
         quotas: TenantQuotas | None = None,
         live_packs: LiveMembership | None = None,
+        compute: ComputePool | None = None,
     ) -> None:
         self.settings = settings
+        #: Where personas are computed (child processes, or this process's threads).
+        self.compute = compute or ComputePool(store, settings.dataset_prefix)
         #: What tenants may learn of counts (noisy sizes and personas above minimums; privacy.py).
         self.discloser = discloser
         #: Per-tenant limits and counters (None: no tenant quotas, e.g. servicers wired by hand).
@@ -737,21 +739,15 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
             )
         )
 
-        def work() -> pack_pb2.PackPersona:
-            dataset = self.dataset()
-            return pack_persona.compute_persona(
-                dataset,
-                bitmap,
-                bots=bot_bitmap(dataset),
-                top_n=top_n,
-                min_size=minimum,
-                pack=request.name,
-                version=pack.version,
-                bots_excluded_at_build=pack.build_stats.bots_excluded,
-                noise=noise,
-            )
-
-        return await asyncio.to_thread(work)
+        return await self.compute.persona(
+            bitmap,
+            top_n=top_n,
+            min_size=minimum,
+            pack=request.name,
+            version=pack.version,
+            bots_excluded_at_build=pack.build_stats.bots_excluded,
+            noise=noise,
+        )
 
 
 def _check_pack_fields(pack: pack_pb2.Pack, path: str) -> None:

@@ -95,6 +95,18 @@ class ServiceError(Exception):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, reason={self.reason!r})"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from its state, not through ``__init__`` (whose arguments differ per subclass), so
+        # that an error raised in a child process (compute_pool.py) reaches the caller intact.
+        return (_rebuild_error, (type(self), self.args, self.__dict__))
+
+
+def _rebuild_error(cls: type[ServiceError], args: tuple[Any, ...], state: dict[str, Any]) -> ServiceError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
 
 class InvalidArgument(ServiceError):
     """The request itself is wrong, whatever the system state: ``BadRequest`` field violations.

@@ -29,11 +29,12 @@ from pyroaring import BitMap
 
 from services.audience.lookalike import pipeline
 from services.audience.lookalike.exclusion import FeatureExclusion
+from services.audience.lookalike.jobs import LookalikeJobs, expansion_payload
 from services.audience.lookalike.service import LOOKALIKE_SERVICE
 from services.audience.server import AUDIENCE_SERVICE
 from services.cli.main import main
 from services.events.generator import GenConfig, generate
-from services.runtime import error_details
+from services.runtime import FailedPrecondition, NotFound, error_details
 from services.storage import LocalObjectStore, MinioObjectStore, ObjectStore, publish, read_manifest
 from tests.audience.service.conftest import Service, start_service, stop_service
 from tests.fixtures.channels import AS_TENANT
@@ -442,3 +443,51 @@ async def test_model_trained_without_a_behaviour(la: Lookalike) -> None:
     kinds = sorted(tuple(e.event_types) for e in response.feature_exclusions)
     purchase = (events_pb2.EVENT_TYPE_ORDER, events_pb2.EVENT_TYPE_PAY, events_pb2.EVENT_TYPE_REFUND)
     assert kinds == [purchase, (events_pb2.EVENT_TYPE_FOLLOW,)]
+
+
+@dataclass
+class _Attempt:
+    """What a portable runner reads of its ``JobContext``: the operation and which run this is."""
+
+    operation: str
+    attempt: int = 1
+
+    def progress(self, stage: str | None = None, percent: float | None = None) -> None:
+        return None
+
+
+def _prepared_payload(la: Lookalike, seed_pack: str, pack_id: str) -> bytes:
+    app = la.svc.app
+    prepared = pipeline.prepare_expansion(
+        la.store, "lookalike/", app.packs, app.servicer.dataset,
+        pipeline.ExpandRequest(tenant=TENANT, pack_id=pack_id, seed_pack=seed_pack, model_id="m1",
+                               reach_fraction=0.05),
+        min_seed=100,
+    )  # fmt: skip
+    return expansion_payload(prepared, exclude_bots=True, min_seed=100)
+
+
+def test_a_re_run_expansion_publishes_nothing_and_moved_inputs_are_refused(la: Lookalike) -> None:
+    app = la.svc.app
+    jobs = LookalikeJobs(la.store, app.packs, app.settings.dataset_prefix, "lookalike/")
+    pack_id = f"lal-{uuid.uuid4().hex[:8]}"
+    payload = _prepared_payload(la, "buyers", pack_id)
+    op = f"tenants/{TENANT}/operations/{uuid.uuid4().hex}"
+    first = jobs.expand(_Attempt(op), payload)
+    assert first.pack.version == 1 and first.model_version == la.model.version
+    # Its owner "died" after publishing: the second attempt answers the same and publishes nothing.
+    again = jobs.expand(_Attempt(op, attempt=2), payload)
+    assert again.pack == first.pack and list(again.lift_curve) == list(first.lift_curve)
+    assert app.packs.get(TENANT, pack_id).version == 1
+    # Inputs that moved between accepting and running: refused, nothing written.
+    bitmap, _ = app.packs.load_bitmap(TENANT, "buyers")
+    upload = pack_pb2.Pack(source=pack_pb2.Pack.SOURCE_UPLOAD)
+    app.packs.publish_version(TENANT, "buyers-copy", bitmap, upload)
+    moved = f"lal-{uuid.uuid4().hex[:8]}"
+    payload = _prepared_payload(la, "buyers-copy", moved)
+    app.packs.publish_version(TENANT, "buyers-copy", bitmap, upload)  # the seed moved on
+    with pytest.raises(FailedPrecondition) as refused:
+        jobs.expand(_Attempt(f"tenants/{TENANT}/operations/{uuid.uuid4().hex}"), payload)
+    assert refused.value.reason == "INPUTS_CHANGED"
+    with pytest.raises(NotFound):
+        app.packs.get(TENANT, moved)

@@ -10,6 +10,7 @@ when a process fails to start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -80,8 +81,8 @@ class Fleet:
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")[-4000:]
 
-    def children(self, name: str) -> list[int]:
-        """Pids of a process's children (an audience replica's workers)."""
+    def children(self, name: str, command: str = "services.audience.worker") -> list[int]:
+        """Pids of a process's live children running ``command`` (an audience replica's workers)."""
         parent = self.procs[name].pid
         found = []
         for entry in Path("/proc").iterdir():
@@ -92,7 +93,9 @@ class Fleet:
                     continue
                 state, ppid = stat.rsplit(")", 1)[1].split()[:2]
                 if int(ppid) == parent and state != "Z":  # a dead, not yet reaped worker is no worker
-                    found.append(int(entry.name))
+                    with contextlib.suppress(OSError):
+                        if command in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                            found.append(int(entry.name))
         return found
 
     def sql(self, query: str, params: tuple = ()) -> list[tuple]:
@@ -161,6 +164,7 @@ async def fleet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fleet
         env[n] = _env(
             FLASHCROWD_PORT=str(ports[n]), FLASHCROWD_STORE_URL=str(store),
             FLASHCROWD_CONTROL_DATABASE_URL=database, FLASHCROWD_WORKER_PROCESSES="1",
+            FLASHCROWD_COMPUTE_PROCESSES="1",
             FLASHCROWD_OPERATION_LEASE_SECONDS=str(LEASE_SECONDS), FLASHCROWD_BUS_URL=bus,
             FLASHCROWD_MAX_CONCURRENT_BUILDS="1",
         )  # fmt: skip
@@ -214,7 +218,10 @@ async def fleet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fleet
                 metadata=boot,
             )
             serving = await admin.CreateApiKey(
-                gw.CreateApiKeyRequest(parent="platform", scopes=["members.read"]), metadata=boot
+                gw.CreateApiKeyRequest(
+                    parent="platform", scopes=["members.read", "models.train", "packs.read"]
+                ),
+                metadata=boot,
             )
         running.tenant_key, running.platform_key = key.secret, serving.secret
         yield running

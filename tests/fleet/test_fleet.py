@@ -17,7 +17,15 @@ import grpc.aio
 import pytest
 from flashcrowd.audience.v1 import audience_service_pb2 as aud
 from flashcrowd.audience.v1 import audience_service_pb2_grpc as aud_grpc
-from flashcrowd.audience.v1 import events_pb2, live_pack_pb2, live_pack_pb2_grpc, pack_pb2, spec_pb2
+from flashcrowd.audience.v1 import (
+    events_pb2,
+    live_pack_pb2,
+    live_pack_pb2_grpc,
+    lookalike_pb2,
+    lookalike_pb2_grpc,
+    pack_pb2,
+    spec_pb2,
+)
 from flashcrowd.retarget.v1 import (
     campaign_pb2,
     coupon_pb2,
@@ -226,6 +234,60 @@ def _status(pid: int) -> str:
         return Path(f"/proc/{pid}/status").read_text().lower()
     except OSError:
         return "zombie"
+
+
+def _owner_pid(owner: str) -> int:
+    """The pid in an operation owner (``<host>-<pid>-<random>``)."""
+    return int(owner.rsplit("-", 2)[1])
+
+
+async def test_lookalike_training_and_expansion_run_in_build_workers(fleet: Fleet, client: Client) -> None:
+    workers = {pid for name in fleet.names("audience") for pid in fleet.children(name)}
+    lookalike = lookalike_pb2_grpc.LookalikeServiceStub(client.channels[0])
+    platform = (("x-api-key", fleet.platform_key),)
+    trained = await lookalike.TrainLookalikeModel(
+        lookalike_pb2.TrainLookalikeModelRequest(model_id=f"m-{uuid.uuid4().hex[:6]}", cluster_count=8),
+        metadata=platform,
+    )
+    done = await client.ops[1].WaitOperation(
+        operations_pb2.WaitOperationRequest(name=trained.name, timeout=duration_pb2.Duration(seconds=90)),
+        metadata=platform, timeout=95,
+    )  # fmt: skip
+    assert done.done and not done.HasField("error"), done.error
+    model = lookalike_pb2.LookalikeModel()
+    assert done.response.Unpack(model)
+    op = await client.audience[1].CreatePack(
+        aud.CreatePackRequest(parent=f"tenants/{TENANT}", pack_id=f"seed-{uuid.uuid4().hex[:8]}",
+                              pack=clickers()),
+        metadata=client.metadata,
+    )  # fmt: skip
+    seed = pack_pb2.Pack()
+    assert (await client.wait(op.name)).response.Unpack(seed)
+    # Its persona comes from a compute process of the replica that answers, not its serving thread.
+    persona = await client.audience[0].GetPackPersona(
+        aud.GetPackPersonaRequest(name=seed.name), metadata=client.metadata
+    )
+    assert persona.pack == seed.name and persona.dimensions
+    assert any(fleet.children(name, "multiprocessing") for name in fleet.names("audience"))
+    expanded = await lookalike.ExpandLookalike(
+        lookalike_pb2.ExpandLookalikeRequest(
+            parent=f"tenants/{TENANT}", pack_id=f"lal-{uuid.uuid4().hex[:8]}", seed_pack=seed.name,
+            model=model.name, reach_fraction=0.05,
+        ),
+        metadata=client.metadata,
+    )  # fmt: skip
+    result = await client.wait(expanded.name)
+    assert not result.HasField("error"), result.error
+    response = lookalike_pb2.ExpandLookalikeResponse()
+    assert result.response.Unpack(response)
+    reach = round(0.05 * model.population_size)  # a tenant sees the size with noise (privacy)
+    assert abs(response.pack.size - reach) <= 0.05 * reach, response.pack.size
+    for name in (trained.name, expanded.name):
+        tenant, op_id = name.split("/")[1], name.rsplit("/", 1)[1]
+        ((state, owner),) = fleet.sql(
+            "SELECT state, owner FROM audience_operations WHERE tenant = %s AND op_id = %s", (tenant, op_id)
+        )
+        assert state == "done" and _owner_pid(owner) in workers, (name, owner, workers)
 
 
 async def test_finished_operations_never_change(fleet: Fleet, client: Client) -> None:

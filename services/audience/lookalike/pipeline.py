@@ -732,12 +732,17 @@ def execute_expansion(
     params: RankingParams | None = None,
     progress: Progress | None = None,
     before_publish: Callable[[], None] | None = None,
+    operation: str = "",
+    published: pack_pb2.Pack | None = None,
 ) -> tuple[pack_pb2.Pack, ExpandResult]:
     """Build the excluded snapshot if needed, rank, select exactly the reach, publish the pack
     version (source LOOKALIKE) and its record.
 
     ``before_publish`` runs last before anything is written (the operation's cancellation check);
     the excluded snapshot is written before it (a cache: reused by the next expansion).
+    ``operation`` is recorded in the version's manifest; ``published``: that operation's version
+    already exists (a re-run after its first owner died): rank again (deterministic) for the
+    response, write nothing.
     """
     from services.audience.compiler import ids_to_bitmap
 
@@ -789,8 +794,10 @@ def execute_expansion(
     )
     stats.as_of.FromDatetime(inputs.snapshot.as_of)
     stats.duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
+    if published is not None:
+        return published, result
     stored = packs.publish_version(
-        request.tenant, request.pack_id, ids_to_bitmap(result.members), pack, stats
+        request.tenant, request.pack_id, ids_to_bitmap(result.members), pack, stats, operation=operation
     )
     try:
         expansion_record(

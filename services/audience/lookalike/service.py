@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC
 from typing import TYPE_CHECKING
 
 import grpc
@@ -63,9 +62,10 @@ from services.audience.lookalike.expand import (
     ExpandError,
     resolve_reach,
 )
-from services.audience.lookalike.messages import exclusion_from_proto, model_proto, response_proto
+from services.audience.lookalike.jobs import EXPAND_KIND, TRAIN_KIND, expansion_payload
+from services.audience.lookalike.messages import exclusion_from_proto, model_proto
 from services.audience.lookalike.model import MODEL_ID
-from services.audience.operations import JobContext, ReservationConflict
+from services.audience.operations import ReservationConflict
 from services.audience.quotas import Grant, TenantQuotas
 from services.audience.tenancy import PACK_TYPE, check_id, pack_name, parse_pack_name, parse_parent
 from services.runtime import (
@@ -178,16 +178,11 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
                 ("cluster_count", f"{request.cluster_count} is outside [2, {MAX_CLUSTERS}] (0 = chosen from "
                                   "the population)")
             )  # fmt: skip
-        exclusion, exclusion_problems = exclusion_from_proto(request.feature_exclusions)
-        problems.extend(exclusion_problems)
-        as_of = None
-        if request.HasField("as_of"):
-            if not (
-                _MIN_SECONDS <= request.as_of.seconds <= _MAX_SECONDS and 0 <= request.as_of.nanos < 10**9
-            ):
-                problems.append(("as_of", "not a valid timestamp (years 1-9999)"))
-            else:
-                as_of = request.as_of.ToDatetime(UTC)
+        problems.extend(exclusion_from_proto(request.feature_exclusions)[1])
+        if request.HasField("as_of") and not (
+            _MIN_SECONDS <= request.as_of.seconds <= _MAX_SECONDS and 0 <= request.as_of.nanos < 10**9
+        ):
+            problems.append(("as_of", "not a valid timestamp (years 1-9999)"))
         if problems:
             raise InvalidArgument(problems)
         tenant = self.app.tenancy.trusted_tenant(context) or self.settings.operations_tenant
@@ -199,28 +194,10 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
             )
         name = f"lookalikeModels/{request.model_id}"
         metadata = lookalike_pb2.TrainLookalikeModelMetadata(model=name, stage="queued")
-        model_id = request.model_id
         try:  # one training of a model id at a time, across replicas
             holder = await asyncio.to_thread(self.app.operations.reserve, tenant, name)
         except ReservationConflict:
             raise AlreadyExists(MODEL_TYPE, name, description="being trained") from None
-
-        def job(ctx: JobContext) -> lookalike_pb2.LookalikeModel:
-            def progress(stage: str, fraction: float) -> None:
-                base = {"features": (0.0, 50.0), "fit": (50.0, 80.0), "score": (80.0, 95.0)}
-                lo, hi = base.get(stage, (95.0, 99.0))
-                ctx.progress(stage, lo + (hi - lo) * max(0.0, min(1.0, fraction)))
-
-            with tracer.start_as_current_span(
-                "lookalike.train",
-                attributes={"flashcrowd.lookalike.model": name, "flashcrowd.operation": ctx.operation},
-            ):
-                ctx.progress("features", 0.0)
-                model, _snapshot = pipeline.train(
-                    self.store, dataset, model_id=model_id, root=self.root, clusters=clusters, as_of=as_of,
-                    exclusion=exclusion, progress=progress,
-                )  # fmt: skip
-                return model_proto(model)
 
         grant: Grant | None = None
         try:
@@ -229,9 +206,10 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
                 grant = await asyncio.to_thread(quotas.charge, tenant, [(quotas.limits.trainings_per_day, 1)])
             return await self.app.operations.start(
                 tenant,
-                "TrainLookalikeModel",
-                job,
+                TRAIN_KIND,
+                None,
                 metadata,
+                payload=request.SerializeToString(),  # any replica or worker trains it (jobs.py)
                 exempt=True,  # platform principals are not held to a tenant's queued-builds limit
                 reservation=(name, holder),
             )
@@ -323,11 +301,15 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
                 grant = await asyncio.to_thread(
                     quotas.charge, tenant, [(quotas.limits.expansions_per_day, 1)]
                 )
+            payload = expansion_payload(
+                prepared, exclude_bots=self.settings.exclude_bots, min_seed=self.settings.min_seed
+            )
             return await self.app.operations.start(
                 tenant,
-                "ExpandLookalike",
-                self._expand_job(prepared),
+                EXPAND_KIND,
+                None,
                 metadata,
+                payload=payload,  # any replica or worker ranks and publishes it (jobs.py)
                 exempt=quotas is None,
                 reservation=(request.pack_id, holder),
             )
@@ -336,37 +318,6 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
             if grant is not None:
                 await asyncio.to_thread(grant.refund)
             raise
-
-    def _expand_job(self, prepared: pipeline.PreparedExpansion):
-        name = pack_name(prepared.request.tenant, prepared.request.pack_id)
-        model = prepared.inputs.model
-
-        def job(ctx: JobContext) -> lookalike_pb2.ExpandLookalikeResponse:
-            def progress(stage: str, fraction_done: float) -> None:
-                ctx.progress(stage, 5.0 + 85.0 * max(0.0, min(1.0, fraction_done)))
-
-            with tracer.start_as_current_span(
-                "lookalike.expand",
-                attributes={"flashcrowd.pack.name": name, "flashcrowd.lookalike.model": model.name,
-                            "flashcrowd.operation": ctx.operation},
-            ) as span:  # fmt: skip
-                ctx.progress("score", 0.0)
-                stored, result = pipeline.execute_expansion(
-                    self.store,
-                    self.root,
-                    self.app.packs,
-                    prepared,
-                    min_seed=self.settings.min_seed,
-                    progress=progress,
-                    # last chance to cancel: nothing is written before this
-                    before_publish=lambda: ctx.progress("publish", 95.0),
-                )
-                self.app.membership.invalidate(prepared.request.tenant, prepared.request.pack_id)
-                span.set_attribute("flashcrowd.pack.size", stored.size)
-                inputs = prepared.inputs
-                return response_proto(stored, result, inputs.model, inputs.snapshot.exclusion)
-
-        return job
 
 
 def _profile_violations(profile: spec_pb2.ProfileFilter) -> list[tuple[str, str]]:

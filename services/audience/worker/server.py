@@ -9,9 +9,9 @@ from services.audience.config import AudienceSettings
 from services.audience.control_db import ControlDatabase
 from services.audience.operation_store import OperationStore
 from services.audience.operations import OperationManager
-from services.audience.pack_builds import BUILD_KINDS, PackBuilds
 from services.audience.packstore import PackStore
 from services.audience.quotas import default_control_path
+from services.audience.runners import portable_runners
 from services.runtime import ServiceDefinition
 from services.storage import ObjectStore, open_store
 
@@ -35,14 +35,13 @@ def build_worker(settings: AudienceSettings, store: ObjectStore | None = None) -
     """Wire a worker (blocking); its threads start claiming at once."""
     store = store if store is not None else open_store(settings.store_url)
     packs = PackStore(store, settings.packs_prefix)
-    builds = PackBuilds(store, packs, settings.dataset_prefix)
     control = ControlDatabase(settings.control_database_url, default_control_path(settings.store_url))
     operations = OperationManager(
         OperationStore(control),
         max_workers=settings.max_concurrent_builds,
         max_queued=settings.max_queued_builds,
         tenant_max_running=settings.tenant_max_running_builds,
-        runners=dict.fromkeys(BUILD_KINDS, builds.run),
+        runners=portable_runners(settings, store, packs),
         run_portable=True,
         lease_seconds=settings.operation_lease_seconds,
     )
