@@ -102,7 +102,8 @@ def _load(target: str, metadata: tuple, requests: list[bytes], concurrency: int,
              for _ in range(2)]  # fmt: skip
     for p in procs:
         p.start()
-    total = sum(queue.get() for _ in procs)
+    # A client that failed puts nothing: give up after the round's time instead of waiting forever.
+    total = sum(queue.get(timeout=seconds + 120) for _ in procs)
     for p in procs:
         p.join()
     return total

@@ -1,12 +1,12 @@
 """``python -m services.audience``: the audience service (settings from ``FLASHCROWD_*``)."""
 
 from services.audience.config import AudienceSettings
-from services.audience.server import build_service
+from services.audience.server import build
 from services.runtime import run_service
 
 
 def main() -> None:
-    run_service("audience", AudienceSettings, build_service)
+    run_service("audience", AudienceSettings, build)
 
 
 if __name__ == "__main__":

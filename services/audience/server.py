@@ -1,7 +1,7 @@
 """Assemble the audience server: AudienceService, google.longrunning.Operations, LookalikeService,
 LivePackService and EventService, health, reflection. This is the process's composition root.
 
-``create_audience_server(settings)`` is what tests call (port 0) and ``build_service(settings)``
+``create_audience_server(settings)`` is what tests call (port 0) and ``build(settings)``
 is what ``python -m services.audience`` hands to the runtime's ``run_service``; both wire the same
 ``AudienceApp``: one object store, the pack store, the control database (operations and their
 shared queue, pack-id reservations; ``operation_store.py``), the operation manager, the membership
@@ -24,7 +24,7 @@ from services.audience.compute_pool import ComputePool
 from services.audience.config import AudienceSettings
 from services.audience.control_db import ControlDatabase
 from services.audience.live import LiveDeps, LiveParts, live_service, open_live
-from services.audience.lookalike.service import lookalike_service
+from services.audience.lookalike.service import LookalikeDeps, lookalike_service
 from services.audience.membership import MembershipCache
 from services.audience.operation_store import OperationStore
 from services.audience.operations import OperationManager, OperationsServicer
@@ -161,23 +161,25 @@ def build_app(settings: AudienceSettings, store: ObjectStore | None = None) -> A
     ops_servicer = OperationsServicer(
         operations, tenancy, discloser, max_wait_seconds=settings.max_wait_seconds
     )
+    extras = [  # the other services of this process, each over its narrow dependencies
+        lookalike_service(
+            LookalikeDeps(store, packs, operations, tenancy, servicer, servicer.dataset, quotas)
+        ),
+        live_service(live, LiveDeps(tenancy, discloser, packs, membership, servicer, quotas), store),
+    ]
     return AudienceApp(
         settings, store, packs, control, operations, membership, tenancy, discloser, servicer,
-        ops_servicer, quotas, live,
+        ops_servicer, quotas, live, extras,
     )  # fmt: skip
 
 
-async def build_service(settings: AudienceSettings, store: ObjectStore | None = None) -> ServiceDefinition:
+async def build(settings: AudienceSettings, store: ObjectStore | None = None) -> ServiceDefinition:
     """The runtime's view of this service (``run_service``'s ``build``)."""
     app = await asyncio.to_thread(build_app, settings, store)
     return _definition(app)
 
 
 def _definition(app: AudienceApp) -> ServiceDefinition:
-    app.extras = [lookalike_service(app)]
-    if app.live is not None:
-        deps = LiveDeps(app.tenancy, app.discloser, app.packs, app.membership, app.servicer, app.quotas)
-        app.extras.append(live_service(app.live, deps, app.store))
     names = [*app.service_names, *(name for extra in app.extras for name in extra.names)]
     registers = [app.register, *(extra.register for extra in app.extras)]
 
@@ -224,7 +226,7 @@ __all__ = [
     "AUDIENCE_SERVICE",
     "OPERATIONS_SERVICE",
     "AudienceApp",
+    "build",
     "build_app",
-    "build_service",
     "create_audience_server",
 ]

@@ -568,8 +568,13 @@ class _Step:
     async def _await_stop(self, view: View, label: str) -> None:
         """Sold out: hold the replay until the rule has paused the push (the rules run every 0.2 s)."""
         name = self.push.name
+        deadline = time.monotonic() + 10
         paused = await _wait_state(self.retarget, name, (Campaign.STATE_PAUSED,), 10)
+        # The engine writes its audit copy just after the action returned: wait for it too.
         entries = _audit_entries(self.demo.store, self.tenant, PUSH_CAMPAIGN)
+        while paused.state == Campaign.STATE_PAUSED and not entries and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            entries = _audit_entries(self.demo.store, self.tenant, PUSH_CAMPAIGN)
         if paused.state != Campaign.STATE_PAUSED or not entries:
             view.note(f"  >> {label}  sold out, but the STOP rule did not pause {name} within 10 s")
             return

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 import grpc.aio
@@ -18,7 +18,7 @@ from services.gateway.config import GatewaySettings
 from services.gateway.handlers import generic_handlers
 from services.gateway.http import HttpFrontend
 from services.gateway.proxy import Gateway
-from services.runtime import HealthServicer, ServiceDefinition, create_server
+from services.runtime import HealthServicer, ServiceDefinition, create_server, start_callbacks
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +30,18 @@ SERVICE_NAMES: Sequence[str] = catalog.PUBLIC_SERVICES
 class GatewayApp:
     """The gateway's parts, for tests and shutdown: core, HTTP side and its port."""
 
+    settings: GatewaySettings
     gateway: Gateway
     http: HttpFrontend | None = None
     http_port: int | None = None
-    closers: list[object] = field(default_factory=list)
+
+    async def start(self) -> None:
+        """The audit writer and periodic purge, then the HTTP/JSON side when configured."""
+        await self.gateway.start()
+        if self.settings.http_port >= 0:
+            self.http = HttpFrontend(self.gateway, self.settings)
+            self.http_port = await self.http.start(self.settings.host, self.settings.http_port)
+            logger.info("HTTP/JSON serving", extra={"host": self.settings.host, "http_port": self.http_port})
 
     async def close(self) -> None:
         if self.http is not None:
@@ -48,38 +56,32 @@ def _register(gateway: Gateway):  # type: ignore[no-untyped-def]
     return register
 
 
-async def build(settings: GatewaySettings) -> tuple[ServiceDefinition, GatewayApp]:
-    """The service definition for ``run_service`` plus the app (HTTP side started when configured)."""
-    gateway = Gateway(settings)
-    await gateway.start()  # audit writer and periodic purge; stopped (audit flushed) by app.close
-    app = GatewayApp(gateway=gateway)
-    if settings.http_port >= 0:
-        app.http = HttpFrontend(gateway, settings)
-        app.http_port = await app.http.start(settings.host, settings.http_port)
-        logger.info("HTTP/JSON serving", extra={"host": settings.host, "http_port": app.http_port})
-    definition = ServiceDefinition(names=SERVICE_NAMES, register=_register(gateway), on_stop=[app.close])
-    return definition, app
+def _definition(app: GatewayApp) -> ServiceDefinition:
+    return ServiceDefinition(
+        names=SERVICE_NAMES, register=_register(app.gateway), on_start=[app.start], on_stop=[app.close]
+    )
+
+
+async def build(settings: GatewaySettings) -> ServiceDefinition:
+    """``run_service``'s build step: the gateway wired; it starts once its port is bound."""
+    return _definition(GatewayApp(settings, Gateway(settings)))
 
 
 async def create_gateway_server(
     settings: GatewaySettings, *, health: HealthServicer | None = None
 ) -> tuple[grpc.aio.Server, int, GatewayApp]:
     """Build, bind and start the gateway; ``settings.port``/``http_port`` 0 pick free ports."""
-    definition, app = await build(settings)
+    app = GatewayApp(settings, Gateway(settings))
+    definition = _definition(app)
     try:
         server, port = await create_server(
             settings, service_names=definition.names, register=definition.register, health=health
         )
+        await start_callbacks(definition.on_start)
     except BaseException:
         await app.close()
         raise
     return server, port, app
 
 
-async def service_definition(settings: GatewaySettings) -> ServiceDefinition:
-    """``run_service``'s build step."""
-    definition, _ = await build(settings)
-    return definition
-
-
-__all__ = ["SERVICE_NAMES", "GatewayApp", "build", "create_gateway_server", "service_definition"]
+__all__ = ["SERVICE_NAMES", "GatewayApp", "build", "create_gateway_server"]

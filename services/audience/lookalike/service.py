@@ -46,7 +46,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 from flashcrowd.audience.v1 import audience_service_pb2, lookalike_pb2, lookalike_pb2_grpc, pack_pb2, spec_pb2
@@ -65,9 +67,18 @@ from services.audience.lookalike.expand import (
 from services.audience.lookalike.jobs import EXPAND_KIND, TRAIN_KIND, expansion_payload
 from services.audience.lookalike.messages import exclusion_from_proto, model_proto
 from services.audience.lookalike.model import MODEL_ID
-from services.audience.operations import ReservationConflict
+from services.audience.operations import OperationManager, ReservationConflict
+from services.audience.packstore import PackStore
 from services.audience.quotas import Grant, TenantQuotas
-from services.audience.tenancy import PACK_TYPE, check_id, pack_name, parse_pack_name, parse_parent
+from services.audience.tenancy import (
+    PACK_TYPE,
+    Tenancy,
+    check_id,
+    pack_name,
+    parse_pack_name,
+    parse_parent,
+)
+from services.events.dataset import EventDataset
 from services.runtime import (
     AlreadyExists,
     InvalidArgument,
@@ -79,9 +90,6 @@ from services.runtime.assertion import require_platform
 from services.runtime.scopes import MODELS_TRAIN
 from services.storage import ObjectStore
 
-if TYPE_CHECKING:
-    from services.audience.server import AudienceApp
-
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("flashcrowd.audience.lookalike")
 
@@ -90,7 +98,14 @@ MODEL_TYPE = "flashcrowd.dev/LookalikeModel"
 MAX_CLUSTERS = 1024
 _MIN_SECONDS, _MAX_SECONDS = -62135596800, 253402300799
 
-__all__ = ["LOOKALIKE_SERVICE", "LookalikeServicer", "LookalikeSettings", "lookalike_service", "model_proto"]
+__all__ = [
+    "LOOKALIKE_SERVICE",
+    "LookalikeDeps",
+    "LookalikeServicer",
+    "LookalikeSettings",
+    "lookalike_service",
+    "model_proto",
+]
 
 
 class LookalikeSettings(BaseSettings):
@@ -115,11 +130,33 @@ def _model_id(name: str, field: str) -> str:
         raise InvalidArgument(field, str(error)) from None
 
 
+class PackClaims(Protocol):
+    """Pack-id claims shared with CreatePack (``AudienceServicer.reserve_pack``/``release_pack``)."""
+
+    def reserve_pack(self, tenant: str, pack_id: str, purpose: str = "") -> str: ...
+
+    def release_pack(self, tenant: str, pack_id: str, holder: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class LookalikeDeps:
+    """What the LookalikeService needs of the audience process."""
+
+    store: ObjectStore
+    packs: PackStore
+    operations: OperationManager
+    tenancy: Tenancy
+    claims: PackClaims
+    #: A snapshot of the event dataset (blocking; FAILED_PRECONDITION when there is none).
+    dataset: Callable[[], EventDataset]
+    quotas: TenantQuotas | None = None
+
+
 class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
     """The three RPCs; see the module doc."""
 
-    def __init__(self, app: AudienceApp, settings: LookalikeSettings | None = None) -> None:
-        self.app = app
+    def __init__(self, deps: LookalikeDeps, settings: LookalikeSettings | None = None) -> None:
+        self.app = deps
         self.settings = settings or LookalikeSettings()
         self.root = self.settings.root if self.settings.root.endswith("/") else self.settings.root + "/"
 
@@ -151,7 +188,7 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
             return BitMap()
         from services.audience.bots import bot_bitmap
 
-        return bot_bitmap(self.app.servicer.dataset())
+        return bot_bitmap(self.app.dataset())
 
     # --- RPCs -----------------------------------------------------------------------------------
 
@@ -186,7 +223,7 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
         if problems:
             raise InvalidArgument(problems)
         tenant = self.app.tenancy.trusted_tenant(context) or self.settings.operations_tenant
-        dataset = await asyncio.to_thread(self.app.servicer.dataset)
+        dataset = await asyncio.to_thread(self.app.dataset)
         population = dataset.population_size()
         if clusters is not None and clusters > population:
             raise InvalidArgument(
@@ -278,7 +315,7 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
                 self.store,
                 self.root,
                 self.app.packs,
-                self.app.servicer.dataset,
+                self.app.dataset,
                 domain,
                 min_seed=self.settings.min_seed,
                 bots=self._bots(),
@@ -289,7 +326,7 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
         if quotas is not None:  # refuse before reading the seed when no expansion is left today
             await asyncio.to_thread(quotas.require_room, tenant, quotas.limits.expansions_per_day)
         holder = await asyncio.to_thread(
-            self.app.servicer.reserve_pack, tenant, request.pack_id, "lookalike expansion"
+            self.app.claims.reserve_pack, tenant, request.pack_id, "lookalike expansion"
         )
         grant: Grant | None = None
         try:
@@ -314,7 +351,7 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
                 reservation=(request.pack_id, holder),
             )
         except BaseException:
-            await asyncio.to_thread(self.app.servicer.release_pack, tenant, request.pack_id, holder)
+            await asyncio.to_thread(self.app.claims.release_pack, tenant, request.pack_id, holder)
             if grant is not None:
                 await asyncio.to_thread(grant.refund)
             raise
@@ -333,10 +370,10 @@ def _profile_violations(profile: spec_pb2.ProfileFilter) -> list[tuple[str, str]
     return out
 
 
-def lookalike_service(app: AudienceApp) -> ServiceDefinition:
-    """What the audience server registers: the LookalikeService over the app's components."""
+def lookalike_service(deps: LookalikeDeps) -> ServiceDefinition:
+    """What the audience server registers: the LookalikeService over its dependencies."""
     settings = load_settings(LookalikeSettings)
-    servicer = LookalikeServicer(app, settings)
+    servicer = LookalikeServicer(deps, settings)
 
     def register(server: grpc.aio.Server) -> None:
         lookalike_pb2_grpc.add_LookalikeServiceServicer_to_server(servicer, server)
