@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test protos protos-check lint fmt bench
+.PHONY: setup demo test protos protos-check lint typecheck fmt bench
 
 setup:            ## venv + locked dependencies + buf
 	bash scripts/setup.sh
@@ -25,6 +25,9 @@ protos-check:     ## buf lint + fail if generated stubs drift from protos/
 lint:             ## ruff
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+
+typecheck:        ## mypy over services/ and bench/ ([tool.mypy] in pyproject.toml)
+	.venv/bin/mypy
 
 fmt:
 	.venv/bin/ruff format .

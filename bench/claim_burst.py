@@ -28,6 +28,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,7 +53,7 @@ def percentile(values: list[float], q: float) -> float:
 
 async def burst(
     target: str, template: str, claims: list[tuple[int, str]], channels: int, in_flight: int
-) -> dict[str, object]:
+) -> dict[str, Any]:
     options = [("grpc.use_local_subchannel_pool", 1)]  # one TCP connection per channel
     chans = [grpc.aio.insecure_channel(target, options=options) for _ in range(channels)]
     for chan in chans:
@@ -118,11 +119,11 @@ async def create_template(target: str, tenant: str, template_id: str, stock: int
         return created.name
 
 
-def invariants(url: str) -> dict[str, object]:
+def invariants(url: str) -> dict[str, Any]:
     database = Database.open(url, pool_min=1, pool_max=1)
     try:
 
-        def read(tx):  # type: ignore[no-untyped-def]
+        def read(tx):
             return {
                 "checks": repo.ledger_invariants(tx),
                 "templates": tx.all(

@@ -242,7 +242,7 @@ async def main() -> None:
             latencies: dict[str, list[float]] = {"direct": [], "gateway": []}
             rates: dict[str, list[float]] = {"direct": [], "gateway": []}
             # CPU seconds of (audience, gateway) and calls, during the throughput rounds of each path.
-            cpu: dict[str, list[float]] = {"direct": [0.0, 0.0, 0], "gateway": [0.0, 0.0, 0]}
+            cpu: dict[str, list[float]] = {"direct": [0.0, 0.0, 0.0], "gateway": [0.0, 0.0, 0.0]}
             for _ in range(args.rounds):
                 for path, call in paths.items():
                     latencies[path] += await latency_round(call, args.seconds / 2)
@@ -257,9 +257,9 @@ async def main() -> None:
                 for path in paths
             }
             for path, (p50, p99, rate) in figures.items():
-                a_cpu, g_cpu, count = cpu[path]
-                per_call = f"{a_cpu / count * 1e6:>16.0f}us" + (
-                    f"{g_cpu / count * 1e6:>16.0f}us" if path == "gateway" else f"{'-':>18}"
+                a_cpu, g_cpu, n_calls = cpu[path]
+                per_call = f"{a_cpu / n_calls * 1e6:>16.0f}us" + (
+                    f"{g_cpu / n_calls * 1e6:>16.0f}us" if path == "gateway" else f"{'-':>18}"
                 )
                 print(f"{method:<20}{path:<9}{p50:>8.2f}{p99:>8.2f}{rate:>10.0f}{per_call}")
             d, g = figures["direct"], figures["gateway"]

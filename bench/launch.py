@@ -27,6 +27,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -98,7 +99,7 @@ def phone_hashes(store_dir: Path, users: int) -> list[str]:
 async def upload(target: str, hashes: list[str]) -> tuple[str, int, float]:
     started = time.perf_counter()
 
-    async def requests():  # type: ignore[no-untyped-def]
+    async def requests():
         yield audience_service_pb2.UploadPackRequest(
             header=audience_service_pb2.UploadPackHeader(
                 parent=f"tenants/{TENANT}",
@@ -169,11 +170,11 @@ async def launch(target: str, pack: str, holdout_bp: int) -> tuple[campaign_pb2.
             await asyncio.sleep(0.1)
 
 
-def launch_invariants(url: str) -> dict[str, object]:
+def launch_invariants(url: str) -> dict[str, Any]:
     database = Database.open(url, pool_min=1, pool_max=1)
     try:
 
-        def read(tx):  # type: ignore[no-untyped-def]
+        def read(tx):
             return {
                 "members": tx.scalar("SELECT COUNT(*) FROM campaign_members"),
                 "coupons": tx.scalar("SELECT COUNT(*) FROM coupons"),

@@ -43,7 +43,7 @@ def _window(store_dir: Path) -> tuple[datetime, datetime]:
     return parse(manifest["start"]), parse(manifest["end"])
 
 
-def _digest(ids) -> str:  # type: ignore[no-untyped-def]
+def _digest(ids) -> str:
     import numpy as np
 
     return hashlib.sha256(np.sort(np.asarray(ids, dtype=np.uint32)).tobytes()).hexdigest()[:16]
@@ -73,7 +73,7 @@ def child_ours(store_dir: Path, repeat: int) -> dict:
         }
     )
 
-    def no_packs(name: str, version: int):  # type: ignore[no-untyped-def]
+    def no_packs(name: str, version: int):
         raise NotFound("flashcrowd.dev/Pack", name)
 
     options = spec_pb2.BuildOptions(include_bots=True)

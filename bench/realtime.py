@@ -188,6 +188,7 @@ def encoded_payloads(requests: list[bytes], shards: int, now: datetime) -> list:
     out = []
     for r in requests:
         columns = columns_from_wire(r)
+        assert columns is not None, "the bench's own requests decode on the fast path"
         ok, _ = validate_columns(columns, now=now)
         valid = columns.take(np.flatnonzero(ok))
         out.extend(batches_from_columns(valid, buckets_np(valid.user_id), table))
@@ -267,7 +268,8 @@ def memory() -> tuple[int, int]:
     rng = np.random.default_rng(7)
     leaf = next(iter(compile_live_spec(
         spec_pb2.PackSpec(behavior=spec_pb2.BehaviorCondition(
-            event_types=[5], window=spec_pb2.TimeWindow(last=duration_pb2.Duration(seconds=900))))
+            event_types=[events_pb2.EVENT_TYPE_CLICK],
+            window=spec_pb2.TimeWindow(last=duration_pb2.Duration(seconds=900))))
     ).leaves()))  # fmt: skip
     minute = int(time.time() // 60)
 

@@ -44,7 +44,8 @@ def _spec(op: str, a: str, b: str):
     refs = [spec_pb2.PackSpec(pack=spec_pb2.PackReference(pack=name)) for name in (a, b)]
     if op == "exclude":
         return spec_pb2.PackSpec(exclude=spec_pb2.ExcludeOperands(base=refs[0], subtract=refs[1:]))
-    return spec_pb2.PackSpec(**{op: spec_pb2.SetOperands(operands=refs)})
+    operands = spec_pb2.SetOperands(operands=refs)
+    return spec_pb2.PackSpec(union=operands) if op == "union" else spec_pb2.PackSpec(intersect=operands)
 
 
 def _grpc_build(target: str, op: str, a: str, b: str, pack_id: str) -> tuple[float, float, int]:
@@ -108,7 +109,7 @@ def main() -> int:
         generate(store, GenConfig(users=2000, days=1, seed=3))
         rng = np.random.default_rng(2)
         packs = PackStore(store)
-        bitmaps = []
+        bitmaps: list[BitMap] = []
         for name in ("a", "b"):
             bm = BitMap(np.sort(rng.choice(args.universe, args.members, replace=False)).astype(np.uint32))
             packs.publish_version(TENANT, name, bm, pack_pb2.Pack(source=pack_pb2.Pack.SOURCE_UPLOAD))
@@ -122,7 +123,7 @@ def main() -> int:
                 runs = [
                     _grpc_build(server.target, op, a_name, b_name, f"{op}-{i}") for i in range(args.repeat)
                 ]
-                raws = [_raw(op, *bitmaps, a_bytes, b_bytes) for _ in range(args.repeat)]
+                raws = [_raw(op, bitmaps[0], bitmaps[1], a_bytes, b_bytes) for _ in range(args.repeat)]
                 assert {r[2] for r in runs} == {r[2] for r in raws}, op
                 rows.append((op, runs, raws))
 

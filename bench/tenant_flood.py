@@ -100,7 +100,7 @@ def _requests(count: int, events: int, items: int, first_id: int) -> list[list]:
                 for c in ("video_id", "order_id")
             ],
             pl.lit(PLATFORM_OWNER).alias(OWNER),  # the platform's behaviour stream
-        ).cast(dict(EVENTS_SCHEMA))
+        ).cast(EVENTS_SCHEMA)
         out.append(split_batches(frame, table))
     return out
 
@@ -184,7 +184,7 @@ async def _calls(target: str, requests: list[bytes], seconds: float, rate: float
 
 
 async def _create_live_packs(target: str, count: int, items: int) -> None:
-    from flashcrowd.audience.v1 import live_pack_pb2, live_pack_pb2_grpc, spec_pb2
+    from flashcrowd.audience.v1 import events_pb2, live_pack_pb2, live_pack_pb2_grpc, spec_pb2
     from google.protobuf import duration_pb2
 
     from services.runtime.assertion import Caller, asserting_channel
@@ -192,7 +192,7 @@ async def _create_live_packs(target: str, count: int, items: int) -> None:
 
     window = spec_pb2.TimeWindow(last=duration_pb2.Duration(seconds=15 * 60))
 
-    def behavior(event_type: int, **flt) -> spec_pb2.PackSpec:
+    def behavior(event_type: events_pb2.EventType, **flt) -> spec_pb2.PackSpec:
         return spec_pb2.PackSpec(
             behavior=spec_pb2.BehaviorCondition(
                 event_types=[event_type], window=window, filter=spec_pb2.EventFilter(**flt)
@@ -205,8 +205,8 @@ async def _create_live_packs(target: str, count: int, items: int) -> None:
         for k in range(count):
             spec = spec_pb2.PackSpec(
                 exclude=spec_pb2.ExcludeOperands(
-                    base=behavior(CLICK, item_ids=[ITEM0 + k % items]),
-                    subtract=[behavior(PAY, item_ids=[ITEM0 + k % items])],
+                    base=behavior(events_pb2.EVENT_TYPE_CLICK, item_ids=[ITEM0 + k % items]),
+                    subtract=[behavior(events_pb2.EVENT_TYPE_PAY, item_ids=[ITEM0 + k % items])],
                 )
             )
             await stub.CreateLivePack(

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from flashcrowd.audience.v1 import pack_pb2, spec_pb2
 from google.protobuf import duration_pb2
@@ -126,7 +127,7 @@ def build_pack(
             f"pack references form a cycle: {shown}",
             [("PACK_REFERENCE_CYCLE", cycle[0], f"references itself through {shown}")],
         )
-    bitmaps: dict[object, BitMap] = {}
+    bitmaps: dict[Any, BitMap] = {}  # leaves of every kind, and pack references
     inputs: list[spec_pb2.PackReference] = []
     for leaf in references:
         members, used = resolve_pack(leaf.name, leaf.version)

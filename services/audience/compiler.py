@@ -329,7 +329,7 @@ class _Compiler:
 # --- queries -----------------------------------------------------------------------------------------
 
 
-def _is_in(column: str, values: Sequence[int], dtype: pl.DataType) -> pl.Expr:
+def _is_in(column: str, values: Sequence[int], dtype: pl.DataType | type[pl.DataType]) -> pl.Expr:
     if len(values) == 1:
         return pl.col(column) == pl.lit(values[0], dtype=dtype)
     return pl.col(column).is_in(pl.Series(values, dtype=dtype).implode())
@@ -479,7 +479,8 @@ def ids_to_bitmap(ids: np.ndarray | pl.Series) -> BitMap:
     # pyroaring bulk-adds an array.array('I') through the buffer protocol; from a numpy array it
     # falls back to iterating, about 5-10x slower. The copy is one memcpy.
     buffer = array.array("I")
-    buffer.frombytes(memoryview(np.ascontiguousarray(ids, dtype=np.uint32)).cast("B"))
+    contiguous = np.ascontiguousarray(ids, dtype=np.uint32)
+    buffer.frombytes(memoryview(contiguous).cast("B"))  # type: ignore[arg-type]  # stubs miss __buffer__
     return BitMap(buffer)
 
 
@@ -544,12 +545,14 @@ def evaluate_leaves(
         done += 1
         if on_leaf:
             on_leaf(done, total)
-    for leaf in others:
-        if isinstance(leaf, RefundedPayersLeaf):
-            query = refunded_payers_query(dataset, leaf, shard, tenant=tenant)
-            out[leaf] = BitMap() if query is None else ids_to_bitmap(_collect(query).get_column("user_id"))
+    for other in others:
+        if isinstance(other, RefundedPayersLeaf):
+            refunds = refunded_payers_query(dataset, other, shard, tenant=tenant)
+            out[other] = (
+                BitMap() if refunds is None else ids_to_bitmap(_collect(refunds).get_column("user_id"))
+            )
         else:
-            out[leaf] = ids_to_bitmap(_collect(profile_query(dataset, leaf, shard)).get_column("user_id"))
+            out[other] = ids_to_bitmap(_collect(profile_query(dataset, other, shard)).get_column("user_id"))
         done += 1
         if on_leaf:
             on_leaf(done, total)

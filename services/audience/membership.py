@@ -217,6 +217,7 @@ def check_batch(
             ids32 = (user_ids if all_in_range else user_ids[in_range]).astype(np.uint32)
             # Roaring builds a bitmap from sorted input faster; the search below keeps request order.
             query = BitMap(array.array("I", np.sort(ids32).tobytes()))
+        assert ids32 is not None  # set with query
         members = np.frombuffer((query & bitmap).to_array(), dtype=np.uint32)
         if members.size == 0:
             results.append(np.zeros(n, dtype=bool))

@@ -469,7 +469,7 @@ class PackStore:
         return json.loads(raw)
 
     def _expired(self, expire_time: str | None) -> bool:
-        return bool(expire_time) and _parse_iso(expire_time) <= self.clock()
+        return expire_time is not None and bool(expire_time) and _parse_iso(expire_time) <= self.clock()
 
     def _not_found(self, tenant: str, pack_id: str, version: int = 0) -> NotFound:
         name = pack_name(tenant, pack_id)

@@ -30,6 +30,7 @@ import hashlib
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from flashcrowd.audience.v1 import pack_pb2
@@ -134,7 +135,8 @@ class Discloser:
             shown.size = 0
             shown.ClearField("size_disclosure")
             return shown
-        shown.size, shown.size_disclosure = self.size(caller.tenant, fingerprint_of_pack(pack), pack.size)
+        shown.size, disclosure = self.size(caller.tenant, fingerprint_of_pack(pack), pack.size)
+        shown.size_disclosure = cast(pack_pb2.SizeDisclosure, disclosure)
         # Counts about members beyond the size: dropped for tenants.
         shown.build_stats.bots_excluded = 0
         shown.build_stats.events_matched = 0

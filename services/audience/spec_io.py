@@ -29,12 +29,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from flashcrowd.audience.v1 import spec_pb2
 from google.protobuf import duration_pb2, json_format
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from google.protobuf.message import Message
 
 from services.runtime.errors import InvalidArgument
 
@@ -117,8 +118,8 @@ def parse_document(text: str, *, fmt: str | None = None, source: str = "<spec>")
     """Parse a document (or a bare spec) from YAML/JSON text. ``fmt``: ``"yaml"``, ``"json"`` or sniffed."""
     data, node = _load(text, fmt, source)
     lines: dict[str, int] = {}
-    if node is not None:
-        lines[""] = _line(node)
+    if node is not None and (line := _line(node)) is not None:
+        lines[""] = line
     problems: list[tuple[str, str]] = []
     if not isinstance(data, dict):
         raise SpecFormatError([("spec", _at(node, "expected a mapping with a spec"))], source=source)
@@ -350,14 +351,15 @@ def _labels(value: Any, node: Any, problems: list[tuple[str, str]], lines: dict[
 def _convert(
     value: Any,
     node: Any,
-    message_type: type,
+    message_type: type[Message],
     path: str,
     problems: list[tuple[str, str]],
     lines: dict[str, int],
 ) -> Any:
     """Normalise ``value`` against the message type, record problems, then ``ParseDict`` it."""
     before = len(problems)
-    normalised = _message(value, node, message_type.DESCRIPTOR, path, problems, lines)
+    descriptor = cast(Descriptor, message_type.DESCRIPTOR)  # upb's descriptor has the same API
+    normalised = _message(value, node, descriptor, path, problems, lines)
     message = message_type()
     if len(problems) == before:
         try:

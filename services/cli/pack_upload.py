@@ -134,7 +134,7 @@ def run_upload(args: argparse.Namespace) -> int:
         pack_id=args.pack_id,
         display_name=args.display_name,
         labels=_labels(args.label),
-        id_type=api.IdType.Value(f"ID_TYPE_{args.id_type.upper()}"),
+        id_type=f"ID_TYPE_{args.id_type.upper()}",  # an enum value by name
         hash_type=hash_type,
     )
     target = args.server or os.environ.get(TARGET_ENV) or DEFAULT_TARGET

@@ -8,6 +8,8 @@ printed side by side (share and TGI per value), with the expected-lift curve.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import grpc
 from flashcrowd.audience.v1 import (
     audience_service_pb2,
@@ -23,9 +25,10 @@ from google.protobuf.message import Message
 __all__ = ["lookalike_step"]
 
 
-async def _wait(
-    ops: operations_pb2_grpc.OperationsStub, op: operations_pb2.Operation, out: Message
-) -> Message:
+M = TypeVar("M", bound=Message)
+
+
+async def _wait(ops: operations_pb2_grpc.OperationsStub, op: operations_pb2.Operation, out: M) -> M:
     while not op.done:
         op = await ops.WaitOperation(
             operations_pb2.WaitOperationRequest(name=op.name, timeout=duration_pb2.Duration(seconds=30))

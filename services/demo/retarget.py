@@ -78,7 +78,7 @@ async def retarget_step(demo: Any, *, tenant: str, audience_pack: str, title: st
             )
             if fixed is not None:
                 template.fixed_amount.CopyFrom(fixed)
-            else:
+            elif percent is not None:
                 template.percent_off.CopyFrom(percent)
             created = await stub.CreateCouponTemplate(
                 api.CreateCouponTemplateRequest(

@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from flashcrowd.audience.v1 import audience_service_pb2 as aud
@@ -39,6 +39,7 @@ from services.runtime.assertion import platform_channel
 from services.storage import LocalObjectStore
 
 TENANT = "tenants/demo-shop"
+M = TypeVar("M", bound=Message)
 DEMO_PERSONA_MIN_SIZE = 500
 
 
@@ -114,7 +115,7 @@ class Demo:
 
     # -- helpers --------------------------------------------------------------------------
 
-    async def wait(self, op: operations_pb2.Operation, result_type: type[Message]) -> Message:
+    async def wait(self, op: operations_pb2.Operation, result_type: type[M]) -> M:
         while not op.done:
             op = await self.operations.WaitOperation(
                 operations_pb2.WaitOperationRequest(name=op.name, timeout=duration_pb2.Duration(seconds=30))

@@ -62,6 +62,17 @@ def ingest_checkpoint(manifest: Mapping[str, Any] | None, consumer: str) -> dict
     return dict((manifest.get("ingest") or {}).get(consumer) or {})
 
 
+def _int(value: object) -> int:
+    """A non-empty integer column's min/max (polars types them as any scalar)."""
+    assert isinstance(value, int), value
+    return value
+
+
+def _datetime(value: object) -> datetime:
+    assert isinstance(value, datetime), value
+    return value
+
+
 def _iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat()
 
@@ -114,7 +125,7 @@ def append_events(
     version = int(document.get("version", 1)) + 1
     known_keys = {p["key"] for p in document.get("parts", [])}
 
-    events = events.select(list(EVENTS_SCHEMA)).cast(dict(EVENTS_SCHEMA))
+    events = events.select(list(EVENTS_SCHEMA)).cast(EVENTS_SCHEMA)
     new_parts: list[dict[str, Any]] = []
     new_files: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="flashcrowd-append-") as tmp:
@@ -143,12 +154,12 @@ def append_events(
                         "key": key,
                         "dt": dt,
                         "rows": frame.height,
-                        "min_user_id": int(uids.min()),
-                        "max_user_id": int(uids.max()),
-                        "min_bucket": int(buckets.min()),
-                        "max_bucket": int(buckets.max()),
-                        "min_ts": _iso(ts.min()),
-                        "max_ts": _iso(ts.max()),
+                        "min_user_id": _int(uids.min()),
+                        "max_user_id": _int(uids.max()),
+                        "min_bucket": _int(buckets.min()),
+                        "max_bucket": _int(buckets.max()),
+                        "min_ts": _iso(_datetime(ts.min())),
+                        "max_ts": _iso(_datetime(ts.max())),
                         "added_in_version": version,
                         "source": SOURCE_INGEST,
                         **({"owners": owners} if owners != [PLATFORM_OWNER] else {}),

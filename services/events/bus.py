@@ -32,6 +32,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 __all__ = [
@@ -326,8 +327,9 @@ class JetStreamBus(EventBus):
         self.max_age = max_age
         self.connect_timeout = connect_timeout
         self.max_pending = max_pending
-        self._nc = None
-        self._js = None
+        # nats-py is imported on first use (the in-process bus needs none of it): typed loosely.
+        self._nc: Any = None
+        self._js: Any = None
         self._lock = asyncio.Lock()
         self._stream_ready = False
 
@@ -352,10 +354,11 @@ class JetStreamBus(EventBus):
                     await asyncio.wait_for(
                         client.connect(
                             servers=self.servers,
-                            connect_timeout=self.connect_timeout,
+                            # nats-py annotates these int but takes float seconds.
+                            connect_timeout=self.connect_timeout,  # type: ignore[arg-type]
                             allow_reconnect=True,
                             max_reconnect_attempts=-1,
-                            reconnect_time_wait=0.5,
+                            reconnect_time_wait=0.5,  # type: ignore[arg-type]
                             # While disconnected, publishes fail at once instead of piling up.
                             pending_size=0,
                             error_cb=self._on_error,
@@ -454,9 +457,9 @@ class JetStreamBus(EventBus):
             )
         results: list[PublishResult] = []
         for f in futures:
-            error = f.exception()
-            if error is not None:
-                raise BusUnavailable(f"publish to {self.stream} failed: {error}") from error
+            failure = f.exception()
+            if failure is not None:
+                raise BusUnavailable(f"publish to {self.stream} failed: {failure}") from failure
             ack = f.result()
             results.append(PublishResult(int(ack.seq), bool(ack.duplicate)))
         return results
@@ -474,6 +477,7 @@ class JetStreamBus(EventBus):
         from nats.js import api
 
         await self._ensure()
+        policy: dict[str, Any]
         if start_seq is not None:
             policy = {
                 "deliver_policy": api.DeliverPolicy.BY_START_SEQUENCE,

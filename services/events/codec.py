@@ -230,7 +230,7 @@ def decode_batch(payload: bytes) -> pl.DataFrame:
     if frame.schema != EVENTS_SCHEMA:
         if OWNER not in frame.columns:
             frame = frame.with_columns(pl.lit(PLATFORM_OWNER, dtype=pl.Utf8).alias(OWNER))
-        frame = frame.select(list(EVENTS_SCHEMA)).cast(dict(EVENTS_SCHEMA))
+        frame = frame.select(list(EVENTS_SCHEMA)).cast(EVENTS_SCHEMA)
     return frame
 
 

@@ -74,8 +74,8 @@ class EventColumns:
         return int(self.event_id.size)
 
     def take(self, index: np.ndarray) -> EventColumns:
-        arrays = (getattr(self, f.name)[index] for f in fields(self) if f.name != "owner")
-        return EventColumns(*arrays, owner=self.owner)
+        arrays = {f.name: getattr(self, f.name)[index] for f in fields(self) if f.name != "owner"}
+        return EventColumns(**arrays, owner=self.owner)
 
     def owned_by(self, owner: str) -> EventColumns:
         """The same arrays (not copied) stamped with ``owner``."""
@@ -83,14 +83,18 @@ class EventColumns:
 
     @classmethod
     def zeros(cls, n: int) -> EventColumns:
+        u32 = np.uint32
         return cls(
-            np.zeros(n, np.uint64),
-            np.zeros(n, np.uint64),
-            np.zeros(n, np.int64),
-            np.zeros(n, np.int32),
-            *(np.zeros(n, np.uint32) for _ in range(4)),
-            np.zeros(n, np.uint64),
-            np.zeros(n, np.int64),
+            event_id=np.zeros(n, np.uint64),
+            user_id=np.zeros(n, np.uint64),
+            ts=np.zeros(n, np.int64),
+            event_type=np.zeros(n, np.int32),
+            item_id=np.zeros(n, u32),
+            category_id=np.zeros(n, u32),
+            campaign_id=np.zeros(n, u32),
+            video_id=np.zeros(n, u32),
+            order_id=np.zeros(n, np.uint64),
+            amount_fen=np.zeros(n, np.int64),
         )
 
 
@@ -253,9 +257,9 @@ def columns_from_wire(buf: bytes | bytearray | memoryview) -> EventColumns | Non
     key = slot[use] * count + event_of[use]
     if int(np.bincount(key, minlength=_SLOTS * count).max(initial=0)) > 1:
         return None  # a field repeated inside one event: protobuf merges, leave it to protobuf
-    table = np.zeros(_SLOTS * count, _U64)
-    table[key] = vals[use]
-    table = table.reshape(_SLOTS, count)
+    flat = np.zeros(_SLOTS * count, _U64)
+    flat[key] = vals[use]
+    table = flat.reshape(_SLOTS, count)
     return EventColumns(
         event_id=table[_EVENT_ID],
         user_id=table[_USER_ID],

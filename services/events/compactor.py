@@ -31,6 +31,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import polars as pl
 from pyroaring import BitMap64
@@ -89,7 +90,7 @@ class Compactor:
         self._avg_count = 1000.0
         #: day -> owner -> event ids appended that day (the ``seen_days`` most recently used days)
         self._seen: OrderedDict[str, dict[str, BitMap64]] = OrderedDict()
-        self._manifest = None
+        self._manifest: dict[str, Any] | None = None
         self._sub: Subscription | None = None
         self._stopping = asyncio.Event()
 

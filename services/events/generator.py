@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import polars as pl
@@ -976,8 +976,18 @@ class _Part:
         }
 
 
+class _WriterConfig(Protocol):
+    """What the part writer reads of its configuration (``GenConfig``, or an adapter's own)."""
+
+    @property
+    def prefix(self) -> str: ...
+
+    @property
+    def row_group_size(self) -> int: ...
+
+
 class _Writer:
-    def __init__(self, cfg: GenConfig, tmp: Path) -> None:
+    def __init__(self, cfg: _WriterConfig, tmp: Path) -> None:
         self.cfg = cfg
         self.tmp = tmp
         self.parts: list[_Part] = []
@@ -1210,7 +1220,11 @@ def generate(
             n_events = np.concatenate([o.n_events for o in outs])
             seg = np.concatenate([o.lat.seg for o in outs])
             is_bot = np.concatenate([o.lat.is_bot for o in outs])
-            starts = np.flatnonzero(np.r_[True, ev["uid"][1:] != ev["uid"][:-1]]) if len(ev["uid"]) else []
+            starts = (
+                np.flatnonzero(np.r_[True, ev["uid"][1:] != ev["uid"][:-1]])
+                if len(ev["uid"])
+                else np.zeros(0, np.int64)
+            )
             counts = np.diff(np.r_[starts, len(ev["uid"])])
             ordinal = np.arange(len(ev["uid"])) - np.repeat(starts, counts)
             event_id = (ev["uid"] << 24) | ordinal

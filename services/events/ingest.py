@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -80,15 +80,15 @@ def to_columns(events: bytes | Sequence | EventColumns) -> EventColumns:
     """A serialized IngestEvents/IngestEventBatch request, proto events, or columns -> columns."""
     if isinstance(events, EventColumns):
         return events
-    if isinstance(events, bytes | bytearray | memoryview):
-        columns = columns_from_wire(events)
-        if columns is not None:
-            return columns
-        try:  # a shape the vectorised decoder leaves to protobuf (merged fields, unknown fields...)
-            events = event_service_pb2.IngestEventBatchRequest.FromString(bytes(events)).events
-        except DecodeError as error:
-            raise InvalidArgument("events", f"malformed request: {error}") from None
-    return columns_from_proto(events)
+    if not isinstance(events, bytes | bytearray | memoryview):
+        return columns_from_proto(events)
+    columns = columns_from_wire(events)
+    if columns is not None:
+        return columns
+    try:  # a shape the vectorised decoder leaves to protobuf (merged fields, unknown fields...)
+        return columns_from_proto(event_service_pb2.IngestEventBatchRequest.FromString(bytes(events)).events)
+    except DecodeError as error:
+        raise InvalidArgument("events", f"malformed request: {error}") from None
 
 
 @dataclass
@@ -324,7 +324,9 @@ def add_event_service(servicer: EventServicer, server: grpc.aio.Server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
-def event_service_definition(settings: RealtimeSettings, bus: EventBus) -> tuple[list[str], object]:
+def event_service_definition(
+    settings: RealtimeSettings, bus: EventBus
+) -> tuple[list[str], Callable[[grpc.aio.Server], None]]:
     """``(service names, register)`` for mounting EventService on another service's server."""
     servicer = EventServicer(ingestor_from_settings(settings, bus), max_events=settings.ingest_max_events)
     return [SERVICE_NAME], lambda server: add_event_service(servicer, server)

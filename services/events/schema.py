@@ -194,32 +194,32 @@ def visible_owners(tenant: str | None) -> tuple[str, ...]:
 #: Behaviour events. Sorted within each Parquet file by ``EVENT_SORT_KEY``.
 EVENTS_SCHEMA = pl.Schema(
     {
-        "event_id": pl.UInt64,  # unique; generator ids are < 2**56 (top byte 0), see generator
-        "user_id": pl.UInt32,
-        "bucket": pl.UInt8,  # services.events.sharding.bucket_of(user_id)
+        "event_id": pl.UInt64(),  # unique; generator ids are < 2**56 (top byte 0), see generator
+        "user_id": pl.UInt32(),
+        "bucket": pl.UInt8(),  # services.events.sharding.bucket_of(user_id)
         "ts": UTC_US,
-        "event_type": pl.UInt8,  # EventType code
-        "item_id": pl.UInt32,  # null when n/a
-        "category_id": pl.UInt32,  # null when n/a
-        "campaign_id": pl.UInt32,  # null when n/a
-        "video_id": pl.UInt32,  # null when n/a
-        "order_id": pl.UInt64,  # order/pay/refund/coupon_redeem link; null otherwise
+        "event_type": pl.UInt8(),  # EventType code
+        "item_id": pl.UInt32(),  # null when n/a
+        "category_id": pl.UInt32(),  # null when n/a
+        "campaign_id": pl.UInt32(),  # null when n/a
+        "video_id": pl.UInt32(),  # null when n/a
+        "order_id": pl.UInt64(),  # order/pay/refund/coupon_redeem link; null otherwise
         # order/pay/refund: amount (a refund's is the positive amount refunded); coupon_redeem: the discount
-        "amount_fen": pl.Int64,
+        "amount_fen": pl.Int64(),
         # PLATFORM_OWNER or a tenant id (see the module doc); one value per file run, dictionary-encoded
-        "owner": pl.Utf8,
+        "owner": pl.Utf8(),
     }
 )
 EVENT_SORT_KEY: tuple[str, ...] = ("bucket", "user_id", "ts")
 
 PROFILES_SCHEMA = pl.Schema(
     {
-        "user_id": pl.UInt32,
-        "age_band": pl.UInt8,  # AgeBand
-        "gender": pl.UInt8,  # Gender
-        "region": pl.Utf8,  # one of REGIONS
+        "user_id": pl.UInt32(),
+        "age_band": pl.UInt8(),  # AgeBand
+        "gender": pl.UInt8(),  # Gender
+        "region": pl.Utf8(),  # one of REGIONS
         "interests": pl.List(pl.Utf8),  # subset of INTEREST_TAGS
-        "signup_date": pl.Date,
+        "signup_date": pl.Date(),
     }
 )
 
@@ -378,7 +378,7 @@ def validate_events(
         table.filter(~bad)
         .with_columns(bucket_expr("user_id").alias("bucket"), pl.lit(owner, dtype=pl.Utf8).alias(OWNER))
         .select(list(EVENTS_SCHEMA))
-        .cast(dict(EVENTS_SCHEMA))
+        .cast(EVENTS_SCHEMA)
     )
     rejects.sort()
     return valid, rejects

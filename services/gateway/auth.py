@@ -161,7 +161,7 @@ class JwtVerifier:
             return jwt.decode(
                 token,
                 key,
-                algorithms=[algorithm],
+                algorithms=[str(algorithm)],  # a str: no key is known for anything else
                 audience=self.audience,
                 issuer=self.issuer or None,
                 leeway=self.leeway,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import cast
 
 from flashcrowd.audience.v1 import audience_service_pb2, event_service_pb2, live_pack_pb2, lookalike_pb2
 from flashcrowd.gateway.v1 import gateway_service_pb2
@@ -234,12 +235,14 @@ def resource_plan(message_descriptor: descriptor.Descriptor) -> ResourcePlan:
                 (lenient if field_descriptor.name in lenient_names else strict).append(field_descriptor)
         elif field_descriptor.type == descriptor.FieldDescriptor.TYPE_MESSAGE:
             sub = field_descriptor.message_type
-            if sub.GetOptions().map_entry or sub.full_name.startswith("google.protobuf."):
+            if sub is None or sub.GetOptions().map_entry or sub.full_name.startswith("google.protobuf."):
                 continue
             nested.append(field_descriptor)
     # Drop nested fields whose whole subtree holds nothing to check.
     _plans[name] = ResourcePlan(
-        tuple(strict), tuple(lenient), tuple(f for f in nested if _has_resources(f.message_type, set()))
+        tuple(strict),
+        tuple(lenient),
+        tuple(f for f in nested if f.message_type is not None and _has_resources(f.message_type, set())),
     )
     return _plans[name]
 
@@ -254,7 +257,7 @@ def _has_resources(message_descriptor: descriptor.Descriptor, seen: set[str]) ->
                 return True
         elif field_descriptor.type == descriptor.FieldDescriptor.TYPE_MESSAGE:
             sub = field_descriptor.message_type
-            if sub.GetOptions().map_entry or sub.full_name.startswith("google.protobuf."):
+            if sub is None or sub.GetOptions().map_entry or sub.full_name.startswith("google.protobuf."):
                 continue
             if _has_resources(sub, seen):
                 return True
@@ -263,18 +266,18 @@ def _has_resources(message_descriptor: descriptor.Descriptor, seen: set[str]) ->
 
 def iter_resource_values(message: Message, path: str = "") -> Iterator[tuple[str, str, bool]]:
     """``(field path, value, strict)`` of every non-empty resource string in a parsed request."""
-    plan = resource_plan(message.DESCRIPTOR)
+    plan = resource_plan(cast(descriptor.Descriptor, message.DESCRIPTOR))  # upb's is the same API
     for fields, strict in ((plan.strict, True), (plan.lenient, False)):
         for field_descriptor in fields:
             value = getattr(message, field_descriptor.name)
-            if _is_repeated(field_descriptor):
+            if is_repeated(field_descriptor):
                 for index, item in enumerate(value):
                     if item:
                         yield f"{path}{field_descriptor.name}[{index}]", item, strict
             elif value:
                 yield f"{path}{field_descriptor.name}", value, strict
     for field_descriptor in plan.nested:
-        if _is_repeated(field_descriptor):
+        if is_repeated(field_descriptor):
             for index, item in enumerate(getattr(message, field_descriptor.name)):
                 yield from iter_resource_values(item, f"{path}{field_descriptor.name}[{index}].")
         elif message.HasField(field_descriptor.name):
@@ -283,12 +286,15 @@ def iter_resource_values(message: Message, path: str = "") -> Iterator[tuple[str
             )
 
 
-def _is_repeated(field_descriptor: descriptor.FieldDescriptor) -> bool:
-    # protobuf >= 5 has is_repeated; older ones only label.
-    flag = getattr(field_descriptor, "is_repeated", None)
-    if flag is not None:
-        return bool(flag)
-    return field_descriptor.label == descriptor.FieldDescriptor.LABEL_REPEATED
+def message_of(field_descriptor: descriptor.FieldDescriptor) -> descriptor.Descriptor:
+    """The message type of a message field (the descriptor API types it optional)."""
+    if field_descriptor.message_type is None:
+        raise TypeError(f"{field_descriptor.full_name} is not a message field")
+    return field_descriptor.message_type
+
+
+def is_repeated(field_descriptor: descriptor.FieldDescriptor) -> bool:
+    return bool(field_descriptor.is_repeated)  # protobuf >= 6 (pyproject); ``label`` is gone
 
 
 # --- methods -------------------------------------------------------------------------------
@@ -410,7 +416,9 @@ __all__ = [
     "ROUTED",
     "SALE_MONITOR",
     "MethodInfo",
+    "is_repeated",
     "iter_resource_values",
+    "message_of",
     "methods_of",
     "resource_plan",
     "service_descriptor",

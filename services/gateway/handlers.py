@@ -114,7 +114,7 @@ class _StreamCall:
         assert self.header is not None
         return self.gateway.outgoing_metadata(self.info, self.principal, self.header)
 
-    def failed(self, error: Exception) -> None:
+    def failed(self, error: BaseException) -> None:
         if isinstance(error, ServiceError | BackendError):
             self.code = error.code.value[0]
         elif isinstance(error, asyncio.CancelledError):

@@ -59,7 +59,7 @@ class GatewayMetrics:
     def record(
         self, service: str, method: str, tenant: str, code: int, seconds: float, transport: str
     ) -> None:
-        labels = {
+        labels: dict[str, str | int] = {
             RPC_SERVICE: service,
             RPC_METHOD: method,
             attributes.TENANT: tenant,

@@ -14,7 +14,7 @@ from typing import Any
 
 from google.protobuf import descriptor
 
-from services.gateway.catalog import PUBLIC_SERVICES
+from services.gateway.catalog import PUBLIC_SERVICES, is_repeated, message_of
 from services.gateway.transcoding import Route, all_routes
 
 FD = descriptor.FieldDescriptor
@@ -64,11 +64,6 @@ ERROR_SCHEMA = {
 }
 
 
-def _is_repeated(field: FD) -> bool:
-    flag = getattr(field, "is_repeated", None)
-    return bool(flag) if flag is not None else field.label == FD.LABEL_REPEATED
-
-
 class _Schemas:
     def __init__(self) -> None:
         self.schemas: dict[str, Any] = {}
@@ -97,11 +92,11 @@ class _Schemas:
         self.schemas[name] = schema
 
     def field_schema(self, field: FD) -> dict[str, Any]:
-        if field.type == FD.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:
-            value_field = field.message_type.fields_by_name["value"]
+        if field.type == FD.TYPE_MESSAGE and message_of(field).GetOptions().map_entry:
+            value_field = message_of(field).fields_by_name["value"]
             return {"type": "object", "additionalProperties": self.single(value_field)}
         single = self.single(field)
-        if _is_repeated(field):
+        if is_repeated(field):
             return {"type": "array", "items": single}
         return single
 
@@ -125,8 +120,9 @@ class _Schemas:
         if kind == FD.TYPE_BYTES:
             return {"type": "string", "format": "byte"}
         if kind == FD.TYPE_ENUM:
+            assert field.enum_type is not None
             return {"type": "string", "enum": [value.name for value in field.enum_type.values]}
-        return self.ref(field.message_type)
+        return self.ref(message_of(field))
 
 
 def _query_params(route: Route, schemas: _Schemas) -> list[dict[str, Any]]:
@@ -134,7 +130,7 @@ def _query_params(route: Route, schemas: _Schemas) -> list[dict[str, Any]]:
     params = []
     for field in route.info.descriptor.input_type.fields:
         if field.name in bound or (
-            field.type == FD.TYPE_MESSAGE and field.message_type.full_name not in _WELL_KNOWN
+            field.type == FD.TYPE_MESSAGE and message_of(field).full_name not in _WELL_KNOWN
         ):
             continue
         params.append(
@@ -143,7 +139,7 @@ def _query_params(route: Route, schemas: _Schemas) -> list[dict[str, Any]]:
                 "in": "query",
                 "required": False,
                 "schema": schemas.field_schema(field),
-                **({"explode": True} if _is_repeated(field) else {}),
+                **({"explode": True} if is_repeated(field) else {}),
             }
         )
     return params

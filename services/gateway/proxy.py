@@ -29,7 +29,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from google.longrunning import operations_proto_pb2
+from google.longrunning import operations_pb2, operations_proto_pb2
 from google.protobuf.message import DecodeError, Message
 from opentelemetry import trace
 
@@ -377,8 +377,8 @@ class Gateway:
                 data = request.SerializeToString()
             if info.backend == catalog.LOCAL:
                 request = request if request is not None else self.parse(info, data)
-                response = await self.local_handlers[info.name](principal, request)
-                return response.SerializeToString()
+                reply = await self.local_handlers[info.name](principal, request)
+                return reply.SerializeToString()
             # Parsed once: a malformed request is INVALID_ARGUMENT here rather than a backend's
             # deserialisation failure (INTERNAL); the bytes forwarded are still the caller's own.
             request = request if request is not None else self.parse(info, data)
@@ -521,6 +521,7 @@ class Gateway:
         backend = self.operation_routes.lookup(name) or _operation_backend(name)
         if info.name == "WaitOperation" and not caller_deadline:
             # WaitOperation blocks up to its own timeout: give it that long (plus a little), not the default.
+            assert isinstance(request, operations_pb2.WaitOperationRequest)
             wait = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else 60.0
             deadline = asyncio.get_running_loop().time() + min(max(wait, 0.0), 600.0) + 5.0
         return await self._forward(self.backends[backend], info, data, metadata, deadline)

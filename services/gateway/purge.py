@@ -174,9 +174,9 @@ class TenantPurger:
                 extra={"tenant": tenant, "seconds": round(time.perf_counter() - started, 3), **counts},
             )
             return record
-        record = await asyncio.to_thread(store.get_tenant, tenant)
-        assert record is not None
-        return record
+        found = await asyncio.to_thread(store.get_tenant, tenant)
+        assert found is not None
+        return found
 
     # --- steps ------------------------------------------------------------------------------------
     async def _cancel_campaigns(self, tenant: str) -> int:

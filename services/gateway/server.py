@@ -49,7 +49,7 @@ class GatewayApp:
         await self.gateway.close()
 
 
-def _register(gateway: Gateway):  # type: ignore[no-untyped-def]
+def _register(gateway: Gateway):
     def register(server: grpc.aio.Server) -> None:
         server.add_generic_rpc_handlers(tuple(generic_handlers(gateway)))
 

@@ -19,7 +19,7 @@ from google.api import http_pb2
 from google.protobuf import descriptor, json_format
 from google.protobuf.message import Message
 
-from services.gateway.catalog import METHODS, MethodInfo
+from services.gateway.catalog import METHODS, MethodInfo, is_repeated, message_of
 from services.runtime import InvalidArgument
 
 _VARIABLE = re.compile(r"\{([a-zA-Z0-9_.]+)(?:=([^}]*))?\}")
@@ -193,13 +193,6 @@ def _field(message_descriptor: descriptor.Descriptor, name: str) -> descriptor.F
     return None
 
 
-def _is_repeated(field_descriptor: descriptor.FieldDescriptor) -> bool:
-    flag = getattr(field_descriptor, "is_repeated", None)
-    if flag is not None:
-        return bool(flag)
-    return field_descriptor.label == descriptor.FieldDescriptor.LABEL_REPEATED
-
-
 def _set_path(
     target: dict[str, Any], message_descriptor: descriptor.Descriptor, path: str, values: Sequence[str]
 ) -> None:
@@ -214,21 +207,21 @@ def _set_path(
         key = field_descriptor.name
         last = depth == len(parts) - 1
         if not last:
-            if field_descriptor.type != descriptor.FieldDescriptor.TYPE_MESSAGE or _is_repeated(
+            if field_descriptor.type != descriptor.FieldDescriptor.TYPE_MESSAGE or is_repeated(
                 field_descriptor
             ):
                 raise InvalidArgument(path, "cannot be set from the URL")
             current = current.setdefault(key, {})
             if not isinstance(current, dict):
                 raise InvalidArgument(path, "set twice")
-            current_descriptor = field_descriptor.message_type
+            current_descriptor = message_of(field_descriptor)
             continue
         if field_descriptor.type == descriptor.FieldDescriptor.TYPE_MESSAGE and not (
-            field_descriptor.message_type.full_name.startswith("google.protobuf.")
+            message_of(field_descriptor).full_name.startswith("google.protobuf.")
         ):
             raise InvalidArgument(path, "a message field cannot be set from the URL")
         converted = [_scalar(field_descriptor, value, path) for value in values]
-        if _is_repeated(field_descriptor):
+        if is_repeated(field_descriptor):
             current[key] = converted
         else:
             if len(converted) != 1:
@@ -299,7 +292,7 @@ def _strip(document: dict[str, Any], message_descriptor: descriptor.Descriptor, 
         if not rest:
             document.pop(key, None)
         elif isinstance(document.get(key), dict):
-            _strip(document[key], field_descriptor.message_type, rest)
+            _strip(document[key], message_of(field_descriptor), rest)
 
 
 __all__ = ["PathVariable", "Route", "all_routes", "build_request", "compile_route"]

@@ -177,7 +177,9 @@ class SaleMonitor(StreamFollower):
         if frame.height:
             frame = self._fresh(frame)
         if frame.height:
-            self.observe(int(frame.get_column("ts").dt.epoch("us").max()))
+            newest = frame.get_column("ts").dt.epoch("us").max()
+            assert isinstance(newest, int)  # a non-empty column's max
+            self.observe(newest)
             t = pl.col("event_type")
             aggs = [(t == int(code)).sum().alias(name) for name, code in _COUNT_OF.items()]
             aggs += [
@@ -239,10 +241,10 @@ class SaleMonitor(StreamFollower):
         out.end_time.FromMicroseconds(end_us)
         out.total.CopyFrom(_counters("total", total, scope, hook_sold))
         for key in sorted(groups):
-            item = int(key.split("/")[1]) if key.startswith("item/") else None
-            sold = {item: hook_sold[item]} if item in hooks else {}
+            group_item = int(key.split("/")[1]) if key.startswith("item/") else None
+            sold = {group_item: hook_sold[group_item]} if group_item in hooks else {}
             sub_scope = SaleScope(
-                hooks=tuple(h for h in scope.hooks if h.item_id == item),
+                hooks=tuple(h for h in scope.hooks if h.item_id == group_item),
                 coupon_discount_fen=scope.coupon_discount_fen,
             )
             out.groups.append(_counters(key, groups[key], sub_scope, sold))

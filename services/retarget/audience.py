@@ -10,7 +10,7 @@ callers with the right code (a missing pack is NOT_FOUND, an unreachable audienc
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import grpc
@@ -105,7 +105,7 @@ class AudienceClient:
 
     async def export(
         self, tenant: str, pack: str, version: int, *, page_token: str = "", page_size: int = 20_000
-    ) -> AsyncIterator[Page]:
+    ) -> AsyncGenerator[Page, None]:
         """Stream the pinned version's user ids from ``page_token`` on, one page per message."""
         request = audience_service_pb2.ExportPackRequest(
             name=pack,

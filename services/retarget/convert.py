@@ -141,7 +141,7 @@ def rule_firing_proto(entry: dict[str, Any]) -> campaign_pb2.RuleFiring:
     actions = campaign_pb2.Rule.Action
     firing = campaign_pb2.RuleFiring(
         rule_id=entry.get("rule_id", ""),
-        action=actions.Value(action) if action in actions.keys() else 0,  # noqa: SIM118
+        action=action if action in actions.keys() else "ACTION_UNSPECIFIED",  # noqa: SIM118
         metrics={name: float(value) for name, value in (entry.get("metrics") or {}).items()},
         outcome=entry.get("outcome", ""),
     )

@@ -264,9 +264,9 @@ class Database:
         if self._closed:
             raise RuntimeError("database is closed")
         if self._pg_pool is not None:
-            with self._pg_pool.connection() as conn, conn.cursor() as cursor:
+            with self._pg_pool.connection() as pg, pg.cursor() as pg_cursor:
                 # The pool's context commits on success and rolls back on an exception.
-                yield Tx(POSTGRES, cursor)
+                yield Tx(POSTGRES, pg_cursor)
             return
         conn = self._sqlite_connection()
         cursor = conn.cursor()

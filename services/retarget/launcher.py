@@ -299,5 +299,5 @@ class Launcher:
                 await batch(empty, empty.astype(np.int64), empty.astype(bool), cursor, True)
             return progressed
         except (Unavailable, Aborted, AudienceError, TransientError, UniqueConflict) as error:
-            error.progressed = progressed  # type: ignore[attr-defined]
+            error.progressed = progressed  # type: ignore[union-attr]
             raise

@@ -1068,7 +1068,7 @@ def issue_batch(
         return BatchResult("stale", state=campaign["state"])
     tenant = campaign["tenant"]
     arms = json.loads(campaign["arms"])
-    indexes = range(len(user_ids))
+    indexes: Sequence[int] = range(len(user_ids))
     skipped_existing = 0
     if check_existing and user_ids:
         fragment, params = tx.in_list("user_id", list(user_ids))
@@ -1394,14 +1394,14 @@ def campaign_facts(tx: Tx, campaign: Row, now: int) -> CampaignFacts:
             int(row["revenue"] or 0),
         )
     # Orders of claimers outside the audience: only those paid with the campaign's coupons.
-    row = tx.one(
+    outside = tx.one(
         "SELECT COUNT(*) AS orders, COUNT(DISTINCT user_id) AS buyers, SUM(order_amount_fen) AS revenue"
         " FROM redemptions WHERE campaign_pk = ? AND arm_id = '' AND state = 'REDEEMED'",
         (pk,),
     )
-    if row is not None:
-        unassigned.orders, unassigned.buyers = int(row["orders"] or 0), int(row["buyers"] or 0)
-        unassigned.revenue_fen = int(row["revenue"] or 0)
+    if outside is not None:
+        unassigned.orders, unassigned.buyers = int(outside["orders"] or 0), int(outside["buyers"] or 0)
+        unassigned.revenue_fen = int(outside["revenue"] or 0)
     spent = sum(a.coupon_cost_fen for a in arms.values()) + unassigned.coupon_cost_fen
     return CampaignFacts(campaign, arms, unassigned, outstanding + spent)
 

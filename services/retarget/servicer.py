@@ -430,7 +430,7 @@ class RetargetServicer(retarget_service_pb2_grpc.RetargetServiceServicer):
                     coupon=d.coupon_name(tenant, row["coupon_id"]),
                     item_ids=convert.json.loads(row["offer_item_ids"]),
                 )
-                offer.create_time.CopyFrom(convert.timestamp(row["create_us"]))
+                offer.create_time.FromMicroseconds(row["create_us"])
                 yield offer
             if len(rows) == settings.stream_batch_size:
                 continue

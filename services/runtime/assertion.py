@@ -291,7 +291,7 @@ class AssertionInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if method.startswith(UNASSERTED_PREFIXES):
             return await continuation(handler_call_details)
-        value = _header_value(handler_call_details.invocation_metadata)  # type: ignore[arg-type]
+        value = _header_value(handler_call_details.invocation_metadata)
         try:
             if value is None:
                 raise _refused("missing gateway assertion")

@@ -67,7 +67,7 @@ class TextFormatter(logging.Formatter):
         return f"{line} [trace_id={ids[0]}]" if ids else line
 
 
-class _RuntimeHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _RuntimeHandler(logging.StreamHandler):
     """Marks the handler we installed so a second ``setup_logging`` replaces it instead of doubling."""
 
 

@@ -38,7 +38,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(target: Path, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(target: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write ``target`` through ``write(fileobj)`` into a sibling temp file, fsync, then rename."""
     for attempt in range(3):
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ class LocalObjectStore:
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*check_key(key).split("/"))
 
-    def _write(self, key: str, write: Callable[[BinaryIO], None]) -> None:
+    def _write(self, key: str, write: Callable[[BinaryIO], object]) -> None:
         target = self._path(key)
         try:
             atomic_write(target, write)

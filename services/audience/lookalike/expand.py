@@ -176,7 +176,7 @@ def _as_sorted(values: Iterable[int] | np.ndarray | None) -> np.ndarray | None:
     if isinstance(values, np.ndarray):
         arr = values.astype(np.uint32, copy=False)
     elif hasattr(values, "to_array"):  # pyroaring BitMap
-        arr = np.asarray(values.to_array(), dtype=np.uint32)  # type: ignore[attr-defined]
+        arr = np.asarray(values.to_array(), dtype=np.uint32)
     else:
         arr = np.fromiter(values, dtype=np.uint32)
     return np.unique(arr)

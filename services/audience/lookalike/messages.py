@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import cast
 
-from flashcrowd.audience.v1 import lookalike_pb2, pack_pb2
+from flashcrowd.audience.v1 import events_pb2, lookalike_pb2, pack_pb2
 from google.protobuf import timestamp_pb2
 
 from services.audience.lookalike.exclusion import ExclusionRule, FeatureExclusion
@@ -45,7 +46,9 @@ def exclusion_from_proto(
 def exclusion_to_proto(exclusion: FeatureExclusion) -> list[lookalike_pb2.FeatureExclusion]:
     return [
         lookalike_pb2.FeatureExclusion(
-            event_types=list(r.event_types), category_ids=list(r.category_ids), item_ids=list(r.item_ids)
+            event_types=[cast(events_pb2.EventType, t) for t in r.event_types],
+            category_ids=list(r.category_ids),
+            item_ids=list(r.item_ids),
         )
         for r in exclusion.rules
     ]

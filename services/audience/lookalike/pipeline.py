@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flashcrowd.audience.v1 import pack_pb2, spec_pb2
@@ -785,8 +785,8 @@ def execute_expansion(
         inputs=prepared.refs,
     )
     if request.has_profile:
-        pack.spec.profile.age_bands.extend(request.age_bands)
-        pack.spec.profile.genders.extend(request.genders)
+        pack.spec.profile.age_bands.extend(cast(tuple[spec_pb2.AgeBand, ...], request.age_bands))
+        pack.spec.profile.genders.extend(cast(tuple[spec_pb2.Gender, ...], request.genders))
         pack.spec.profile.regions.extend(request.regions)
         pack.spec.profile.interests.extend(request.interests)
     stats = pack_pb2.BuildStats(

@@ -164,10 +164,10 @@ def write_dataset(
     events = (
         data.events.with_columns(pl.lit(PLATFORM_OWNER, dtype=pl.Utf8).alias(OWNER))  # imports: platform data
         .select(list(EVENTS_SCHEMA))
-        .cast(dict(EVENTS_SCHEMA))
+        .cast(EVENTS_SCHEMA)
         .sort(["bucket", "user_id", "ts"])
     )
-    profiles = data.profiles.select(list(PROFILES_SCHEMA)).cast(dict(PROFILES_SCHEMA)).sort("user_id")
+    profiles = data.profiles.select(list(PROFILES_SCHEMA)).cast(PROFILES_SCHEMA).sort("user_id")
     if events.height == 0:
         raise ValueError("nothing to import: the adapter produced no events")
     missing = events.select("user_id").unique().join(profiles.select("user_id"), on="user_id", how="anti")

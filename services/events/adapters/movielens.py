@@ -162,7 +162,7 @@ def read_movielens(path: str | Path) -> AdaptedData:
         order_id=pl.lit(None, dtype=pl.UInt64),
         amount_fen=pl.lit(None, dtype=pl.Int64),
         owner=pl.lit(PLATFORM_OWNER, dtype=pl.Utf8),  # public data: platform behaviour
-    ).cast(dict(EVENTS_SCHEMA))
+    ).cast(EVENTS_SCHEMA)
 
     users = _read(root / "u.user", "|", ["user_id", "age", "gender", "occupation", "zip"])
     occupation = pl.col("occupation").str.strip_chars().str.to_lowercase()
@@ -183,7 +183,7 @@ def read_movielens(path: str | Path) -> AdaptedData:
             interests=occupation.replace_strict(tag_lists, default=[], return_dtype=pl.List(pl.Utf8)),
             signup_date=pl.lit(None, dtype=pl.Date),
         )
-        .cast(dict(PROFILES_SCHEMA))
+        .cast(PROFILES_SCHEMA)
         .sort("user_id")
     )
     unknown_occupations = sorted(

@@ -129,7 +129,7 @@ def read_taobao(path: str | Path, *, keep_outside_window: bool = False) -> Adapt
         order_id=pl.when(pl.col("is_buy")).then(source | (row + 1)).otherwise(None).cast(pl.UInt64),
         amount_fen=pl.when(pl.col("is_buy")).then(pl.lit(0, dtype=pl.Int64)).otherwise(None),
         owner=pl.lit(PLATFORM_OWNER, dtype=pl.Utf8),  # public data: platform behaviour
-    ).cast(dict(EVENTS_SCHEMA))
+    ).cast(EVENTS_SCHEMA)
     users = events.get_column("user_id").unique().sort()
     report["events"] = events.height
     report["users"] = users.len()

@@ -273,7 +273,7 @@ def evaluate_set(
 ) -> list[TargetResult]:
     """Every target of the set; snapshots and models are shared by targets with equal exclusions."""
     ranker = ranker or ProductRanker()
-    results = []
+    results: list[TargetResult] = []
     with tempfile.TemporaryDirectory(prefix="fc-holdout-", dir=work) as tmp:
         store = LocalObjectStore(Path(tmp))
         cache: dict[FeatureExclusion, _Prepared] = {}

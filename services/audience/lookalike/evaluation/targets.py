@@ -26,10 +26,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import polars as pl
-from flashcrowd.audience.v1 import spec_pb2
+from flashcrowd.audience.v1 import events_pb2, spec_pb2
 
 from services.audience.lookalike.exclusion import FeatureExclusion
 from services.audience.lookalike.features import FeatureSource, FrameSource
@@ -67,7 +68,7 @@ def _behaviour_spec(
     window.absolute.end_time.FromDatetime(end + timedelta(seconds=1))
     return spec_pb2.PackSpec(
         behavior=spec_pb2.BehaviorCondition(
-            event_types=[int(event_type)],
+            event_types=[cast(events_pb2.EventType, int(event_type))],
             window=window,
             min_count=min_count,
             filter=spec_pb2.EventFilter(category_ids=[category]),
