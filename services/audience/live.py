@@ -791,7 +791,6 @@ class LivePackEngine(StreamFollower):
             return []
         started = self.clock()
         stored = {info.key for info in self.store.list(self.prefix) if info.key.endswith(".json")}
-        self._deleted_at = {k: t for k, t in self._deleted_at.items() if started - t < 60.0}
         with self._packs_lock:
             installed = {self._key(t, p): (t, p) for t, p in self.packs}
         added = []
@@ -829,6 +828,9 @@ class LivePackEngine(StreamFollower):
         """Every ``sync_seconds``: ``sync_definitions`` and backfill what it installed (until stopped)."""
         while True:
             await asyncio.sleep(self.sync_seconds)
+            now = self.clock()  # forget old tombstones here, on the loop that writes them
+            for key in [k for k, t in self._deleted_at.items() if now - t > 60.0]:
+                del self._deleted_at[key]
             try:
                 added = await asyncio.to_thread(self.sync_definitions)
             except Exception as error:  # store unreachable: keep serving what is installed

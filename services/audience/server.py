@@ -64,7 +64,7 @@ class AudienceApp:
     quotas: TenantQuotas | None = None
     #: The live-pack engine and its bus (services/audience/live.py); None only in apps wired by hand.
     live: LiveParts | None = None
-    #: The LookalikeService, LivePackService and EventService of this process (``_definition``).
+    #: The LookalikeService, LivePackService and EventService of this process (``build_app``).
     extras: list[ServiceDefinition] = field(default_factory=list)
     #: ``audience-worker`` child processes running the builds (none: builds run on our threads).
     workers: WorkerProcesses | None = None

@@ -137,7 +137,7 @@ async def graceful_stop(server: grpc.aio.Server, health: HealthServicer | None, 
 
 
 StopCallback = Callable[[], Awaitable[None]]
-#: Awaited once the server listens, before it reports SERVING (start workers, followers, loops).
+#: Awaited once the server listens (start workers, followers, background loops).
 StartCallback = Callable[[], Awaitable[None]]
 
 
