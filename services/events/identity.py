@@ -1,9 +1,9 @@
 """Normalise external identifiers (phone, OAID, IMEI, IDFA, e-mail) and key them under the pepper.
 
-The rule (docs/ARCHITECTURE.md): raw identifiers are normalised, hashed at the edge and never
-written; and no plain digest of one is stored either, because the mainland mobile space (10^8
-numbers) is brute-forced in seconds. The identity map stores *keyed* hashes only, under the
-platform pepper ``P`` (``services.events.pepper``; at least 32 bytes):
+The rule (the design notes, ../shared/docs/ARCHITECTURE.md): raw identifiers are normalised,
+hashed at the edge and never written; and no plain digest of one is stored either, because the
+mainland mobile space (10^8 numbers) is brute-forced in seconds. The identity map stores *keyed*
+hashes only, under the platform pepper ``P`` (``services.events.pepper``; at least 32 bytes):
 
 * ``key_sha256 = HMAC-SHA-256(key=P, msg=SHA-256(n))`` and
 * ``key_md5    = HMAC-SHA-256(key=P, msg=MD5(n))``

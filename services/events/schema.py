@@ -1,6 +1,6 @@
 """Event, profile, identity and truth schemas: polars dtypes as constants, codes as IntEnums.
 
-Conventions (see docs/ARCHITECTURE.md "Data conventions"):
+Conventions (see the design notes, ../shared/docs/ARCHITECTURE.md, "Data conventions"):
 
 * Times are UTC microseconds (``Datetime("us", "UTC")``); windows are half-open ``[start, end)``.
 * Money is integer fen (``Int64``), never floats; currency is CNY for the whole data set.

@@ -1,6 +1,6 @@
 """The ledger's database access: one code path over PostgreSQL and SQLite.
 
-Design (argued in docs/retarget.md):
+Design (argued in services/retarget/README.md):
 
 * **Synchronous connections in a dedicated thread pool**, one thread per connection, driven from
   asyncio through ``Database.run(fn, ...)``. ``fn(tx, ...)`` is plain synchronous code holding one

@@ -1,6 +1,6 @@
 """Campaign report: funnel, ROI and significance per arm against the holdout.
 
-Definitions (docs/retarget.md):
+Definitions (services/retarget/README.md, "Report"):
 
 * targeted: audience members assigned to the arm (issued, or skipped for stock/budget/limit:
   intent-to-treat, so skips do not flatter an arm); the holdout row counts held-out members;

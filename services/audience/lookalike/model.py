@@ -1,6 +1,6 @@
 """Lookalike clustering models: an ensemble of MiniBatchKMeans fits over a standardised feature snapshot.
 
-Why MiniBatchKMeans (the argument, also in docs/lookalike.md):
+Why MiniBatchKMeans (the argument, also in services/audience/lookalike/README.md):
 
 * Expansion needs a partition of the *whole* population into cells whose seed over-representation
   can be counted, plus a metric inside each cell. k-means gives exactly that (Voronoi cells with a
