@@ -45,6 +45,9 @@ class GatewaySettings(BaseServiceSettings):
     connect_timeout_seconds: float = Field(default=1.0, gt=0)
     #: Cap of the reconnect backoff, so a restarted backend is found again quickly.
     max_reconnect_backoff_seconds: float = Field(default=2.0, gt=0)
+    #: How often each backend's health is checked: a proxied service reports NOT_SERVING in the
+    #: gateway's own health while the backend behind it does not answer SERVING.
+    backend_health_interval_seconds: float = Field(default=5.0, gt=0)
 
     # --- deadlines and retries ------------------------------------------------------------
     #: Deadline given to backend calls when the caller set none.

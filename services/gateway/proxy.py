@@ -31,6 +31,7 @@ import grpc
 import grpc.aio
 from google.longrunning import operations_pb2, operations_proto_pb2
 from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 
 from services.gateway import catalog
@@ -142,6 +143,15 @@ class BackendPool:
     def call(self, info: MethodInfo) -> Any:
         return self._callable(info)
 
+    async def serving(self, timeout: float) -> bool:
+        """Whether the backend answers its overall health check with SERVING within ``timeout``."""
+        stub = health_pb2_grpc.HealthStub(self.channels[0])
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
     async def close(self) -> None:
         await asyncio.gather(*(channel.close() for channel in self.channels), return_exceptions=True)
 
@@ -206,6 +216,16 @@ class Gateway:
         """Start the background tasks (audit writer, periodic purge); needs the running loop."""
         self.audit.start()
         self.purger.start()
+
+    async def backend_health(self) -> dict[str, bool]:
+        """``{proxied service: its backend is SERVING}``; Operations while any backend is."""
+        names = list(self.backends)
+        timeout = self.settings.connect_timeout_seconds
+        answers = await asyncio.gather(*(self.backends[n].serving(timeout) for n in names))
+        up = dict(zip(names, answers, strict=True))
+        statuses = {service: up[backend] for service, backend in catalog.SERVICES.items() if backend in up}
+        statuses[catalog.OPERATIONS_SERVICE] = up[catalog.AUDIENCE] or up[catalog.RETARGET]
+        return statuses
 
     async def close(self) -> None:
         await self.purger.close()

@@ -58,7 +58,12 @@ def _register(gateway: Gateway):
 
 def _definition(app: GatewayApp) -> ServiceDefinition:
     return ServiceDefinition(
-        names=SERVICE_NAMES, register=_register(app.gateway), on_start=[app.start], on_stop=[app.close]
+        names=SERVICE_NAMES,
+        register=_register(app.gateway),
+        on_start=[app.start],
+        on_stop=[app.close],
+        service_readiness=app.gateway.backend_health,
+        readiness_interval_seconds=app.settings.backend_health_interval_seconds,
     )
 
 

@@ -12,7 +12,7 @@ import inspect
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
@@ -225,25 +225,45 @@ class ServiceDefinition:
     #: Polled every ``readiness_interval_seconds`` while serving: False (or an error) turns every
     #: health status NOT_SERVING until it answers True again (e.g. the object store is unreachable).
     readiness: Callable[[], Awaitable[bool]] | None = None
+    #: Polled likewise: ``{service name: ready}`` for services whose readiness differs from the
+    #: process's (the gateway: a service is NOT_SERVING while the backend behind it is down).
+    service_readiness: Callable[[], Awaitable[Mapping[str, bool]]] | None = None
     readiness_interval_seconds: float = 5.0
 
 
 async def watch_readiness(definition: ServiceDefinition, health: HealthServicer) -> None:
-    """Keep health statuses in step with ``definition.readiness`` (runs until cancelled)."""
-    assert definition.readiness is not None
+    """Keep health statuses in step with ``definition.readiness`` (every status) and
+    ``definition.service_readiness`` (the statuses it names); runs until cancelled."""
     serving = True
+    services: dict[str, bool] = {}  # the last status set per named service (absent: SERVING)
+    interval = definition.readiness_interval_seconds
     while True:
-        await asyncio.sleep(definition.readiness_interval_seconds)
-        try:
-            ready = await asyncio.wait_for(definition.readiness(), definition.readiness_interval_seconds)
-        except Exception:  # a probe that fails or hangs means "not ready"
-            ready = False
+        await asyncio.sleep(interval)
+        ready = True
+        if definition.readiness is not None:
+            try:
+                ready = await asyncio.wait_for(definition.readiness(), interval)
+            except Exception:  # a probe that fails or hangs means "not ready"
+                ready = False
         if ready != serving:
             serving = ready
+            services.clear()
             logger.warning("dependency %s: health %s", "back" if ready else "unreachable",
                            "SERVING" if ready else "NOT_SERVING")  # fmt: skip
             for name in ("", *definition.names):
                 await health.set(name, SERVING if ready else NOT_SERVING)
+        if not ready or definition.service_readiness is None:
+            continue
+        try:
+            statuses = await asyncio.wait_for(definition.service_readiness(), interval)
+        except Exception:
+            logger.warning("per-service readiness probe failed", exc_info=True)
+            continue
+        for name, ok in statuses.items():
+            if services.get(name, True) != ok:
+                logger.warning("%s: health %s", name, "SERVING" if ok else "NOT_SERVING")
+                await health.set(name, SERVING if ok else NOT_SERVING)
+            services[name] = ok
 
 
 S = TypeVar("S", bound=BaseServiceSettings)
@@ -274,7 +294,8 @@ async def _run(settings: S, build: Build[S], telemetry: Telemetry) -> None:
         "serving",
         extra={"host": settings.host, "port": port, "services": list(definition.names)},
     )
-    watcher = asyncio.ensure_future(watch_readiness(definition, health)) if definition.readiness else None
+    watched = definition.readiness is not None or definition.service_readiness is not None
+    watcher = asyncio.ensure_future(watch_readiness(definition, health)) if watched else None
     try:
         await serve_forever(
             server,

@@ -12,12 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -29,11 +27,10 @@ import psycopg
 import pytest
 from flashcrowd.gateway.v1 import gateway_service_pb2 as gw
 from flashcrowd.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.fixtures.postgres import create_pg_database, drop_pg_database, pg_reachable
+from tests.fixtures.processes import ROOT, free_ports, service_env, wait_serving
 
-ROOT = Path(__file__).resolve().parents[2]
 BOOTSTRAP = "fleet-bootstrap-admin-key-0123456789abcdef"
 TENANT = "shop"
 #: Owner leases of build operations (s): a SIGKILLed worker's build is taken over after this.
@@ -50,17 +47,6 @@ def _reachable(port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 @dataclass
@@ -103,40 +89,6 @@ class Fleet:
             return list(conn.execute(query, params).fetchall())
 
 
-def _env(**values: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("FLASHCROWD_", "OTEL_"))}
-    env.update(
-        PYTHONUNBUFFERED="1",
-        FLASHCROWD_HOST="127.0.0.1",
-        FLASHCROWD_GRACE_SECONDS=str(GRACE_SECONDS),
-        FLASHCROWD_LOG_JSON="false",
-        OTEL_TRACES_EXPORTER="none",
-        OTEL_METRICS_EXPORTER="none",
-        OTEL_LOGS_EXPORTER="none",
-        FLASHCROWD_GATEWAY_ASSERTION_KEY=os.environ["FLASHCROWD_GATEWAY_ASSERTION_KEY"],
-    )
-    env.update(values)
-    return env
-
-
-async def wait_serving(target: str, proc: subprocess.Popen, seconds: float = 180) -> None:
-    deadline = time.monotonic() + seconds
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"process exited with {proc.returncode}")
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{target} not serving after {seconds}s")
-            await asyncio.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 async def fleet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fleet]:
     for why in (pg_reachable(),):
@@ -161,27 +113,27 @@ async def fleet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fleet
     bus = f"nats://127.0.0.1:4222?stream=FLEET_{uuid.uuid4().hex[:8]}&subjects=fleet{uuid.uuid4().hex[:8]}"
     env: dict[str, dict[str, str]] = {}
     for n in ("audience1", "audience2", "audience3"):
-        env[n] = _env(
-            FLASHCROWD_PORT=str(ports[n]), FLASHCROWD_STORE_URL=str(store),
+        env[n] = service_env(
+            GRACE_SECONDS, FLASHCROWD_PORT=str(ports[n]), FLASHCROWD_STORE_URL=str(store),
             FLASHCROWD_CONTROL_DATABASE_URL=database, FLASHCROWD_WORKER_PROCESSES="1",
             FLASHCROWD_COMPUTE_PROCESSES="1",
             FLASHCROWD_OPERATION_LEASE_SECONDS=str(LEASE_SECONDS), FLASHCROWD_BUS_URL=bus,
             FLASHCROWD_MAX_CONCURRENT_BUILDS="1",
         )  # fmt: skip
     for n in ("retarget1", "retarget2"):
-        env[n] = _env(
-            FLASHCROWD_PORT=str(ports[n]), FLASHCROWD_DATABASE_URL=database,
+        env[n] = service_env(
+            GRACE_SECONDS, FLASHCROWD_PORT=str(ports[n]), FLASHCROWD_DATABASE_URL=database,
             FLASHCROWD_AUDIENCE_TARGET=f"ipv4:{audiences}",
         )  # fmt: skip
     for n in ("monitor1", "monitor2"):
-        env[n] = _env(
-            FLASHCROWD_PORT=str(ports[n]), FLASHCROWD_BUS_URL=bus,
+        env[n] = service_env(
+            GRACE_SECONDS, FLASHCROWD_PORT=str(ports[n]), FLASHCROWD_BUS_URL=bus,
             FLASHCROWD_RETARGET_TARGET=f"ipv4:{retargets}",
             FLASHCROWD_RULES_LEASE_KEY=f"fleet-{uuid.uuid4().hex[:8]}", FLASHCROWD_RULES_LEASE_SECONDS="3",
         )  # fmt: skip
     for i, n in enumerate(("gateway1", "gateway2"), start=1):
-        env[n] = _env(
-            FLASHCROWD_PORT=str(ports[n]), FLASHCROWD_HTTP_PORT=str(ports[f"http{i}"]),
+        env[n] = service_env(
+            GRACE_SECONDS, FLASHCROWD_PORT=str(ports[n]), FLASHCROWD_HTTP_PORT=str(ports[f"http{i}"]),
             FLASHCROWD_AUDIENCE_TARGET=f"ipv4:{audiences}", FLASHCROWD_RETARGET_TARGET=f"ipv4:{retargets}",
             FLASHCROWD_KEYSTORE_URL=database, FLASHCROWD_BOOTSTRAP_ADMIN_KEY=BOOTSTRAP,
             FLASHCROWD_REDIS_URL="redis://127.0.0.1:6379/0", FLASHCROWD_GATEWAY_REPLICAS="2",
