@@ -189,9 +189,14 @@ class HttpFrontend:
                     405: code_pb2.UNIMPLEMENTED,
                     413: code_pb2.RESOURCE_EXHAUSTED,
                 }.get(error.status, code_pb2.INVALID_ARGUMENT)
-                status = status_pb2.Status(code=code, message=error.reason or "bad request")
-                response = error_response(status)
+                message = error.reason or "bad request"
+                if isinstance(error, web.HTTPMethodNotAllowed):
+                    allowed = ", ".join(sorted(error.allowed_methods))
+                    message = f"{error.method} is not allowed here; allowed: {allowed}"
+                response = error_response(status_pb2.Status(code=code, message=message))
                 response.set_status(error.status)
+                if "Allow" in error.headers:  # RFC 9110: a 405 names the methods the resource has
+                    response.headers["Allow"] = error.headers["Allow"]
                 return response
             raise
         except (ServiceError, BackendError) as error:

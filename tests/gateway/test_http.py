@@ -157,6 +157,8 @@ async def test_errors_are_json_status(http, real_stack) -> None:
         assert (await response.json())["error"]["status"] == "NOT_FOUND"
     async with http.patch("/v1/tenants/alpha/packs/x", headers=alpha) as response:
         assert response.status == 405
+        assert {m.strip() for m in response.headers["Allow"].split(",")} == {"DELETE", "GET"}
+        assert "PATCH is not allowed here" in (await response.json())["error"]["message"]
     async with http.get(
         "/v1/tenants/alpha/packs/x", headers={**alpha, "X-Server-Timeout": "soon"}
     ) as response:
