@@ -29,10 +29,14 @@ def add_store_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def open_store_arg(url: str | None) -> ObjectStore:
-    from services.storage.factory import open_store
+def open_store_arg(url: str | None, *, existing: bool = False) -> ObjectStore:
+    """The store ``--store`` names; ``existing``: a read-only command, so a local directory that does
+    not exist is an error (a typo must not create an empty store and answer "nothing here")."""
+    from services.storage.factory import local_path, open_store
 
     url = url or default_store_url()
+    if existing and (path := local_path(url)) is not None and not path.is_dir():
+        raise CliError(f"no object store at {path} (no such directory): check --store or ${STORE_ENV}")
     try:
         return open_store(url)
     except ValueError as exc:

@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_name(args: argparse.Namespace) -> str:
+    """``flashcrowd pack list``: the command and, by the ``<command>_command`` convention, its
+    subcommand, so that an error names exactly what was run."""
+    sub = getattr(args, f"{str(args.command).replace('-', '_')}_command", None)
+    return " ".join(part for part in ("flashcrowd", args.command, sub) if part)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -51,13 +58,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if run is None:
         parser.print_help(sys.stderr)
         return 2
+    name = _command_name(args)
     try:
         return int(run(args) or 0)
     except CliError as exc:
-        print(f"flashcrowd {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"flashcrowd {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `flashcrowd gen ... | head -1`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

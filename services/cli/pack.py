@@ -99,11 +99,11 @@ def run(args: argparse.Namespace) -> int:
 # --- subcommands -------------------------------------------------------------------------------------
 
 
-def _packstore(args: argparse.Namespace) -> Any:
+def _packstore(args: argparse.Namespace, *, existing: bool = False) -> Any:
     from services.audience.packstore import PackStore
 
     try:
-        return PackStore(open_store_arg(args.store), args.packs_prefix)
+        return PackStore(open_store_arg(args.store, existing=existing), args.packs_prefix)
     except ValueError as exc:
         raise CliError(f"--packs-prefix: {exc}") from None
 
@@ -231,7 +231,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    packs = _packstore(args)
+    packs = _packstore(args, existing=True)
     _emit_pack(args, packs.get(args.tenant, args.pack_id, args.version), full=True)
     return 0
 
@@ -239,7 +239,7 @@ def _show(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
 
-    packs = _packstore(args)
+    packs = _packstore(args, existing=True)
     page, token = packs.list(
         args.tenant, page_size=args.page_size, page_token=args.page_token, filter=args.filter
     )

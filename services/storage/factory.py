@@ -58,6 +58,14 @@ def open_store(url: str, *, env: Mapping[str, str] | None = None) -> ObjectStore
     )
 
 
+def local_path(url: str) -> Path | None:
+    """The directory a local store URL names (a path or ``file://``), None for other stores."""
+    url = url.strip()
+    if "://" not in url:
+        return Path(url).expanduser()
+    return _file_path(url) if url.split("://", 1)[0].lower() == "file" else None
+
+
 def _file_path(url: str) -> Path:
     parts = urlsplit(url)
     if parts.query or parts.fragment:

@@ -143,3 +143,15 @@ def test_console_script_with_progress_bar(store_dir: Path, spec_file: Path) -> N
     assert "done" in proc.stderr and "100%" in proc.stderr  # the bar is drawn on stderr
     assert proc.stdout.startswith("tenants/acme/packs/proc version 1:")
     assert len(PackStore(LocalObjectStore(store_dir)).load_bitmap("acme", "proc")[0]) > 0
+
+
+@pytest.mark.parametrize("command", ["list", "show"])
+def test_read_commands_refuse_a_missing_store_and_create_nothing(
+    tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    typo = tmp_path / "no-such-store"
+    args = ["--tenant", "acme"] + (["--pack-id", "p"] if command == "show" else [])
+    assert run(typo, command, *args) == 2
+    err = capsys.readouterr().err
+    assert f"flashcrowd pack {command}: error: no object store at {typo}" in err
+    assert not typo.exists()
