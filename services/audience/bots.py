@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -84,7 +85,8 @@ class BotReport:
             "candidates": self.candidates,
             "median_log_rate": self.median_log_rate,
             "mad_log_rate": self.mad_log_rate,
-            "threshold_clicks_per_day": self.threshold_rate,
+            # None when nobody clicked (no threshold): strict JSON has no Infinity.
+            "threshold_clicks_per_day": self.threshold_rate if math.isfinite(self.threshold_rate) else None,
         }
 
 

@@ -106,8 +106,12 @@ def publish(
     reserved = _RESERVED_FIELDS & set(manifest)
     if reserved:
         raise ValueError(f"manifest fields {sorted(reserved)} are filled in by publish")
-    # Fail on unserialisable manifests before uploading anything.
-    json.dumps(dict(manifest), sort_keys=True)
+    # Fail on unserialisable manifests before uploading anything: strict JSON (no NaN/Infinity,
+    # which other engines' JSON readers reject).
+    try:
+        json.dumps(dict(manifest), sort_keys=True, allow_nan=False)
+    except ValueError as error:
+        raise ValueError(f"manifest {manifest_key!r} is not strict JSON: {error}") from None
 
     existing = {key for key in (manifest_key, *data) if store.exists(key)}
     if existing and not overwrite:
@@ -134,7 +138,9 @@ def publish(
 
     published_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     document = {**manifest, "files": sorted(files, key=lambda f: f["key"]), "published_at": published_at}
-    payload = json.dumps(document, sort_keys=True, ensure_ascii=False, indent=2).encode("utf-8")
+    payload = json.dumps(document, sort_keys=True, ensure_ascii=False, indent=2, allow_nan=False).encode(
+        "utf-8"
+    )
     try:
         store.put_bytes(manifest_key, payload, MANIFEST_CONTENT_TYPE)
     except BaseException:

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 from pyroaring import BitMap
 
-from services.audience.bots import BotRule, bot_bitmap, bots_cache_key, detect_bots
+from services.audience.bots import BotReport, BotRule, bot_bitmap, bots_cache_key, detect_bots
 from services.events.dataset import EventDataset
 from services.events.generator import GenConfig, generate
 from services.storage import LocalObjectStore, ObjectStore, publish
@@ -81,3 +81,9 @@ def test_no_bots_when_there_are_none(any_store: ObjectStore) -> None:
     generate(any_store, GenConfig(users=50, days=1, seed=1, bot_share=0.0))
     report = detect_bots(EventDataset(any_store))
     assert len(report.bots) == 0
+
+
+def test_a_report_without_clicks_is_strict_json() -> None:
+    """Nobody clicked: no threshold, written as null (the cache manifest is strict JSON)."""
+    summary = BotReport(BitMap(), 0, 0, 0.0, 0.0, float("inf")).summary()
+    assert json.loads(json.dumps(summary, allow_nan=False))["threshold_clicks_per_day"] is None

@@ -148,6 +148,9 @@ def test_publish_argument_errors(any_store: ObjectStore) -> None:
         publish(any_store, data={"x/d": "text is ambiguous"}, manifest_key="x/m", manifest={})  # type: ignore[dict-item]
     with pytest.raises(TypeError):
         publish(any_store, data={"x/d": b""}, manifest_key="x/m", manifest={"when": object()})
+    for bad in (float("inf"), float("nan")):  # strict JSON only: other engines reject these
+        with pytest.raises(ValueError, match="'x/m' is not strict JSON"):
+            publish(any_store, data={"x/d": b""}, manifest_key="x/m", manifest={"stats": {"rate": bad}})
     assert [*any_store.list("x/")] == []
 
 
