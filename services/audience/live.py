@@ -65,6 +65,7 @@ from pyroaring import BitMap
 
 from services.audience.compiler import SHORTCUT_EVENT_TYPES, ids_to_bitmap
 from services.audience.operation_store import ReservationConflict
+from services.audience.operations import PackClaims
 from services.audience.privacy import is_exact_for
 from services.audience.quotas import Limit, TenantQuotas, quota_refusal
 from services.audience.tenancy import (
@@ -1133,14 +1134,6 @@ def _ts(value: datetime | int) -> timestamp_pb2.Timestamp:
     return ts
 
 
-class PackClaims(Protocol):
-    """Claims on pack ids shared with CreatePack (``AudienceServicer.reserve_pack``/``release_pack``)."""
-
-    def reserve_pack(self, tenant: str, pack_id: str, purpose: str = "") -> str: ...
-
-    def release_pack(self, tenant: str, pack_id: str, holder: str) -> None: ...
-
-
 @dataclass(frozen=True)
 class LiveDeps:
     """What LivePackService needs of the audience process besides the engine."""
@@ -1156,15 +1149,15 @@ class LiveDeps:
 class LivePackServicer(live_pack_pb2_grpc.LivePackServiceServicer):
     def __init__(self, engine: LivePackEngine, deps: LiveDeps) -> None:
         self.engine = engine
-        self.app = deps
+        self.deps = deps
 
     def _tenant(self, parent: str, context) -> str:
         tenant = parse_parent(parent)
-        return self.app.tenancy.authorize(context, tenant, resource_type=TENANT_TYPE)
+        return self.deps.tenancy.authorize(context, tenant, resource_type=TENANT_TYPE)
 
     async def _named(self, name: str, context) -> LivePackState:
         tenant, pack_id = parse_live_pack_name(name)
-        self.app.tenancy.authorize(context, tenant, resource_type=LIVE_PACK_TYPE, name=name)
+        self.deps.tenancy.authorize(context, tenant, resource_type=LIVE_PACK_TYPE, name=name)
         try:
             return self.engine.get(tenant, pack_id)
         except NotFound:  # created on another replica since this one's last sync?
@@ -1176,8 +1169,8 @@ class LivePackServicer(live_pack_pb2_grpc.LivePackServiceServicer):
         """The live pack as the caller may see it: tenants get its size disclosed (privacy.py)."""
         members = self.engine.members(state)
         size = len(members)
-        if not is_exact_for(self.app.tenancy.caller(context)):
-            size, _ = self.app.discloser.live_size(state.name, self.engine.now_us() // MINUTE_US, size)
+        if not is_exact_for(self.deps.tenancy.caller(context)):
+            size, _ = self.deps.discloser.live_size(state.name, self.engine.now_us() // MINUTE_US, size)
         return live_pack_pb2.LivePack(
             name=state.name,
             display_name=state.display_name,
@@ -1194,8 +1187,8 @@ class LivePackServicer(live_pack_pb2_grpc.LivePackServiceServicer):
         check_id(request.live_pack_id, "live_pack_id")
         if not request.live_pack.HasField("spec"):
             raise InvalidArgument("live_pack.spec", "required")
-        quotas = self.app.quotas
-        limited = quotas is not None and TenantQuotas.applies_to(self.app.tenancy.caller(context))
+        quotas = self.deps.quotas
+        limited = quotas is not None and TenantQuotas.applies_to(self.deps.tenancy.caller(context))
         state = await self.engine.create(
             tenant,
             request.live_pack_id,
@@ -1240,14 +1233,16 @@ class LivePackServicer(live_pack_pb2_grpc.LivePackServiceServicer):
         stats = pack_pb2.BuildStats(shard="0/1")
         stats.as_of.CopyFrom(_ts(self.engine.now_us()))
         # The pack id is claimed like a build's, so a concurrent CreatePack of the same id waits its turn.
-        reservation = self.app.claims.reserve_pack(state.tenant, request.pack_id, f"snapshot of {state.name}")
+        reservation = self.deps.claims.reserve_pack(
+            state.tenant, request.pack_id, f"snapshot of {state.name}"
+        )
         try:
             stored = await asyncio.to_thread(
-                self.app.packs.publish_version, state.tenant, request.pack_id, bitmap, pack, stats
+                self.deps.packs.publish_version, state.tenant, request.pack_id, bitmap, pack, stats
             )
         finally:
-            self.app.claims.release_pack(state.tenant, request.pack_id, reservation)
-        self.app.membership.invalidate(state.tenant, request.pack_id)
+            self.deps.claims.release_pack(state.tenant, request.pack_id, reservation)
+        self.deps.membership.invalidate(state.tenant, request.pack_id)
         return stored
 
 

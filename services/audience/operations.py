@@ -53,7 +53,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from flashcrowd.audience.v1 import lookalike_pb2, pack_pb2
@@ -913,6 +913,15 @@ def unpack_metadata(op: operations_pb2.Operation, message_type: type[Message]) -
     return message
 
 
+class PackClaims(Protocol):
+    """Pack-id claims shared with CreatePack (``AudienceServicer.reserve_pack``/``release_pack``:
+    the reservations above, answered ALREADY_EXISTS while another holds the id)."""
+
+    def reserve_pack(self, tenant: str, pack_id: str, purpose: str = "") -> str: ...
+
+    def release_pack(self, tenant: str, pack_id: str, holder: str) -> None: ...
+
+
 __all__ = [
     "RESTARTED_MESSAGE",
     "SHUTDOWN_MESSAGE",
@@ -921,6 +930,7 @@ __all__ = [
     "OperationCancelled",
     "OperationManager",
     "OperationsServicer",
+    "PackClaims",
     "PortableRunner",
     "ReservationConflict",
     "new_replica_id",

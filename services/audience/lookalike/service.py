@@ -48,7 +48,6 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import grpc
 from flashcrowd.audience.v1 import audience_service_pb2, lookalike_pb2, lookalike_pb2_grpc, pack_pb2, spec_pb2
@@ -67,7 +66,7 @@ from services.audience.lookalike.expand import (
 from services.audience.lookalike.jobs import EXPAND_KIND, TRAIN_KIND, expansion_payload
 from services.audience.lookalike.messages import exclusion_from_proto, model_proto
 from services.audience.lookalike.model import MODEL_ID
-from services.audience.operations import OperationManager, ReservationConflict
+from services.audience.operations import OperationManager, PackClaims, ReservationConflict
 from services.audience.packstore import PackStore
 from services.audience.quotas import Grant, TenantQuotas
 from services.audience.tenancy import (
@@ -130,14 +129,6 @@ def _model_id(name: str, field: str) -> str:
         raise InvalidArgument(field, str(error)) from None
 
 
-class PackClaims(Protocol):
-    """Pack-id claims shared with CreatePack (``AudienceServicer.reserve_pack``/``release_pack``)."""
-
-    def reserve_pack(self, tenant: str, pack_id: str, purpose: str = "") -> str: ...
-
-    def release_pack(self, tenant: str, pack_id: str, holder: str) -> None: ...
-
-
 @dataclass(frozen=True)
 class LookalikeDeps:
     """What the LookalikeService needs of the audience process."""
@@ -156,13 +147,13 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
     """The three RPCs; see the module doc."""
 
     def __init__(self, deps: LookalikeDeps, settings: LookalikeSettings | None = None) -> None:
-        self.app = deps
+        self.deps = deps
         self.settings = settings or LookalikeSettings()
         self.root = self.settings.root if self.settings.root.endswith("/") else self.settings.root + "/"
 
     @property
     def store(self) -> ObjectStore:
-        return self.app.store
+        return self.deps.store
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -174,7 +165,7 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
 
     def _bitmap(self, tenant: str, pack_id: str, field: str) -> tuple[BitMap, pack_pb2.Pack]:
         try:
-            return self.app.packs.load_bitmap(tenant, pack_id)
+            return self.deps.packs.load_bitmap(tenant, pack_id)
         except NotFound:
             raise NotFound(
                 PACK_TYPE,
@@ -188,7 +179,7 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
             return BitMap()
         from services.audience.bots import bot_bitmap
 
-        return bot_bitmap(self.app.dataset())
+        return bot_bitmap(self.deps.dataset())
 
     # --- RPCs -----------------------------------------------------------------------------------
 
@@ -222,8 +213,8 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
             problems.append(("as_of", "not a valid timestamp (years 1-9999)"))
         if problems:
             raise InvalidArgument(problems)
-        tenant = self.app.tenancy.trusted_tenant(context) or self.settings.operations_tenant
-        dataset = await asyncio.to_thread(self.app.dataset)
+        tenant = self.deps.tenancy.trusted_tenant(context) or self.settings.operations_tenant
+        dataset = await asyncio.to_thread(self.deps.dataset)
         population = dataset.population_size()
         if clusters is not None and clusters > population:
             raise InvalidArgument(
@@ -232,16 +223,16 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
         name = f"lookalikeModels/{request.model_id}"
         metadata = lookalike_pb2.TrainLookalikeModelMetadata(model=name, stage="queued")
         try:  # one training of a model id at a time, across replicas
-            holder = await asyncio.to_thread(self.app.operations.reserve, tenant, name)
+            holder = await asyncio.to_thread(self.deps.operations.reserve, tenant, name)
         except ReservationConflict:
             raise AlreadyExists(MODEL_TYPE, name, description="being trained") from None
 
         grant: Grant | None = None
         try:
-            quotas = self.app.quotas
+            quotas = self.deps.quotas
             if quotas is not None:  # the training limit holds for every caller (only platform trains)
                 grant = await asyncio.to_thread(quotas.charge, tenant, [(quotas.limits.trainings_per_day, 1)])
-            return await self.app.operations.start(
+            return await self.deps.operations.start(
                 tenant,
                 TRAIN_KIND,
                 None,
@@ -251,13 +242,13 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
                 reservation=(name, holder),
             )
         except BaseException:
-            await asyncio.to_thread(self.app.operations.release, tenant, name, holder)
+            await asyncio.to_thread(self.deps.operations.release, tenant, name, holder)
             if grant is not None:
                 await asyncio.to_thread(grant.refund)
             raise
 
     async def ExpandLookalike(self, request, context):
-        tenant = self.app.tenancy.authorize(context, parse_parent(request.parent, "parent"))
+        tenant = self.deps.tenancy.authorize(context, parse_parent(request.parent, "parent"))
         problems: list[tuple[str, str]] = []
         try:
             check_id(request.pack_id, "pack_id", "pack id")
@@ -314,19 +305,19 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
             return pipeline.prepare_expansion(
                 self.store,
                 self.root,
-                self.app.packs,
-                self.app.dataset,
+                self.deps.packs,
+                self.deps.dataset,
                 domain,
                 min_seed=self.settings.min_seed,
                 bots=self._bots(),
             )
 
         name = pack_name(tenant, request.pack_id)
-        quotas = self.app.quotas if TenantQuotas.applies_to(self.app.tenancy.caller(context)) else None
+        quotas = self.deps.quotas if TenantQuotas.applies_to(self.deps.tenancy.caller(context)) else None
         if quotas is not None:  # refuse before reading the seed when no expansion is left today
             await asyncio.to_thread(quotas.require_room, tenant, quotas.limits.expansions_per_day)
         holder = await asyncio.to_thread(
-            self.app.claims.reserve_pack, tenant, request.pack_id, "lookalike expansion"
+            self.deps.claims.reserve_pack, tenant, request.pack_id, "lookalike expansion"
         )
         grant: Grant | None = None
         try:
@@ -341,7 +332,7 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
             payload = expansion_payload(
                 prepared, exclude_bots=self.settings.exclude_bots, min_seed=self.settings.min_seed
             )
-            return await self.app.operations.start(
+            return await self.deps.operations.start(
                 tenant,
                 EXPAND_KIND,
                 None,
@@ -351,7 +342,7 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
                 reservation=(request.pack_id, holder),
             )
         except BaseException:
-            await asyncio.to_thread(self.app.claims.release_pack, tenant, request.pack_id, holder)
+            await asyncio.to_thread(self.deps.claims.release_pack, tenant, request.pack_id, holder)
             if grant is not None:
                 await asyncio.to_thread(grant.refund)
             raise
