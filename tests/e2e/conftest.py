@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -22,9 +21,10 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
+
+from tests.fixtures.processes import wait_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 BOOTSTRAP = "e2e-bootstrap-admin-key-0123456789abcdef"
@@ -117,24 +117,6 @@ def _env(root: Path, collector_port: int, **values: str) -> dict[str, str]:
     return env
 
 
-async def _wait_serving(target: str, proc: subprocess.Popen, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"process exited with {proc.returncode}")
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{target} not serving after {seconds}s")
-            await asyncio.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 async def processes(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Processes]:
     root = tmp_path_factory.mktemp("e2e")
@@ -187,7 +169,7 @@ async def processes(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[P
             )
         for name in ("audience", "retarget", "gateway"):
             try:
-                await _wait_serving(running.target(name), running.procs[name])
+                await wait_serving(running.target(name), running.procs[name], 30, poll_seconds=0.1)
             except Exception as error:
                 raise RuntimeError(f"{name} did not start: {error}\n{running.log(name)}") from error
         yield running
