@@ -2,8 +2,10 @@
 falls back to 1/replicas per replica when Redis is unreachable.
 
 Two real gateway servers share one key store and one Redis; a client spreads its calls over both
-as fast as it can for a while and counts what was admitted. A token bucket admits ``burst + rate x
-elapsed``; the fleet must stay within 10% of that (per-replica buckets would admit about twice it).
+as fast as it can for a while and counts what was admitted. A token bucket admits at most ``burst +
+rate x elapsed``; the fleet must not exceed that by more than 10% (per-replica buckets would admit
+about twice it) nor fall far below it (a fleet that refuses what it may admit is broken too; the
+lower bound leaves room for a loaded machine whose client cannot keep every slot busy).
 """
 
 from __future__ import annotations
@@ -36,22 +38,26 @@ def _redis_up() -> bool:
 async def _admitted(stubs: list[pb_grpc.AudienceServiceStub], tenant: str, metadata) -> tuple[int, float]:  # type: ignore[no-untyped-def]
     admitted = 0
     started = time.monotonic()
+    last_admission = started
     request = pb.GetPackRequest(name=f"tenants/{tenant}/packs/p1")
 
     async def worker(index: int) -> None:
-        nonlocal admitted
+        nonlocal admitted, last_admission
         turn = index
         while time.monotonic() - started < SECONDS:
             try:
                 await stubs[turn % len(stubs)].GetPack(request, metadata=metadata, timeout=2)
                 admitted += 1
+                last_admission = time.monotonic()
             except grpc.aio.AioRpcError as error:
                 assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
                 await asyncio.sleep(0.005)
             turn += 1
 
     await asyncio.gather(*(worker(i) for i in range(8)))
-    return admitted, time.monotonic() - started
+    # Every admitted call reached a bucket before it completed, so the bucket's window ends at the
+    # last admission, not when the slowest refused call came back.
+    return admitted, last_admission - started
 
 
 async def _fleet(tmp_path, rsa_public_pem, fake_backend, tenant: str, **overrides) -> list[Stack]:  # type: ignore[no-untyped-def]
@@ -93,7 +99,7 @@ async def test_a_tenants_limit_holds_across_two_gateways(
         if mode == "per-replica":  # the control: each replica its own full limit
             assert admitted > 1.6 * expected, (admitted, expected)
         else:
-            assert abs(admitted - expected) <= 0.1 * expected, (admitted, expected)
+            assert 0.75 * expected <= admitted <= 1.1 * expected, (admitted, expected)
         if mode == "redis-down":
             assert all(stack.app.gateway.buckets.fallbacks > 0 for stack in stacks)
     finally:
