@@ -45,6 +45,20 @@ class RetargetSettings(BaseServiceSettings):
     stream_batch_size: int = Field(default=500, ge=1, le=10_000)
     stream_poll_seconds: float = Field(default=0.5, gt=0)
     stream_follow_max_seconds: float = Field(default=300.0, gt=0)
+    #: The event stream (``nats://host:port``, or ``memory://NAME`` in one process) whose ``pay`` and
+    #: ``refund`` events are attributed to campaigns (services/retarget/order_feed.py); empty: no feed
+    #: (reports then count redemptions only).
+    bus_url: str = ""
+    #: Shards of the event stream (as the ingest service's ``FLASHCROWD_BUS_SHARDS``).
+    bus_shards: int = Field(default=4, ge=1, le=256)
+
+    @field_validator("bus_url")
+    @classmethod
+    def _bus_scheme(cls, value: str) -> str:
+        value = value.strip()
+        if value and not value.lower().startswith(("memory://", "nats://", "tls://")):
+            raise ValueError("expected nats://host:port, memory://NAME or empty (no order feed)")
+        return value
 
     @field_validator("database_url")
     @classmethod

@@ -126,6 +126,7 @@ def campaign_proto(row: Row) -> campaign_pb2.Campaign:
         etag=f'W/"{row["version"]}"',
     )
     campaign.coupon_template = d.template_name(tenant, row["template_id"])
+    campaign.attribution_window.FromMicroseconds(int(row["attribution_window_us"]))
     for rule in json.loads(row["rules"]):
         json_format.ParseDict(rule, campaign.rules.add())
     _set_time(campaign, "start_time", row["start_us"])

@@ -234,7 +234,81 @@ V1 = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (V1,)
+# Attribution of orders from the event stream, with per-arm sums kept up to date as orders arrive
+# (services/retarget/attribution.py), so a report never rescans members or orders.
+V2 = Migration(
+    2,
+    "attribution",
+    (
+        "ALTER TABLE campaigns ADD COLUMN attribution_window_us BIGINT NOT NULL DEFAULT 604800000000",
+        "ALTER TABLE campaigns ADD COLUMN covariate_window_us BIGINT NOT NULL DEFAULT 1209600000000",
+        "ALTER TABLE campaign_members ADD COLUMN pre_spend_fen BIGINT NOT NULL DEFAULT 0",
+        # An order's touches: the user's memberships, newest first.
+        "CREATE INDEX campaign_members_user ON campaign_members (user_id, process_us)",
+        # One campaign per tenant and order (last touch), so two paths (a redemption and the
+        # order's pay event) never count one order twice.
+        """
+        CREATE TABLE order_attributions (
+            tenant TEXT NOT NULL,
+            order_id TEXT NOT NULL,
+            campaign_pk BIGINT NOT NULL,
+            arm_id TEXT NOT NULL,
+            user_id BIGINT NOT NULL,
+            amount_fen BIGINT NOT NULL,
+            order_us BIGINT NOT NULL,
+            refund_us BIGINT,
+            attribute_us BIGINT NOT NULL,
+            PRIMARY KEY (tenant, order_id)
+        )
+        """,
+        "CREATE INDEX order_attributions_order ON order_attributions (order_id)",
+        "CREATE INDEX order_attributions_campaign ON order_attributions (campaign_pk, arm_id)",
+        # A converting member's attributed orders and revenue (for the sums of squares).
+        """
+        CREATE TABLE arm_converters (
+            campaign_pk BIGINT NOT NULL,
+            user_id BIGINT NOT NULL,
+            arm_id TEXT NOT NULL,
+            orders BIGINT NOT NULL,
+            revenue_fen BIGINT NOT NULL,
+            PRIMARY KEY (campaign_pk, user_id)
+        )
+        """,
+        # Sufficient statistics per arm (services/retarget/stats.py ArmSums); squares are floats
+        # because sums of squared fen overflow 64 bits.
+        """
+        CREATE TABLE arm_stats (
+            campaign_pk BIGINT NOT NULL,
+            arm_id TEXT NOT NULL,
+            members BIGINT NOT NULL DEFAULT 0,
+            converted BIGINT NOT NULL DEFAULT 0,
+            orders BIGINT NOT NULL DEFAULT 0,
+            refunds BIGINT NOT NULL DEFAULT 0,
+            revenue_fen BIGINT NOT NULL DEFAULT 0,
+            sum_y2 DOUBLE PRECISION NOT NULL DEFAULT 0,
+            sum_x DOUBLE PRECISION NOT NULL DEFAULT 0,
+            sum_x2 DOUBLE PRECISION NOT NULL DEFAULT 0,
+            sum_xy DOUBLE PRECISION NOT NULL DEFAULT 0,
+            sum_xb DOUBLE PRECISION NOT NULL DEFAULT 0,
+            update_us BIGINT NOT NULL DEFAULT 0,
+            PRIMARY KEY (campaign_pk, arm_id)
+        )
+        """,
+        "INSERT INTO arm_stats (campaign_pk, arm_id, members)"
+        " SELECT campaign_pk, arm_id, COUNT(*) FROM campaign_members GROUP BY campaign_pk, arm_id",
+        # Where a stream consumer stands, committed with what it applied (exactly once).
+        """
+        CREATE TABLE feed_checkpoints (
+            name TEXT PRIMARY KEY,
+            seq BIGINT NOT NULL,
+            event_us BIGINT NOT NULL DEFAULT 0,
+            update_us BIGINT NOT NULL
+        )
+        """,
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (V1, V2)
 
 
 def _apply(tx: Tx, migrations: tuple[Migration, ...]) -> list[int]:

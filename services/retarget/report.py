@@ -1,4 +1,4 @@
-"""Campaign report: funnel, ROI and significance per arm against the holdout.
+"""Campaign report: funnel, ROI and experiment statistics per arm against the holdout.
 
 Definitions (services/retarget/README.md, "Report"):
 
@@ -6,41 +6,39 @@ Definitions (services/retarget/README.md, "Report"):
   intent-to-treat, so skips do not flatter an arm); the holdout row counts held-out members;
 * delivered: coupons issued to them by the launch (= outbox offers); claimed: coupons taken by
   ClaimCoupon or used at checkout; redeemed: coupons currently redeemed (refunds undo it);
-* orders / revenue: unrefunded orders of the arm's members placed between launch and end time,
-  whether paid with the coupon or not (that is what makes the holdout comparable);
+* orders / revenue: paid, unrefunded orders attributed to the arm (services/retarget/attribution.py:
+  last touch within the attribution window, by coupon for redemptions), whether paid with the
+  coupon or not; that is what makes the holdout comparable;
 * coupon cost: discounts of live redemptions; ROI = (revenue - cost) / cost, 0 without cost;
-* conversion rate: converting members / targeted (a proportion, so that the two-proportion
-  z-test applies; ``orders`` keeps the order count); uplift = rate(arm) - rate(holdout);
-  p-value: two-sided pooled two-proportion z-test, 1.0 when either group is empty or degenerate.
+* conversion rate: converters / targeted; uplift = rate(arm) - rate(holdout) with its Newcombe
+  interval and the pooled z-test p-value (Holm-adjusted across arms in ``adjusted_p_value``);
+* revenue per member difference with a Welch interval, the ROI of the increment, CUPED-adjusted
+  differences (pre-period spend as covariate) and always-valid confidence sequences (tuned for the
+  campaign's audience size) beside the fixed-horizon figures (services/retarget/stats.py);
+* sample ratio: chi-square of the assignment against the configured weights and holdout share.
 """
 
 from __future__ import annotations
 
-import math
-
 from flashcrowd.retarget.v1 import campaign_pb2
 
 from services.retarget import domain as d
+from services.retarget import stats
 from services.retarget.repository import ArmFacts, CampaignFacts
+from services.retarget.stats import two_proportion_p_value
+
+__all__ = ["arm_funnel", "campaign_report", "two_proportion_p_value"]
 
 
-def two_proportion_p_value(x1: int, n1: int, x0: int, n0: int) -> float:
-    """Two-sided p-value of H0: p1 == p0 (pooled standard error)."""
-    if n1 <= 0 or n0 <= 0:
-        return 1.0
-    pooled = (x1 + x0) / (n1 + n0)
-    variance = pooled * (1.0 - pooled) * (1.0 / n1 + 1.0 / n0)
-    if variance <= 0.0:
-        return 1.0
-    z = (x1 / n1 - x0 / n0) / math.sqrt(variance)
-    return math.erfc(abs(z) / math.sqrt(2.0))
+def _estimate(interval: stats.Interval) -> campaign_pb2.Estimate:
+    return campaign_pb2.Estimate(value=interval.estimate, low=interval.low, high=interval.high)
 
 
 def _rate(arm: ArmFacts) -> float:
     return arm.buyers / arm.targeted if arm.targeted else 0.0
 
 
-def arm_funnel(arm: ArmFacts, holdout: ArmFacts | None) -> campaign_pb2.ArmFunnel:
+def arm_funnel(arm: ArmFacts, holdout: ArmFacts | None, *, planned_n: int = 0) -> campaign_pb2.ArmFunnel:
     funnel = campaign_pb2.ArmFunnel(
         arm_id=arm.arm_id,
         targeted=arm.targeted,
@@ -52,23 +50,73 @@ def arm_funnel(arm: ArmFacts, holdout: ArmFacts | None) -> campaign_pb2.ArmFunne
         coupon_cost_fen=arm.coupon_cost_fen,
         roi=(arm.revenue_fen - arm.coupon_cost_fen) / arm.coupon_cost_fen if arm.coupon_cost_fen else 0.0,
         conversion_rate=_rate(arm),
+        converters=arm.buyers,
+        refunded_orders=arm.refunded_orders,
+        revenue_per_member_fen=arm.revenue_fen / arm.targeted if arm.targeted else 0.0,
+        p_value=1.0,
+        revenue_p_value=1.0,
+        adjusted_p_value=1.0,
     )
-    if holdout is not None and not arm.holdout:
-        funnel.uplift_vs_holdout = _rate(arm) - _rate(holdout) if holdout.targeted else 0.0
-        funnel.p_value = two_proportion_p_value(arm.buyers, arm.targeted, holdout.buyers, holdout.targeted)
-    else:
-        funnel.p_value = 1.0
+    if holdout is None or arm.holdout or not holdout.targeted or not arm.targeted:
+        return funnel
+    a, h = arm.sums, holdout.sums
+    funnel.uplift_vs_holdout = _rate(arm) - _rate(holdout)
+    funnel.p_value = two_proportion_p_value(arm.buyers, arm.targeted, holdout.buyers, holdout.targeted)
+    funnel.adjusted_p_value = funnel.p_value
+    conversion = stats.rate_difference(arm.buyers, arm.targeted, holdout.buyers, holdout.targeted)
+    funnel.conversion_difference.CopyFrom(_estimate(conversion))
+    revenue = stats.mean_difference(a, h)
+    funnel.revenue_difference.CopyFrom(_estimate(revenue.interval))
+    funnel.revenue_p_value = revenue.p_value
+    funnel.incremental_roi.CopyFrom(
+        _estimate(stats.incremental_roi(revenue.interval, arm.targeted, arm.coupon_cost_fen))
+    )
+    cuped_revenue = stats.cuped(a, h)
+    funnel.cuped_revenue_difference.CopyFrom(_estimate(cuped_revenue.interval))
+    funnel.cuped_variance_reduction = cuped_revenue.variance_reduction
+    funnel.cuped_conversion_difference.CopyFrom(_estimate(stats.cuped(a, h, binary=True).interval))
+    n = arm.targeted + holdout.targeted
+    planned = max(planned_n, n)
+    pa, ph = _rate(arm), _rate(holdout)
+    conversion_variance = pa * (1 - pa) / arm.targeted + ph * (1 - ph) / holdout.targeted
+    funnel.sequential_conversion_difference.CopyFrom(
+        _estimate(stats.confidence_sequence(conversion.estimate, conversion_variance, n, planned_n=planned))
+    )
+    funnel.sequential_revenue_difference.CopyFrom(
+        _estimate(
+            stats.confidence_sequence(revenue.interval.estimate, revenue.variance, n, planned_n=planned)
+        )
+    )
     return funnel
 
 
 def campaign_report(facts: CampaignFacts, name: str) -> campaign_pb2.CampaignReport:
+    campaign = facts.campaign
     holdout = facts.arms.get(d.HOLDOUT_ARM)
     report = campaign_pb2.CampaignReport(campaign=name, projected_loss_fen=facts.projected_loss_fen)
     treated = [arm for arm_id, arm in facts.arms.items() if arm_id != d.HOLDOUT_ARM]
-    for arm in treated:
-        report.arms.append(arm_funnel(arm, holdout))
+    planned = int(campaign["audience_size"] or 0)
+    funnels = [arm_funnel(arm, holdout, planned_n=planned) for arm in treated]
+    compared = [
+        i for i, arm in enumerate(treated) if holdout is not None and holdout.targeted and arm.targeted
+    ]
+    for i, adjusted in zip(compared, stats.holm([funnels[i].p_value for i in compared]), strict=True):
+        funnels[i].adjusted_p_value = adjusted
+    report.arms.extend(funnels)
     if holdout is not None:
         report.arms.append(arm_funnel(holdout, None))
     report.revenue_fen = sum(arm.revenue_fen for arm in treated) + facts.unassigned.revenue_fen
     report.coupon_cost_fen = sum(arm.coupon_cost_fen for arm in treated) + facts.unassigned.coupon_cost_fen
+    groups = [*treated, *([holdout] if holdout is not None and holdout.share_bp > 0 else [])]
+    ratio = stats.sample_ratio([g.targeted for g in groups], [g.share_bp for g in groups])
+    report.sample_ratio.CopyFrom(
+        campaign_pb2.SampleRatioCheck(chi_square=ratio.chi2, p_value=ratio.p_value, mismatch=ratio.mismatch)
+    )
+    if facts.attributed_through_us:
+        report.attributed_through.FromMicroseconds(facts.attributed_through_us)
+    report.attribution_window.FromMicroseconds(int(campaign["attribution_window_us"]))
+    report.covariate_window.FromMicroseconds(int(campaign["covariate_window_us"]))
+    if holdout is not None and treated and treated[0].targeted and holdout.targeted:
+        mde = stats.minimum_detectable_effect(_rate(holdout), treated[0].targeted, holdout.targeted)
+        report.minimum_detectable_effect = mde if mde != float("inf") else 0.0
     return report

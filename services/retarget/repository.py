@@ -31,8 +31,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.retarget import attribution
 from services.retarget import domain as d
+from services.retarget.attribution import OrderFact
 from services.retarget.db import Row, Tx
+from services.retarget.stats import ArmSums
 from services.runtime import (
     Aborted,
     AlreadyExists,
@@ -91,6 +94,7 @@ class CampaignSpec:
     loss_cap_fen: int
     delivery_rate: int
     rules_json: str
+    attribution_window_us: int = 7 * 86_400_000_000
 
 
 @dataclass(frozen=True)
@@ -103,16 +107,6 @@ class CampaignUpdate:
     values: dict[str, Any]
     #: The rules engine's firing carried out by this update (validation.rule_firing), or None.
     firing: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class OrderFact:
-    order_id: str
-    user_id: int
-    amount_fen: int
-    order_us: int
-    item_ids: tuple[int, ...] = ()
-    refund_us: int | None = None
 
 
 # --- small helpers -----------------------------------------------------------------------------
@@ -284,8 +278,8 @@ def create_campaign(tx: Tx, spec: CampaignSpec, now: int) -> Row:
         "INSERT INTO campaigns (tenant, campaign_id, display_name, audience_pack, offer_item_ids,"
         " template_pk,"
         " template_id, arms, holdout_bp, start_us, end_us, loss_cap_fen, delivery_rate, rules,"
-        " hash_seed, state,"
-        " create_us, update_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+        " hash_seed, state, create_us, update_us, attribution_window_us)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
         (
             spec.tenant,
             spec.campaign_id,
@@ -305,6 +299,7 @@ def create_campaign(tx: Tx, spec: CampaignSpec, now: int) -> Row:
             d.DRAFT,
             now,
             now,
+            spec.attribution_window_us,
         ),
     )
     assert row is not None
@@ -526,6 +521,7 @@ def copy_campaign(
         loss_cap_fen=source["loss_cap_fen"],
         delivery_rate=source["delivery_rate"],
         rules_json=source["rules"],
+        attribution_window_us=source["attribution_window_us"],
     )
     row = create_campaign(tx, spec, now)
     audit(
@@ -878,7 +874,8 @@ def redeem_coupon(tx: Tx, request: RedeemRequest, now: int) -> tuple[dict[str, A
             now,
         ),
     )
-    tx.execute(
+    items = tuple(sorted(set(request.item_ids)))
+    if tx.execute(
         "INSERT INTO orders (tenant, order_id, user_id, amount_fen, order_us, item_ids, coupon_id)"
         " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, order_id) DO NOTHING",
         (
@@ -887,10 +884,14 @@ def redeem_coupon(tx: Tx, request: RedeemRequest, now: int) -> tuple[dict[str, A
             request.user_id,
             request.order_amount_fen,
             order_us,
-            json.dumps(sorted(set(request.item_ids))),
+            json.dumps(list(items)),
             request.coupon_id,
         ),
-    )
+    ):
+        order = OrderFact(request.order_id, request.user_id, request.order_amount_fen, order_us, items)
+        attribution.attribute_order(
+            tx, request.tenant, order, now=now, coupon_campaign_pk=coupon["campaign_pk"]
+        )
     return result, False
 
 
@@ -940,6 +941,7 @@ def refund_redemption(
         "UPDATE orders SET refund_us = ? WHERE tenant = ? AND order_id = ? AND refund_us IS NULL",
         (now, tenant, order_id),
     )
+    attribution.undo_attributions(tx, tenant, order_id, now, now)
     after = coupon_by_id(tx, coupon_id)
     result = {"coupon": coupon_snapshot(after), "policy": template["refund_policy"]}
     tx.execute(
@@ -950,26 +952,6 @@ def refund_redemption(
     )
     audit(tx, tenant, name, "refund", {"order_id": order_id, "policy": template["refund_policy"]}, now)
     return result, False
-
-
-def record_orders(tx: Tx, tenant: str, orders: Sequence[OrderFact]) -> int:
-    """Ingest order facts (the demo's simulation, an order feed); existing order ids are kept."""
-    written = 0
-    for order in orders:
-        written += tx.execute(
-            "INSERT INTO orders (tenant, order_id, user_id, amount_fen, order_us, item_ids, refund_us)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, order_id) DO NOTHING",
-            (
-                tenant,
-                order.order_id,
-                order.user_id,
-                order.amount_fen,
-                order.order_us,
-                json.dumps(list(order.item_ids)),
-                order.refund_us,
-            ),
-        )
-    return written
 
 
 # --- launch ------------------------------------------------------------------------------------
@@ -1184,6 +1166,10 @@ def issue_batch(
         if count:
             moved[pk] = (count, count * face)
             issued_value += count * face
+    launch_us = campaign["launch_us"] or now
+    spend = attribution.pre_period_spend(
+        tx, tenant, [user_ids[i] for i in indexes], launch_us - campaign["covariate_window_us"], launch_us
+    )
     member_rows = [
         (
             campaign_pk,
@@ -1193,14 +1179,25 @@ def issue_batch(
             outcome[i],
             coupon_of.get(i),
             now,
+            spend.get(user_ids[i], 0),
         )
         for i in indexes
     ]
     tx.insert_many(
         "campaign_members",
-        ("campaign_pk", "user_id", "arm_id", "holdout", "outcome", "coupon_id", "process_us"),
+        (
+            "campaign_pk",
+            "user_id",
+            "arm_id",
+            "holdout",
+            "outcome",
+            "coupon_id",
+            "process_us",
+            "pre_spend_fen",
+        ),
         member_rows,
     )
+    attribution.add_members(tx, campaign_pk, ((row[2], row[7]) for row in member_rows), now)
     if coupon_rows:
         tx.insert_many(
             "coupons",
@@ -1318,6 +1315,11 @@ class ArmFacts:
     buyers: int = 0
     revenue_fen: int = 0
     coupon_cost_fen: int = 0
+    refunded_orders: int = 0
+    #: Sufficient statistics of the arm's members (services/retarget/stats.py).
+    sums: ArmSums = field(default_factory=lambda: ArmSums(0))
+    #: Configured weight (treated arms) or holdout share, in basis points of the audience.
+    share_bp: float = 0.0
 
 
 @dataclass
@@ -1327,6 +1329,8 @@ class CampaignFacts:
     #: Coupons claimed in the campaign by users outside its audience.
     unassigned: ArmFacts
     projected_loss_fen: int
+    #: Event time up to which the order feed has attributed orders (0: it never ran).
+    attributed_through_us: int = 0
 
 
 #: A campaign's coupons (parameters: campaign pk twice), spelled so each half uses its partial index.
@@ -1337,11 +1341,22 @@ CAMPAIGN_COUPONS = (
     " WHERE campaign_pk = ? AND source = 'CLAIM')"
 )
 
+#: Name of the order feed's checkpoint (services/retarget/order_feed.py).
+ORDER_FEED = "orders"
+
 
 def campaign_facts(tx: Tx, campaign: Row, now: int) -> CampaignFacts:
+    """Funnel and outcome facts of a campaign. Members, orders and revenue come from the arms' sums
+    (services/retarget/attribution.py), kept up to date as orders arrive; coupons are counted."""
     pk = campaign["id"]
-    arms: dict[str, ArmFacts] = {a["arm_id"]: ArmFacts(a["arm_id"]) for a in json.loads(campaign["arms"])}
-    arms[d.HOLDOUT_ARM] = ArmFacts(d.HOLDOUT_ARM, holdout=True)
+    configured = json.loads(campaign["arms"])
+    holdout_bp = campaign["holdout_bp"]
+    weight = sum(a["weight"] for a in configured) or 1
+    arms: dict[str, ArmFacts] = {
+        a["arm_id"]: ArmFacts(a["arm_id"], share_bp=(d.BASIS_POINTS - holdout_bp) * a["weight"] / weight)
+        for a in configured
+    }
+    arms[d.HOLDOUT_ARM] = ArmFacts(d.HOLDOUT_ARM, holdout=True, share_bp=holdout_bp)
     unassigned = ArmFacts("")
 
     def facts(arm_id: str) -> ArmFacts:
@@ -1349,10 +1364,13 @@ def campaign_facts(tx: Tx, campaign: Row, now: int) -> CampaignFacts:
             return unassigned
         return arms.setdefault(arm_id, ArmFacts(arm_id))
 
-    for row in tx.all(
-        "SELECT arm_id, COUNT(*) AS n FROM campaign_members WHERE campaign_pk = ? GROUP BY arm_id", (pk,)
-    ):
-        facts(row["arm_id"]).targeted = row["n"]
+    for arm_id, outcome in attribution.arm_outcomes(tx, pk).items():
+        arm = facts(arm_id)
+        arm.sums = outcome.sums
+        arm.targeted = outcome.sums.n
+        arm.orders, arm.buyers = outcome.orders, outcome.sums.converted
+        arm.revenue_fen = int(outcome.sums.sum_y)
+        arm.refunded_orders = outcome.refunds
     outstanding = 0
     for row in tx.all(
         "SELECT arm_id, SUM(CASE WHEN source = 'LAUNCH' THEN 1 ELSE 0 END) AS delivered,"
@@ -1377,22 +1395,6 @@ def campaign_facts(tx: Tx, campaign: Row, now: int) -> CampaignFacts:
         (pk,),
     ):
         facts(row["arm_id"]).coupon_cost_fen = int(row["cost"] or 0)
-    window_start = campaign["launch_us"] or campaign["create_us"]
-    window_end = campaign["end_us"] or 2**62
-    for row in tx.all(
-        "SELECT m.arm_id AS arm_id, COUNT(*) AS orders, COUNT(DISTINCT o.user_id) AS buyers,"
-        " SUM(o.amount_fen) AS revenue FROM campaign_members m"
-        " JOIN orders o ON o.tenant = ? AND o.user_id = m.user_id"
-        " WHERE m.campaign_pk = ? AND o.order_us >= ? AND o.order_us < ? AND o.refund_us IS NULL"
-        " GROUP BY m.arm_id",
-        (campaign["tenant"], pk, window_start, window_end),
-    ):
-        arm = facts(row["arm_id"])
-        arm.orders, arm.buyers, arm.revenue_fen = (
-            int(row["orders"]),
-            int(row["buyers"]),
-            int(row["revenue"] or 0),
-        )
     # Orders of claimers outside the audience: only those paid with the campaign's coupons.
     outside = tx.one(
         "SELECT COUNT(*) AS orders, COUNT(DISTINCT user_id) AS buyers, SUM(order_amount_fen) AS revenue"
@@ -1403,7 +1405,8 @@ def campaign_facts(tx: Tx, campaign: Row, now: int) -> CampaignFacts:
         unassigned.orders, unassigned.buyers = int(outside["orders"] or 0), int(outside["buyers"] or 0)
         unassigned.revenue_fen = int(outside["revenue"] or 0)
     spent = sum(a.coupon_cost_fen for a in arms.values()) + unassigned.coupon_cost_fen
-    return CampaignFacts(campaign, arms, unassigned, outstanding + spent)
+    _, through = attribution.checkpoint(tx, ORDER_FEED)
+    return CampaignFacts(campaign, arms, unassigned, outstanding + spent, through)
 
 
 # --- invariants (tests, benchmarks, operators) -------------------------------------------------

@@ -16,12 +16,14 @@ import grpc.aio
 from flashcrowd.retarget.v1 import retarget_service_pb2_grpc
 from google.longrunning import operations_pb2_grpc
 
+from services.events.bus import open_bus
 from services.retarget import domain as d
 from services.retarget.audience import AudienceClient
 from services.retarget.config import RetargetSettings
 from services.retarget.db import Database
 from services.retarget.launcher import Launcher
 from services.retarget.migrations import migrate
+from services.retarget.order_feed import OrderFeed
 from services.retarget.servicer import LaunchOperationsServicer, RetargetServicer
 from services.runtime import ServiceDefinition, attributes, create_server, current_telemetry
 from services.runtime.assertion import backend_interceptors
@@ -52,6 +54,16 @@ class RetargetApp:
         self.launcher = Launcher(database, audience, settings, clock=self._now, on_delivered=self._delivered)
         self.servicer = RetargetServicer(self)
         self.operations = LaunchOperationsServicer(self)
+        self.order_feed = (
+            OrderFeed(
+                open_bus(settings.bus_url, shard_count=settings.bus_shards),
+                database,
+                self._now,
+                name=f"retarget-orders-{settings.instance_id or 'local'}",
+            )
+            if settings.bus_url
+            else None
+        )
         telemetry = current_telemetry()
         self._redeemed = (
             telemetry.meter(__name__).create_counter(attributes.METRIC_COUPONS_REDEEMED, unit="{coupon}")
@@ -95,6 +107,8 @@ class RetargetApp:
     async def start(self) -> None:
         if self.settings.resume_launches:
             await self.launcher.resume_all()
+        if self.order_feed is not None:
+            self.order_feed.start()
 
     def _delivered(self) -> None:
         signal, self.delivered_signal = self.delivered_signal, asyncio.Event()
@@ -108,6 +122,8 @@ class RetargetApp:
         if self._closed:
             return
         self._closed = True
+        if self.order_feed is not None:
+            await self.order_feed.stop()
         await self.launcher.close()
         await self.audience.close()
         await self.db.aclose()

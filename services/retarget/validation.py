@@ -45,6 +45,9 @@ ORDER_TIME_SKEW_US = 300 * 1_000_000
 _MIN_TS, _MAX_TS = -62135596800, 253402300799
 _CURRENCY = re.compile(r"[A-Z]{3}")
 _KEY = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces
+#: Attribution window of a campaign's orders: default 7 days, at most 90.
+DEFAULT_ATTRIBUTION_WINDOW_US = 7 * 86_400_000_000
+MAX_ATTRIBUTION_WINDOW_US = 90 * 86_400_000_000
 
 REFUND_POLICIES = {
     coupon_pb2.REFUND_POLICY_UNSPECIFIED: "RELEASE",
@@ -328,6 +331,11 @@ def campaign_spec(request: retarget_service_pb2.CreateCampaignRequest, now: int)
         violations.append(("campaign.end_time", "must be in the future"))
     _fen(violations, "campaign.loss_cap_fen", c.loss_cap_fen, positive=False)
     _rate(violations, c.delivery_rate_per_second)
+    window_us = DEFAULT_ATTRIBUTION_WINDOW_US
+    if c.HasField("attribution_window"):
+        window_us = c.attribution_window.ToMicroseconds()
+        if not 0 < window_us <= MAX_ATTRIBUTION_WINDOW_US:
+            violations.append(("campaign.attribution_window", "must be more than 0 and at most 90 days"))
     rules_json = _rules(violations, tenant, c.rules)
     _fail(violations)
     # References to other tenants' resources are NOT_FOUND, like any unknown resource.
@@ -351,6 +359,7 @@ def campaign_spec(request: retarget_service_pb2.CreateCampaignRequest, now: int)
         loss_cap_fen=c.loss_cap_fen,
         delivery_rate=c.delivery_rate_per_second,
         rules_json=rules_json,
+        attribution_window_us=window_us,
     )
 
 

@@ -16,6 +16,7 @@ from flashcrowd.retarget.v1 import campaign_pb2, coupon_pb2, retarget_service_pb
 from google.longrunning import operations_pb2
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from services.retarget import attribution
 from services.retarget import domain as d
 from services.retarget import repository as repo
 from services.runtime import error_details
@@ -571,8 +572,8 @@ async def test_report_uplift_against_holdout(rt: Rt) -> None:
             if row["coupon_id"]:
                 redeemed.append(row)
             else:
-                orders.append(repo.OrderFact(f"h-{row['user_id']}", row["user_id"], 10_000, base))
-    await rt.sql(repo.record_orders, tenant, orders)
+                orders.append(attribution.OrderFact(f"h-{row['user_id']}", row["user_id"], 10_000, base))
+    await rt.sql(attribution.record_orders, tenant, orders, base)
     for row in redeemed:
         await rt.stub.RedeemCoupon(
             api.RedeemCouponRequest(

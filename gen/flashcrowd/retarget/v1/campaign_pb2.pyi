@@ -15,7 +15,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Campaign(_message.Message):
-    __slots__ = ("name", "display_name", "audience_pack", "offer_item_ids", "coupon_template", "arms", "holdout_basis_points", "start_time", "end_time", "loss_cap_fen", "delivery_rate_per_second", "rules", "state", "progress", "create_time", "update_time", "etag")
+    __slots__ = ("name", "display_name", "audience_pack", "offer_item_ids", "coupon_template", "arms", "holdout_basis_points", "start_time", "end_time", "loss_cap_fen", "delivery_rate_per_second", "rules", "state", "progress", "create_time", "update_time", "etag", "attribution_window")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Campaign.State]
@@ -47,6 +47,7 @@ class Campaign(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     ETAG_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTION_WINDOW_FIELD_NUMBER: _ClassVar[int]
     name: str
     display_name: str
     audience_pack: str
@@ -64,7 +65,8 @@ class Campaign(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
     etag: str
-    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., audience_pack: _Optional[str] = ..., offer_item_ids: _Optional[_Iterable[int]] = ..., coupon_template: _Optional[str] = ..., arms: _Optional[_Iterable[_Union[Arm, _Mapping]]] = ..., holdout_basis_points: _Optional[int] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., loss_cap_fen: _Optional[int] = ..., delivery_rate_per_second: _Optional[int] = ..., rules: _Optional[_Iterable[_Union[Rule, _Mapping]]] = ..., state: _Optional[_Union[Campaign.State, str]] = ..., progress: _Optional[_Union[LaunchProgress, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., etag: _Optional[str] = ...) -> None: ...
+    attribution_window: _duration_pb2.Duration
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., audience_pack: _Optional[str] = ..., offer_item_ids: _Optional[_Iterable[int]] = ..., coupon_template: _Optional[str] = ..., arms: _Optional[_Iterable[_Union[Arm, _Mapping]]] = ..., holdout_basis_points: _Optional[int] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., loss_cap_fen: _Optional[int] = ..., delivery_rate_per_second: _Optional[int] = ..., rules: _Optional[_Iterable[_Union[Rule, _Mapping]]] = ..., state: _Optional[_Union[Campaign.State, str]] = ..., progress: _Optional[_Union[LaunchProgress, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., etag: _Optional[str] = ..., attribution_window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class Arm(_message.Message):
     __slots__ = ("arm_id", "weight", "coupon_template")
@@ -139,7 +141,7 @@ class Rule(_message.Message):
     def __init__(self, rule_id: _Optional[str] = ..., action: _Optional[_Union[Rule.Action, str]] = ..., metric: _Optional[str] = ..., comparison: _Optional[_Union[Rule.Comparison, str]] = ..., threshold: _Optional[float] = ..., sustain: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cooldown: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., boost_rate_ceiling: _Optional[int] = ..., copy_to_pack: _Optional[str] = ..., scope: _Optional[_Union[_sale_monitor_pb2.SaleScope, _Mapping]] = ...) -> None: ...
 
 class ArmFunnel(_message.Message):
-    __slots__ = ("arm_id", "targeted", "delivered", "claimed", "redeemed", "orders", "revenue_fen", "coupon_cost_fen", "roi", "conversion_rate", "uplift_vs_holdout", "p_value")
+    __slots__ = ("arm_id", "targeted", "delivered", "claimed", "redeemed", "orders", "revenue_fen", "coupon_cost_fen", "roi", "conversion_rate", "uplift_vs_holdout", "p_value", "converters", "refunded_orders", "revenue_per_member_fen", "conversion_difference", "revenue_difference", "revenue_p_value", "incremental_roi", "cuped_revenue_difference", "cuped_conversion_difference", "cuped_variance_reduction", "sequential_conversion_difference", "sequential_revenue_difference", "adjusted_p_value")
     ARM_ID_FIELD_NUMBER: _ClassVar[int]
     TARGETED_FIELD_NUMBER: _ClassVar[int]
     DELIVERED_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +154,19 @@ class ArmFunnel(_message.Message):
     CONVERSION_RATE_FIELD_NUMBER: _ClassVar[int]
     UPLIFT_VS_HOLDOUT_FIELD_NUMBER: _ClassVar[int]
     P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    CONVERTERS_FIELD_NUMBER: _ClassVar[int]
+    REFUNDED_ORDERS_FIELD_NUMBER: _ClassVar[int]
+    REVENUE_PER_MEMBER_FEN_FIELD_NUMBER: _ClassVar[int]
+    CONVERSION_DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
+    REVENUE_DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
+    REVENUE_P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    INCREMENTAL_ROI_FIELD_NUMBER: _ClassVar[int]
+    CUPED_REVENUE_DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
+    CUPED_CONVERSION_DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
+    CUPED_VARIANCE_REDUCTION_FIELD_NUMBER: _ClassVar[int]
+    SEQUENTIAL_CONVERSION_DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
+    SEQUENTIAL_REVENUE_DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
+    ADJUSTED_P_VALUE_FIELD_NUMBER: _ClassVar[int]
     arm_id: str
     targeted: int
     delivered: int
@@ -164,23 +179,66 @@ class ArmFunnel(_message.Message):
     conversion_rate: float
     uplift_vs_holdout: float
     p_value: float
-    def __init__(self, arm_id: _Optional[str] = ..., targeted: _Optional[int] = ..., delivered: _Optional[int] = ..., claimed: _Optional[int] = ..., redeemed: _Optional[int] = ..., orders: _Optional[int] = ..., revenue_fen: _Optional[int] = ..., coupon_cost_fen: _Optional[int] = ..., roi: _Optional[float] = ..., conversion_rate: _Optional[float] = ..., uplift_vs_holdout: _Optional[float] = ..., p_value: _Optional[float] = ...) -> None: ...
+    converters: int
+    refunded_orders: int
+    revenue_per_member_fen: float
+    conversion_difference: Estimate
+    revenue_difference: Estimate
+    revenue_p_value: float
+    incremental_roi: Estimate
+    cuped_revenue_difference: Estimate
+    cuped_conversion_difference: Estimate
+    cuped_variance_reduction: float
+    sequential_conversion_difference: Estimate
+    sequential_revenue_difference: Estimate
+    adjusted_p_value: float
+    def __init__(self, arm_id: _Optional[str] = ..., targeted: _Optional[int] = ..., delivered: _Optional[int] = ..., claimed: _Optional[int] = ..., redeemed: _Optional[int] = ..., orders: _Optional[int] = ..., revenue_fen: _Optional[int] = ..., coupon_cost_fen: _Optional[int] = ..., roi: _Optional[float] = ..., conversion_rate: _Optional[float] = ..., uplift_vs_holdout: _Optional[float] = ..., p_value: _Optional[float] = ..., converters: _Optional[int] = ..., refunded_orders: _Optional[int] = ..., revenue_per_member_fen: _Optional[float] = ..., conversion_difference: _Optional[_Union[Estimate, _Mapping]] = ..., revenue_difference: _Optional[_Union[Estimate, _Mapping]] = ..., revenue_p_value: _Optional[float] = ..., incremental_roi: _Optional[_Union[Estimate, _Mapping]] = ..., cuped_revenue_difference: _Optional[_Union[Estimate, _Mapping]] = ..., cuped_conversion_difference: _Optional[_Union[Estimate, _Mapping]] = ..., cuped_variance_reduction: _Optional[float] = ..., sequential_conversion_difference: _Optional[_Union[Estimate, _Mapping]] = ..., sequential_revenue_difference: _Optional[_Union[Estimate, _Mapping]] = ..., adjusted_p_value: _Optional[float] = ...) -> None: ...
+
+class Estimate(_message.Message):
+    __slots__ = ("value", "low", "high")
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    LOW_FIELD_NUMBER: _ClassVar[int]
+    HIGH_FIELD_NUMBER: _ClassVar[int]
+    value: float
+    low: float
+    high: float
+    def __init__(self, value: _Optional[float] = ..., low: _Optional[float] = ..., high: _Optional[float] = ...) -> None: ...
+
+class SampleRatioCheck(_message.Message):
+    __slots__ = ("chi_square", "p_value", "mismatch")
+    CHI_SQUARE_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    MISMATCH_FIELD_NUMBER: _ClassVar[int]
+    chi_square: float
+    p_value: float
+    mismatch: bool
+    def __init__(self, chi_square: _Optional[float] = ..., p_value: _Optional[float] = ..., mismatch: _Optional[bool] = ...) -> None: ...
 
 class CampaignReport(_message.Message):
-    __slots__ = ("campaign", "arms", "revenue_fen", "coupon_cost_fen", "projected_loss_fen", "rule_firings")
+    __slots__ = ("campaign", "arms", "revenue_fen", "coupon_cost_fen", "projected_loss_fen", "rule_firings", "sample_ratio", "attributed_through", "attribution_window", "minimum_detectable_effect", "covariate_window")
     CAMPAIGN_FIELD_NUMBER: _ClassVar[int]
     ARMS_FIELD_NUMBER: _ClassVar[int]
     REVENUE_FEN_FIELD_NUMBER: _ClassVar[int]
     COUPON_COST_FEN_FIELD_NUMBER: _ClassVar[int]
     PROJECTED_LOSS_FEN_FIELD_NUMBER: _ClassVar[int]
     RULE_FIRINGS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATIO_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTED_THROUGH_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTION_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    MINIMUM_DETECTABLE_EFFECT_FIELD_NUMBER: _ClassVar[int]
+    COVARIATE_WINDOW_FIELD_NUMBER: _ClassVar[int]
     campaign: str
     arms: _containers.RepeatedCompositeFieldContainer[ArmFunnel]
     revenue_fen: int
     coupon_cost_fen: int
     projected_loss_fen: int
     rule_firings: _containers.RepeatedCompositeFieldContainer[RuleFiring]
-    def __init__(self, campaign: _Optional[str] = ..., arms: _Optional[_Iterable[_Union[ArmFunnel, _Mapping]]] = ..., revenue_fen: _Optional[int] = ..., coupon_cost_fen: _Optional[int] = ..., projected_loss_fen: _Optional[int] = ..., rule_firings: _Optional[_Iterable[_Union[RuleFiring, _Mapping]]] = ...) -> None: ...
+    sample_ratio: SampleRatioCheck
+    attributed_through: _timestamp_pb2.Timestamp
+    attribution_window: _duration_pb2.Duration
+    minimum_detectable_effect: float
+    covariate_window: _duration_pb2.Duration
+    def __init__(self, campaign: _Optional[str] = ..., arms: _Optional[_Iterable[_Union[ArmFunnel, _Mapping]]] = ..., revenue_fen: _Optional[int] = ..., coupon_cost_fen: _Optional[int] = ..., projected_loss_fen: _Optional[int] = ..., rule_firings: _Optional[_Iterable[_Union[RuleFiring, _Mapping]]] = ..., sample_ratio: _Optional[_Union[SampleRatioCheck, _Mapping]] = ..., attributed_through: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attribution_window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., minimum_detectable_effect: _Optional[float] = ..., covariate_window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class RuleFiring(_message.Message):
     __slots__ = ("rule_id", "action", "fire_time", "metrics", "outcome")
