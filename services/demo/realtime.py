@@ -121,7 +121,9 @@ def _us(dt: datetime) -> int:
 _OPTIONAL = ("item_id", "category_id", "campaign_id", "video_id", "order_id", "amount_fen")
 
 
-def _requests(chunk: pl.DataFrame, shift_us: int, batch: int) -> list[event_service_pb2.IngestEventsRequest]:
+def ingest_requests(
+    chunk: pl.DataFrame, shift_us: int, batch: int
+) -> list[event_service_pb2.IngestEventsRequest]:
     rows = chunk.select(
         "event_id",
         "user_id",
@@ -175,7 +177,7 @@ def load_sale_hour(
             Minute(
                 offset=offset,
                 start_us=_us(t0) + offset * 60_000_000 + shift_us,
-                requests=_requests(chunk, shift_us, batch),
+                requests=ingest_requests(chunk, shift_us, batch),
                 events=chunk.height,
                 clickers=clickers[:10_000],
             )

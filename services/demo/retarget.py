@@ -9,8 +9,12 @@ funnel/ROI report per arm against the holdout.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import os
 from typing import Any
 
+import polars as pl
 from flashcrowd.retarget.v1 import (
     campaign_pb2,
     coupon_pb2,
@@ -53,6 +57,41 @@ async def start_retarget(demo: Any) -> None:
     demo.retarget_app = app
     demo.retarget_target = f"127.0.0.1:{port}"
     render.note(f"retarget  {demo.retarget_target}  (RetargetService, Operations; SQLite ledger)")
+
+
+async def _ingest_and_attribute(demo: Any, events: pl.DataFrame) -> None:
+    """Send the simulated pay / refund events through IngestEvents (as a platform service), then
+    wait until the retarget order feed has attributed everything on the stream."""
+    from flashcrowd.audience.v1 import event_service_pb2_grpc
+
+    from services.demo.realtime import ingest_requests
+    from services.events.bus import open_bus
+
+    channel = platform_channel(demo.audience_target, "demo")
+    try:
+        call = event_service_pb2_grpc.EventServiceStub(channel).IngestEvents()
+        for request in ingest_requests(events, 0, 1000):
+            await call.write(request)
+            response = await call.read()
+            if response.rejected:
+                raise RuntimeError(f"IngestEvents rejected simulated events: {response.rejected[0]}")
+        await call.done_writing()
+    finally:
+        await channel.close()
+    feed = demo.retarget_app.order_feed
+    if feed is None:
+        raise RuntimeError("the retarget service runs without an order feed: set FLASHCROWD_BUS_URL")
+    bus = open_bus(os.environ["FLASHCROWD_BUS_URL"])
+    await bus.start()
+    try:
+        last = await bus.last_seq()
+        deadline = asyncio.get_running_loop().time() + 60
+        while feed.seq < last:
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError(f"the order feed is at {feed.seq} of {last} after 60 s")
+            await asyncio.sleep(0.05)
+    finally:
+        await bus.close()
 
 
 async def retarget_step(demo: Any, *, tenant: str, audience_pack: str, title: str) -> None:
@@ -118,6 +157,7 @@ async def retarget_step(demo: Any, *, tenant: str, audience_pack: str, title: st
         from services.demo.simulate import simulate_responses
 
         summary = await simulate_responses(
+            publish=functools.partial(_ingest_and_attribute, demo),
             stub=stub,
             database=demo.retarget_app.db,
             dataset=EventDataset(demo.store),

@@ -11,10 +11,13 @@ strongly price moves them. Over ``days`` after the launch:
   ``p0 = min(0.5, days x p_day x p_cart x p_order x affinity / 4)``; a claimed coupon worth ``r``
   of the price multiplies the odds by ``exp(10 x price_sensitivity x r)``, so 15% off moves
   bargain hunters a lot and 10 fen moves nobody;
-* a purchase with a claimed coupon is redeemed (RedeemCoupon, idempotency key per order), one
-  without is recorded as an order fact (``repository.record_orders``: the ingestion path that
-  lets the report count the holdout's conversions); ``refund_share`` of redeemed orders are
-  refunded (RefundRedemption).
+* a purchase with a claimed coupon is redeemed (RedeemCoupon, idempotency key per order);
+  ``refund_share`` of redeemed orders are refunded (RefundRedemption);
+* every purchase, with a coupon or not, is also the platform's ``pay`` event (and a refund its
+  ``refund`` event), handed to ``publish`` as an events frame: the demo sends it through
+  ``IngestEvents`` and the retarget order feed attributes it, the way real orders reach a report
+  (the holdout's conversions only ever arrive that way). The pay event of a redeemed order
+  carries the redemption's order id, so it counts once.
 
 Draws come from one generator seeded by ``seed``, so a run is reproducible.
 """
@@ -24,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import zlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +37,8 @@ import polars as pl
 from flashcrowd.retarget.v1 import retarget_service_pb2, retarget_service_pb2_grpc
 
 from services.events.dataset import EventDataset
+from services.events.schema import EVENTS_SCHEMA, PLATFORM_OWNER, EventType
+from services.events.sharding import bucket_of
 from services.events.world import SEGMENTS
 from services.retarget import domain as d
 from services.retarget import repository as repo
@@ -83,6 +90,7 @@ async def simulate_responses(
     item_category_id: int,
     model: ResponseModel | None = None,
     seed: int = 0,
+    publish: Callable[[pl.DataFrame], Awaitable[None]],
     order_time_us: int | None = None,
     concurrency: int = 64,
 ) -> SimulationSummary:
@@ -102,12 +110,13 @@ async def simulate_responses(
     draws = rng.random((len(members), 4)).tolist()
     now = order_time_us or d.now_us()
     summary = SimulationSummary(members=len(members))
-    orders: list[repo.OrderFact] = []
+    payments: list[tuple[int, int, int]] = []  # (user, order id, event type) of every pay / refund
+    base_order = zlib.crc32(campaign.encode()) << 32  # order ids of this campaign: base | user id
     window = asyncio.Semaphore(concurrency)
 
     async def redeem(member: dict[str, Any], refund: bool) -> None:
         coupon = d.coupon_name(tenant, member["coupon_id"])
-        order_id = f"sim-{campaign_id}-{member['user_id']}"
+        order_id = str(base_order | member["user_id"])
         async with window:
             await stub.RedeemCoupon(
                 api.RedeemCouponRequest(
@@ -159,27 +168,51 @@ async def simulate_responses(
             claims.append(claim(member, d.template_name(tenant, template["template_id"])))
         if u_buy >= p_buy:
             continue
+        payments.append((member["user_id"], base_order | member["user_id"], EventType.PAY))
         if claimed:
             refund = u_refund < model.refund_share
             redemptions.append((member, refund))
             summary.redeemed += 1
             summary.refunded += int(refund)
+            if refund:
+                payments.append((member["user_id"], base_order | member["user_id"], EventType.REFUND))
+        elif member["holdout"]:
+            summary.holdout_orders += 1
         else:
-            orders.append(
-                repo.OrderFact(
-                    f"sim-{campaign_id}-{member['user_id']}",
-                    member["user_id"],
-                    item_price_fen,
-                    now,
-                    (item_id,),
-                )
-            )
-            if member["holdout"]:
-                summary.holdout_orders += 1
-            else:
-                summary.orders_without_coupon += 1
+            summary.orders_without_coupon += 1
     await asyncio.gather(*claims)
     await asyncio.gather(*(redeem(member, refund) for member, refund in redemptions))
-    if orders:
-        await database.run(repo.record_orders, tenant, orders)
+    if payments:
+        await publish(_payment_events(payments, base_order, item_id, item_price_fen, item_category_id, now))
     return summary
+
+
+def _payment_events(
+    payments: list[tuple[int, int, int]], base: int, item_id: int, price_fen: int, category_id: int, now: int
+) -> pl.DataFrame:
+    """The platform's pay / refund events of the simulated orders (a refund a minute after its pay)."""
+    users = [user for user, _, _ in payments]
+    # Outside the generator's ids (< 2**56): a tag byte, the campaign's hash, then the index.
+    ids = (0xD0 << 56) | (((base >> 32) & 0xFFFFFF) << 32)
+    kinds = [int(kind) for _, _, kind in payments]
+    return (
+        pl.DataFrame(
+            {
+                "event_id": [ids | i for i in range(len(payments))],
+                "user_id": users,
+                "bucket": [bucket_of(user) for user in users],
+                "ts": [now + (60_000_000 if kind == EventType.REFUND else 0) for kind in kinds],
+                "event_type": kinds,
+                "item_id": [item_id] * len(payments),
+                "category_id": [category_id] * len(payments),
+                "campaign_id": [None] * len(payments),
+                "video_id": [None] * len(payments),
+                "order_id": [order for _, order, _ in payments],
+                "amount_fen": [price_fen] * len(payments),
+                "owner": [PLATFORM_OWNER] * len(payments),
+            },
+            schema_overrides={"ts": pl.Int64},
+        )
+        .with_columns(pl.col("ts").cast(pl.Datetime("us", "UTC")))
+        .cast(EVENTS_SCHEMA)
+    )

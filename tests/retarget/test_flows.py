@@ -602,10 +602,17 @@ async def test_report_uplift_against_holdout(rt: Rt) -> None:
 
 
 async def test_simulated_responses_feed_the_report(rt: Rt) -> None:
-    """The demo's simulation (generator behaviour model) through the service's own RPCs."""
+    """The demo's simulation (generator behaviour model) through the service's own RPCs; its pay
+    and refund events through what the order feed commits (the demo sends them via IngestEvents)."""
     from services.demo.simulate import simulate_responses
     from services.events.dataset import EventDataset
+    from services.retarget.attribution import checkpoint
+    from services.retarget.order_feed import apply_messages
     from services.storage import LocalObjectStore
+
+    async def publish(events) -> None:  # type: ignore[no-untyped-def]
+        done, _ = await rt.sql(checkpoint, repo.ORDER_FEED, write=False)
+        await rt.sql(apply_messages, [(done + 1, events)], d.now_us())
 
     tenant = rt.tenant()
     campaign, _, _ = await two_arm_campaign(
@@ -615,6 +622,7 @@ async def test_simulated_responses_feed_the_report(rt: Rt) -> None:
     sale = rt.audience.world["sale"]
     dataset = EventDataset(LocalObjectStore(rt.audience.store_url))
     summary = await simulate_responses(
+        publish=publish,
         stub=rt.stub,
         database=rt.app.db,
         dataset=dataset,
