@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from services.events.schema import PLATFORM_OWNER
+from services.events.schema import PLATFORM_OWNER, EventType
 from services.retarget.db import Row, Tx
 from services.retarget.stats import ArmSums
 
@@ -49,6 +49,17 @@ class ArmOutcome:
     orders: int
     refunds: int
     update_us: int
+    #: Members per funnel stage (``FUNNEL_STAGES``).
+    stages: dict[str, int]
+
+
+#: Event type -> funnel stage counted per member (the offer's items, within the window).
+FUNNEL_STAGES = {
+    int(EventType.PRODUCT_VIEW): "viewed",
+    int(EventType.CLICK): "clicked",
+    int(EventType.ADD_CART): "carted",
+    int(EventType.ORDER): "ordered",
+}
 
 
 # --- members -------------------------------------------------------------------------------------
@@ -147,10 +158,12 @@ def attribute_order(
         if by_coupon is not None:
             chosen[by_coupon["tenant"]] = by_coupon
     made = 0
+    # An order's money counts for its first item (pay events carry exactly one).
+    item = order.item_ids[0] if order.item_ids else None
     for tenant, touch in sorted(chosen.items()):
         inserted = tx.execute(
             "INSERT INTO order_attributions (tenant, order_id, campaign_pk, arm_id, user_id, amount_fen,"
-            " order_us, attribute_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            " item_id, order_us, attribute_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (tenant, order_id) DO NOTHING",
             (
                 tenant,
@@ -159,6 +172,7 @@ def attribute_order(
                 touch["arm_id"],
                 order.user_id,
                 order.amount_fen,
+                item,
                 order.order_us,
                 now,
             ),
@@ -173,6 +187,7 @@ def attribute_order(
                 order.amount_fen,
                 1,
                 now,
+                item_id=item,
             )
             made += 1
     return made
@@ -220,16 +235,38 @@ def undo_attributions(tx: Tx, owner: str, order_id: str, refund_us: int, now: in
                 row["amount_fen"],
                 -1,
                 now,
+                item_id=row["item_id"],
             )
             undone += 1
     return undone
 
 
 def _fold(
-    tx: Tx, campaign_pk: int, arm_id: str, user_id: int, spend: int, amount: int, sign: int, now: int
+    tx: Tx,
+    campaign_pk: int,
+    arm_id: str,
+    user_id: int,
+    spend: int,
+    amount: int,
+    sign: int,
+    now: int,
+    *,
+    item_id: int | None,
 ) -> None:
-    """Add (``sign`` 1) or remove (-1) one order of ``amount`` fen to a member's and its arm's sums."""
+    """Add (``sign`` 1) or remove (-1) one order of ``amount`` fen to a member's, its arm's and its
+    item's sums."""
     _ensure_arm(tx, campaign_pk, arm_id)
+    if item_id is not None:
+        tx.execute(
+            "INSERT INTO item_stats (campaign_pk, item_id) VALUES (?, ?) ON CONFLICT (campaign_pk, item_id)"
+            " DO NOTHING",
+            (campaign_pk, item_id),
+        )
+        tx.execute(
+            "UPDATE item_stats SET units = units + ?, gmv_fen = gmv_fen + ?"
+            " WHERE campaign_pk = ? AND item_id = ?",
+            (sign, sign * amount, campaign_pk, item_id),
+        )
     prior = tx.one(
         "SELECT orders, revenue_fen FROM arm_converters WHERE campaign_pk = ? AND user_id = ?"
         + tx.for_update,
@@ -285,8 +322,65 @@ def arm_outcomes(tx: Tx, campaign_pk: int) -> dict[str, ArmOutcome]:
             sum_xy=float(row["sum_xy"]),
             sum_xb=float(row["sum_xb"]),
         )
-        out[row["arm_id"]] = ArmOutcome(sums, int(row["orders"]), int(row["refunds"]), int(row["update_us"]))
+        stages = {stage: int(row[stage]) for stage in FUNNEL_STAGES.values()}
+        out[row["arm_id"]] = ArmOutcome(
+            sums, int(row["orders"]), int(row["refunds"]), int(row["update_us"]), stages
+        )
     return out
+
+
+def item_outcomes(tx: Tx, campaign_pk: int) -> list[tuple[int, int, int]]:
+    """``(item_id, units, gmv_fen)`` of the campaign's attributed, unrefunded orders."""
+    rows = tx.all("SELECT item_id, units, gmv_fen FROM item_stats WHERE campaign_pk = ?", (campaign_pk,))
+    return [(int(r["item_id"]), int(r["units"]), int(r["gmv_fen"])) for r in rows]
+
+
+# --- funnel --------------------------------------------------------------------------------------
+
+
+def record_funnel(tx: Tx, events: Sequence[tuple[str, int, int, int | None, int]], now: int) -> int:
+    """Count funnel stages ``(owner, event type, user, item, ts_us)`` for the members they touch:
+    the event's last touch per visible tenant (as for orders), an offered item (any item when the
+    campaign offers none), each stage once per member. Returns the stages newly reached."""
+    if not events:
+        return 0
+    users, params = tx.in_list("m.user_id", sorted({e[2] for e in events}))
+    memberships: dict[int, list[Row]] = {}
+    for row in tx.all(
+        "SELECT m.campaign_pk, m.arm_id, m.user_id, m.process_us, k.tenant, k.offer_item_ids,"
+        " k.attribution_window_us FROM campaign_members m JOIN campaigns k ON k.id = m.campaign_pk"
+        f" WHERE {users}"
+        " ORDER BY m.process_us DESC, m.campaign_pk DESC",
+        params,
+    ):
+        memberships.setdefault(int(row["user_id"]), []).append(row)
+    reached = 0
+    offered: dict[int, set[int]] = {}
+    for owner, kind, user, item, ts_us in events:
+        chosen: dict[str, Row] = {}
+        for m in memberships.get(user, ()):
+            if owner != PLATFORM_OWNER and m["tenant"] != owner:
+                continue
+            if not m["process_us"] <= ts_us < m["process_us"] + m["attribution_window_us"]:
+                continue
+            chosen.setdefault(m["tenant"], m)
+        for m in chosen.values():
+            items = offered.setdefault(m["campaign_pk"], set(json.loads(m["offer_item_ids"])))
+            if items and item not in items:
+                continue
+            stage = FUNNEL_STAGES[kind]
+            if tx.execute(
+                "INSERT INTO funnel_members (campaign_pk, user_id, stage) VALUES (?, ?, ?)"
+                " ON CONFLICT (campaign_pk, user_id, stage) DO NOTHING",
+                (m["campaign_pk"], user, stage),
+            ):
+                tx.execute(
+                    f"UPDATE arm_stats SET {stage} = {stage} + 1, update_us = ?"
+                    " WHERE campaign_pk = ? AND arm_id = ?",
+                    (now, m["campaign_pk"], m["arm_id"]),
+                )
+                reached += 1
+    return reached
 
 
 # --- feed checkpoints ----------------------------------------------------------------------------
@@ -315,6 +409,7 @@ def advance(tx: Tx, name: str, seq: int, event_us: int, now: int) -> None:
 
 
 __all__ = [
+    "FUNNEL_STAGES",
     "ArmOutcome",
     "OrderFact",
     "add_members",
@@ -322,7 +417,9 @@ __all__ = [
     "arm_outcomes",
     "attribute_order",
     "checkpoint",
+    "item_outcomes",
     "pre_period_spend",
+    "record_funnel",
     "record_orders",
     "record_refund",
     "undo_attributions",

@@ -6,6 +6,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 from typing import Any
 
 from flashcrowd.retarget.v1 import campaign_pb2, coupon_pb2, retarget_service_pb2
@@ -16,6 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import code_pb2, status_pb2
 
 from services.retarget import domain as d
+from services.retarget import stats
 from services.runtime import InvalidArgument
 
 Row = dict[str, Any]
@@ -102,6 +104,21 @@ def progress_proto(row: Row) -> campaign_pb2.LaunchProgress:
     )
 
 
+def power_plan(row: Row, arms: list[dict[str, Any]]) -> campaign_pb2.PowerPlan:
+    """First arm against the holdout at the audience's size (the launch's, else the pack's at creation)."""
+    size = int(row["audience_size"] or row["planned_size"] or 0)
+    weight = sum(arm["weight"] for arm in arms) or 1
+    treated_share = (d.BASIS_POINTS - row["holdout_bp"]) / d.BASIS_POINTS
+    arm_members = int(size * treated_share * (arms[0]["weight"] if arms else 0) / weight)
+    holdout_members = int(size * row["holdout_bp"] / d.BASIS_POINTS)
+    mde = stats.minimum_detectable_effect(float(row["expected_rate"]), arm_members, holdout_members)
+    return campaign_pb2.PowerPlan(
+        arm_members=arm_members,
+        holdout_members=holdout_members,
+        minimum_detectable_effect=mde if math.isfinite(mde) else 0.0,
+    )
+
+
 def campaign_proto(row: Row) -> campaign_pb2.Campaign:
     tenant = row["tenant"]
     arms = json.loads(row["arms"])
@@ -127,6 +144,10 @@ def campaign_proto(row: Row) -> campaign_pb2.Campaign:
     )
     campaign.coupon_template = d.template_name(tenant, row["template_id"])
     campaign.attribution_window.FromMicroseconds(int(row["attribution_window_us"]))
+    for cost in json.loads(row["item_costs"]):
+        campaign.item_costs.add(**cost)
+    campaign.expected_conversion_rate = row["expected_rate"]
+    campaign.power_plan.CopyFrom(power_plan(row, arms))
     for rule in json.loads(row["rules"]):
         json_format.ParseDict(rule, campaign.rules.add())
     _set_time(campaign, "start_time", row["start_us"])

@@ -242,6 +242,11 @@ V2 = Migration(
     (
         "ALTER TABLE campaigns ADD COLUMN attribution_window_us BIGINT NOT NULL DEFAULT 604800000000",
         "ALTER TABLE campaigns ADD COLUMN covariate_window_us BIGINT NOT NULL DEFAULT 1209600000000",
+        # [{"item_id", "unit_cost_fen", "hook"}]: the activity's economics in the report
+        "ALTER TABLE campaigns ADD COLUMN item_costs TEXT NOT NULL DEFAULT '[]'",
+        # the power readout: expected conversion rate and the pack's size at creation
+        "ALTER TABLE campaigns ADD COLUMN expected_rate DOUBLE PRECISION NOT NULL DEFAULT 0",
+        "ALTER TABLE campaigns ADD COLUMN planned_size BIGINT NOT NULL DEFAULT 0",
         "ALTER TABLE campaign_members ADD COLUMN pre_spend_fen BIGINT NOT NULL DEFAULT 0",
         # An order's touches: the user's memberships, newest first.
         "CREATE INDEX campaign_members_user ON campaign_members (user_id, process_us)",
@@ -255,6 +260,7 @@ V2 = Migration(
             arm_id TEXT NOT NULL,
             user_id BIGINT NOT NULL,
             amount_fen BIGINT NOT NULL,
+            item_id BIGINT,
             order_us BIGINT NOT NULL,
             refund_us BIGINT,
             attribute_us BIGINT NOT NULL,
@@ -290,8 +296,31 @@ V2 = Migration(
             sum_x2 DOUBLE PRECISION NOT NULL DEFAULT 0,
             sum_xy DOUBLE PRECISION NOT NULL DEFAULT 0,
             sum_xb DOUBLE PRECISION NOT NULL DEFAULT 0,
+            viewed BIGINT NOT NULL DEFAULT 0,
+            clicked BIGINT NOT NULL DEFAULT 0,
+            carted BIGINT NOT NULL DEFAULT 0,
+            ordered BIGINT NOT NULL DEFAULT 0,
             update_us BIGINT NOT NULL DEFAULT 0,
             PRIMARY KEY (campaign_pk, arm_id)
+        )
+        """,
+        # Funnel stages a member reached (each counted once per member and stage).
+        """
+        CREATE TABLE funnel_members (
+            campaign_pk BIGINT NOT NULL,
+            user_id BIGINT NOT NULL,
+            stage TEXT NOT NULL CHECK (stage IN ('viewed', 'clicked', 'carted', 'ordered')),
+            PRIMARY KEY (campaign_pk, user_id, stage)
+        )
+        """,
+        # Units and GMV per item of attributed, unrefunded orders.
+        """
+        CREATE TABLE item_stats (
+            campaign_pk BIGINT NOT NULL,
+            item_id BIGINT NOT NULL,
+            units BIGINT NOT NULL DEFAULT 0,
+            gmv_fen BIGINT NOT NULL DEFAULT 0,
+            PRIMARY KEY (campaign_pk, item_id)
         )
         """,
         "INSERT INTO arm_stats (campaign_pk, arm_id, members)"

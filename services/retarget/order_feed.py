@@ -44,10 +44,16 @@ def apply_messages(tx: Tx, messages: Sequence[tuple[int, pl.DataFrame]], now: in
         newest_seq = max(newest_seq, seq)
         if frame.height:
             newest_us = max(newest_us, int(frame.select(pl.col("ts").dt.epoch("us").max()).item() or 0))
+        stages = frame.filter(pl.col("event_type").is_in(list(attribution.FUNNEL_STAGES)))
+        if stages.height:
+            rows = stages.select(
+                "owner", "event_type", "user_id", "item_id", pl.col("ts").dt.epoch("us")
+            ).unique(subset=["owner", "event_type", "user_id", "item_id"], keep="first", maintain_order=True)
+            attribution.record_funnel(tx, rows.rows(), now)
         money = frame.filter(pl.col("event_type").is_in(_KINDS) & pl.col("order_id").is_not_null())
         if not money.height:
             continue
-        rows = money.select(
+        orders = money.select(
             "owner",
             "event_type",
             "user_id",
@@ -56,7 +62,7 @@ def apply_messages(tx: Tx, messages: Sequence[tuple[int, pl.DataFrame]], now: in
             pl.col("ts").dt.epoch("us").alias("ts_us"),
             pl.col("item_id"),
         ).iter_rows()
-        for owner, kind, user, order_id, amount, ts_us, item in rows:
+        for owner, kind, user, order_id, amount, ts_us, item in orders:
             order = OrderFact(str(order_id), int(user), int(amount), int(ts_us), (int(item),) if item else ())
             if kind == EventType.PAY:
                 attribution.record_orders(tx, owner, [order], now)

@@ -15,10 +15,17 @@ Definitions (services/retarget/README.md, "Report"):
 * revenue per member difference with a Welch interval, the ROI of the increment, CUPED-adjusted
   differences (pre-period spend as covariate) and always-valid confidence sequences (tuned for the
   campaign's audience size) beside the fixed-horizon figures (services/retarget/stats.py);
-* sample ratio: chi-square of the assignment against the configured weights and holdout share.
+* sample ratio: chi-square of the assignment against the configured weights and holdout share;
+* funnel stages per arm (viewed, clicked, added to cart, ordered an offered item: members, each
+  once) from the event stream;
+* economics: GMV, cost of goods (campaign ``item_costs``), coupon cost and margin per item and for
+  the activity; the hook items' loss and the break-even hook loss (profit items' margin minus
+  coupon cost: a loss cap at or below it keeps the activity ROI-positive).
 """
 
 from __future__ import annotations
+
+import json
 
 from flashcrowd.retarget.v1 import campaign_pb2
 
@@ -27,7 +34,7 @@ from services.retarget import stats
 from services.retarget.repository import ArmFacts, CampaignFacts
 from services.retarget.stats import two_proportion_p_value
 
-__all__ = ["arm_funnel", "campaign_report", "two_proportion_p_value"]
+__all__ = ["arm_funnel", "campaign_report", "economics", "two_proportion_p_value"]
 
 
 def _estimate(interval: stats.Interval) -> campaign_pb2.Estimate:
@@ -56,6 +63,10 @@ def arm_funnel(arm: ArmFacts, holdout: ArmFacts | None, *, planned_n: int = 0) -
         p_value=1.0,
         revenue_p_value=1.0,
         adjusted_p_value=1.0,
+        viewed=arm.stages.get("viewed", 0),
+        clicked=arm.stages.get("clicked", 0),
+        added_to_cart=arm.stages.get("carted", 0),
+        ordered=arm.stages.get("ordered", 0),
     )
     if holdout is None or arm.holdout or not holdout.targeted or not arm.targeted:
         return funnel
@@ -90,6 +101,44 @@ def arm_funnel(arm: ArmFacts, holdout: ArmFacts | None, *, planned_n: int = 0) -
     return funnel
 
 
+def economics(facts: CampaignFacts, coupon_cost_fen: int) -> campaign_pb2.ActivityEconomics:
+    """GMV, cost of goods and margin per item and for the activity (hook and profit items)."""
+    costs = {c["item_id"]: c for c in json.loads(facts.campaign["item_costs"])}
+    out = campaign_pb2.ActivityEconomics(coupon_cost_fen=coupon_cost_fen)
+    hook_loss = profit_margin = 0
+    rows = []
+    for item_id, units, gmv in facts.items:
+        cost = costs.get(item_id)
+        if cost is None:
+            out.gmv_fen += gmv
+            out.orders_without_cost += units
+            continue
+        cogs = units * int(cost["unit_cost_fen"])
+        rows.append(
+            campaign_pb2.ItemEconomics(
+                item_id=item_id,
+                hook=cost["hook"],
+                units=units,
+                gmv_fen=gmv,
+                cost_of_goods_fen=cogs,
+                margin_fen=gmv - cogs,
+            )
+        )
+        out.gmv_fen += gmv
+        out.cost_of_goods_fen += cogs
+        if cost["hook"]:
+            hook_loss += max(0, cogs - gmv)
+        else:
+            profit_margin += gmv - cogs
+    out.items.extend(sorted(rows, key=lambda r: (not r.hook, r.item_id)))
+    out.margin_fen = out.gmv_fen - out.cost_of_goods_fen - coupon_cost_fen
+    spent = out.cost_of_goods_fen + coupon_cost_fen
+    out.roi = out.margin_fen / spent if spent else 0.0
+    out.hook_loss_fen = hook_loss
+    out.break_even_hook_loss_fen = profit_margin - coupon_cost_fen
+    return out
+
+
 def campaign_report(facts: CampaignFacts, name: str) -> campaign_pb2.CampaignReport:
     campaign = facts.campaign
     holdout = facts.arms.get(d.HOLDOUT_ARM)
@@ -116,6 +165,7 @@ def campaign_report(facts: CampaignFacts, name: str) -> campaign_pb2.CampaignRep
         report.attributed_through.FromMicroseconds(facts.attributed_through_us)
     report.attribution_window.FromMicroseconds(int(campaign["attribution_window_us"]))
     report.covariate_window.FromMicroseconds(int(campaign["covariate_window_us"]))
+    report.economics.CopyFrom(economics(facts, report.coupon_cost_fen))
     if holdout is not None and treated and treated[0].targeted and holdout.targeted:
         mde = stats.minimum_detectable_effect(_rate(holdout), treated[0].targeted, holdout.targeted)
         report.minimum_detectable_effect = mde if mde != float("inf") else 0.0

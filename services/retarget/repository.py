@@ -95,6 +95,12 @@ class CampaignSpec:
     delivery_rate: int
     rules_json: str
     attribution_window_us: int = 7 * 86_400_000_000
+    #: JSON list of {"item_id", "unit_cost_fen", "hook"} (validation.py sorts it by item id).
+    item_costs_json: str = "[]"
+    #: Expected conversion rate without the offer (0 = unknown) and the pack's size at creation:
+    #: the inputs of the power readout.
+    expected_rate: float = 0.0
+    planned_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -278,8 +284,9 @@ def create_campaign(tx: Tx, spec: CampaignSpec, now: int) -> Row:
         "INSERT INTO campaigns (tenant, campaign_id, display_name, audience_pack, offer_item_ids,"
         " template_pk,"
         " template_id, arms, holdout_bp, start_us, end_us, loss_cap_fen, delivery_rate, rules,"
-        " hash_seed, state, create_us, update_us, attribution_window_us)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+        " hash_seed, state, create_us, update_us, attribution_window_us, item_costs, expected_rate,"
+        " planned_size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " RETURNING *",
         (
             spec.tenant,
             spec.campaign_id,
@@ -300,6 +307,9 @@ def create_campaign(tx: Tx, spec: CampaignSpec, now: int) -> Row:
             now,
             now,
             spec.attribution_window_us,
+            spec.item_costs_json,
+            spec.expected_rate,
+            spec.planned_size,
         ),
     )
     assert row is not None
@@ -522,6 +532,9 @@ def copy_campaign(
         delivery_rate=source["delivery_rate"],
         rules_json=source["rules"],
         attribution_window_us=source["attribution_window_us"],
+        item_costs_json=source["item_costs"],
+        expected_rate=source["expected_rate"],
+        planned_size=source["planned_size"],
     )
     row = create_campaign(tx, spec, now)
     audit(
@@ -1320,6 +1333,8 @@ class ArmFacts:
     sums: ArmSums = field(default_factory=lambda: ArmSums(0))
     #: Configured weight (treated arms) or holdout share, in basis points of the audience.
     share_bp: float = 0.0
+    #: Members per funnel stage (attribution.FUNNEL_STAGES: viewed, clicked, carted, ordered).
+    stages: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -1331,6 +1346,8 @@ class CampaignFacts:
     projected_loss_fen: int
     #: Event time up to which the order feed has attributed orders (0: it never ran).
     attributed_through_us: int = 0
+    #: ``(item_id, units, gmv_fen)`` of attributed, unrefunded orders.
+    items: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 #: A campaign's coupons (parameters: campaign pk twice), spelled so each half uses its partial index.
@@ -1371,6 +1388,7 @@ def campaign_facts(tx: Tx, campaign: Row, now: int) -> CampaignFacts:
         arm.orders, arm.buyers = outcome.orders, outcome.sums.converted
         arm.revenue_fen = int(outcome.sums.sum_y)
         arm.refunded_orders = outcome.refunds
+        arm.stages = outcome.stages
     outstanding = 0
     for row in tx.all(
         "SELECT arm_id, SUM(CASE WHEN source = 'LAUNCH' THEN 1 ELSE 0 END) AS delivered,"
@@ -1406,7 +1424,8 @@ def campaign_facts(tx: Tx, campaign: Row, now: int) -> CampaignFacts:
         unassigned.revenue_fen = int(outside["revenue"] or 0)
     spent = sum(a.coupon_cost_fen for a in arms.values()) + unassigned.coupon_cost_fen
     _, through = attribution.checkpoint(tx, ORDER_FEED)
-    return CampaignFacts(campaign, arms, unassigned, outstanding + spent, through)
+    items = attribution.item_outcomes(tx, pk)
+    return CampaignFacts(campaign, arms, unassigned, outstanding + spent, through, items)
 
 
 # --- invariants (tests, benchmarks, operators) -------------------------------------------------

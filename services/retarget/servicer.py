@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -122,17 +123,21 @@ class RetargetServicer(retarget_service_pb2_grpc.RetargetServiceServicer):
     ) -> campaign_pb2.Campaign:
         spec = validation.campaign_spec(request, self.now())
         _guard_parent(context, spec.tenant)
-        await self._check_pack(spec.tenant, spec.audience_pack, "campaign.audience_pack")
-        row = await self.db.run(repo.create_campaign, spec, self.now())
+        size = await self._check_pack(spec.tenant, spec.audience_pack, "campaign.audience_pack")
+        row = await self.db.run(
+            repo.create_campaign, dataclasses.replace(spec, planned_size=size), self.now()
+        )
         return convert.campaign_proto(row)
 
-    async def _check_pack(self, tenant: str, pack: str, field: str) -> None:
-        """The pack must exist now (NOT_FOUND otherwise); it may still be building."""
+    async def _check_pack(self, tenant: str, pack: str, field: str) -> int:
+        """The pack must exist now (NOT_FOUND otherwise); it may still be building. Its size (0 while
+        it builds)."""
         try:
-            await self.app.audience.get_pack(tenant, pack, field=field)
+            return (await self.app.audience.get_pack(tenant, pack, field=field)).size
         except FailedPrecondition as error:
             if error.reason != d.PACK_NOT_READY:
                 raise
+            return 0
 
     async def GetCampaign(
         self, request: retarget_service_pb2.GetCampaignRequest, context: grpc.aio.ServicerContext

@@ -101,6 +101,24 @@ def _items(violations: Violations, field: str, values: Sequence[int]) -> tuple[i
     return tuple(sorted(set(values)))
 
 
+def _item_costs(violations: Violations, costs: Sequence[campaign_pb2.ItemCost]) -> str:
+    """``campaign.item_costs`` -> the JSON the ledger keeps (sorted by item id)."""
+    if len(costs) > MAX_ITEMS:
+        violations.append(("campaign.item_costs", f"at most {MAX_ITEMS} items"))
+    seen: set[int] = set()
+    out = []
+    for i, cost in enumerate(costs):
+        field = f"campaign.item_costs[{i}]"
+        if cost.item_id <= 0:
+            violations.append((f"{field}.item_id", "must be greater than 0"))
+        elif cost.item_id in seen:
+            violations.append((f"{field}.item_id", f"duplicate item {cost.item_id}"))
+        seen.add(cost.item_id)
+        _fen(violations, f"{field}.unit_cost_fen", cost.unit_cost_fen, positive=False)
+        out.append({"item_id": cost.item_id, "unit_cost_fen": cost.unit_cost_fen, "hook": cost.hook})
+    return json.dumps(sorted(out, key=lambda c: c["item_id"]))
+
+
 def tenant_of_parent(parent: str, field: str = "parent") -> str:
     tenant = d.parse_parent(parent)
     if tenant is None:
@@ -336,6 +354,11 @@ def campaign_spec(request: retarget_service_pb2.CreateCampaignRequest, now: int)
         window_us = c.attribution_window.ToMicroseconds()
         if not 0 < window_us <= MAX_ATTRIBUTION_WINDOW_US:
             violations.append(("campaign.attribution_window", "must be more than 0 and at most 90 days"))
+    item_costs = _item_costs(violations, c.item_costs)
+    if not 0.0 <= c.expected_conversion_rate < 1.0 or math.isnan(c.expected_conversion_rate):
+        violations.append(
+            ("campaign.expected_conversion_rate", "must be at least 0 and below 1 (0 = unknown)")
+        )
     rules_json = _rules(violations, tenant, c.rules)
     _fail(violations)
     # References to other tenants' resources are NOT_FOUND, like any unknown resource.
@@ -360,6 +383,8 @@ def campaign_spec(request: retarget_service_pb2.CreateCampaignRequest, now: int)
         delivery_rate=c.delivery_rate_per_second,
         rules_json=rules_json,
         attribution_window_us=window_us,
+        item_costs_json=item_costs,
+        expected_rate=c.expected_conversion_rate,
     )
 
 

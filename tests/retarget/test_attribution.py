@@ -265,3 +265,130 @@ async def test_bad_attribution_windows_are_refused_naming_the_field(rt: Rt) -> N
             )
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert [f for f, _ in error_details(raised.value).field_violations] == ["campaign.attribution_window"]
+
+
+async def test_funnel_stages_count_members_once_for_offered_items_in_the_window(rt: Rt) -> None:
+    tenant = rt.tenant()
+    campaign, _, _ = await two_arm_campaign(
+        rt,
+        tenant,
+        rt.audience.users[9000:9400],
+        holdout_basis_points=2000,
+        attribution_window=duration_pb2.Duration(seconds=3600),
+    )  # offers items 1001 and 1002
+    await rt.launch(campaign.name)
+    members = await _members(rt, tenant, campaign.name)
+    a, b, c = [m for m in members if m["arm_id"] == "ten"][:3]
+    view, click, cart, order = (
+        int(t) for t in (EventType.PRODUCT_VIEW, EventType.CLICK, EventType.ADD_CART, EventType.ORDER)
+    )
+
+    def event(m, kind, item, after_us):  # type: ignore[no-untyped-def]
+        return (PLATFORM_OWNER, kind, m["user_id"], 0, 0, m["process_us"] + after_us, item)
+
+    rows = [
+        event(a, view, 1001, 10),
+        event(a, view, 1002, 20),  # a second view: still one member
+        event(a, click, 1001, 30),
+        event(a, cart, 1001, 40),
+        event(a, order, 1001, 50),
+        event(b, view, 7777, 10),  # not an offered item
+        event(c, view, 1001, 2 * HOUR),  # after the window
+        event(c, click, 1002, -5),  # before the offer
+    ]
+    frame = _events([r[:6] for r in rows]).with_columns(
+        pl.Series("item_id", [r[6] for r in rows], dtype=pl.UInt32),
+        pl.lit(None, dtype=pl.UInt64).alias("order_id"),
+    )
+    await _apply(rt, frame, frame)
+    ten = (await _report(rt, campaign.name))["ten"]
+    assert (ten.viewed, ten.clicked, ten.added_to_cart, ten.ordered) == (1, 1, 1, 1)
+
+
+async def test_economics_of_hook_and_profit_items_and_the_break_even_loss(rt: Rt) -> None:
+    tenant = rt.tenant()
+    pack = await rt.audience.upload(tenant, rt.audience.users[9400:9800])
+    template = await rt.template(tenant)
+    costs = [
+        campaign_pb2.ItemCost(item_id=1001, unit_cost_fen=6_000, hook=True),  # sold at 29.90 for a 60.00 cost
+        campaign_pb2.ItemCost(item_id=1002, unit_cost_fen=8_000),  # the jacket: 199.00 for 80.00
+    ]
+    campaign = await rt.campaign(
+        tenant, pack.name, template.name, item_costs=costs, expected_conversion_rate=0.05
+    )
+    assert [c.item_id for c in campaign.item_costs] == [1001, 1002] and campaign.power_plan.arm_members > 0
+    await rt.launch(campaign.name)
+    members = await _members(rt, tenant, campaign.name)
+    ids = _order_ids()
+    pay = int(EventType.PAY)
+    rows = [(PLATFORM_OWNER, pay, m["user_id"], next(ids), 2_990, m["process_us"] + 5) for m in members[:10]]
+    rows += [
+        (PLATFORM_OWNER, pay, m["user_id"], next(ids), 19_900, m["process_us"] + 5) for m in members[10:14]
+    ]
+    rows += [
+        (PLATFORM_OWNER, pay, m["user_id"], next(ids), 5_000, m["process_us"] + 5) for m in members[14:15]
+    ]
+    items = [1001] * 10 + [1002] * 4 + [4242]
+    await _apply(rt, _events(rows).with_columns(pl.Series("item_id", items, dtype=pl.UInt32)))
+    report = await rt.stub.GetCampaignReport(api.GetCampaignReportRequest(campaign=campaign.name))
+    money = report.economics
+    assert [(i.item_id, i.hook, i.units, i.gmv_fen, i.cost_of_goods_fen) for i in money.items] == [
+        (1001, True, 10, 29_900, 60_000),
+        (1002, False, 4, 79_600, 32_000),
+    ]
+    assert money.gmv_fen == 29_900 + 79_600 + 5_000 and money.orders_without_cost == 1
+    assert money.cost_of_goods_fen == 92_000 and money.hook_loss_fen == 30_100
+    assert money.margin_fen == money.gmv_fen - 92_000 - money.coupon_cost_fen
+    assert money.break_even_hook_loss_fen == 47_600 - money.coupon_cost_fen
+
+
+async def test_the_power_plan_shrinks_with_a_larger_holdout(rt: Rt) -> None:
+    tenant = rt.tenant()
+    pack = await rt.audience.upload(tenant, rt.audience.users[:2000])
+    template = await rt.template(tenant)
+    plans = []
+    for holdout in (500, 2000, 5000):
+        campaign = await rt.campaign(
+            tenant, pack.name, template.name, holdout_basis_points=holdout, expected_conversion_rate=0.03
+        )
+        plans.append(campaign.power_plan)
+    assert plans[0].holdout_members == 100 and plans[1].holdout_members == 400
+    assert (
+        plans[0].minimum_detectable_effect
+        > plans[1].minimum_detectable_effect
+        > plans[2].minimum_detectable_effect
+        > 0
+    )
+    unknown = await rt.campaign(tenant, pack.name, template.name, holdout_basis_points=1000)
+    assert unknown.power_plan.minimum_detectable_effect == 0
+
+
+async def test_bad_item_costs_and_rates_are_refused_naming_the_field(rt: Rt) -> None:
+    import grpc
+
+    from services.runtime import error_details
+
+    tenant = rt.tenant()
+    pack = await rt.audience.upload(tenant, rt.audience.users[:200])
+    template = await rt.template(tenant)
+    cases = [
+        (
+            {"item_costs": [campaign_pb2.ItemCost(item_id=0, unit_cost_fen=5)]},
+            "campaign.item_costs[0].item_id",
+        ),
+        (
+            {"item_costs": [campaign_pb2.ItemCost(item_id=3, unit_cost_fen=-1)]},
+            "campaign.item_costs[0].unit_cost_fen",
+        ),
+        (
+            {"item_costs": [campaign_pb2.ItemCost(item_id=3), campaign_pb2.ItemCost(item_id=3)]},
+            "campaign.item_costs[1].item_id",
+        ),
+        ({"expected_conversion_rate": 1.0}, "campaign.expected_conversion_rate"),
+        ({"expected_conversion_rate": float("nan")}, "campaign.expected_conversion_rate"),
+    ]
+    for fields, name in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await rt.campaign(tenant, pack.name, template.name, **fields)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert [f for f, _ in error_details(raised.value).field_violations] == [name]
