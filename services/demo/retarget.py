@@ -176,22 +176,35 @@ async def retarget_step(demo: Any, *, tenant: str, audience_pack: str, title: st
         render.table(
             "funnel and ROI per arm (GetCampaignReport)",
             ["arm", "targeted", "delivered", "claimed", "redeemed", "orders", "revenue", "cost", "ROI",
-             "CVR", "uplift", "p"],
+             "CVR", "uplift, 95% CI", "p"],
             [
                 (
                     a.arm_id, a.targeted, a.delivered, a.claimed, a.redeemed, a.orders,
                     f"{a.revenue_fen // 100:,}", f"{a.coupon_cost_fen // 100:,}", f"{a.roi:.1f}",
                     f"{a.conversion_rate:.1%}",
-                    "" if a.arm_id == "holdout" else f"{a.uplift_vs_holdout:+.1%}",
-                    "" if a.arm_id == "holdout" else f"{a.p_value:.2f}",
+                    "" if a.arm_id == "holdout" else (
+                        f"{a.uplift_vs_holdout * 100:+.1f} [{a.conversion_difference.low * 100:+.1f},"
+                        f"{a.conversion_difference.high * 100:+.1f}]"
+                    ),
+                    "" if a.arm_id == "holdout" else f"{a.adjusted_p_value:.2g}",
                 )
                 for a in report.arms
             ],
         )  # fmt: skip
+        through = (
+            report.attributed_through.ToDatetime().strftime("%Y-%m-%d %H:%M")
+            if report.attributed_through.seconds
+            else "-"
+        )
         render.note(
             f"revenue and cost in yuan; total revenue {render.yuan(report.revenue_fen)}, "
-            f"coupon cost {render.yuan(report.coupon_cost_fen)}; uplift = conversion-rate difference "
-            "against the holdout, p = two-proportion z-test"
+            f"coupon cost {render.yuan(report.coupon_cost_fen)}; orders arrive as pay / refund events "
+            f"(IngestEvents) and are attributed by the order feed (through {through} event time, "
+            f"{report.attribution_window.seconds // 86400}-day window); uplift = conversion-rate "
+            f"difference against the holdout in points (Newcombe interval), p = two-proportion z-test, "
+            "Holm-adjusted; "
+            f"sample-ratio check p = {report.sample_ratio.p_value:.2f}"
+            f"{' MISMATCH' if report.sample_ratio.mismatch else ' (split as configured)'}"
         )
     finally:
         await channel.close()

@@ -116,7 +116,7 @@ BUS_CLIENT_PROBLEMS = tuple(
         f"Deployment/{name}: container '{name}' is a NATS client (flashcrowd.io/access-nats) but "
         "gets no FLASHCROWD_BUS_URL: it would run on the in-process memory:// bus"
     )
-    for name in ("audience", "compactor", "sale-monitor")
+    for name in ("audience", "compactor", "sale-monitor", "retarget")
 )
 
 BREAKAGES = [

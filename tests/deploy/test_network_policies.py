@@ -27,6 +27,7 @@ DEV_ALLOWED = [
     ("audience", "nats", 4222),  # ingest (EventService), live packs
     ("compactor", "nats", 4222),
     ("sale-monitor", "nats", 4222),
+    ("retarget", "nats", 4222),  # the order feed (pay / refund events)
     ("gateway", "redis", 6379),  # shared rate-limit buckets
     ("audience", "otel-collector", 4317),
     ("gateway", "otel-collector", 4317),
@@ -50,7 +51,6 @@ DEV_DENIED = [
     ("compactor", "postgres", 5432),
     ("sale-monitor", "postgres", 5432),
     ("pack-refresh", "postgres", 5432),
-    ("retarget", "nats", 4222),
     ("gateway", "nats", 4222),
     ("audience", "redis", 6379),
     ("retarget", "redis", 6379),
