@@ -13,7 +13,13 @@ import argparse
 import json
 import sys
 
-from services.cli.common import CliError, add_store_argument, open_store_arg
+from services.cli.common import (
+    CliError,
+    add_store_argument,
+    add_table_format_argument,
+    open_store_arg,
+    table_format_arg,
+)
 
 NAME = "data"
 HELP = "import public data sets (Taobao UserBehavior, MovieLens 100K) as event datasets"
@@ -33,11 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="taobao: keep events outside the official 9 days (dropped by default)",
     )
     imp.add_argument("--json", action="store_true", help="print the import report as JSON")
+    add_table_format_argument(imp)
 
 
 def run(args: argparse.Namespace) -> int:
     from services.events.adapters import import_dataset
-    from services.events.generator import DatasetExistsError
+    from services.events.parts import DatasetExistsError
 
     store = open_store_arg(args.store)
     options: dict[str, object] = {}
@@ -47,7 +54,13 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--keep-outside-window only applies to taobao")
     try:
         result = import_dataset(
-            store, args.source, args.path, prefix=args.prefix, overwrite=args.overwrite, **options
+            store,
+            args.source,
+            args.path,
+            prefix=args.prefix,
+            overwrite=args.overwrite,
+            table_format=table_format_arg(args.table_format),
+            **options,
         )
     except FileNotFoundError as exc:
         raise CliError(str(exc)) from None

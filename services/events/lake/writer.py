@@ -1,0 +1,152 @@
+"""``TableWriter``: the one way rows get into the lake (generator, public-data import, compactor).
+
+Each ``append`` is one Delta commit: Parquet files first (sorted, zstd, 64Ki-row groups, column
+statistics), then the commit file ``_delta_log/NNN.json`` by conditional put; a reader sees all of a
+commit or none of it, and a crash before the put leaves only unreferenced files (removed by
+``vacuum``).
+
+Exactly once for stream consumers: ``append(..., app_id=consumer, app_version=last_seq)`` writes a
+Delta *application transaction* (``txn`` action) in the same commit as the rows, so the stream
+position and the rows land together or not at all. Before writing, the writer reads the table's
+``txn`` for ``app_id`` and skips a batch at or below it (a replay after a crash between the commit
+and the acknowledgement). Two writers never overwrite each other's commit: the loser of a
+conditional put re-reads the log and, for plain appends, retries (delta-rs does this itself); a
+concurrent commit carrying the same ``app_id`` is a conflict the writer reports as
+``CommitConflict`` instead of committing the batch twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import polars as pl
+from deltalake import CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+
+from services.events.lake.location import TableLocation, table_location
+from services.events.lake.physical import LAKE_TABLES, PARTITION_COLUMNS, to_physical
+from services.events.schema import EVENT_SORT_KEY
+from services.storage.base import ObjectStore, StoreUnavailable
+
+__all__ = ["DEFAULT_ROW_GROUP_SIZE", "TABLE_CONFIGURATION", "CommitConflict", "TableWriter"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROW_GROUP_SIZE = 64 * 1024
+#: Table properties set at creation. A checkpoint every 100 commits bounds what a reader replays;
+#: logs and removed files older than the retention are what ``maintain`` may delete.
+TABLE_CONFIGURATION = {
+    "delta.checkpointInterval": "100",
+    "delta.logRetentionDuration": "interval 7 days",
+    "delta.deletedFileRetentionDuration": "interval 7 days",
+}
+_SORT_KEYS: dict[str, list[str]] = {
+    "events": list(EVENT_SORT_KEY),
+    "profiles": ["user_id"],
+    "identity": ["user_id", "id_type"],
+    "truth_segments": ["user_id"],
+}
+
+
+class CommitConflict(RuntimeError):
+    """Another writer committed the same application transaction (or a conflicting change) first."""
+
+
+def _is_unreachable(error: BaseException) -> bool:
+    text = str(error).lower()
+    return any(s in text for s in ("connection refused", "error sending request", "timed out", "dns error"))
+
+
+class TableWriter:
+    """Appends to the lake tables under ``prefix`` on ``store``."""
+
+    def __init__(
+        self, store: ObjectStore, prefix: str, *, row_group_size: int = DEFAULT_ROW_GROUP_SIZE
+    ) -> None:
+        self.store = store
+        self.prefix = prefix
+        self.row_group_size = row_group_size
+
+    def location(self, table: str) -> TableLocation:
+        if table not in LAKE_TABLES:
+            raise ValueError(f"unknown lake table {table!r}; expected one of {LAKE_TABLES}")
+        return table_location(self.store, self.prefix, table)
+
+    def open(self, table: str) -> DeltaTable | None:
+        """The table's newest snapshot, ``None`` if it was never created."""
+        where = self.location(table)
+        try:
+            return DeltaTable(where.uri, storage_options=where.storage_options)
+        except TableNotFoundError:
+            return None
+        except OSError as error:
+            if _is_unreachable(error):
+                raise StoreUnavailable(f"object store unreachable reading {where.uri}: {error}") from error
+            raise
+
+    def committed(self, table: str, app_id: str) -> int | None:
+        """The last ``app_version`` committed under ``app_id`` (``None``: never)."""
+        dt = self.open(table)
+        return None if dt is None else dt.transaction_version(app_id)
+
+    def append(
+        self,
+        table: str,
+        frame: pl.DataFrame,
+        *,
+        app_id: str | None = None,
+        app_version: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> int | None:
+        """One commit of ``frame`` (the table's logical schema); returns the table version written.
+
+        With ``app_id``/``app_version`` the commit carries that application transaction, and a batch
+        at or below the version already committed is skipped (``None``). An empty ``frame`` without
+        a transaction commits nothing (``None``).
+        """
+        if (app_id is None) != (app_version is None):
+            raise ValueError("app_id and app_version go together")
+        if app_version is not None and app_version < 0:
+            raise ValueError(f"app_version must be >= 0, got {app_version}")
+        where = self.location(table)
+        if app_id is not None and app_version is not None:
+            done = self.committed(table, app_id)
+            if done is not None and done >= app_version:
+                log.info("%s: %s already committed up to %d; skipping %d", table, app_id, done, app_version)
+                return None
+        elif frame.height == 0:
+            return None
+        rows = to_physical(table, frame.sort(_SORT_KEYS[table]) if frame.height else frame)
+        transactions = (
+            [Transaction(app_id=app_id, version=app_version)] if app_id and app_version is not None else None
+        )
+        custom = {k: str(v) for k, v in (metadata or {}).items()}
+        try:
+            write_deltalake(
+                where.uri,
+                rows.to_arrow(),
+                mode="append",
+                partition_by=PARTITION_COLUMNS[table],
+                storage_options=where.storage_options,
+                configuration=TABLE_CONFIGURATION,
+                writer_properties=WriterProperties(
+                    compression="ZSTD", max_row_group_size=self.row_group_size, statistics_truncate_length=64
+                ),
+                commit_properties=CommitProperties(
+                    app_transactions=transactions, custom_metadata=custom or None, max_commit_retries=50
+                ),
+            )
+        except CommitFailedError as error:
+            raise CommitConflict(f"commit to {where.uri} lost to a concurrent writer: {error}") from error
+        except (DeltaError, OSError) as error:
+            if _is_unreachable(error):
+                raise StoreUnavailable(f"object store unreachable writing {where.uri}: {error}") from error
+            raise
+        dt = self.open(table)
+        return None if dt is None else dt.version()
+
+    def delete_tables(self) -> int:
+        """Remove every lake table under the prefix (``--overwrite``); returns objects deleted."""
+        return sum(self.store.delete_prefix(self.location(t).key_prefix) for t in LAKE_TABLES)
