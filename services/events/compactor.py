@@ -180,7 +180,8 @@ class Compactor:
         checkpoint = {"seq": last, "stream": getattr(self.bus, "stream", self.bus.url)}
         if self._lake is not None:
             if self.pause_before_manifest:
-                self._pause()  # crash window before the commit (delta-rs writes files and log in one call)
+                logger.warning("compactor: batch decoded, lake commit not yet made (crash window)")
+                time.sleep(self.pause_before_manifest)
             self._lake.commit(fresh, last_seq=last, metadata={**checkpoint, "first_seq": first})
         else:
             self._manifest = append_events(
@@ -223,7 +224,7 @@ class Compactor:
                     self.stats.checkpoint,
                 )
                 if self.pause_before_ack:
-                    logger.warning("compactor: manifest published, not yet acknowledged (crash window)")
+                    logger.warning("compactor: batch committed, not yet acknowledged (crash window)")
                     await asyncio.sleep(self.pause_before_ack)
         for d in [*skipped, *deliveries]:
             with contextlib.suppress(Exception):  # an unacknowledged message is skipped by seq later
@@ -255,6 +256,17 @@ class Compactor:
         remaining = self.max_events - self._buffered_events
         room = max(1, min(self.fetch_messages, -(-remaining // max(1, int(self._avg_count)))))
         deliveries = await self._sub.fetch(room, timeout)
+        if deliveries and self.shards is not None:
+            # The bus filters by shard on NATS >= 2.10 (several filter subjects); older servers
+            # deliver every shard, so a replica also drops other shards' messages itself. They
+            # are acknowledged on this replica's own consumer only: their owner has its own.
+            others = [d for d in deliveries if d.shard not in self.shards]
+            if others:
+                wanted = set(self.shards)
+                deliveries = [d for d in deliveries if d.shard in wanted]
+                for d in others:
+                    with contextlib.suppress(Exception):
+                        await d.ack()
         if deliveries:
             self._avg_count = 0.8 * self._avg_count + 0.2 * (
                 sum(d.count for d in deliveries) / len(deliveries)

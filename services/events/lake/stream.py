@@ -51,7 +51,7 @@ class LakeAppender:
         table = self.writer.open("events")
         if table is None:
             return pl.DataFrame(schema=schema)
-        uris = table.file_uris(partition_filters=[("dt", "=", dt)])
+        uris = table.file_uris(file_pruning_predicate=[("dt", "=", dt)])
         if not uris:
             return pl.DataFrame(schema=schema)
         where = self.writer.location("events")
