@@ -3,8 +3,11 @@
     flashcrowd data import taobao ../shared/data/taobao-userbehavior-first-users [--prefix data/]
     flashcrowd data import movielens ../shared/data/movielens-100k --store s3://... --overwrite
 
+    flashcrowd data maintain --store s3://... [--retention-days 400] [--min-small-files 16]
+
 The adapters (``services/events/adapters``) map the source schema to ours and write through the
-generator's writer (same layout, manifest last); the files are read in place, never copied.
+same dataset sink as the generator (``services.events.parts``); the files are read in place, never
+copied. ``maintain`` runs ``services.events.lake.maintenance`` on an event lake.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from services.cli.common import (
 )
 
 NAME = "data"
-HELP = "import public data sets (Taobao UserBehavior, MovieLens 100K) as event datasets"
+HELP = "import public data sets (Taobao UserBehavior, MovieLens 100K) as event datasets; maintain a lake"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,8 +44,89 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     imp.add_argument("--json", action="store_true", help="print the import report as JSON")
     add_table_format_argument(imp)
 
+    keep = sub.add_parser(
+        "maintain",
+        help="retention, small-file compaction, checkpoint and vacuum of an event lake (run by a CronJob)",
+    )
+    add_store_argument(keep)
+    keep.add_argument("--prefix", default="data/", help="key prefix of the lake (default data/)")
+    keep.add_argument("--retention-days", type=int, default=400, help="drop event days older than this (400)")
+    keep.add_argument("--keep-all", action="store_true", help="no retention: keep every day")
+    keep.add_argument("--target-size-mb", type=int, default=128, help="compacted file size (default 128 MiB)")
+    keep.add_argument(
+        "--min-small-files",
+        type=int,
+        default=16,
+        help="compact a table once it has this many small files (16)",
+    )
+    keep.add_argument(
+        "--vacuum-hours",
+        type=int,
+        default=168,
+        help="delete unreferenced files older than this (168 = 7 days)",
+    )
+    keep.add_argument("--no-compact", action="store_true", help="skip compaction")
+    keep.add_argument("--no-vacuum", action="store_true", help="skip vacuum")
+    keep.add_argument("--json", action="store_true", help="print the per-table report as JSON")
+
 
 def run(args: argparse.Namespace) -> int:
+    if args.data_command == "maintain":
+        return run_maintain(args)
+    return run_import(args)
+
+
+def run_maintain(args: argparse.Namespace) -> int:
+    from services.events.dataset import normalise_prefix
+    from services.events.lake import read_descriptor
+    from services.events.lake.maintenance import MaintenanceOptions, maintain
+
+    checks = {
+        "--retention-days": (args.retention_days, 1),
+        "--target-size-mb": (args.target_size_mb, 1),
+        "--min-small-files": (args.min_small_files, 2),
+        "--vacuum-hours": (args.vacuum_hours, 0),
+    }
+    for flag, (value, least) in checks.items():
+        if value < least:
+            raise CliError(f"{flag} must be >= {least}, got {value}")
+    try:
+        prefix = normalise_prefix(args.prefix)
+    except ValueError as exc:
+        raise CliError(f"--prefix: {exc}") from None
+    store = open_store_arg(args.store, existing=True)
+    try:
+        if read_descriptor(store, prefix) is None:
+            raise CliError(
+                f"no event lake under {store.url} prefix {prefix!r} (no lake.json); nothing to maintain"
+            )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    options = MaintenanceOptions(
+        retention_days=None if args.keep_all else args.retention_days,
+        compact=not args.no_compact,
+        target_size=args.target_size_mb * 1024 * 1024,
+        min_small_files=args.min_small_files,
+        vacuum=not args.no_vacuum,
+        vacuum_hours=args.vacuum_hours,
+    )
+    reports = maintain(store, prefix, options)
+    if args.json:
+        json.dump([r.as_dict() for r in reports], sys.stdout, indent=1)
+        print()
+        return 0
+    for r in reports:
+        changes = (
+            f"retention -{r.retention_files_removed}, compaction -{r.compacted_files_removed} "
+            f"+{r.compacted_files_added}, vacuumed {r.vacuumed_files}"
+        )
+        skipped = f"; {'; '.join(r.skipped)}" if r.skipped else ""
+        print(f"{r.table:<15} v{r.version_before} -> v{r.version_after}: files {r.files_before} -> "
+              f"{r.files_after} ({changes}){skipped}")  # fmt: skip
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
     from services.events.adapters import import_dataset
     from services.events.parts import DatasetExistsError
 

@@ -180,3 +180,40 @@ def test_two_writers_racing_on_one_position_commit_it_once(s3_store: ObjectStore
     assert ids.len() == ids.n_unique() == 101  # the batch is in once
     assert len([o for o in outcomes if isinstance(o, int)]) == 1
     assert all(o is None or isinstance(o, int | CommitConflict) for o in outcomes)
+
+
+def test_maintain_applies_retention_compacts_small_files_and_vacuums(local_store: ObjectStore) -> None:
+    from services.events.lake.descriptor import write_descriptor
+    from services.events.lake.maintenance import MaintenanceOptions, maintain
+
+    writer = TableWriter(local_store, "data/")
+    for i in range(20):
+        writer.append("events", _events(50, first_id=1 + 50 * i, day=i % 2), app_id="c", app_version=i)
+    write_descriptor(local_store, "data/", {})
+    before = EventDataset(local_store)
+    rows = before.scan_events().collect()
+    day0 = rows.filter(pl.col("ts").dt.date() == before.days()[0]).height
+    keys_before = {p["key"] for p in before.parts("events")}
+    # "now" puts day 0 outside a 1-day retention window (day 1 stays).
+    now = datetime.combine(before.days()[1], datetime.min.time(), UTC) + timedelta(days=1, hours=1)
+    reports = maintain(
+        local_store,
+        "data/",
+        MaintenanceOptions(retention_days=1, target_size=1 << 20, min_small_files=4, vacuum_hours=0),
+        now=now,
+    )
+    events = next(r for r in reports if r.table == "events")
+    assert (
+        events.retention_files_removed > 0 and events.compacted_files_removed > events.compacted_files_added
+    )
+    assert events.checkpoint and events.vacuumed_files > 0
+    after = EventDataset(local_store)
+    assert after.days() == [before.days()[1]]
+    kept = after.scan_events().collect()
+    assert kept.height == rows.height - day0 and kept["event_id"].n_unique() == kept.height
+    assert len(after.parts("events")) < len(keys_before)
+    # Vacuum deleted the files no snapshot needs: only the live ones are left under the table.
+    stored = {i.key for i in local_store.list("data/tables/events/") if "_delta_log" not in i.key}
+    assert stored == {p["key"] for p in after.parts("events")}
+    # The stream position survives compaction and checkpoints.
+    assert writer.committed("events", "c") == 19

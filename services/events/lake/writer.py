@@ -68,6 +68,9 @@ class TableWriter:
         self.store = store
         self.prefix = prefix
         self.row_group_size = row_group_size
+        #: Open tables, brought up to date incrementally: a long-lived writer (the compactor) reads
+        #: only the commits since its last look instead of the checkpoint and log on every batch.
+        self._tables: dict[str, DeltaTable] = {}
 
     def location(self, table: str) -> TableLocation:
         if table not in LAKE_TABLES:
@@ -78,7 +81,13 @@ class TableWriter:
         """The table's newest snapshot, ``None`` if it was never created."""
         where = self.location(table)
         try:
-            return DeltaTable(where.uri, storage_options=where.storage_options)
+            cached = self._tables.get(table)
+            if cached is not None:
+                cached.update_incremental()
+                return cached
+            opened = DeltaTable(where.uri, storage_options=where.storage_options)
+            self._tables[table] = opened
+            return opened
         except TableNotFoundError:
             return None
         except OSError as error:
@@ -111,8 +120,9 @@ class TableWriter:
         if app_version is not None and app_version < 0:
             raise ValueError(f"app_version must be >= 0, got {app_version}")
         where = self.location(table)
+        current = self.open(table)
         if app_id is not None and app_version is not None:
-            done = self.committed(table, app_id)
+            done = None if current is None else current.transaction_version(app_id)
             if done is not None and done >= app_version:
                 log.info("%s: %s already committed up to %d; skipping %d", table, app_id, done, app_version)
                 return None
@@ -125,7 +135,7 @@ class TableWriter:
         custom = {k: str(v) for k, v in (metadata or {}).items()}
         try:
             write_deltalake(
-                where.uri,
+                current if current is not None else where.uri,
                 rows.to_arrow(),
                 mode="append",
                 partition_by=PARTITION_COLUMNS[table],
@@ -144,9 +154,12 @@ class TableWriter:
             if _is_unreachable(error):
                 raise StoreUnavailable(f"object store unreachable writing {where.uri}: {error}") from error
             raise
-        dt = self.open(table)
-        return None if dt is None else dt.version()
+        if current is None:
+            current = self.open(table)
+            return None if current is None else current.version()
+        return current.version()  # write_deltalake moved the handle to the version it committed
 
     def delete_tables(self) -> int:
         """Remove every lake table under the prefix (``--overwrite``); returns objects deleted."""
+        self._tables.clear()
         return sum(self.store.delete_prefix(self.location(t).key_prefix) for t in LAKE_TABLES)
