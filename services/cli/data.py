@@ -4,6 +4,7 @@
     flashcrowd data import movielens ../shared/data/movielens-100k --store s3://... --overwrite
 
     flashcrowd data maintain --store s3://... [--retention-days 400] [--min-small-files 16]
+    flashcrowd data migrate --store s3://... [--prefix data/]
 
 The adapters (``services/events/adapters``) map the source schema to ours and write through the
 same dataset sink as the generator (``services.events.parts``); the files are read in place, never
@@ -69,10 +70,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     keep.add_argument("--no-vacuum", action="store_true", help="skip vacuum")
     keep.add_argument("--json", action="store_true", help="print the per-table report as JSON")
 
+    move = sub.add_parser(
+        "migrate", help="convert a manifest dataset into an event lake in place (verified, then switched)"
+    )
+    add_store_argument(move)
+    move.add_argument("--prefix", default="data/", help="key prefix of the dataset (default data/)")
+    move.add_argument("--json", action="store_true", help="print the migration report as JSON")
+
 
 def run(args: argparse.Namespace) -> int:
     if args.data_command == "maintain":
         return run_maintain(args)
+    if args.data_command == "migrate":
+        return run_migrate(args)
     return run_import(args)
 
 
@@ -123,6 +133,33 @@ def run_maintain(args: argparse.Namespace) -> int:
         skipped = f"; {'; '.join(r.skipped)}" if r.skipped else ""
         print(f"{r.table:<15} v{r.version_before} -> v{r.version_after}: files {r.files_before} -> "
               f"{r.files_after} ({changes}){skipped}")  # fmt: skip
+    return 0
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    from services.events.dataset import normalise_prefix
+    from services.events.lake.migrate import MigrationError, migrate
+
+    try:
+        prefix = normalise_prefix(args.prefix)
+    except ValueError as exc:
+        raise CliError(f"--prefix: {exc}") from None
+    store = open_store_arg(args.store, existing=True)
+    try:
+        report = migrate(store, prefix)
+    except MigrationError as exc:
+        raise CliError(str(exc)) from None
+    if args.json:
+        json.dump(report.as_dict(), sys.stdout, indent=1)
+        print()
+        return 0
+    rows = ", ".join(f"{t} {n:,}" for t, n in report.rows.items())
+    source = f"manifest v{report.manifest_version}"
+    print(f"migrated  {store.url} prefix {prefix!r} ({source}) in {report.commits} commits")
+    print(f"verified  rows {rows}; event ids sha256 {report.events_digest[:16]}")
+    print(
+        f"pack      clicked minus paid: {report.pack_size:,} users, sha256 {report.pack_digest[:16]} on both"
+    )
     return 0
 
 

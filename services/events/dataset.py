@@ -128,8 +128,17 @@ class EventDataset:
     reads local files and ``s3://`` objects (with ranged reads and statistics pushdown).
     """
 
-    def __init__(self, store: ObjectStore, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        prefix: str = DEFAULT_PREFIX,
+        *,
+        lake_descriptor: dict[str, Any] | None = None,
+    ) -> None:
+        """``lake_descriptor``: read the prefix's Delta tables with these fields even before its
+        lake.json exists (``lake.migrate`` verifies a copy before the switch)."""
         self.store = store
+        self._forced_descriptor = lake_descriptor
         self.prefix = normalise_prefix(prefix)
         self.manifest_key = self.prefix + "manifest.json"
         self._world: dict[str, Any] | None = None
@@ -141,7 +150,9 @@ class EventDataset:
         where = f"{self.store.url} key {self.manifest_key!r}"
         shown_prefix = self.prefix or "''"
         try:
-            descriptor = read_descriptor(self.store, self.prefix)
+            descriptor = self._forced_descriptor
+            if descriptor is None:
+                descriptor = read_descriptor(self.store, self.prefix)
         except ValueError as exc:
             raise DatasetNotFound(
                 f"unreadable lake descriptor under {self.store.url} {shown_prefix}: {exc}"

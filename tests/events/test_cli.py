@@ -68,3 +68,16 @@ def test_table_format_variable_is_checked(
         main(["gen", "--users", "100", "--days", "1", "--no-progress", "--store", str(tmp_path / "x")]) == 2
     )
     assert "FLASHCROWD_TABLE_FORMAT" in capsys.readouterr().err
+
+
+def test_data_migrate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = str(tmp_path / "s")
+    assert main(["gen", "--users", "300", "--days", "1", "--no-progress", "--store", store]) == 0
+    capsys.readouterr()
+    assert main(["data", "migrate", "--store", store]) == 0
+    out = capsys.readouterr().out
+    assert "verified" in out and "on both" in out
+    assert EventDataset(LocalObjectStore(tmp_path / "s")).lake is not None
+    assert main(["data", "migrate", "--store", store]) == 2
+    assert "already an event lake" in capsys.readouterr().err
+    assert main(["data", "migrate", "--store", str(tmp_path / "missing")]) == 2

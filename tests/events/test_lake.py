@@ -217,3 +217,22 @@ def test_maintain_applies_retention_compacts_small_files_and_vacuums(local_store
     assert stored == {p["key"] for p in after.parts("events")}
     # The stream position survives compaction and checkpoints.
     assert writer.committed("events", "c") == 19
+
+
+def test_migrate_converts_a_manifest_dataset_in_place_once(any_store: ObjectStore) -> None:
+    from services.events.lake.migrate import MigrationError, migrate
+
+    generate(any_store, CONFIG, table_format="manifest")
+    before = EventDataset(any_store)
+    events = _sorted(before.scan_events().collect(), "event_id")
+    report = migrate(any_store, "data/")
+    after = EventDataset(any_store)
+    assert after.lake is not None and report.rows["events"] == events.height > 0
+    assert _sorted(after.scan_events().collect(), "event_id").equals(events)
+    assert after.population_size() == before.population_size() and after.world == before.world
+    assert after.days() == before.days() and after.start == before.start and after.end == before.end
+    assert report.pack_size > 0
+    with pytest.raises(MigrationError, match="already an event lake"):
+        migrate(any_store, "data/")
+    with pytest.raises(MigrationError, match="no event dataset"):
+        migrate(any_store, "nothing/")
