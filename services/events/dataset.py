@@ -182,7 +182,9 @@ class EventDataset:
 
         self.lake = LakeSnapshot(self.store, self.prefix)
         manifest = dict(descriptor)
-        manifest["version"] = self.lake.version
+        # 1 when the lake was published (its creator records the commits it took), then +1 per
+        # commit to any table, like the manifest's version per append.
+        manifest["version"] = 1 + self.lake.commits - int(descriptor.get("base_commits", 0))
         manifest["table_versions"] = self.lake.versions
         manifest["parts"] = self.lake.parts
         manifest["files"] = [{"key": p["key"], "size": p["size"]} for p in self.lake.parts]

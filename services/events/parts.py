@@ -218,7 +218,8 @@ class LakeSink:
 
         self.end_chunk()
         self.store.put_bytes(self.prefix + "world.json", world, "application/json")
-        write_descriptor(self.store, self.prefix, {**fields, "world": self.prefix + "world.json"})
+        fields = {**fields, "world": self.prefix + "world.json", "base_commits": self.writer.commits()}
+        write_descriptor(self.store, self.prefix, fields)
         return EventDataset(self.store, self.prefix).manifest
 
 

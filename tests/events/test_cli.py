@@ -81,3 +81,17 @@ def test_data_migrate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["data", "migrate", "--store", store]) == 2
     assert "already an event lake" in capsys.readouterr().err
     assert main(["data", "migrate", "--store", str(tmp_path / "missing")]) == 2
+
+
+def test_data_erase_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = str(tmp_path / "s")
+    assert (
+        main(["gen", "--users", "300", "--days", "1", "--no-progress", "--store", store, "--format", "delta"])
+        == 0
+    )
+    victim = int(EventDataset(LocalObjectStore(tmp_path / "s")).scan_profiles().collect()["user_id"][0])
+    capsys.readouterr()
+    assert main(["data", "erase", "--store", store, "--user", str(victim), "--vacuum-hours", "0"]) == 0
+    assert "profiles 1" in capsys.readouterr().out
+    assert main(["data", "erase", "--store", store, "--user", "-3"]) == 2
+    assert "--user must be in" in capsys.readouterr().err

@@ -236,3 +236,26 @@ def test_migrate_converts_a_manifest_dataset_in_place_once(any_store: ObjectStor
         migrate(any_store, "data/")
     with pytest.raises(MigrationError, match="no event dataset"):
         migrate(any_store, "nothing/")
+
+
+def test_erasure_removes_a_user_from_every_lake_table_and_file(any_store: ObjectStore) -> None:
+    from services.events.lake.erasure import erase_users
+
+    generate(any_store, CONFIG, table_format="delta")
+    dataset = EventDataset(any_store)
+    victim = int(dataset.scan_events(columns=["user_id"]).collect()["user_id"][0])
+    others = dataset.scan_events().filter(pl.col("user_id") != victim).collect()
+    report = erase_users(any_store, "data/", [victim], vacuum_hours=0)
+    assert report.rows["events"] > 0 and report.rows["profiles"] == 1 and report.rows["identity"] >= 1
+    after = EventDataset(any_store)
+    assert _sorted(after.scan_events().collect(), "event_id").equals(_sorted(others, "event_id"))
+    for scan in (after.scan_profiles, after.scan_identity, after.scan_truth):
+        assert scan().filter(pl.col("user_id") == victim).collect().height == 0
+    # No data file left in the store holds the user's rows.
+    for info in any_store.list("data/tables/"):
+        if info.key.endswith(".parquet") and "_delta_log" not in info.key:
+            path, options = any_store.scan_target(info.key)
+            ids = pl.read_parquet(path, columns=["user_id"], storage_options=options)["user_id"]
+            assert victim not in ids.to_list(), info.key
+    with pytest.raises(ValueError, match=r"0\.\.4294967295"):
+        erase_users(any_store, "data/", [-1])

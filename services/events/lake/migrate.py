@@ -134,6 +134,7 @@ def migrate(store: ObjectStore, prefix: str) -> MigrationReport:
     report.rows, report.events_digest = old_rows, old_digest
     report.pack_size, report.pack_digest = size, digest
     fields = {k: old.manifest[k] for k in _STATIC_FIELDS if k in old.manifest}
+    fields["base_commits"] = writer.commits()
     fields["migrated_from"] = {
         "manifest_version": old.version,
         "published_at": old.manifest.get("published_at"),

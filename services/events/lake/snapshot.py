@@ -43,8 +43,8 @@ class LakeSnapshot:
         return {t: (-1 if dt is None else dt.version()) for t, dt in self.tables.items()}
 
     @property
-    def version(self) -> int:
-        """Changes with every commit to any table (each table's version only grows)."""
+    def commits(self) -> int:
+        """Commits over every table: grows by one with every commit to any of them."""
         return sum(v + 1 for v in self.versions.values())
 
     def _parts(self, table: str) -> list[dict[str, Any]]:

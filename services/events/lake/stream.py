@@ -39,7 +39,12 @@ class LakeAppender:
     def ensure_lake(self) -> None:
         """An empty prefix becomes an (empty) lake: the descriptor says so to readers."""
         if read_descriptor(self.store, self.prefix) is None:
-            write_descriptor(self.store, self.prefix, {"buckets": NUM_BUCKETS, "source": {"ingest": True}})
+            fields = {
+                "buckets": NUM_BUCKETS,
+                "source": {"ingest": True},
+                "base_commits": self.writer.commits(),
+            }
+            write_descriptor(self.store, self.prefix, fields)
 
     def checkpoint(self) -> int:
         """The last stream sequence whose events are in the table (0: none)."""

@@ -95,6 +95,14 @@ class TableWriter:
                 raise StoreUnavailable(f"object store unreachable reading {where.uri}: {error}") from error
             raise
 
+    def commits(self) -> int:
+        """Commits over every lake table under the prefix (a table at version v has v + 1)."""
+        total = 0
+        for table in LAKE_TABLES:
+            dt = self.open(table)
+            total += 0 if dt is None else dt.version() + 1
+        return total
+
     def committed(self, table: str, app_id: str) -> int | None:
         """The last ``app_version`` committed under ``app_id`` (``None``: never)."""
         dt = self.open(table)
