@@ -133,3 +133,49 @@ async def test_sigkill_then_restart_is_exactly_once(tmp_path: Path, nats_url: st
         assert set(stored.to_list()) == ingested
     finally:
         await drop_stream(bus)
+
+
+@pytest.mark.timeout(180)
+async def test_object_store_down_during_commits_backs_off_and_loses_nothing(caplog) -> None:
+    """The S3 server stops while batches are due: commits fail fast, the compactor backs off and
+    re-reads its position; once the server is back every event is in the table exactly once."""
+    import logging
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    from services.storage import MinioObjectStore
+    from tests.fixtures.s3server import S3_ACCESS_KEY, S3_SECRET_KEY, unique_bucket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    store = MinioObjectStore(f"127.0.0.1:{port}", S3_ACCESS_KEY, S3_SECRET_KEY, unique_bucket(), secure=False)
+    bus = MemoryBus(4)
+    ingestor = EventIngestor(bus)
+    compactor = Compactor(store, bus, max_events=500, max_age=0.2, table_format="delta")
+    try:
+        await ingestor.ingest(make_events(1000))
+        await drain(compactor)
+        assert compactor.stats.events_written == 1000
+        server.stop()  # the store goes away (moto keeps its buckets in this process)
+        await ingestor.ingest(make_events(1000, first_id=5000))
+        runner = asyncio.create_task(compactor.run())
+        with caplog.at_level(logging.WARNING, logger="services.events.compactor"):
+            while not any("retrying in" in r.getMessage() for r in caplog.records):
+                await asyncio.sleep(0.05)
+            assert compactor.stats.events_written == 1000  # nothing committed while down
+            server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+            server.start()
+            while compactor.stats.events_written < 2000:
+                await asyncio.sleep(0.1)
+        compactor.stop()
+        await runner
+        ids = EventDataset(store).scan_events(columns=["event_id"]).collect()["event_id"]
+        assert ids.len() == ids.n_unique() == 2000
+        assert TableWriter(store, "data/").committed("events", "compactor") == await bus.last_seq()
+    finally:
+        server.stop()

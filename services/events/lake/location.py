@@ -17,13 +17,25 @@ from services.storage.base import ObjectStore, check_prefix
 __all__ = ["TableLocation", "table_location"]
 
 
+#: delta-rs on S3 fails fast like ``MinioObjectStore`` (its default is 10 retries over up to 180 s per
+#: request): a store that is down surfaces as ``StoreUnavailable`` within seconds, and the caller
+#: (the compactor's loop) backs off and retries the whole batch.
+DELTA_CLIENT_OPTIONS = {"connect_timeout": "2s", "timeout": "30s", "max_retries": "2", "retry_timeout": "10s"}
+
+
 @dataclass(frozen=True)
 class TableLocation:
     table: str
     #: Store key prefix of the table root (ends with ``/``).
     key_prefix: str
     uri: str
-    storage_options: dict[str, str] | None
+    #: What polars needs to read the table's files (``ObjectStore.scan_target``'s options).
+    scan_options: dict[str, str] | None
+
+    @property
+    def storage_options(self) -> dict[str, str] | None:
+        """What delta-rs needs: the scan options plus the fail-fast client settings."""
+        return None if self.scan_options is None else {**self.scan_options, **DELTA_CLIENT_OPTIONS}
 
     def key_of(self, relative_path: str) -> str:
         """Store key of a path from the Delta log (relative to the table root, percent-encoded)."""

@@ -63,7 +63,7 @@ class LakeAppender:
         return (
             pl.scan_parquet(
                 uris,
-                storage_options=where.storage_options,
+                storage_options=where.scan_options,
                 hive_partitioning=False,
                 schema=physical_schema("events"),
             )
