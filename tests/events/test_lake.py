@@ -259,3 +259,18 @@ def test_erasure_removes_a_user_from_every_lake_table_and_file(any_store: Object
             assert victim not in ids.to_list(), info.key
     with pytest.raises(ValueError, match=r"0\.\.4294967295"):
         erase_users(any_store, "data/", [-1])
+
+
+def test_vacuum_removes_the_orphans_of_a_crashed_writer(local_store: ObjectStore) -> None:
+    from services.events.lake.descriptor import write_descriptor
+    from services.events.lake.maintenance import MaintenanceOptions, maintain
+
+    writer = TableWriter(local_store, "data/")
+    writer.append("events", _events(10))
+    write_descriptor(local_store, "data/", {})
+    # A writer killed after uploading a file and before its commit leaves it unreferenced.
+    orphan = "data/tables/events/dt=2025-06-12/bucket16=0/part-orphan.parquet"
+    local_store.put_bytes(orphan, b"not in any commit")
+    maintain(local_store, "data/", MaintenanceOptions(retention_days=None, vacuum_hours=0))
+    assert not local_store.exists(orphan)
+    assert EventDataset(local_store).scan_events().collect().height == 10

@@ -68,6 +68,8 @@ def erase_users(
         report.files_rewritten[name] = rewritten
         if vacuum_hours is not None:
             report.vacuumed_files += len(
-                table.vacuum(retention_hours=vacuum_hours, dry_run=False, enforce_retention_duration=False)
+                table.vacuum(
+                    retention_hours=vacuum_hours, dry_run=False, enforce_retention_duration=False, full=True
+                )
             )
     return report

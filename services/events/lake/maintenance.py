@@ -125,8 +125,13 @@ def maintain(
                 report.checkpoint = True
             step = "vacuum"
             if options.vacuum:
+                # full: every file the log does not reference (also orphans of crashed writers, and
+                # files whose tombstones already expired from the checkpoints), not only tombstones.
                 removed = table.vacuum(
-                    retention_hours=options.vacuum_hours, dry_run=False, enforce_retention_duration=False
+                    retention_hours=options.vacuum_hours,
+                    dry_run=False,
+                    enforce_retention_duration=False,
+                    full=True,
                 )
                 report.vacuumed_files = len(removed)
         except CommitFailedError as error:
