@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/lake_choice.py                 # 300 appends of 2,000 events, 2 x 10 racing commits
     .venv/bin/python bench/lake_choice.py --appends 1000 --batch 500
+    .venv/bin/python bench/lake_choice.py --no-race --appends 1000 --batch 500 \
+        --maintain-every 100 --expire-now
 
 1. Commit safety on an S3-protocol store: two writers (threads, their own clients) append at once to
    one table on moto's S3 server over loopback; every commit must land once (table version = commits,
@@ -198,6 +200,11 @@ def main() -> int:
     parser.add_argument("--race-commits", type=int, default=10, help="commits per writer in the race")
     parser.add_argument("--no-race", action="store_true", help="skip the two-writer race")
     parser.add_argument(
+        "--expire-now",
+        action="store_true",
+        help="lake: log and tombstone retention 0 (as if the tables' 1 day / 1 hour had passed)",
+    )
+    parser.add_argument(
         "--maintain-every",
         type=int,
         default=0,
@@ -206,6 +213,15 @@ def main() -> int:
     args = parser.parse_args()
     if args.appends < 10 or args.batch < 1 or args.race_commits < 1:
         parser.error("--appends must be >= 10, --batch and --race-commits >= 1")
+    if args.expire_now:
+        from services.events.lake import writer
+
+        writer.TABLE_CONFIGURATION.update(
+            {
+                "delta.logRetentionDuration": "interval 0 seconds",
+                "delta.deletedFileRetentionDuration": "interval 0 seconds",
+            }
+        )
     if not args.no_race:
         race(args.race_commits, 200)
     speed(args.appends, args.batch, args.maintain_every)

@@ -8,7 +8,7 @@ deletes them from the store. The truth table (evaluation only) is erased too.
 
 Not covered here: packs (stored pack versions and live packs still list the user until they are
 rebuilt), and the Delta log: older commit files keep per-file min/max statistics that may equal the
-user's id until log cleanup (``delta.logRetentionDuration``, 7 days) removes them.
+user's id until log cleanup (``delta.logRetentionDuration``, 1 day) removes them.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Per table, in this order:
    about ``target_size``. It commits a remove+add; concurrent appends by the compactor do not
    conflict with it (Delta's conflict checker only fails it on removed files it read).
 3. **checkpoint + log cleanup**: a Parquet checkpoint of the current snapshot, then commit files
-   older than ``delta.logRetentionDuration`` (7 days) go, so the log a reader replays stays bounded.
+   older than ``delta.logRetentionDuration`` (1 day) go, so the log a reader replays stays bounded.
 4. **vacuum**: files no snapshot within ``vacuum_hours`` references (compacted-away and deleted
    files, and orphans of crashed writers) are deleted from the store.
 

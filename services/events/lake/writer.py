@@ -35,12 +35,16 @@ __all__ = ["DEFAULT_ROW_GROUP_SIZE", "TABLE_CONFIGURATION", "CommitConflict", "T
 log = logging.getLogger(__name__)
 
 DEFAULT_ROW_GROUP_SIZE = 64 * 1024
-#: Table properties set at creation. A checkpoint every 100 commits bounds what a reader replays;
-#: logs and removed files older than the retention are what ``maintain`` may delete.
+#: Table properties set at creation. A checkpoint every 100 commits bounds what a reader replays.
+#: Commit files older than a day go at the next checkpoint (no one time-travels further back), and
+#: tombstones of removed files leave the checkpoints after an hour: ``maintain`` vacuums in full
+#: mode (every unreferenced file older than ``--vacuum-hours``, by modification time), so it needs
+#: no tombstones, while tombstones kept for days are what made checkpoints and commits grow
+#: (bench/lake_choice.py, services/events/README.md).
 TABLE_CONFIGURATION = {
     "delta.checkpointInterval": "100",
-    "delta.logRetentionDuration": "interval 7 days",
-    "delta.deletedFileRetentionDuration": "interval 7 days",
+    "delta.logRetentionDuration": "interval 1 day",
+    "delta.deletedFileRetentionDuration": "interval 1 hour",
 }
 _SORT_KEYS: dict[str, list[str]] = {
     "events": list(EVENT_SORT_KEY),
