@@ -29,6 +29,29 @@ def add_store_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_table_format_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--format",
+        dest="table_format",
+        choices=["delta", "manifest"],
+        default=None,
+        help="dataset format: a Delta Lake event lake or the JSON-manifest dataset "
+        "(default: $FLASHCROWD_TABLE_FORMAT, else manifest)",
+    )
+
+
+def table_format_arg(value: str | None) -> str:
+    """``--format``, else ``$FLASHCROWD_TABLE_FORMAT`` (a bad value is a ``CliError`` naming it)."""
+    from services.events.parts import default_table_format
+
+    if value:
+        return value
+    try:
+        return default_table_format()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
 def open_store_arg(url: str | None, *, existing: bool = False) -> ObjectStore:
     """The store ``--store`` names; ``existing``: a read-only command, so a local directory that does
     not exist is an error (a typo must not create an empty store and answer "nothing here")."""

@@ -6,7 +6,13 @@ import argparse
 import sys
 from datetime import date
 
-from services.cli.common import CliError, add_store_argument, open_store_arg
+from services.cli.common import (
+    CliError,
+    add_store_argument,
+    add_table_format_argument,
+    open_store_arg,
+    table_format_arg,
+)
 
 NAME = "gen"
 HELP = "generate the synthetic flash-sale event dataset (deterministic in --seed)"
@@ -52,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start-date", type=_day, default=None, help="first day, UTC (default 2025-06-12)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset under --prefix")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_table_format_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,17 +85,28 @@ def run(args: argparse.Namespace) -> int:
         pepper = load_pepper()  # FLASHCROWD_IDENTITY_PEPPER, else ./var/identity-pepper (created once)
     except ConfigError as exc:
         raise CliError(str(exc)) from None
+    table_format = table_format_arg(args.table_format)
     store = open_store_arg(args.store)
     try:
         result = generate(
-            store, config, progress=not args.no_progress, overwrite=args.overwrite, pepper=pepper
+            store,
+            config,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+            pepper=pepper,
+            table_format=table_format,
         )
     except DatasetExistsError as exc:
         raise CliError(str(exc)) from None
     story = result.story
     sold_out = story.get("hook_sold_out_at")
     lines = [
-        f"dataset   {store.url} prefix {config.prefix!r} (manifest {config.prefix}manifest.json)",
+        f"dataset   {store.url} prefix {config.prefix!r} "
+        + (
+            f"(Delta tables under {config.prefix}tables/, {config.prefix}lake.json)"
+            if table_format == "delta"
+            else f"(manifest {config.prefix}manifest.json)"
+        ),
         f"users     {result.users:,} ({result.manifest['stats']['active_users']:,} active, "
         f"{result.manifest['stats']['bots']:,} bots)",
         f"events    {result.events:,} over {config.days} days in {result.files} files, "

@@ -30,6 +30,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,9 @@ from services.events.append import append_events, ingest_checkpoint, ingest_even
 from services.events.bus import BusUnavailable, Delivery, EventBus, Subscription
 from services.events.codec import decode_batch
 from services.events.config import RealtimeSettings
+from services.events.lake.descriptor import read_descriptor
+from services.events.lake.stream import LakeAppender
+from services.events.parts import default_table_format
 from services.events.schema import OWNER
 from services.storage import ObjectStore
 
@@ -71,6 +75,8 @@ class Compactor:
         seen_days: int = 8,
         pause_before_manifest: float = 0.0,
         pause_before_ack: float = 0.0,
+        shards: Sequence[int] | None = None,
+        table_format: str | None = None,
     ) -> None:
         self.store = store
         self.bus = bus
@@ -80,6 +86,12 @@ class Compactor:
         self.max_age = max_age
         self.fetch_messages = fetch_messages
         self.seen_days = seen_days
+        #: Bus shards this replica reads (None: all). Replicas over disjoint shard ranges each need
+        #: their own ``consumer`` (the lake's application id); only a lake takes several replicas.
+        self.shards = None if shards is None else sorted(set(shards))
+        #: For an empty prefix: which dataset to start (None: $FLASHCROWD_TABLE_FORMAT, else manifest).
+        self.table_format = table_format
+        self._lake: LakeAppender | None = None
         #: Fault injection (tests SIGKILL the process inside these pauses).
         self.pause_before_manifest = pause_before_manifest
         self.pause_before_ack = pause_before_ack
@@ -96,13 +108,30 @@ class Compactor:
 
     # ---- state ----------------------------------------------------------------------------------
 
+    def _open_target(self) -> int:
+        """Which dataset the batches go to (a lake or a manifest dataset) and its checkpoint."""
+        self._manifest = read_dataset_manifest(self.store, self.prefix)
+        lake = read_descriptor(self.store, self.prefix) is not None
+        if not lake and self._manifest is None:
+            lake = (self.table_format or default_table_format()) == "delta"
+        if lake:
+            self._lake = LakeAppender(self.store, self.prefix, self.consumer)
+            self._lake.ensure_lake()
+            return self._lake.checkpoint()
+        if self.shards is not None:
+            raise ValueError(
+                "a manifest dataset takes one compactor over every shard; shard ranges need a lake"
+            )
+        self._lake = None
+        return int(ingest_checkpoint(self._manifest, self.consumer).get("seq", 0))
+
     async def _open(self) -> None:
-        self._manifest = await asyncio.to_thread(read_dataset_manifest, self.store, self.prefix)
-        self.stats.checkpoint = int(ingest_checkpoint(self._manifest, self.consumer).get("seq", 0))
+        self.stats.checkpoint = await asyncio.to_thread(self._open_target)
         self._sub = await self.bus.subscribe(
             self.consumer,
             start_seq=self.stats.checkpoint + 1,
             durable=True,
+            shards=self.shards,
             ack_wait=max(self.max_age * 2 + 60.0, 120.0),
         )
         logger.info("compactor: resuming after stream sequence %d", self.stats.checkpoint)
@@ -111,7 +140,10 @@ class Compactor:
         """owner -> ids appended on day ``dt`` (loaded from the day's ingested parts on first use)."""
         ids = self._seen.get(dt)
         if ids is None:
-            existing = ingest_event_keys(self.store, self._manifest or {}, dt)
+            if self._lake is not None:
+                existing = self._lake.event_keys(dt)
+            else:
+                existing = ingest_event_keys(self.store, self._manifest or {}, dt)
             ids = {
                 str(owner): BitMap64(part.get_column("event_id").to_numpy())
                 for (owner,), part in existing.partition_by(OWNER, as_dict=True).items()
@@ -146,17 +178,21 @@ class Compactor:
         total = frame.height
         fresh = self._deduplicate(frame) if total else frame
         checkpoint = {"seq": last, "stream": getattr(self.bus, "stream", self.bus.url)}
-        tag = f"ingest-{first:012d}-{last:012d}"
-        manifest = append_events(
-            self.store,
-            self.prefix,
-            fresh,
-            part_tag=tag,
-            consumer=self.consumer,
-            checkpoint=checkpoint,
-            before_manifest=self._pause if self.pause_before_manifest else None,
-        )
-        self._manifest = manifest
+        if self._lake is not None:
+            if self.pause_before_manifest:
+                logger.warning("compactor: batch decoded, lake commit not yet made (crash window)")
+                time.sleep(self.pause_before_manifest)
+            self._lake.commit(fresh, last_seq=last, metadata={**checkpoint, "first_seq": first})
+        else:
+            self._manifest = append_events(
+                self.store,
+                self.prefix,
+                fresh,
+                part_tag=f"ingest-{first:012d}-{last:012d}",
+                consumer=self.consumer,
+                checkpoint=checkpoint,
+                before_manifest=self._pause if self.pause_before_manifest else None,
+            )
         for (dt, owner), part in (
             fresh.with_columns(pl.col("ts").dt.date().cast(pl.Utf8).alias("_dt"))
             .partition_by("_dt", OWNER, as_dict=True)
@@ -188,7 +224,7 @@ class Compactor:
                     self.stats.checkpoint,
                 )
                 if self.pause_before_ack:
-                    logger.warning("compactor: manifest published, not yet acknowledged (crash window)")
+                    logger.warning("compactor: batch committed, not yet acknowledged (crash window)")
                     await asyncio.sleep(self.pause_before_ack)
         for d in [*skipped, *deliveries]:
             with contextlib.suppress(Exception):  # an unacknowledged message is skipped by seq later
@@ -220,6 +256,17 @@ class Compactor:
         remaining = self.max_events - self._buffered_events
         room = max(1, min(self.fetch_messages, -(-remaining // max(1, int(self._avg_count)))))
         deliveries = await self._sub.fetch(room, timeout)
+        if deliveries and self.shards is not None:
+            # The bus filters by shard on NATS >= 2.10 (several filter subjects); older servers
+            # deliver every shard, so a replica also drops other shards' messages itself. They
+            # are acknowledged on this replica's own consumer only: their owner has its own.
+            others = [d for d in deliveries if d.shard not in self.shards]
+            if others:
+                wanted = set(self.shards)
+                deliveries = [d for d in deliveries if d.shard in wanted]
+                for d in others:
+                    with contextlib.suppress(Exception):
+                        await d.ack()
         if deliveries:
             self._avg_count = 0.8 * self._avg_count + 0.2 * (
                 sum(d.count for d in deliveries) / len(deliveries)
@@ -275,4 +322,5 @@ def compactor_from_settings(settings: RealtimeSettings, store: ObjectStore, bus:
         max_age=settings.compactor_max_age_seconds,
         pause_before_manifest=settings.compactor_pause_before_manifest_seconds,
         pause_before_ack=settings.compactor_pause_before_ack_seconds,
+        shards=settings.compactor_shard_list(),
     )

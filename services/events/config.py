@@ -42,8 +42,11 @@ class RealtimeSettings(BaseServiceSettings):
     compactor_max_events: int = Field(default=500_000, ge=1)
     #: ... or when its oldest event has waited this long (s), whichever comes first.
     compactor_max_age_seconds: float = Field(default=60.0, gt=0, le=3600)
-    #: Name of the compactor's durable consumer.
-    compactor_consumer: str = "compactor"
+    #: Name of the compactor's durable consumer (in a lake also the application id of its commits:
+    #: one per replica).
+    compactor_consumer: str = Field(default="compactor", min_length=1, pattern=r"^[A-Za-z0-9_-]+$")
+    #: Bus shards this compactor replica reads: "" (all), "0-3" or "0,2,5" (a lake only).
+    compactor_shards: str = ""
     #: Fault injection for crash tests only (0 in production): seconds the compactor pauses after
     #: uploading parts, before the manifest ...
     compactor_pause_before_manifest_seconds: float = Field(default=0.0, ge=0, le=600)
@@ -58,6 +61,18 @@ class RealtimeSettings(BaseServiceSettings):
             raise ValueError("expected memory:// or nats://host:port")
         return value
 
+    @field_validator("compactor_shards")
+    @classmethod
+    def _shards(cls, value: str) -> str:
+        parse_shard_list(value)
+        return value.strip()
+
+    def compactor_shard_list(self) -> list[int] | None:
+        shards = parse_shard_list(self.compactor_shards)
+        if shards is not None and any(s >= self.bus_shards for s in shards):
+            raise ValueError(f"FLASHCROWD_COMPACTOR_SHARDS names shards outside 0..{self.bus_shards - 1}")
+        return shards
+
     @field_validator("dataset_prefix", mode="before")
     @classmethod
     def _prefix(cls, value: Any) -> Any:
@@ -66,3 +81,20 @@ class RealtimeSettings(BaseServiceSettings):
                 value += "/"
             check_prefix(value)
         return value
+
+
+def parse_shard_list(text: str) -> list[int] | None:
+    """``""`` -> None (every shard); ``"0-3"`` / ``"0,2,5"`` / ``"0-1,4"`` -> sorted shard numbers."""
+    text = text.strip()
+    if not text:
+        return None
+    shards: set[int] = set()
+    for piece in text.split(","):
+        lo, sep, hi = piece.strip().partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"bad shard list {text!r}: expected e.g. 0-3 or 0,2,5")
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if last < first:
+            raise ValueError(f"bad shard range {piece.strip()!r} in {text!r}: end before start")
+        shards.update(range(first, last + 1))
+    return sorted(shards)

@@ -33,6 +33,8 @@ from typing import Any
 
 import polars as pl
 
+from services.events.lake.descriptor import read_descriptor
+from services.events.lake.physical import physical_schema, to_logical
 from services.events.schema import (
     EVENTS_SCHEMA,
     IDENTITY_SCHEMA,
@@ -46,7 +48,15 @@ from services.events.sharding import parse as parse_shard
 from services.storage.base import ObjectNotFound, ObjectStore
 from services.storage.publish import read_manifest
 
-__all__ = ["DEFAULT_PREFIX", "DatasetNotFound", "EventDataset", "normalise_prefix", "part_owners"]
+__all__ = [
+    "DEFAULT_PREFIX",
+    "DatasetNotFound",
+    "EventDataset",
+    "may_hold",
+    "normalise_prefix",
+    "only_wanted",
+    "part_owners",
+]
 
 DEFAULT_PREFIX = "data/"
 DATASET_FORMATS = ("flashcrowd.events.dataset/v1",)
@@ -75,6 +85,26 @@ def part_owners(part: dict[str, Any]) -> frozenset[str]:
     return frozenset(part.get("owners") or (PLATFORM_OWNER,))
 
 
+def may_hold(part: dict[str, Any], wanted: frozenset[str]) -> bool:
+    """Whether a part may hold events of the ``wanted`` owners.
+
+    Lake parts know only the min/max owner of their rows (``owners_range``, from the Delta log's
+    statistics): any owner inside that range may be there.
+    """
+    span = part.get("owners_range")
+    if span is not None:
+        return any(span[0] <= owner <= span[-1] for owner in wanted)
+    return bool(part_owners(part) & wanted)
+
+
+def only_wanted(part: dict[str, Any], wanted: frozenset[str]) -> bool:
+    """Whether every row of the part is one of the ``wanted`` owners (no row filter needed)."""
+    span = part.get("owners_range")
+    if span is not None:
+        return span[0] == span[-1] and span[0] in wanted
+    return part_owners(part) <= wanted
+
+
 def _as_date(value: date | datetime | str) -> date:
     if isinstance(value, datetime):
         return value.astimezone(UTC).date() if value.tzinfo else value.date()
@@ -98,16 +128,38 @@ class EventDataset:
     reads local files and ``s3://`` objects (with ranged reads and statistics pushdown).
     """
 
-    def __init__(self, store: ObjectStore, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        prefix: str = DEFAULT_PREFIX,
+        *,
+        lake_descriptor: dict[str, Any] | None = None,
+    ) -> None:
+        """``lake_descriptor``: read the prefix's Delta tables with these fields even before its
+        lake.json exists (``lake.migrate`` verifies a copy before the switch)."""
         self.store = store
+        self._forced_descriptor = lake_descriptor
         self.prefix = normalise_prefix(prefix)
         self.manifest_key = self.prefix + "manifest.json"
         self._world: dict[str, Any] | None = None
+        #: The pinned lake snapshot when the prefix holds a lake (``lake.json``), else None.
+        self.lake: Any = None
         self.manifest: dict[str, Any] = self._load()
 
     def _load(self) -> dict[str, Any]:
         where = f"{self.store.url} key {self.manifest_key!r}"
         shown_prefix = self.prefix or "''"
+        try:
+            descriptor = self._forced_descriptor
+            if descriptor is None:
+                descriptor = read_descriptor(self.store, self.prefix)
+        except ValueError as exc:
+            raise DatasetNotFound(
+                f"unreadable lake descriptor under {self.store.url} {shown_prefix}: {exc}"
+            ) from None
+        if descriptor is not None:
+            return self._load_lake(descriptor)
+        self.lake = None
         try:
             manifest = read_manifest(self.store, self.manifest_key)
         except ObjectNotFound:
@@ -122,6 +174,28 @@ class EventDataset:
                 f"{where} is not an event dataset manifest (format {manifest.get('format')!r}; "
                 f"expected one of {DATASET_FORMATS})"
             )
+        return manifest
+
+    def _load_lake(self, descriptor: dict[str, Any]) -> dict[str, Any]:
+        """A manifest-shaped view of the lake's pinned snapshot (same keys the manifest path has)."""
+        from services.events.lake.snapshot import LakeSnapshot
+
+        self.lake = LakeSnapshot(self.store, self.prefix)
+        manifest = dict(descriptor)
+        # 1 when the lake was published (its creator records the commits it took), then +1 per
+        # commit to any table, like the manifest's version per append.
+        manifest["version"] = 1 + self.lake.commits - int(descriptor.get("base_commits", 0))
+        manifest["table_versions"] = self.lake.versions
+        manifest["parts"] = self.lake.parts
+        manifest["files"] = [{"key": p["key"], "size": p["size"]} for p in self.lake.parts]
+        manifest["days"] = sorted({p["dt"] for p in self.lake.parts if p["table"] == "events" and p["dt"]})
+        span = self.lake.time_range()
+        if span is not None:
+            lo, hi = span
+            if manifest.get("start") is None or lo < _as_utc(manifest["start"]):
+                manifest["start"] = lo.isoformat()
+            if manifest.get("end") is None or hi > _as_utc(manifest["end"]):
+                manifest["end"] = hi.isoformat()
         return manifest
 
     def refresh(self) -> EventDataset:
@@ -190,7 +264,9 @@ class EventDataset:
 
     # ---- scans ---------------------------------------------------------------------------------
 
-    def _scan(self, table: str, parts: list[dict[str, Any]]) -> pl.LazyFrame:
+    def _scan(self, table: str, parts: list[dict[str, Any]], filters: Iterable[pl.Expr] = ()) -> pl.LazyFrame:
+        """The rows of ``parts`` that pass ``filters`` (applied to the stored columns, so that
+        statistics pruning sees them: lake files store unsigned ints in wider signed types)."""
         schema = _SCHEMAS[table]
         parts = [p for p in parts if p["rows"] > 0]
         if not parts:
@@ -201,12 +277,14 @@ class EventDataset:
             [t[0] for t in targets],
             storage_options=options,
             hive_partitioning=False,
-            schema=schema,
+            schema=physical_schema(table) if self.lake is not None else schema,
             missing_columns="insert",
         )
-        if table == "events":  # files from before owners: the platform's events
+        if table == "events" and self.lake is None:  # files from before owners: the platform's events
             lf = lf.with_columns(pl.col(OWNER).fill_null(PLATFORM_OWNER))
-        return lf
+        for f in filters:
+            lf = lf.filter(f)
+        return to_logical(table, lf) if self.lake is not None else lf
 
     def scan_events(
         self,
@@ -240,17 +318,18 @@ class EventDataset:
         sh = parse_shard(shard)
         parts = self.parts("events", days=day_set, shard=sh)
         wanted_owners = None if owners is None else frozenset(owners)
+        filters: list[pl.Expr] = []
         if wanted_owners is not None:
-            parts = [p for p in parts if part_owners(p) & wanted_owners]
-        lf = self._scan("events", parts)
-        if wanted_owners is not None and any(not part_owners(p) <= wanted_owners for p in parts):
-            lf = lf.filter(pl.col(OWNER).is_in(pl.Series(sorted(wanted_owners), dtype=pl.Utf8).implode()))
+            parts = [p for p in parts if may_hold(p, wanted_owners)]
+            if any(not only_wanted(p, wanted_owners) for p in parts):
+                filters.append(pl.col(OWNER).is_in(pl.Series(sorted(wanted_owners), dtype=pl.Utf8).implode()))
         if not sh.is_whole:
-            lf = lf.filter(sh.predicate("bucket"))
+            filters.append(sh.predicate("bucket"))
         if lo is not None:
-            lf = lf.filter(pl.col("ts") >= lo)
+            filters.append(pl.col("ts") >= lo)
         if hi is not None:
-            lf = lf.filter(pl.col("ts") < hi)
+            filters.append(pl.col("ts") < hi)
+        lf = self._scan("events", parts, filters)
         if columns is not None:
             lf = lf.select(list(columns))
         return lf
@@ -259,9 +338,8 @@ class EventDataset:
         self, table: str, columns: Iterable[str] | None, shard: Shard | str | None
     ) -> pl.LazyFrame:
         sh = parse_shard(shard)
-        lf = self._scan(table, self.parts(table, shard=sh))
-        if not sh.is_whole:
-            lf = lf.filter(sh.user_predicate("user_id"))
+        filters = [] if sh.is_whole else [sh.user_predicate("user_id")]
+        lf = self._scan(table, self.parts(table, shard=sh), filters)
         if columns is not None:
             lf = lf.select(list(columns))
         return lf

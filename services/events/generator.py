@@ -26,7 +26,6 @@ How it works
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import resource
@@ -38,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -46,11 +45,17 @@ import pyarrow as pa
 
 from services.events import world as W
 from services.events.identity import key_normalised
+from services.events.parts import (
+    DEFAULT_ROW_GROUP_SIZE,
+    DatasetExistsError,
+    clear_dataset,
+    default_table_format,
+    open_sink,
+)
 from services.events.pepper import Pepper, load_pepper
 from services.events.schema import INTEREST_TAGS, OWNER, PLATFORM_OWNER, EventType, IdType
 from services.events.sharding import NUM_BUCKETS, Shard, buckets_np
 from services.storage.base import ObjectStore
-from services.storage.publish import publish
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -62,11 +67,9 @@ __all__ = [
 ]
 
 GENERATOR_VERSION = 1
-DATASET_FORMAT = "flashcrowd.events.dataset/v1"
 SEC = 1_000_000
 DAY_US = 86_400 * SEC
 HOUR_US = 3_600 * SEC
-DEFAULT_ROW_GROUP_SIZE = 65_536
 
 _LATENT, _RACE, _SALE, _BACKGROUND, _BOTS = 1, 2, 3, 4, 5
 
@@ -74,10 +77,6 @@ _LATENT, _RACE, _SALE, _BACKGROUND, _BOTS = 1, 2, 3, 4, 5
 _VOLUME = 0.93
 
 _E = EventType
-
-
-class DatasetExistsError(FileExistsError):
-    """There is already a dataset (or other objects) under the prefix."""
 
 
 @dataclass(frozen=True)
@@ -946,84 +945,6 @@ def _events_table(a: dict[str, np.ndarray], bucket: np.ndarray, event_id: np.nda
     return pl.from_arrow(t).with_columns(pl.lit(PLATFORM_OWNER, dtype=pl.Utf8).alias(OWNER))  # type: ignore[union-attr]
 
 
-@dataclass
-class _Part:
-    table: str
-    key: str
-    path: Path
-    dt: str | None
-    rows: int
-    min_user_id: int
-    max_user_id: int
-    min_bucket: int
-    max_bucket: int
-    min_ts: str | None = None
-    max_ts: str | None = None
-
-    def entry(self) -> dict[str, Any]:
-        return {
-            "table": self.table,
-            "key": self.key,
-            "dt": self.dt,
-            "rows": self.rows,
-            "min_user_id": self.min_user_id,
-            "max_user_id": self.max_user_id,
-            "min_bucket": self.min_bucket,
-            "max_bucket": self.max_bucket,
-            "min_ts": self.min_ts,
-            "max_ts": self.max_ts,
-            "added_in_version": 1,
-        }
-
-
-class _WriterConfig(Protocol):
-    """What the part writer reads of its configuration (``GenConfig``, or an adapter's own)."""
-
-    @property
-    def prefix(self) -> str: ...
-
-    @property
-    def row_group_size(self) -> int: ...
-
-
-class _Writer:
-    def __init__(self, cfg: _WriterConfig, tmp: Path) -> None:
-        self.cfg = cfg
-        self.tmp = tmp
-        self.parts: list[_Part] = []
-
-    def write(
-        self,
-        table: str,
-        rel: str,
-        df: pl.DataFrame,
-        *,
-        dt: str | None,
-        uids: np.ndarray,
-        buckets: np.ndarray,
-        ts: np.ndarray | None = None,
-    ) -> None:
-        path = self.tmp / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        df.write_parquet(path, compression="zstd", statistics=True, row_group_size=self.cfg.row_group_size)
-        empty = len(uids) == 0
-        self.parts.append(
-            _Part(
-                table=table,
-                key=self.cfg.prefix + rel,
-                path=path,
-                dt=dt,
-                rows=df.height,
-                min_user_id=0 if empty else int(uids.min()),
-                max_user_id=0 if empty else int(uids.max()),
-                min_bucket=0 if empty else int(buckets.min()),
-                max_bucket=0 if empty else int(buckets.max()),
-                min_ts=None if ts is None or empty else _iso_us(int(ts.min())),
-                max_ts=None if ts is None or empty else _iso_us(int(ts.max())),
-            )
-        )
-
-
 def _chunk_buckets(all_buckets: np.ndarray, lo: int, hi: int) -> list[tuple[int, np.ndarray]]:
     """``[(bucket, sorted user ids)]`` for buckets lo..hi-1 (users are 1..N, all_buckets[i] is user i+1's)."""
     idx = np.flatnonzero((all_buckets >= lo) & (all_buckets < hi))
@@ -1148,31 +1069,6 @@ class _Progress:
             self.progress.stop()
 
 
-def _clear_existing(store: ObjectStore, prefix: str, overwrite: bool) -> None:
-    from services.storage.publish import read_manifest
-
-    manifest_key = prefix + "manifest.json"
-    subprefixes = [prefix + p for p in ("events/", "profiles/", "identity/", "truth/")]
-    found = store.exists(manifest_key) or store.exists(prefix + "world.json")
-    found = found or any(next(iter(store.list(p)), None) is not None for p in subprefixes)
-    if not found:
-        return
-    if not overwrite:
-        raise DatasetExistsError(
-            f"{store.url} already has a dataset under prefix {prefix!r}; replace it with --overwrite "
-            "(overwrite=True from Python) or choose another --prefix"
-        )
-    old_files: list[str] = []
-    with contextlib.suppress(KeyError, ValueError):  # ObjectNotFound is a KeyError
-        old_files = [f["key"] for f in read_manifest(store, manifest_key)["files"]]
-    store.delete(manifest_key)  # first: readers stop trusting the old files before they disappear
-    for key in old_files:
-        store.delete(key)
-    store.delete(prefix + "world.json")
-    for p in subprefixes:
-        store.delete_prefix(p)
-
-
 def generate(
     store: ObjectStore,
     config: GenConfig,
@@ -1181,6 +1077,7 @@ def generate(
     overwrite: bool = False,
     tmp_dir: str | Path | None = None,
     pepper: Pepper | None = None,
+    table_format: str | None = None,
 ) -> GenResult:
     """Generate the dataset described by ``config`` into ``store`` under ``config.prefix``.
 
@@ -1192,7 +1089,8 @@ def generate(
     t_start = time.monotonic()
     cfg = config
     pepper = pepper if pepper is not None else load_pepper()
-    _clear_existing(store, cfg.prefix, overwrite)
+    table_format = table_format or default_table_format()
+    clear_dataset(store, cfg.prefix, overwrite)
     ctx = _make_ctx(cfg)
     all_buckets = buckets_np(np.arange(1, cfg.users + 1, dtype=np.uint32))
     n_chunks = cfg.n_chunks
@@ -1200,7 +1098,7 @@ def generate(
     tmp = Path(tempfile.mkdtemp(prefix="flashcrowd-gen-", dir=tmp_dir))
     try:
         story = _sale_race(ctx, all_buckets, bar.race_chunk)
-        writer = _Writer(cfg, tmp)
+        writer = open_sink(table_format, store, cfg.prefix, tmp, cfg.row_group_size)
         total_events = 0
         users_done = 0
         by_type = np.zeros(len(EventType) + 1, dtype=np.int64)
@@ -1283,16 +1181,14 @@ def generate(
                     & (ev["amount"] == W.HOOK_SALE_PRICE_FEN)
                 ).sum()
             )
+            writer.end_chunk()
             del outs, ev, buckets, order
             bar.chunk(k, users_done, total_events)
         story["hook_pays_at_sale_price"] = hook_pays
-        bar.note("publishing (data first, manifest last)...")
+        marker = "lake.json" if writer.format == "delta" else "manifest.json"
+        bar.note(f"publishing ({writer.format}: data first, {marker} last)...")
         world_bytes = json.dumps(ctx.world, sort_keys=True, indent=1, ensure_ascii=False).encode("utf-8")
-        data: dict[str, Any] = {p.key: p.path for p in writer.parts}
-        data[cfg.prefix + "world.json"] = world_bytes
         manifest = {
-            "format": DATASET_FORMAT,
-            "version": 1,
             "prefix": cfg.prefix,
             "population": cfg.users,
             "days": [(cfg.start_date + timedelta(days=d)).isoformat() for d in range(cfg.days)],
@@ -1305,7 +1201,6 @@ def generate(
             "generator": cfg.as_dict(),
             # How identity/ is keyed (services.events.identity); the id is public, the pepper is not.
             "identity_keys": {"hmac": "sha256", "message": "raw digest", "pepper_id": pepper.id},
-            "parts": [p.entry() for p in writer.parts],
             "stats": {
                 "events": total_events,
                 "events_by_type": {EventType(i).label: int(by_type[i]) for i in range(1, len(by_type))},
@@ -1315,7 +1210,7 @@ def generate(
                 "story": story,
             },
         }
-        document = publish(store, data=data, manifest_key=cfg.prefix + "manifest.json", manifest=manifest)
+        document = writer.publish(manifest, world_bytes)
     finally:
         bar.stop()
         shutil.rmtree(tmp, ignore_errors=True)

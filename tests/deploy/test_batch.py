@@ -305,6 +305,8 @@ def test_cronjobs_are_bounded(rendered) -> None:
             assert job["backoffLimit"] <= 3 and job["activeDeadlineSeconds"] > 0, overlay
         train = crons["lookalike-train"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
         assert (train["command"], train["args"]) == (["flashcrowd"], ["lookalike", "train"])
+        keep = crons["lake-maintain"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+        assert keep["command"] == ["flashcrowd"] and keep["args"][:2] == ["data", "maintain"]
 
 
 def test_migration_job_runs_the_cli(rendered) -> None:

@@ -19,6 +19,7 @@ DEV_ALLOWED = [
     ("sale-monitor", "minio", 9000),  # rule firings (audit log)
     ("pack-refresh", "minio", 9000),
     ("lookalike-train", "minio", 9000),
+    ("lake-maintain", "minio", 9000),  # the event lake's Delta tables
     ("minio-bucket-init", "minio", 9000),
     ("retarget", "postgres", 5432),
     ("retarget-migrate", "postgres", 5432),
@@ -51,6 +52,8 @@ DEV_DENIED = [
     ("compactor", "postgres", 5432),
     ("sale-monitor", "postgres", 5432),
     ("pack-refresh", "postgres", 5432),
+    ("lake-maintain", "postgres", 5432),
+    ("lake-maintain", "nats", 4222),
     ("gateway", "nats", 4222),
     ("audience", "redis", 6379),
     ("retarget", "redis", 6379),

@@ -18,7 +18,7 @@ from services.events.dataset import EventDataset
 from services.events.generator import DatasetExistsError
 from services.events.schema import EVENTS_SCHEMA, PROFILES_SCHEMA, AgeBand, EventType, Gender
 from services.events.sharding import bucket_of
-from services.storage import ObjectStore
+from services.storage import LocalObjectStore, ObjectStore
 
 E = EventType
 T0 = int(datetime(2017, 11, 26, 1, 0, tzinfo=UTC).timestamp())
@@ -150,6 +150,19 @@ def test_written_dataset_reads_like_a_generated_one(any_store: ObjectStore, taob
     write_dataset(any_store, data, prefix="tb/", overwrite=True)
 
 
+def test_imported_lake_holds_the_same_rows(any_store: ObjectStore, taobao_csv: Path) -> None:
+    data = read_taobao(taobao_csv)
+    result = write_dataset(any_store, data, prefix="tb/", chunk_users=2, table_format="delta")
+    ds = EventDataset(any_store, "tb/")
+    assert ds.lake is not None and ds.version == 1 and ds.population_size() == 3
+    assert result.manifest["stats"]["events"] == data.events.height
+    assert ds.scan_events().collect().sort("event_id").equals(data.events.sort("event_id"))
+    assert all(p["key"].startswith("tb/tables/events/dt=") for p in ds.parts("events"))
+    assert {c["category_id"] for c in ds.world["categories"]} == {7, 8, 9}
+    with pytest.raises(DatasetExistsError):
+        write_dataset(any_store, data, prefix="tb/", table_format="delta")
+
+
 def test_cli_import(tmp_path: Path, movielens_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = tmp_path / "store"
     assert main(["data", "import", "movielens", str(movielens_dir), "--store", str(store), "--json"]) == 0
@@ -159,6 +172,12 @@ def test_cli_import(tmp_path: Path, movielens_dir: Path, capsys: pytest.CaptureF
     assert "already has a dataset" in capsys.readouterr().err
     assert main(["data", "import", "taobao", str(tmp_path / "missing"), "--store", str(store)]) == 2
     assert "no Taobao UserBehavior.csv" in capsys.readouterr().err
+    lake = tmp_path / "lake"
+    assert (
+        main(["data", "import", "movielens", str(movielens_dir), "--store", str(lake), "--format", "delta"])
+        == 0
+    )
+    assert EventDataset(LocalObjectStore(lake)).lake is not None
 
 
 # --- the real files ---------------------------------------------------------------------------------

@@ -110,7 +110,11 @@ async def test_appends_to_a_generated_dataset(local_store: LocalObjectStore) -> 
 
 
 def start_compactor(
-    bus, store_root: Path, before_manifest: float = 0, before_ack: float = 0
+    bus,
+    store_root: Path,
+    before_manifest: float = 0,
+    before_ack: float = 0,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
     env = {
         **os.environ,
@@ -123,6 +127,7 @@ def start_compactor(
         "FLASHCROWD_COMPACTOR_PAUSE_BEFORE_ACK_SECONDS": str(before_ack),
         "FLASHCROWD_LOG_JSON": "false",
         "FLASHCROWD_GRACE_SECONDS": "1",
+        **(extra_env or {}),
     }
     log = store_root.parent / f"compactor-{time.monotonic_ns()}.log"
     process = subprocess.Popen(

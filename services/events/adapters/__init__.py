@@ -51,7 +51,14 @@ def import_dataset(
     *,
     prefix: str = "data/",
     overwrite: bool = False,
+    table_format: str | None = None,
     **options: object,
 ) -> ImportResult:
     """Read ``path`` with the ``source`` adapter and publish it under ``prefix``."""
-    return write_dataset(store, read_source(source, path, **options), prefix=prefix, overwrite=overwrite)
+    return write_dataset(
+        store,
+        read_source(source, path, **options),
+        prefix=prefix,
+        overwrite=overwrite,
+        table_format=table_format,
+    )

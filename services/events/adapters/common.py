@@ -1,10 +1,11 @@
 """What every adapter returns (``AdaptedData``) and how it becomes a normal event dataset.
 
-``write_dataset`` lays the frames out exactly as ``flashcrowd gen`` does (it uses the generator's
-part writer and manifest format): events partitioned by UTC day and by bucket-range chunk, each
-file sorted by ``(bucket, user_id, ts)``; profiles (and an empty identity map) per chunk; a
-world.json with the adapter's category names; the manifest published last. ``EventDataset`` and
-everything built on it (packs, persona, lookalike) therefore read an imported dataset and a
+``write_dataset`` lays the frames out exactly as ``flashcrowd gen`` does, through the same sink
+(``services.events.parts``: a Delta lake or the manifest format): events partitioned by UTC day and
+by bucket-range chunk, each file sorted by ``(bucket, user_id, ts)``; profiles (and an empty identity
+map) per chunk; a world.json with the adapter's category names; the marker (lake.json or
+manifest.json) last. ``EventDataset`` and everything built on it (packs, persona, lookalike)
+therefore read an imported dataset and a
 generated one the same way.
 
 The public data sets carry no phone numbers or device ids, so the identity map is empty (and needs
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from services.events.parts import clear_dataset, default_table_format, open_sink
 from services.events.schema import (
     AGE_BAND_NAMES,
     EVENT_TYPE_NAMES,
@@ -44,7 +46,7 @@ from services.events.schema import (
     EventType,
 )
 from services.events.sharding import NUM_BUCKETS, Shard, buckets_np
-from services.storage import ObjectStore, publish
+from services.storage import ObjectStore
 
 __all__ = [
     "SHARED_DATA_ENV",
@@ -102,14 +104,6 @@ def unknown_profiles(user_ids: pl.Series) -> pl.DataFrame:
     )
 
 
-@dataclass(frozen=True)
-class _WriterConfig:
-    """The two fields the generator's part writer reads."""
-
-    prefix: str
-    row_group_size: int
-
-
 def _iso(dt: datetime) -> str:
     return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
@@ -146,19 +140,15 @@ def write_dataset(
     prefix: str = "data/",
     overwrite: bool = False,
     chunk_users: int = DEFAULT_CHUNK_USERS,
+    table_format: str | None = None,
 ) -> ImportResult:
-    """Publish ``data`` as an event dataset under ``prefix`` (manifest last); see the module doc.
+    """Publish ``data`` as an event dataset under ``prefix`` (its marker last); see the module doc.
 
-    Raises the generator's ``DatasetExistsError`` if a dataset is already there, unless
-    ``overwrite`` (then the old manifest goes first, so readers never see a mix).
+    Raises ``DatasetExistsError`` if a dataset is already there, unless ``overwrite`` (then the old
+    marker goes first, so readers never see a mix). ``table_format``: ``delta`` or ``manifest``
+    (default ``$FLASHCROWD_TABLE_FORMAT``, else manifest).
     """
-    from services.events.generator import (  # the generator's writer: one layout for all producers
-        DATASET_FORMAT,
-        DEFAULT_ROW_GROUP_SIZE,
-        _clear_existing,
-        _Writer,
-    )
-
+    table_format = table_format or default_table_format()
     if prefix and not prefix.endswith("/"):
         prefix += "/"
     events = (
@@ -174,7 +164,7 @@ def write_dataset(
     if missing.height:
         profiles = pl.concat([profiles, unknown_profiles(missing["user_id"])]).sort("user_id")
 
-    _clear_existing(store, prefix, overwrite)
+    clear_dataset(store, prefix, overwrite)
     population = profiles.height
     n_chunks = max(1, min(NUM_BUCKETS, math.ceil(population / chunk_users)))
     first = events["ts"].min()
@@ -188,7 +178,7 @@ def write_dataset(
 
     tmp = Path(tempfile.mkdtemp(prefix="flashcrowd-import-"))
     try:
-        writer = _Writer(_WriterConfig(prefix, DEFAULT_ROW_GROUP_SIZE), tmp)
+        writer = open_sink(table_format, store, prefix, tmp)
         empty_identity = pl.DataFrame(schema=IDENTITY_SCHEMA)
         for k in range(n_chunks):
             lo, hi = Shard(k, n_chunks).bucket_range()
@@ -221,15 +211,11 @@ def write_dataset(
                 uids=np.zeros(0, np.uint32),
                 buckets=np.zeros(0, np.uint8),
             )
+            writer.end_chunk()
         world = _world(data, population=population, start=start, end=end, days=day_list)
         by_type = events.group_by("event_type").len().sort("event_type")
-        files: dict[str, Any] = {p.key: p.path for p in writer.parts}
-        files[prefix + "world.json"] = json.dumps(
-            world, sort_keys=True, indent=1, ensure_ascii=False
-        ).encode()
+        world_bytes = json.dumps(world, sort_keys=True, indent=1, ensure_ascii=False).encode()
         manifest = {
-            "format": DATASET_FORMAT,
-            "version": 1,
             "prefix": prefix,
             "population": population,
             "days": day_list,
@@ -240,7 +226,6 @@ def write_dataset(
             "bucket_hash": "((user_id * 0x9E3779B1) & 0xFFFFFFFF) >> 24",
             "sort_key": ["bucket", "user_id", "ts"],
             "source": {**data.meta, "import": data.report},
-            "parts": [p.entry() for p in writer.parts],
             "stats": {
                 "events": events.height,
                 "events_by_type": {EventType(int(c)).label: int(n) for c, n in by_type.iter_rows()},
@@ -249,7 +234,7 @@ def write_dataset(
                 "bots": 0,
             },
         }
-        document = publish(store, data=files, manifest_key=prefix + "manifest.json", manifest=manifest)
+        document = writer.publish(manifest, world_bytes)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ImportResult(manifest=document, report=data.report, files=len(document["files"]))
