@@ -94,6 +94,9 @@ class GatewaySettings(BaseServiceSettings):
     redis_url: str = ""
     #: Replicas of the gateway: while Redis is unreachable each replica allows 1/replicas of a limit.
     gateway_replicas: int = Field(default=1, ge=1, le=1000)
+    #: A Redis call slower than this counts as Redis down (the replica falls back to its own
+    #: buckets for a second): short, because every admitted call waits for it.
+    redis_timeout_seconds: float = Field(default=0.05, gt=0, le=5)
     #: Per-method buckets, per tenant (JSON object; see the module doc).
     rate_limits: dict[str, RateLimit] = Field(default_factory=dict)
     #: Failed authentications one client address may make with one credential (key id, or a hash of a

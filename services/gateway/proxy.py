@@ -192,7 +192,11 @@ class Gateway:
             batch_size=settings.audit_batch_size,
             log_lines=settings.audit_log_lines,
         )
-        self.buckets = SharedBuckets(settings.redis_url, replicas=settings.gateway_replicas)
+        self.buckets = SharedBuckets(
+            settings.redis_url,
+            replicas=settings.gateway_replicas,
+            timeout_seconds=settings.redis_timeout_seconds,
+        )
         self.rate_limiter = RateLimiter(settings, self.buckets)
         self.streams = StreamLimiter(settings.max_streams_per_tenant)
         self.auth_failures = AuthFailureLimiter(

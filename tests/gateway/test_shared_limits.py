@@ -87,7 +87,13 @@ async def test_a_tenants_limit_holds_across_two_gateways(
         sock.bind(("127.0.0.1", 0))
         closed = sock.getsockname()[1]
     overrides = {
-        "shared": {"redis_url": "redis://127.0.0.1:6379/0", "gateway_replicas": 2},
+        # A loaded test machine can keep Redis from answering within the production 50 ms; each such
+        # blip would hand both replicas a fresh local burst and blur what this test measures.
+        "shared": {
+            "redis_url": "redis://127.0.0.1:6379/0",
+            "gateway_replicas": 2,
+            "redis_timeout_seconds": 1.0,
+        },
         "redis-down": {"redis_url": f"redis://127.0.0.1:{closed}/0", "gateway_replicas": 2},
         "per-replica": {},
     }[mode]
@@ -102,6 +108,8 @@ async def test_a_tenants_limit_holds_across_two_gateways(
             assert 0.75 * expected <= admitted <= 1.1 * expected, (admitted, expected)
         if mode == "redis-down":
             assert all(stack.app.gateway.buckets.fallbacks > 0 for stack in stacks)
+        if mode == "shared":
+            assert all(stack.app.gateway.buckets.fallbacks == 0 for stack in stacks)
     finally:
         for stack in stacks:
             await stack.close()
