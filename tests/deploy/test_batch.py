@@ -305,6 +305,10 @@ def test_cronjobs_are_bounded(rendered) -> None:
             assert job["backoffLimit"] <= 3 and job["activeDeadlineSeconds"] > 0, overlay
         train = crons["lookalike-train"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
         assert (train["command"], train["args"]) == (["flashcrowd"], ["lookalike", "train"])
+        assert crons["lookalike-refresh"]["spec"]["schedule"] == "45 * * * *"  # hourly
+        refresh_job = crons["lookalike-refresh"]["spec"]["jobTemplate"]["spec"]
+        refresh = refresh_job["template"]["spec"]["containers"][0]
+        assert (refresh["command"], refresh["args"]) == (["flashcrowd"], ["lookalike", "refresh"])
 
 
 def test_migration_job_runs_the_cli(rendered) -> None:

@@ -19,6 +19,7 @@ DEV_ALLOWED = [
     ("sale-monitor", "minio", 9000),  # rule firings (audit log)
     ("pack-refresh", "minio", 9000),
     ("lookalike-train", "minio", 9000),
+    ("lookalike-refresh", "minio", 9000),
     ("minio-bucket-init", "minio", 9000),
     ("retarget", "postgres", 5432),
     ("retarget-migrate", "postgres", 5432),
