@@ -202,6 +202,30 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(exc.message) from None
 
 
+def _progress(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``(progress(stage, fraction), done())`` on stderr: one updating line on a terminal, else a
+    line per stage and per 10% (Job logs); nothing with ``--json``."""
+    tty = sys.stderr.isatty()
+    last: list[tuple[str, int]] = []
+
+    def progress(stage: str, fraction: float) -> None:
+        if args.json:
+            return
+        if tty:
+            print(f"\r{stage:<22} {100 * fraction:5.1f}%", end="", file=sys.stderr, flush=True)
+            return
+        step = (stage, int(10 * max(0.0, min(1.0, fraction))))
+        if not last or last[-1] != step:
+            last.append(step)
+            print(f"{stage:<22} {100 * fraction:5.1f}%", file=sys.stderr, flush=True)
+
+    def done() -> None:
+        if tty and not args.json:
+            print(file=sys.stderr)
+
+    return progress, done
+
+
 def _dataset(store: Any, prefix: str) -> Any:
     from services.events.dataset import DatasetNotFound, EventDataset
 
@@ -275,19 +299,13 @@ def _train(args: argparse.Namespace) -> int:
             "--clusters", f"{args.clusters} clusters for {dataset.population_size():,} users"
         )
 
-    show = not args.json and sys.stderr.isatty()
-
-    def progress(stage: str, fraction: float) -> None:
-        if show:
-            print(f"\r{stage:<10} {100 * fraction:5.1f}%", end="", file=sys.stderr, flush=True)
-
+    progress, done = _progress(args)
     model, _snapshot = pipeline.train(
         store, dataset, model_id=args.model_id, root=args.root, clusters=args.clusters, as_of=args.as_of,
         seed=args.seed, shards=args.shards, fits=args.fits, exclusion=_exclusion(args.exclude_features),
         progress=progress,
     )  # fmt: skip
-    if show:
-        print(file=sys.stderr)
+    done()
     doc = _model_doc(model)
     _print(args, doc, _model_lines(doc))
     return 0
@@ -389,17 +407,11 @@ def _expand(args: argparse.Namespace) -> int:
     prepared = pipeline.prepare_expansion(
         store, args.root, packs, dataset, request, min_seed=args.min_seed, bots=bots
     )
-    show = not args.json and sys.stderr.isatty()
-
-    def progress(stage: str, fraction: float) -> None:
-        if show:
-            print(f"\r{stage:<10} {100 * fraction:5.1f}%", end="", file=sys.stderr, flush=True)
-
+    progress, done = _progress(args)
     stored, result = pipeline.execute_expansion(
         store, args.root, packs, prepared, min_seed=args.min_seed, progress=progress
     )
-    if show:
-        print(file=sys.stderr)
+    done()
     inputs = prepared.inputs
     doc = {
         "pack": stored.name,

@@ -378,3 +378,17 @@ def test_refresh_failures_are_reported_per_pack(la: Lookalike) -> None:
     )
     assert [o.status for o in outcomes] == ["failed", "refreshed"]
     assert "lookalikeModels/nope" in outcomes[0].detail
+
+
+def test_cli_training_shows_progress_in_job_logs(la: Lookalike, capsys: pytest.CaptureFixture[str]) -> None:
+    # Not a terminal (a Job's log): one line per stage and per 10%, on stderr; stdout keeps the result.
+    args = ["--store", str(la.store_dir), "--root", "progress-lookalike/"]
+    assert (
+        main(["lookalike", "train", "--model-id", "progress", "--clusters", "4", "--fits", "2", *args]) == 0
+    )
+    captured = capsys.readouterr()
+    stages = [line.split()[0] for line in captured.err.splitlines()]
+    for stage in ("features", "fit", "score", "publish"):
+        assert stage in stages, captured.err
+    assert stages.index("features") < stages.index("fit") < stages.index("publish")
+    assert "lookalikeModels/progress v1" in captured.out
