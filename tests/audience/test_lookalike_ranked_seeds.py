@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 from flashcrowd.audience.v1 import audience_service_pb2 as api
 from flashcrowd.audience.v1 import lookalike_pb2, pack_pb2, spec_pb2
+from google.longrunning import operations_pb2
 from google.protobuf import duration_pb2
 
 from services.audience.lookalike.ranking import RankingParams, rank_population
@@ -160,6 +161,21 @@ async def test_negative_seed_members_are_never_selected(la: Lookalike) -> None:
     b, pack = la.svc.app.packs.load_bitmap(TENANT, second.pack.name.rsplit("/", 1)[-1])
     assert len(b) == 400 and not (a & b)
     assert second.negative_matched == len(a) == 400
+    # The tenant reads that count as disclosed (noisy, like seed_matched), the platform exactly.
+    ops = await la.svc.ops.ListOperations(
+        operations_pb2.ListOperationsRequest(name=f"tenants/{TENANT}/operations"),
+        metadata=((AS_TENANT, TENANT),),
+    )
+    shown = lookalike_pb2.ExpandLookalikeResponse()
+    for op in ops.operations:
+        if op.response.Is(lookalike_pb2.ExpandLookalikeResponse.DESCRIPTOR):
+            op.response.Unpack(shown)
+            if shown.pack.name == second.pack.name:
+                break
+    assert (
+        shown.pack.name == second.pack.name and shown.pack.size_disclosure == pack_pb2.SIZE_DISCLOSURE_NOISY
+    )
+    assert abs(shown.negative_matched - 400) <= 40  # Laplace(2): far inside 40 with overwhelming odds
     assert [i.pack for i in pack.inputs] == [la.buyers.name, negative]
     await _fails(
         la.stub.ExpandLookalike(request(negative_seed_packs=[f"tenants/{TENANT}/packs/nope"])),
