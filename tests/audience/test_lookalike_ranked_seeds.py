@@ -408,3 +408,29 @@ def test_cli_training_shows_progress_in_job_logs(la: Lookalike, capsys: pytest.C
         assert stage in stages, captured.err
     assert stages.index("features") < stages.index("fit") < stages.index("publish")
     assert "lookalikeModels/progress v1" in captured.out
+
+
+def test_cli_expand_with_negative_and_spend_weighted_seed(
+    la: Lookalike, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--store", str(la.store_dir), "--json"]
+    base = ["lookalike", "expand", "--tenant", TENANT, "--seed-pack", "buyers", "--model", "m1"]
+    assert main([*base, "--pack-id", "cli-away", "--reach", "0.02", *args]) == 0
+    capsys.readouterr()
+    argv = [
+        *base,
+        "--pack-id",
+        "cli-both",
+        "--reach",
+        "0.02",
+        "--negative-pack",
+        "cli-away",
+        "--weight-by-spend",
+    ]
+    assert main([*argv, *args]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["negative_matched"] == 160 and out["weighted_seed"] is True and out["size"] == 160
+    away, _ = la.svc.app.packs.load_bitmap(TENANT, "cli-away")
+    both, _ = la.svc.app.packs.load_bitmap(TENANT, "cli-both")
+    assert not (away & both)
+    assert main([*base, "--pack-id", "cli-x", "--reach", "0.02", "--negative-pack", "Bad Id", *args]) == 2
