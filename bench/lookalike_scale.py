@@ -147,6 +147,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['population']:>10,} {r['events']:>12,} {r['stage']:<9} {r['seconds']:>8.1f} {rate:>11,.0f}"
             f" {r['peak_rss_mib']:>6,} MiB  {notes}"
         )
+    print()
+    # The goal: an expansion within 2x of the fit time (the fit stage: fits + assignment).
+    for users in args.users:
+        by_stage = {r["stage"]: r for r in rows if r["population"] == users}
+        if "fit" in by_stage and "expand" in by_stage:
+            ratio = by_stage["expand"]["seconds"] / max(by_stage["fit"]["seconds"], 1e-9)
+            print(
+                f"{users:>10,} users: expand {by_stage['expand']['seconds']:.1f}s / fit "
+                f"{by_stage['fit']['seconds']:.1f}s = {ratio:.2f}x (goal <= 2x)"
+            )
     return 0
 
 

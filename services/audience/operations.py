@@ -825,6 +825,12 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
                 expansion.seed_matched, _ = self.discloser.size(
                     caller.tenant, f"seed-of:{fingerprint_of_pack(exact_pack)}", expansion.seed_matched
                 )
+                if expansion.negative_matched:  # the negative seed's members: the same kind of count
+                    expansion.negative_matched, _ = self.discloser.size(
+                        caller.tenant,
+                        f"negative-of:{fingerprint_of_pack(exact_pack)}",
+                        expansion.negative_matched,
+                    )
             shown.CopyFrom(operation)
             shown.response.Pack(expansion)
             return shown

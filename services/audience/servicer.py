@@ -58,9 +58,11 @@ from services.audience.uploads import (
     UploadHeader,
     check_identity_pepper,
     check_rows,
+    check_user_ids,
     invalid_row_messages,
     key_upload,
     match_rows,
+    match_user_ids,
     read_upload,
     upload_stats,
 )
@@ -647,6 +649,8 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
 
         async def on_header(header: UploadHeader) -> None:
             self.tenancy.authorize(context, header.tenant)
+            if header.user_ids:  # a tenant holds no platform user ids: member-level, platform only
+                self.tenancy.require_members(context)
             if quotas is not None:  # refuse before the rows are streamed when none is left today
                 await asyncio.to_thread(quotas.require_room, header.tenant, quotas.limits.uploads_per_day)
             name = pack_name(header.tenant, header.pack_id)
@@ -677,13 +681,18 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
                     raise
 
             def publish() -> tuple[pack_pb2.Pack, pack_pb2.UploadStats, list[Any]]:
-                checked = check_rows(
-                    upload.rows, hash_length=header.hash_length, hash_label=header.hash_label
-                )
-                identity = self.dataset().scan_identity()
-                check_identity_pepper(identity, self.pepper)
-                keys = key_upload(self.pepper, checked.hashes)
-                bitmap, matched = match_rows(identity, header.id_type, header.key_column, keys)
+                if header.user_ids:
+                    checked = check_user_ids(upload.rows)
+                    users = self.dataset().scan_profiles(["user_id"])
+                    bitmap, matched = match_user_ids(users, checked.hashes)
+                else:
+                    checked = check_rows(
+                        upload.rows, hash_length=header.hash_length, hash_label=header.hash_label
+                    )
+                    identity = self.dataset().scan_identity()
+                    check_identity_pepper(identity, self.pepper)
+                    keys = key_upload(self.pepper, checked.hashes)
+                    bitmap, matched = match_rows(identity, header.id_type, header.key_column, keys)
                 stats = upload_stats(checked, matched)
                 template = pack_pb2.Pack(
                     display_name=header.header.display_name,

@@ -49,6 +49,9 @@ _HASH_NAMES = {
     audience_service_pb2.HASH_TYPE_SHA256: ("key_sha256", 64, "SHA-256"),
     audience_service_pb2.HASH_TYPE_MD5: ("key_md5", 32, "MD5"),
 }
+#: Platform user ids (rows in ``chunk.user_ids``, not hashed): platform principals only.
+USER_ID_TYPE = audience_service_pb2.ID_TYPE_USER_ID
+MAX_USER_ID = 2**32 - 1  # user ids are uint32 inside a shard (Roaring)
 _ID_TYPES = {
     audience_service_pb2.ID_TYPE_PHONE,
     audience_service_pb2.ID_TYPE_OAID,
@@ -70,6 +73,11 @@ class UploadHeader:
     hash_label: str
     header: audience_service_pb2.UploadPackHeader
 
+    @property
+    def user_ids(self) -> bool:
+        """Rows are platform user ids (``chunk.user_ids``), not digests."""
+        return self.id_type == USER_ID_TYPE
+
 
 def parse_header(header: audience_service_pb2.UploadPackHeader) -> UploadHeader:
     """Validate the header; INVALID_ARGUMENT listing every bad field (``header.<field>``)."""
@@ -83,9 +91,12 @@ def parse_header(header: audience_service_pb2.UploadPackHeader) -> UploadHeader:
         pack_id = check_id(header.pack_id, "header.pack_id", "pack id")
     except InvalidArgument as error:
         problems.extend(error.violations)
-    if header.id_type not in _ID_TYPES:
-        problems.append(("header.id_type", "required: one of PHONE, OAID, IMEI, IDFA, EMAIL"))
-    if header.hash_type not in _HASH_NAMES:
+    user_ids = header.id_type == USER_ID_TYPE
+    if header.id_type not in _ID_TYPES and not user_ids:
+        problems.append(("header.id_type", "required: one of PHONE, OAID, IMEI, IDFA, EMAIL, USER_ID"))
+    if user_ids and header.hash_type:
+        problems.append(("header.hash_type", "not used with ID_TYPE_USER_ID (user ids are not hashed)"))
+    elif not user_ids and header.hash_type not in _HASH_NAMES:
         problems.append(("header.hash_type", "required: SHA256 or MD5"))
     if header.HasField("ttl") and (header.ttl.seconds < 0 or header.ttl.nanos < 0):
         problems.append(("header.ttl", "must not be negative"))
@@ -94,6 +105,8 @@ def parse_header(header: audience_service_pb2.UploadPackHeader) -> UploadHeader:
             problems.append((f"header.labels[{key[:40]!r}]", "label keys are 1-63 characters"))
     if problems:
         raise InvalidArgument(problems, reason="INVALID_UPLOAD_HEADER")
+    if user_ids:
+        return UploadHeader(tenant, pack_id, int(header.id_type), "", 0, "user id", header)
     column, length, label = _HASH_NAMES[header.hash_type]
     return UploadHeader(tenant, pack_id, int(header.id_type), column, length, label, header)
 
@@ -136,16 +149,25 @@ async def read_upload(
                 raise InvalidArgument(
                     "header", "the first message must carry the header", reason="UPLOAD_HEADER_MISSING"
                 )
-            received += len(message.chunk.hashed_ids)
+            wanted, other = ("user_ids", "hashed_ids") if header.user_ids else ("hashed_ids", "user_ids")
+            if getattr(message.chunk, other):
+                raise InvalidArgument(
+                    f"chunk.{other}",
+                    f"message {index}: this upload's id_type carries its rows in chunk.{wanted}",
+                    reason="UPLOAD_WRONG_ROWS",
+                )
+            received += len(message.chunk.hashed_ids) + len(message.chunk.user_ids)
             if received > max_rows:
                 raise InvalidArgument(
-                    "chunk.hashed_ids",
+                    f"chunk.{wanted}",
                     f"upload too large: more than {max_rows} rows; split it into several packs",
                     reason="UPLOAD_TOO_LARGE",
                     metadata={"maxRows": max_rows},
                 )
             if message.chunk.hashed_ids:
                 chunks.append(pl.Series("id", list(message.chunk.hashed_ids), dtype=pl.Utf8))
+            if message.chunk.user_ids:
+                chunks.append(pl.Series("id", list(message.chunk.user_ids), dtype=pl.UInt64))
         else:
             raise InvalidArgument(
                 "payload", f"message {index} has neither header nor chunk", reason="UPLOAD_EMPTY_MESSAGE"
@@ -224,6 +246,40 @@ def check_rows(rows: pl.Series, *, hash_length: int, hash_label: str) -> RowChec
             (int(i), str(r)) for i, r in bad.head(MAX_REPORTED_INVALID).select("index", "reason").iter_rows()
         ],
     )
+
+
+def check_user_ids(rows: pl.Series) -> RowCheck:
+    """Platform user ids: ids above ``MAX_USER_ID`` are invalid (index and reason); the rest distinct."""
+    frame = pl.DataFrame({"id": rows.cast(pl.UInt64)}).with_row_index("index")
+    bad = frame.filter(pl.col("id") > MAX_USER_ID)
+    good = frame.filter(pl.col("id") <= MAX_USER_ID).get_column("id").cast(pl.UInt32)
+    distinct = good.unique()
+    return RowCheck(
+        hashes=distinct,
+        received=len(rows),
+        valid=len(good),
+        invalid=bad.height,
+        duplicates=len(good) - len(distinct),
+        invalid_rows=[
+            (int(i), f"not a platform user id (above {MAX_USER_ID})")
+            for i in bad.head(MAX_REPORTED_INVALID).get_column("index")
+        ],
+    )
+
+
+def match_user_ids(users: pl.LazyFrame, ids: pl.Series) -> tuple[BitMap, int]:
+    """The uploaded ids that are users of the dataset (``users`` has a ``user_id`` column)."""
+    wanted = pl.LazyFrame({"user_id": ids.cast(pl.UInt32)})
+    found = (
+        users.select(pl.col("user_id").cast(pl.UInt32))
+        .join(wanted, on="user_id", how="semi")
+        .unique()
+        .collect()
+        .get_column("user_id")
+        .to_numpy()
+    )
+    bitmap = BitMap(np.asarray(found, dtype=np.uint32))
+    return bitmap, len(bitmap)
 
 
 def key_upload(pepper: Pepper, hashes: pl.Series) -> pl.Series:

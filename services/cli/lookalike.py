@@ -12,6 +12,7 @@
 ``categories=``, ``items=`` lists; an event is kept out of the features when it matches every list
 of a rule (services/audience/lookalike/exclusion.py).
     flashcrowd lookalike show --model m1
+    flashcrowd lookalike refresh [--dry-run] [--now T]   (the lookalike-refresh CronJob)
 
 Same code as the LookalikeService (``services.audience.lookalike.pipeline``), same checks and
 messages; the results land in the store the service reads. Exit status: 0 ok, 2 bad input or state
@@ -130,7 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     exp.add_argument("--seed-pack", required=True, help="seed pack id of the tenant")
     exp.add_argument("--pack-id", required=True, help="id of the pack to create (or refresh)")
     reach = exp.add_mutually_exclusive_group(required=True)
-    reach.add_argument("--reach", type=float, help="share of the population in [0.01, 0.10]")
+    reach.add_argument("--reach", type=float, help="share of the population in [0.01, 0.20]")
     reach.add_argument("--reach-size", type=int, help="absolute number of users")
     exp.add_argument("--model", default="", help="model id (default: the newest)")
     version = exp.add_mutually_exclusive_group()
@@ -151,6 +152,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     exp.add_argument("--exclude-pack", action="append", default=[], help="pack id whose members are excluded")
     exp.add_argument("--include-seed", action="store_true", help="keep seed members in the result")
+    exp.add_argument(
+        "--negative-pack", action="append", default=[], help="pack id of users to move away from (repeatable)"
+    )
+    exp.add_argument("--weight-by-spend", action="store_true", help="weigh seed members by their net spend")
     exp.add_argument("--age-band", action="append", default=[], help="e.g. 25_30 (repeatable)")
     exp.add_argument("--gender", action="append", default=[], help="female or male (repeatable)")
     exp.add_argument("--region", action="append", default=[], help="e.g. CN-GD (repeatable)")
@@ -163,6 +168,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="key prefix of packs (default: $FLASHCROWD_PACKS_PREFIX or packs/)",
     )
     exp.set_defaults(_lookalike_run=_expand)
+
+    ref = sub.add_parser(
+        "refresh", help="re-expand the lookalike packs that are due (interval elapsed or new seed version)"
+    )
+    _common(ref)
+    ref.add_argument("--now", type=_when, default=None, help="the time to judge by (default: now)")
+    ref.add_argument("--dry-run", action="store_true", help="list what is due; expand nothing")
+    ref.add_argument("--min-seed", type=int, default=100, help="the server's minimum seed (default 100)")
+    ref.add_argument("--include-bots", action="store_true", help="do not remove bots from seed and result")
+    ref.add_argument(
+        "--packs-prefix",
+        default=os.environ.get("FLASHCROWD_PACKS_PREFIX") or "packs/",
+        help="key prefix of packs (default: $FLASHCROWD_PACKS_PREFIX or packs/)",
+    )
+    ref.set_defaults(_lookalike_run=_refresh)
 
     show = sub.add_parser("show", help="print a model")
     _common(show)
@@ -180,6 +200,30 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"invalid input:\n{lines}") from None
     except ServiceError as exc:
         raise CliError(exc.message) from None
+
+
+def _progress(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``(progress(stage, fraction), done())`` on stderr: one updating line on a terminal, else a
+    line per stage and per 10% (Job logs); nothing with ``--json``."""
+    tty = sys.stderr.isatty()
+    last: list[tuple[str, int]] = []
+
+    def progress(stage: str, fraction: float) -> None:
+        if args.json:
+            return
+        if tty:
+            print(f"\r{stage:<22} {100 * fraction:5.1f}%", end="", file=sys.stderr, flush=True)
+            return
+        step = (stage, int(10 * max(0.0, min(1.0, fraction))))
+        if not last or last[-1] != step:
+            last.append(step)
+            print(f"{stage:<22} {100 * fraction:5.1f}%", file=sys.stderr, flush=True)
+
+    def done() -> None:
+        if tty and not args.json:
+            print(file=sys.stderr)
+
+    return progress, done
 
 
 def _dataset(store: Any, prefix: str) -> Any:
@@ -255,19 +299,13 @@ def _train(args: argparse.Namespace) -> int:
             "--clusters", f"{args.clusters} clusters for {dataset.population_size():,} users"
         )
 
-    show = not args.json and sys.stderr.isatty()
-
-    def progress(stage: str, fraction: float) -> None:
-        if show:
-            print(f"\r{stage:<10} {100 * fraction:5.1f}%", end="", file=sys.stderr, flush=True)
-
+    progress, done = _progress(args)
     model, _snapshot = pipeline.train(
         store, dataset, model_id=args.model_id, root=args.root, clusters=args.clusters, as_of=args.as_of,
         seed=args.seed, shards=args.shards, fits=args.fits, exclusion=_exclusion(args.exclude_features),
         progress=progress,
     )  # fmt: skip
-    if show:
-        print(file=sys.stderr)
+    done()
     doc = _model_doc(model)
     _print(args, doc, _model_lines(doc))
     return 0
@@ -322,10 +360,10 @@ def _expand(args: argparse.Namespace) -> int:
 
     check_ids(args.tenant, args.pack_id)
     check_ids(args.tenant, args.seed_pack)
-    for pid in args.exclude_pack:
+    for pid in [*args.exclude_pack, *args.negative_pack]:
         check_ids(args.tenant, pid)
-    if args.reach is not None and not 0.01 <= args.reach <= 0.10:
-        raise InvalidArgument("--reach", f"{args.reach:g} is outside [0.01, 0.1] of the population")
+    if args.reach is not None and not 0.01 <= args.reach <= 0.20:
+        raise InvalidArgument("--reach", f"{args.reach:g} is outside [0.01, 0.2] of the population")
     if args.min_seed < 1:
         raise InvalidArgument("--min-seed", "must be at least 1")
     if args.model_version < 0:
@@ -354,6 +392,8 @@ def _expand(args: argparse.Namespace) -> int:
         model_version=args.model_version,
         refresh_model=args.refresh_model,
         exclusion=_exclusion(args.exclude_features),
+        negative_packs=list(args.negative_pack),
+        seed_weighting="spend" if args.weight_by_spend else "uniform",
     )
 
     def dataset() -> Any:
@@ -367,17 +407,11 @@ def _expand(args: argparse.Namespace) -> int:
     prepared = pipeline.prepare_expansion(
         store, args.root, packs, dataset, request, min_seed=args.min_seed, bots=bots
     )
-    show = not args.json and sys.stderr.isatty()
-
-    def progress(stage: str, fraction: float) -> None:
-        if show:
-            print(f"\r{stage:<10} {100 * fraction:5.1f}%", end="", file=sys.stderr, flush=True)
-
+    progress, done = _progress(args)
     stored, result = pipeline.execute_expansion(
         store, args.root, packs, prepared, min_seed=args.min_seed, progress=progress
     )
-    if show:
-        print(file=sys.stderr)
+    done()
     inputs = prepared.inputs
     doc = {
         "pack": stored.name,
@@ -412,3 +446,40 @@ def _expand(args: argparse.Namespace) -> int:
     )
     _print(args, doc, lines)
     return 0
+
+
+def _refresh(args: argparse.Namespace) -> int:
+    from pyroaring import BitMap
+
+    from services.audience.lookalike.refresh import due_refreshes, run_refreshes
+    from services.audience.packstore import PackStore
+
+    store = open_store_arg(args.store)
+    packs = PackStore(store, args.packs_prefix)
+    now = args.now or datetime.now(UTC)
+    due, skipped = due_refreshes(store, args.root, packs, now)
+    outcomes = list(skipped)
+    if args.dry_run:
+        from services.audience.lookalike.refresh import RefreshOutcome
+
+        outcomes += [RefreshOutcome(d.name, "due", "; ".join(d.reasons), d.version) for d in due]
+    elif due:
+
+        def dataset() -> Any:
+            return _dataset(store, args.prefix)
+
+        bots = BitMap()
+        if not args.include_bots:
+            from services.audience.bots import bot_bitmap
+
+            bots = bot_bitmap(dataset())
+        outcomes += run_refreshes(store, args.root, packs, dataset, due, min_seed=args.min_seed, bots=bots)
+    doc = {
+        "now": now.isoformat(),
+        "outcomes": [
+            {"pack": o.name, "status": o.status, "detail": o.detail, "version": o.version} for o in outcomes
+        ],
+    }
+    lines = [f"{o.status:<9} {o.name}{f' v{o.version}' if o.version else ''}: {o.detail}" for o in outcomes]
+    _print(args, doc, lines or ["nothing due"])
+    return 1 if any(o.status == "failed" for o in outcomes) else 0

@@ -89,6 +89,8 @@ SCOPES: dict[str, frozenset[str]] = {
     "LookalikeService/TrainLookalikeModel": _S({MODELS_TRAIN}),
     "LookalikeService/GetLookalikeModel": _S({PACKS_READ}),
     "LookalikeService/ExpandLookalike": _S({PACKS_WRITE}),
+    # Per-member ranks and scores of an expansion: member-level.
+    "LookalikeService/ExportLookalikeScores": _S({MEMBERS_READ}),
     "LivePackService/CreateLivePack": _S({PACKS_WRITE}),
     "LivePackService/GetLivePack": _S({PACKS_READ}),
     "LivePackService/ListLivePacks": _S({PACKS_READ}),
@@ -182,6 +184,7 @@ RESOURCE_FIELDS = frozenset(
         "packs",
         "seed_pack",
         "exclude_packs",
+        "negative_seed_packs",
         "audience_pack",
         "coupon_template",
         "campaign",

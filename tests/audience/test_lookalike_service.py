@@ -235,10 +235,10 @@ async def test_bad_expansions_fail_and_write_nothing(la: Lookalike) -> None:
     )
     cases = [
         (request(seed_pack=f"tenants/{TENANT}/packs/tiny"), invalid, "seed_pack", "SEED_TOO_SMALL"),
-        (request(reach_fraction=0.2), invalid, "reach_fraction", None),
+        (request(reach_fraction=0.21), invalid, "reach_fraction", None),
         (request(reach_fraction=0.001), invalid, "reach_fraction", None),
         (request(reach_size=0), invalid, "reach_size", None),
-        (request(reach_size=801), invalid, "reach_size", None),  # 10% of 8,000 is the most
+        (request(reach_size=1_601), invalid, "reach_size", None),  # 20% of 8,000 is the most
         (lookalike_pb2.ExpandLookalikeRequest(parent=f"tenants/{TENANT}", seed_pack=la.buyers.name,
                                               pack_id="x"), invalid, "reach_fraction", None),
         (request(pack_id="Bad_Id"), invalid, "pack_id", None),

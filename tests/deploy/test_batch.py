@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from services.cli.main import build_parser
 from tests.deploy.conftest import k8scheck, packjob, refresh_packs
 
 
@@ -304,9 +305,19 @@ def test_cronjobs_are_bounded(rendered) -> None:
             job = spec["jobTemplate"]["spec"]
             assert job["backoffLimit"] <= 3 and job["activeDeadlineSeconds"] > 0, overlay
         train = crons["lookalike-train"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
-        assert (train["command"], train["args"]) == (["flashcrowd"], ["lookalike", "train"])
         keep = crons["lake-maintain"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
         assert keep["command"] == ["flashcrowd"] and keep["args"][:2] == ["data", "maintain"]
+        assert (train["command"], train["args"]) == (
+            ["flashcrowd"],
+            ["lookalike", "train", "--model-id", "nightly"],
+        )
+        assert crons["lookalike-refresh"]["spec"]["schedule"] == "45 * * * *"  # hourly
+        refresh_job = crons["lookalike-refresh"]["spec"]["jobTemplate"]["spec"]
+        refresh = refresh_job["template"]["spec"]["containers"][0]
+        assert (refresh["command"], refresh["args"]) == (["flashcrowd"], ["lookalike", "refresh"])
+        # The CLI accepts what the CronJobs run (train once ran without its required --model-id).
+        for container in (train, refresh, keep):
+            build_parser().parse_args(container["args"])
 
 
 def test_migration_job_runs_the_cli(rendered) -> None:

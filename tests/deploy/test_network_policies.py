@@ -20,6 +20,7 @@ DEV_ALLOWED = [
     ("pack-refresh", "minio", 9000),
     ("lookalike-train", "minio", 9000),
     ("lake-maintain", "minio", 9000),  # the event lake's Delta tables
+    ("lookalike-refresh", "minio", 9000),
     ("minio-bucket-init", "minio", 9000),
     ("retarget", "postgres", 5432),
     ("retarget-migrate", "postgres", 5432),

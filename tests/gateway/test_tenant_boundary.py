@@ -85,6 +85,43 @@ async def test_member_level_calls_need_a_platform_principal(real_stack, alpha_pa
     assert sum(len(page.user_ids) for page in pages) == pages[-1].total > 0
 
 
+async def test_lookalike_member_level_calls_need_a_platform_principal(real_stack, alpha_pack) -> None:
+    gateway = real_stack.gateway
+    lookalike = lookalike_pb2_grpc.LookalikeServiceStub(gateway.channel)
+    audience = apb_grpc.AudienceServiceStub(gateway.channel)
+    scores = lookalike_pb2.ExportLookalikeScoresRequest(name=alpha_pack.name)
+    alpha, platform = gateway.auth("alpha"), gateway.auth("platform")
+    # Per-member ranks of an expansion: refused to the tenant at the gateway (members.read).
+    assert await _code(lookalike.ExportLookalikeScores(scores, metadata=alpha)) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "MISSING_SCOPE",
+    )
+    # The platform gets through to the backend's checks (this pack is not a lookalike).
+    assert await _code(lookalike.ExportLookalikeScores(scores, metadata=platform)) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "NOT_A_LOOKALIKE",
+    )
+
+    def user_id_upload(pack_id: str):  # type: ignore[no-untyped-def]
+        header = apb.UploadPackHeader(parent="tenants/alpha", pack_id=pack_id, id_type=apb.ID_TYPE_USER_ID)
+
+        async def stream():  # type: ignore[no-untyped-def]
+            yield apb.UploadPackRequest(header=header)
+            yield apb.UploadPackRequest(chunk=apb.UploadPackChunk(user_ids=[1, 2, 3]))
+
+        return stream()
+
+    # A tenant holds no platform user ids: refused by the backend on the header.
+    assert await _code(audience.UploadPack(user_id_upload("alpha-ids"), metadata=alpha)) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "PLATFORM_SCOPE_REQUIRED",
+    )
+    assert await _code(audience.UploadPack(user_id_upload("platform-ids"), metadata=platform)) == (
+        grpc.StatusCode.OK,
+        "",
+    )
+
+
 async def test_tenant_keys_cannot_hold_platform_scopes(real_stack) -> None:
     admin = gw_grpc.GatewayServiceStub(real_stack.gateway.channel)
     for holder in ((("x-api-key", BOOTSTRAP),), real_stack.gateway.auth("alpha")):

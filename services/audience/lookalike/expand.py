@@ -4,7 +4,8 @@ The ranking is ``ranking.rank_population`` (cluster density over the model's fit
 with a positive-unlabelled classifier and activity, the blend chosen on held-out halves of the
 seed); this module resolves the reach, applies the exclusions, selects, and reports:
 
-* **reach**: ``reach_fraction`` in [1%, 10%] of the model's population, or ``reach_size`` users;
+* **reach**: ``reach_fraction`` in [1%, 20%] of the model's population (Meta allows 1-20%), or
+  ``reach_size`` users;
   the selection is the top of a total order (score, then distance to the nearest centres, then
   user id), so the reach is honoured exactly and equal inputs select equal members;
 * **exclusions**: the seed (unless ``include_seed``), ``exclude`` ids and anything outside
@@ -12,7 +13,7 @@ seed); this module resolves the reach, applies the exclusions, selects, and repo
 * **report**: seed members found, clusters covered and concentration (the model's first fit),
   the chosen blend and its held-out AUC, and the expected lift per reach step with its interval,
   or withheld with the reason (``lift.py``); steps are distinct in users and include the request;
-* **tiers**: the members in rank order cut at 1/2/5/10% of the population (``TIER_BOUNDS``, only
+* **tiers**: the members in rank order cut at 1/2/5/10/20% of the population (``TIER_BOUNDS``, only
   the bounds below the reach; the last tier ends at the reach), so a caller can target the best
   1% and widen without another expansion.
 
@@ -51,10 +52,12 @@ __all__ = [
 #: Smallest seed (members found in the model's population) we expand; Meta states 100.
 DEFAULT_MIN_SEED = 100
 MIN_REACH_FRACTION = 0.01
-MAX_REACH_FRACTION = 0.10
-LIFT_STEPS: tuple[float, ...] = (0.01, 0.02, 0.05, 0.10)
+MAX_REACH_FRACTION = 0.20
+#: Reported lift steps; those above ``ALWAYS_REPORTED`` only when the reach gets there.
+LIFT_STEPS: tuple[float, ...] = (0.01, 0.02, 0.05, 0.10, 0.20)
+ALWAYS_REPORTED = 0.10
 #: Upper bounds (share of the population) of the ranked tiers of an expansion.
-TIER_BOUNDS: tuple[float, ...] = (0.01, 0.02, 0.05, 0.10)
+TIER_BOUNDS: tuple[float, ...] = (0.01, 0.02, 0.05, 0.10, 0.20)
 
 
 class ExpandError(ValueError):
@@ -141,6 +144,10 @@ class ExpandResult:
     tiers: list[Tier] = field(default_factory=list)
     member_tiers: np.ndarray | None = None  # uint8 per member (aligned with ``members``): tier index
     ranked: np.ndarray | None = None  # members in rank order (best first)
+    ranked_tiers: np.ndarray | None = None  # uint8 tier index per rank (aligned with ``ranked``)
+    ranked_scores: np.ndarray | None = None  # the score per rank (aligned with ``ranked``)
+    negative_matched: int = 0  # negative-seed users found in the population
+    weighted: bool = False  # seed members were weighted
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -158,6 +165,8 @@ class ExpandResult:
             "heldout_auc": None if math.isnan(self.heldout_auc) else round(self.heldout_auc, 4),
             "component_auc": {k: round(v, 4) for k, v in self.component_auc.items()},
             "tiers": [t.to_json() for t in self.tiers],
+            "negative_matched": self.negative_matched,
+            "weighted_seed": self.weighted,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
         }
 
@@ -207,6 +216,8 @@ def rank_snapshot(
     min_seed: int = 0,
     on_small_seed: Callable[[int], None] | None = None,
     progress: Callable[[str, float], None] | None = None,
+    seed_weights: np.ndarray | None = None,
+    negative_ids: np.ndarray | None = None,
 ) -> Ranking:
     """The model's ranking of the snapshot's population for a seed (shard by shard)."""
     d = model.ensemble.shape[2]
@@ -226,7 +237,8 @@ def rank_snapshot(
     try:
         return rank_population(
             model.ensemble, chunks, seed_ids, params, median_d2=model.median_d2, min_seed=min_seed,
-            on_small_seed=on_small_seed, progress=progress,
+            on_small_seed=on_small_seed, progress=progress, seed_weights=seed_weights,
+            negative_ids=negative_ids,
         )  # fmt: skip
     finally:
         cache.clear()
@@ -248,13 +260,16 @@ def expand(
     cache_bytes: int = 1 << 30,
     seed_field: str = "seed_pack",
     progress: Callable[[str, float], None] | None = None,
+    seed_weights: np.ndarray | None = None,
+    negative: Iterable[int] | np.ndarray | None = None,
 ) -> ExpandResult:
     """Expand ``seed`` over the model's population; see the module doc.
 
     ``exclude`` (user ids) are never selected; ``allowed`` (user ids passing the profile
-    constraints), when given, is the only users that may be selected. Raises ``ExpandError`` for
-    a seed below ``min_seed`` or a reach out of range, ``NotEnoughCandidates`` when the eligible
-    users are fewer than the reach.
+    constraints), when given, is the only users that may be selected. ``seed_weights`` (aligned
+    with ``seed``) weigh its members; ``negative`` users are moved away from and never selected.
+    Raises ``ExpandError`` for a seed below ``min_seed`` or a reach out of range,
+    ``NotEnoughCandidates`` when the eligible users are fewer than the reach.
     """
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -262,8 +277,14 @@ def expand(
     requested = resolve_reach(population, fraction=reach_fraction, size=reach_size)
     seed_ids = _as_sorted(seed)
     assert seed_ids is not None
+    if seed_weights is not None:  # align the weights with the sorted unique seed
+        raw = np.asarray(seed, np.uint32) if not isinstance(seed, np.ndarray) else seed.astype(np.uint32)
+        order = np.argsort(raw, kind="stable")
+        _, first = np.unique(raw[order], return_index=True)
+        seed_weights = np.asarray(seed_weights, np.float64)[order][first]
     exclude_ids = _as_sorted(exclude)
     allowed_ids = _as_sorted(allowed)
+    negative_ids = _as_sorted(negative)
 
     def too_small(matched: int) -> None:
         raise ExpandError(
@@ -274,7 +295,8 @@ def expand(
 
     ranking = rank_snapshot(
         model, snapshot, seed_ids, params, cache_bytes=cache_bytes, min_seed=min_seed,
-        on_small_seed=too_small, progress=progress,
+        on_small_seed=too_small, progress=progress, seed_weights=seed_weights,
+        negative_ids=negative_ids,
     )  # fmt: skip
     ids, score, tie = ranking.ids, ranking.scores["all"], ranking.tie
     timings["score_seconds"] = time.perf_counter() - started
@@ -289,6 +311,8 @@ def expand(
         eligible &= ~seed_mask
     if exclude_ids is not None:
         eligible &= ~_isin(ids, exclude_ids)
+    if negative_ids is not None:
+        eligible &= ~_isin(ids, negative_ids)
     if allowed_ids is not None:
         eligible &= _isin(ids, allowed_ids)
     n_eligible = int(eligible.sum())
@@ -297,6 +321,7 @@ def expand(
     idx = np.flatnonzero(eligible)
     top = idx[top_indices(score[idx], tie[idx], ids[idx], requested)]  # best first
     ranked = ids[top].astype(np.uint32)
+    ranked_scores = score[top].astype(np.float64)
     order = np.argsort(ranked, kind="stable")
     members = ranked[order]
     tiers, rank_tier = [], np.zeros(requested, np.uint8)
@@ -312,7 +337,11 @@ def expand(
     covered = int((counts > 0).sum())
     top_clusters = np.argsort(-ranking.cluster_lift, kind="stable")[: max(1, math.ceil(0.1 * k))]
     concentration = float(counts[top_clusters].sum()) / max(ranking.seed_matched, 1)
-    steps = reach_steps(population, lift_steps, requested)
+    steps = reach_steps(
+        population,
+        [f for f in lift_steps if f <= ALWAYS_REPORTED or round(f * population) <= requested],
+        requested,
+    )
     curve = heldout_lift(
         [ranking.scores["fold0"], ranking.scores["fold1"]], tie, ids, seed_mask, ranking.folds, steps
     )
@@ -338,4 +367,8 @@ def expand(
         tiers=tiers,
         member_tiers=rank_tier[order],
         ranked=ranked,
+        ranked_tiers=rank_tier,
+        ranked_scores=ranked_scores,
+        negative_matched=int(ranking.negative_mask.sum()) if ranking.negative_mask is not None else 0,
+        weighted=seed_weights is not None,
     )

@@ -29,7 +29,6 @@ from pyroaring import BitMap
 
 from services.audience.bots import bot_bitmap
 from services.audience.lookalike import pipeline
-from services.audience.lookalike.exclusion import FeatureExclusion
 from services.audience.lookalike.messages import exclusion_from_proto, model_proto, response_proto
 from services.audience.operations import JobContext
 from services.audience.pack_builds import open_dataset
@@ -69,11 +68,7 @@ def expansion_payload(prepared: pipeline.PreparedExpansion, *, exclude_bots: boo
 
 
 def _expand_request(doc: dict) -> pipeline.ExpandRequest:
-    fields = dict(doc)
-    fields["exclusion"] = FeatureExclusion.from_json(fields.get("exclusion"))
-    for name in ("age_bands", "genders", "regions", "interests"):
-        fields[name] = tuple(fields.get(name) or ())
-    return pipeline.ExpandRequest(**fields)
+    return pipeline.ExpandRequest.from_json(doc)
 
 
 class LookalikeJobs:
@@ -136,7 +131,11 @@ class LookalikeJobs:
                 self.invalidate(request.tenant, request.pack_id)
             span.set_attribute("flashcrowd.pack.size", stored.size)
             inputs = prepared.inputs
-            return response_proto(stored, result, inputs.model, inputs.snapshot.exclusion)
+            return response_proto(
+                stored, result, inputs.model, inputs.snapshot.exclusion, min_seed=prepared.min_seed,
+                seed_weighting=request.seed_weighting, seed_version=inputs.seed_version,
+                next_refresh=pipeline.next_refresh(request, stored),
+            )  # fmt: skip
 
     def train(self, ctx: JobContext, payload: bytes) -> lookalike_pb2.LookalikeModel:
         request = lookalike_pb2.TrainLookalikeModelRequest.FromString(payload)

@@ -20,7 +20,14 @@ from services.audience.lookalike.expand import ExpandResult
 from services.audience.lookalike.model import LookalikeModel
 from services.events.schema import EventType
 
-__all__ = ["exclusion_from_proto", "exclusion_to_proto", "model_proto", "response_proto"]
+__all__ = [
+    "WEIGHTING_NAMES",
+    "exclusion_from_proto",
+    "exclusion_to_proto",
+    "model_proto",
+    "response_proto",
+    "tiers_proto",
+]
 
 _EVENT_TYPES = {int(e) for e in EventType}
 
@@ -80,11 +87,32 @@ def _finite(value: float) -> float:
     return 0.0 if value is None or math.isnan(value) else float(value)
 
 
+_WEIGHTINGS = {"uniform": lookalike_pb2.SEED_WEIGHTING_UNIFORM, "spend": lookalike_pb2.SEED_WEIGHTING_SPEND}
+#: proto enum -> the domain's name (unspecified = uniform)
+WEIGHTING_NAMES = {
+    lookalike_pb2.SEED_WEIGHTING_UNSPECIFIED: "uniform",
+    lookalike_pb2.SEED_WEIGHTING_UNIFORM: "uniform",
+    lookalike_pb2.SEED_WEIGHTING_SPEND: "spend",
+}
+
+
 def response_proto(
-    stored: pack_pb2.Pack, result: ExpandResult, model: LookalikeModel, exclusion: FeatureExclusion
+    stored: pack_pb2.Pack,
+    result: ExpandResult,
+    model: LookalikeModel,
+    exclusion: FeatureExclusion,
+    *,
+    min_seed: int = 0,
+    seed_weighting: str = "uniform",
+    seed_version: int = 0,
+    next_refresh: str | None = None,
 ) -> lookalike_pb2.ExpandLookalikeResponse:
     weights = result.blend
-    return lookalike_pb2.ExpandLookalikeResponse(
+    out = lookalike_pb2.ExpandLookalikeResponse(
+        min_seed_size=min_seed,
+        negative_matched=result.negative_matched,
+        seed_weighting=_WEIGHTINGS.get(seed_weighting, lookalike_pb2.SEED_WEIGHTING_UNIFORM),
+        seed_pack_version=seed_version,
         pack=stored,
         seed_matched=result.seed_matched,
         clusters_covered=result.clusters_covered,
@@ -118,3 +146,18 @@ def response_proto(
             for t in result.tiers
         ],
     )
+    if next_refresh:
+        out.next_refresh_time.FromDatetime(datetime.fromisoformat(next_refresh.replace("Z", "+00:00")))
+    return out
+
+
+def tiers_proto(tiers: Sequence[dict[str, float | int]]) -> list[lookalike_pb2.LookalikeTier]:
+    """Tiers as recorded (``Tier.to_json``) -> messages."""
+    return [
+        lookalike_pb2.LookalikeTier(
+            start_fraction=float(t["start_fraction"]),
+            end_fraction=float(t["end_fraction"]),
+            size=int(t["size"]),
+        )
+        for t in tiers
+    ]

@@ -34,7 +34,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import numpy as np
@@ -63,6 +63,8 @@ from services.audience.lookalike.model import (
     load_model,
     train_model,
 )
+from services.audience.lookalike.scores import RankedMembers, write_scores
+from services.audience.lookalike.seed_weights import spend_weights
 from services.audience.packstore import PackStore
 from services.audience.tenancy import PACK_TYPE
 from services.events.dataset import EventDataset
@@ -101,6 +103,9 @@ __all__ = [
 ]
 
 DEFAULT_ROOT = "lookalike/"
+#: Meta refreshes lookalike audiences every 3 days; so does the refresh scheduler by default.
+DEFAULT_REFRESH_SECONDS = 3 * 86_400
+SEED_WEIGHTINGS = ("uniform", "spend")
 MODEL_NAME = re.compile(r"lookalikeModels/([a-z][a-z0-9-]{0,62})")
 
 Progress = Callable[[str, float], None]
@@ -337,6 +342,10 @@ class ExpandInputs:
     exclusion_sources: dict[str, list[dict[str, list[int]]]] = field(default_factory=dict)
     #: why this model version ("requested", "pinned by v3 of the pack", "newest")
     version_reason: str = ""
+    #: users to move away from (negative seed packs), sorted uint32
+    negative: np.ndarray | None = None
+    #: the seed pack's version expanded
+    seed_version: int = 0
 
 
 def run_expand(
@@ -348,6 +357,7 @@ def run_expand(
     min_seed: int = DEFAULT_MIN_SEED,
     params: RankingParams | None = None,
     progress: Progress | None = None,
+    seed_weights: np.ndarray | None = None,
 ) -> ExpandResult:
     return expand(
         inputs.model,
@@ -361,6 +371,8 @@ def run_expand(
         min_seed=min_seed,
         params=params,
         progress=progress,
+        seed_weights=seed_weights,
+        negative=inputs.negative,
     )
 
 
@@ -381,6 +393,8 @@ def expansion_record(
     snapshot: FeatureSnapshot,
     version_reason: str = "",
     exclusion_sources: dict[str, Any] | None = None,
+    inputs: Sequence[spec_pb2.PackReference] = (),
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """What made this pack version (request, model version, snapshot, exclusion, stats): for
     refreshes (the model version is pinned from it) and audits."""
@@ -397,6 +411,10 @@ def expansion_record(
         "feature_exclusion_sources": exclusion_sources or {},
         "stats": result.stats(),
         "created": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        # the pack versions read (seed first, then excluded and negative packs): the refresh
+        # scheduler compares the seed's with its current version
+        "inputs": [{"pack": ref.pack, "version": ref.version} for ref in inputs],
+        **(extra or {}),
     }
     store.put_bytes(
         expansion_key(root, tenant, pack_id, version),
@@ -488,6 +506,26 @@ class ExpandRequest:
     refresh_model: bool = False
     #: events to keep out of the features (on top of the model's and the seed spec's)
     exclusion: FeatureExclusion = field(default_factory=FeatureExclusion)
+    #: smallest seed for this request (0: the server's minimum); the RPC checks the platform floor
+    min_seed: int = 0
+    #: packs of the tenant whose members are moved away from and never selected
+    negative_packs: list[str] = field(default_factory=list)
+    #: ``uniform`` or ``spend`` (seed_weights.py)
+    seed_weighting: str = "uniform"
+    #: the refresh scheduler's policy (refresh.py): every interval, and on a new seed version
+    refresh_interval_seconds: int = DEFAULT_REFRESH_SECONDS
+    refresh_on_seed: bool = True
+    refresh_manual: bool = False
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> ExpandRequest:
+        """The inverse of ``describe`` (unknown keys ignored; missing ones take their defaults)."""
+        known = {f for f in cls.__dataclass_fields__}
+        fields = {k: v for k, v in doc.items() if k in known}
+        fields["exclusion"] = FeatureExclusion.from_json(fields.get("exclusion"))
+        for name in ("age_bands", "genders", "regions", "interests"):
+            fields[name] = tuple(fields.get(name) or ())
+        return cls(**fields)
 
     @property
     def has_profile(self) -> bool:
@@ -513,6 +551,10 @@ class PreparedExpansion:
     version: int  # the pack version this expansion will publish
     #: builds the excluded snapshot inside the operation when ``inputs.snapshot`` lacks the exclusion
     dataset: Callable[[], EventDataset] | None = None
+    #: the minimum seed applied (the request's, else the server's)
+    min_seed: int = DEFAULT_MIN_SEED
+    #: the event dataset (spend weights are read from it inside the operation)
+    events: Callable[[], EventDataset] | None = None
 
 
 def previous_expansion(
@@ -624,6 +666,12 @@ def prepare_expansion(
         bitmap, pack = _pack_bitmap(packs, request.tenant, pid, f"exclude_packs[{i}]")
         exclude |= bitmap
         refs.append(spec_pb2.PackReference(pack=pack.name, version=pack.version))
+    negative = BitMap()
+    for i, pid in enumerate(request.negative_packs):
+        bitmap, pack = _pack_bitmap(packs, request.tenant, pid, f"negative_seed_packs[{i}]")
+        negative |= bitmap
+        refs.append(spec_pb2.PackReference(pack=pack.name, version=pack.version))
+    min_seed = request.min_seed or min_seed
     bots = bots or BitMap()
     seed_clean = seed_bitmap - bots if bots else seed_bitmap
     exclude |= bots
@@ -661,14 +709,15 @@ def prepare_expansion(
             regions=request.regions,
             interests=request.interests,
         )
-    exclude_ids = np.asarray(exclude.to_array(), dtype=np.uint32) if exclude else None
+    never = exclude | negative
+    exclude_ids = np.asarray(never.to_array(), dtype=np.uint32) if never else None
     eligible = count_eligible(population, seed_ids, exclude_ids, allowed, request.include_seed)
     if eligible < requested:
         raise FailedPrecondition(
             "NOT_ENOUGH_CANDIDATES",
             f"reach asks for {requested:,} users but only {eligible:,} of the {len(population):,} "
             "are eligible "
-            "after excluding the seed, the excluded packs, bots and the profile constraints",
+            "after excluding the seed, the excluded and negative packs, bots and the profile constraints",
             [("NOT_ENOUGH_CANDIDATES", "reach", f"{requested} requested, {eligible} eligible")],
             metadata={"requested": requested, "eligible": eligible},
         )
@@ -681,11 +730,14 @@ def prepare_expansion(
         exclusion=exclusion,
         exclusion_sources=sources,
         version_reason=version_reason,
+        negative=np.asarray(negative.to_array(), dtype=np.uint32) if request.negative_packs else None,
+        seed_version=seed.version,
     )
     version = (existing.version if existing is not None else 0) + 1
     return PreparedExpansion(
-        request, inputs, refs, len(population), requested, version, dataset if snapshot is None else None
-    )
+        request, inputs, refs, len(population), requested, version, dataset if snapshot is None else None,
+        min_seed=min_seed, events=dataset,
+    )  # fmt: skip
 
 
 def count_eligible(
@@ -759,6 +811,13 @@ def execute_expansion(
             dataset=_dataset_info(dataset), exclusion=inputs.exclusion,
             progress=(lambda pct, stage: progress("features", 0.15 * pct / 100.0)) if progress else None,
         )  # fmt: skip
+    min_seed = prepared.min_seed
+    weights, weighting_note = None, ""
+    if request.seed_weighting == "spend":
+        if prepared.events is None:
+            raise FailedPrecondition("LOOKALIKE_UNAVAILABLE", "no dataset to read the seed's spend from")
+        weighed = spend_weights(prepared.events(), request.tenant, inputs.seed, inputs.snapshot.as_of)
+        weights, weighting_note = weighed.weights, weighed.note
     try:
         result = run_expand(
             inputs,
@@ -768,6 +827,7 @@ def execute_expansion(
             min_seed=min_seed,
             params=params,
             progress=progress,
+            seed_weights=weights,
         )
     except ExpandError as error:
         raise InvalidArgument(error.field, error.description) from None
@@ -796,15 +856,52 @@ def execute_expansion(
     stats.duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
     if published is not None:
         return published, result
+    ranked = _ranked_members(result)
+    # The ranking first: a visible lookalike version always has its scored export (scores.py).
+    write_scores(store, root, request.tenant, request.pack_id, prepared.version, ranked)
     stored = packs.publish_version(
         request.tenant, request.pack_id, ids_to_bitmap(result.members), pack, stats, operation=operation
     )
+    if stored.version != prepared.version:  # another writer published in between (CLI, no claims)
+        write_scores(store, root, request.tenant, request.pack_id, stored.version, ranked)
+    extra = {
+        "min_seed": min_seed,
+        "seed_weighting": request.seed_weighting,
+        "seed_weighting_note": weighting_note,
+        "seed_pack_version": inputs.seed_version,
+        "refresh": refresh_policy_json(request),
+        "next_refresh": next_refresh(request, stored),
+    }
     try:
         expansion_record(
             store, root, tenant=request.tenant, pack_id=request.pack_id, version=stored.version,
             request=request.describe(), result=result, model=inputs.model, snapshot=inputs.snapshot,
             version_reason=inputs.version_reason, exclusion_sources=inputs.exclusion_sources,
+            inputs=prepared.refs, extra=extra,
         )  # fmt: skip
     except Exception:  # the pack is published; the record only serves audits and refreshes
         log.warning("could not record the expansion of %s v%d", stored.name, stored.version, exc_info=True)
     return stored, result
+
+
+def _ranked_members(result: ExpandResult) -> RankedMembers:
+    assert result.ranked is not None and result.ranked_tiers is not None and result.ranked_scores is not None
+    return RankedMembers(result.ranked, result.ranked_tiers, result.ranked_scores)
+
+
+def refresh_policy_json(request: ExpandRequest) -> dict[str, Any]:
+    return {
+        "interval_seconds": request.refresh_interval_seconds,
+        "on_seed_version": request.refresh_on_seed and not request.refresh_manual,
+        "manual": request.refresh_manual,
+    }
+
+
+def next_refresh(request: ExpandRequest, stored: pack_pb2.Pack) -> str | None:
+    """When the scheduler re-expands this version (ISO, UTC); None for a manual policy."""
+    if request.refresh_manual:
+        return None
+    stamp = stored.update_time if stored.HasField("update_time") else stored.create_time
+    created = stamp.ToDatetime(UTC) if stamp.seconds else datetime.now(UTC)
+    due = created + timedelta(seconds=request.refresh_interval_seconds)
+    return due.isoformat().replace("+00:00", "Z")

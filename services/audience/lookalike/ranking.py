@@ -190,6 +190,7 @@ class Ranking:
     dims: np.ndarray  # bool per column: used by this ranking
     blend: BlendChoice
     component_auc: dict[str, float] = field(default_factory=dict)  # held-out AUC of each alone
+    negative_mask: np.ndarray | None = None  # known non-members (negative seeds) in the population
 
     @property
     def weights(self) -> dict[str, float]:
@@ -214,20 +215,35 @@ def rank_population(
     min_seed: int = 0,
     on_small_seed: Callable[[int], None] | None = None,
     progress: Callable[[str, float], None] | None = None,
+    seed_weights: np.ndarray | None = None,
+    negative_ids: np.ndarray | None = None,
 ) -> Ranking:
     """Score every user of ``chunks()`` for ``seed_ids`` (sorted uint32); see the module doc.
 
     ``ensemble`` is ``fits × k × d``; ``chunks()`` must yield the same sequence each call, and its
     ``x`` arrays are masked in place (they must not be the caller's).
+
+    ``seed_weights`` (aligned with the sorted unique ``seed_ids``, e.g. spend): how much each seed
+    member counts in the cluster densities and the classifier; rescaled to mean 1 over the members
+    found, so the base rate and the prior keep their meaning. ``negative_ids``: users to move away
+    from, taught to the classifier as known non-members (half of its negative class's weight, the
+    other half the population sample); seed members among them stay seed members.
     """
     params = params or RankingParams()
+    if seed_weights is not None:
+        order = np.argsort(np.asarray(seed_ids, np.uint32), kind="stable")
+        raw_ids = np.asarray(seed_ids, np.uint32)[order]
+        raw_w = np.asarray(seed_weights, np.float64)[order]
+        seed_ids, first = np.unique(raw_ids, return_index=True)
+        weight_of = raw_w[first]
     seed_ids = np.unique(np.asarray(seed_ids, np.uint32))
+    negatives = np.unique(np.asarray(negative_ids, np.uint32)) if negative_ids is not None else None
     ensemble = ensemble if ensemble.ndim == 3 else ensemble[None, :, :]
     n_fits, k, d = ensemble.shape
 
     # Pass 1: ids, seed, moments (for the candidate columns), activity.
     pop, cand = _Moments(), _Moments()
-    ids_parts, seed_parts, act_parts = [], [], []
+    ids_parts, seed_parts, act_parts, weight_parts, neg_parts = [], [], [], [], []
     for ids, x, act in chunks():
         mask = _isin(ids, seed_ids)
         pop.add(x)
@@ -235,11 +251,22 @@ def rank_population(
         ids_parts.append(ids)
         seed_parts.append(mask)
         act_parts.append(np.log1p(np.asarray(act, np.float64)).astype(np.float32))
+        w = np.ones(len(ids), np.float64)
+        if seed_weights is not None and mask.any():
+            w[mask] = weight_of[np.searchsorted(seed_ids, ids[mask])]
+        weight_parts.append(w)
+        neg_parts.append(_isin(ids, negatives) & ~mask if negatives is not None else np.zeros(len(ids), bool))
     ids_all = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.uint32)
     seed_all = np.concatenate(seed_parts) if seed_parts else np.zeros(0, bool)
     act_all = np.concatenate(act_parts) if act_parts else np.zeros(0, np.float32)
+    weight_all = np.concatenate(weight_parts) if weight_parts else np.zeros(0, np.float64)
+    neg_all = np.concatenate(neg_parts) if neg_parts else np.zeros(0, bool)
     n = len(ids_all)
     matched = int(seed_all.sum())
+    if seed_weights is not None and matched:
+        mean_w = float(weight_all[seed_all].mean())
+        weight_all[seed_all] /= mean_w if mean_w > 0 else 1.0
+    weight_all[~seed_all] = 1.0
     if matched < min_seed and on_small_seed is not None:
         on_small_seed(matched)
     if progress is not None:
@@ -255,11 +282,14 @@ def rank_population(
         "fold0": seed_all & (folds_all == 0),
         "fold1": seed_all & (folds_all == 1),
     }
-    counts = {v: max(int(m.sum()), 0) for v, m in variants.items()}
+    # Weighted seed counts (= member counts when unweighted): the base rates of the densities.
+    counts = {v: float(weight_all[m].sum()) for v, m in variants.items()}
     h = sample_hash(ids_all)
     pop_sample = h < min(1.0, params.pu_population_sample / max(n, 1))
     seed_sample = seed_all & (h < min(1.0, params.pu_seed_sample / max(matched, 1)))
-    pool = pop_sample | seed_sample
+    n_neg = int(neg_all.sum())
+    neg_sample = neg_all & (h < min(1.0, params.pu_seed_sample / max(n_neg, 1)))
+    pool = pop_sample | seed_sample | neg_sample
 
     # Pass 2: soft counts per fit and variant, nearest distances, first-fit labels, training rows.
     sizes = [np.zeros(k, np.float64) for _ in range(n_fits)]
@@ -275,10 +305,11 @@ def rank_population(
             for f in range(n_fits):
                 p, nearest, dmin = fits.memberships(f, xb)
                 sizes[f] += p.sum(axis=0, dtype=np.float64)
+                wb = weight_all[rows]
                 for v in VARIANTS:
                     sel = variants[v][rows]
                     if sel.any():
-                        seed_soft[v][f] += p[sel].sum(axis=0, dtype=np.float64)
+                        seed_soft[v][f] += wb[sel] @ p[sel].astype(np.float64)
                 dsum += dmin
                 if f == 0:
                     label_parts.append(nearest)
@@ -319,10 +350,14 @@ def rank_population(
             continue
         y = variants[v][pool_idx]
         labelled = y & seed_sample[pool_idx]
-        unlabelled = ~y & pop_sample[pool_idx]
-        train = labelled | unlabelled
+        known_negative = ~y & neg_sample[pool_idx]
+        unlabelled = ~y & pop_sample[pool_idx] & ~known_negative
+        train = labelled | unlabelled | known_negative
         if labelled.sum() < 2 or unlabelled.sum() < 2:
             continue
+        sample_weight = np.where(labelled, weight_all[pool_idx], 1.0)
+        if known_negative.any():  # the known negatives weigh as much as the population sample
+            sample_weight[known_negative] = unlabelled.sum() / known_negative.sum()
         cl_train = np.zeros(len(xp), np.float64)
         for f in range(n_fits):
             cl_train += np.log(np.maximum(p_pool[f] @ rates[v][f], 1e-12) / r0[v])
@@ -338,7 +373,7 @@ def rank_population(
             ]
         )
         lr = LogisticRegression(C=params.pu_c, class_weight="balanced", max_iter=500)
-        lr.fit(features[train], labelled[train].astype(np.int8))
+        lr.fit(features[train], labelled[train].astype(np.int8), sample_weight=sample_weight[train])
         coef = lr.coef_[0]
         models[v] = (coef, float(lr.intercept_[0]), cl_mean, cl_sd)
     if progress is not None:
@@ -427,6 +462,7 @@ def rank_population(
         dims=dims,
         blend=choice,
         component_auc={k_: v for k_, v in component_auc.items() if not math.isnan(v)},
+        negative_mask=neg_all if negatives is not None else None,
     )
 
 

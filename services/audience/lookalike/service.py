@@ -8,17 +8,24 @@ Every check that can fail is done before the operation starts, so a bad request 
 itself and nothing is written (the pack store makes a version visible only after data and manifest):
 
 =====================  ===========================================================================
-INVALID_ARGUMENT       malformed names/ids (field named); ``reach_fraction`` outside [1%, 10%];
-                       ``reach_size`` outside [1, 10% of the model's population]; no reach;
+INVALID_ARGUMENT       malformed names/ids (field named); ``reach_fraction`` outside [1%, 20%];
+                       ``reach_size`` outside [1, 20% of the model's population]; no reach;
                        ``seed_pack`` below the minimum seed size (``FLASHCROWD_LOOKALIKE_MIN_SEED``,
                        default 100) counted in the pack *and* in the model's population — the
                        message gives both numbers; ``profile`` with unknown values;
                        ``cluster_count`` outside [2, 1024] or above the population (0 = chosen from
                        the population); ``feature_exclusions[i]`` empty or with unknown event types;
-                       ``model_version`` < 0
-NOT_FOUND              unknown or other tenants' ``seed_pack`` / ``exclude_packs[i]`` (exactly as
-                       if missing); unknown ``model`` or ``model_version``
-FAILED_PRECONDITION    no model trained yet; the model was built from another feature schema (or
+                       ``model_version`` < 0; ``min_seed_size`` below the platform's floor
+                       (``FLASHCROWD_LOOKALIKE_MIN_SEED_FLOOR``, default 20); unknown
+                       ``seed_weighting``; ``refresh_policy.interval`` outside [1 hour, 30 days];
+                       ExportLookalikeScores: ``page_size``, ``version``, ``max_tier``, ``name`` of
+                       a pack that is not a lookalike (``NOT_A_LOOKALIKE``)
+NOT_FOUND              unknown or other tenants' ``seed_pack`` / ``exclude_packs[i]`` /
+                       ``negative_seed_packs[i]`` (exactly as if missing); unknown ``model`` or
+                       ``model_version``; an export's unknown pack or version
+PERMISSION_DENIED      ExportLookalikeScores without a platform principal holding ``members.read``
+FAILED_PRECONDITION    ``LOOKALIKE_SCORES_MISSING``: an export of a version expanded before scores
+                       were stored; no model trained yet; the model was built from another feature schema (or
                        its snapshot is gone); no event dataset; fewer eligible users than the reach;
                        ``MODEL_VERSION_GONE``: a refresh's pinned model version no longer exists
 ALREADY_EXISTS         ``pack_id`` names a pack that is not a lookalike (a lookalike pack gets a
@@ -64,8 +71,14 @@ from services.audience.lookalike.expand import (
     resolve_reach,
 )
 from services.audience.lookalike.jobs import EXPAND_KIND, TRAIN_KIND, expansion_payload
-from services.audience.lookalike.messages import exclusion_from_proto, model_proto
+from services.audience.lookalike.messages import (
+    WEIGHTING_NAMES,
+    exclusion_from_proto,
+    model_proto,
+    tiers_proto,
+)
 from services.audience.lookalike.model import MODEL_ID
+from services.audience.lookalike.scores import read_scores
 from services.audience.operations import OperationManager, PackClaims, ReservationConflict
 from services.audience.packstore import PackStore
 from services.audience.quotas import Grant, TenantQuotas
@@ -80,13 +93,14 @@ from services.audience.tenancy import (
 from services.events.dataset import EventDataset
 from services.runtime import (
     AlreadyExists,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ServiceDefinition,
     load_settings,
 )
 from services.runtime.assertion import require_platform
-from services.runtime.scopes import MODELS_TRAIN
+from services.runtime.scopes import MEMBERS_READ, MODELS_TRAIN
 from services.storage import ObjectStore
 
 logger = logging.getLogger(__name__)
@@ -95,6 +109,9 @@ tracer = trace.get_tracer("flashcrowd.audience.lookalike")
 LOOKALIKE_SERVICE = lookalike_pb2.DESCRIPTOR.services_by_name["LookalikeService"].full_name
 MODEL_TYPE = "flashcrowd.dev/LookalikeModel"
 MAX_CLUSTERS = 1024
+MAX_MIN_SEED = 1_000_000
+MIN_REFRESH_SECONDS, MAX_REFRESH_SECONDS = 3_600, 30 * 86_400
+DEFAULT_SCORE_PAGE, MAX_SCORE_PAGE = 10_000, 100_000
 _MIN_SECONDS, _MAX_SECONDS = -62135596800, 253402300799
 
 __all__ = [
@@ -116,6 +133,8 @@ class LookalikeSettings(BaseSettings):
     root: str = "lookalike/"
     #: Smallest seed expanded (members in the pack and in the model's population).
     min_seed: int = Field(default=100, ge=1)
+    #: The lowest ``min_seed_size`` a request may ask for (the platform's floor).
+    min_seed_floor: int = Field(default=20, ge=1)
     #: Remove bots from seeds and never select them.
     exclude_bots: bool = True
     #: Tenant that owns training operations of direct (non-gateway) callers.
@@ -279,6 +298,22 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
             )
         exclusion, exclusion_problems = exclusion_from_proto(request.feature_exclusions)
         problems.extend(exclusion_problems)
+        floor = min(self.settings.min_seed_floor, self.settings.min_seed)
+        if request.min_seed_size and not floor <= request.min_seed_size <= MAX_MIN_SEED:
+            default = self.settings.min_seed
+            problems.append(
+                ("min_seed_size", f"{request.min_seed_size}: must be 0 (the server's {default}) or in "
+                                  f"[{floor}, {MAX_MIN_SEED:,}] (the platform's floor is {floor})")
+            )  # fmt: skip
+        if request.seed_weighting not in WEIGHTING_NAMES:
+            problems.append(("seed_weighting", f"unknown value {request.seed_weighting}"))
+        policy = request.refresh_policy
+        interval = pipeline.DEFAULT_REFRESH_SECONDS
+        if policy.HasField("interval"):
+            seconds = policy.interval.seconds + policy.interval.nanos / 1e9
+            if not MIN_REFRESH_SECONDS <= seconds <= MAX_REFRESH_SECONDS:
+                problems.append(("refresh_policy.interval", f"{seconds:g}s is outside [1 hour, 30 days]"))
+            interval = int(seconds)
         if problems:
             raise InvalidArgument(problems)
         domain = pipeline.ExpandRequest(
@@ -299,6 +334,15 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
             model_version=request.model_version,
             refresh_model=request.refresh_model,
             exclusion=exclusion,
+            min_seed=request.min_seed_size,
+            negative_packs=[
+                self._own_pack(tenant, n, f"negative_seed_packs[{i}]")
+                for i, n in enumerate(request.negative_seed_packs)
+            ],
+            seed_weighting=WEIGHTING_NAMES[request.seed_weighting],
+            refresh_interval_seconds=interval,
+            refresh_on_seed=not policy.ignore_seed_versions,
+            refresh_manual=policy.manual,
         )
 
         def prepare() -> pipeline.PreparedExpansion:
@@ -346,6 +390,61 @@ class LookalikeServicer(lookalike_pb2_grpc.LookalikeServiceServicer):
             if grant is not None:
                 await asyncio.to_thread(grant.refund)
             raise
+
+    async def ExportLookalikeScores(self, request, context):
+        # Per-member ranks are member-level data: platform principals only (tenants see tier sizes).
+        require_platform(context, MEMBERS_READ)
+        tenant, pack_id = parse_pack_name(request.name, "name")
+        self.deps.tenancy.authorize(context, tenant, resource_type=PACK_TYPE, name=request.name)
+        problems: list[tuple[str, str]] = []
+        if request.version < 0:
+            problems.append(("version", "must not be negative (0 = the latest)"))
+        if not 0 <= request.page_size <= MAX_SCORE_PAGE:
+            problems.append(
+                ("page_size", f"must be between 1 and {MAX_SCORE_PAGE:,} (0 = {DEFAULT_SCORE_PAGE:,})")
+            )
+        if request.HasField("max_tier") and request.max_tier < 0:
+            problems.append(("max_tier", "must not be negative (unset = every tier)"))
+        if problems:
+            raise InvalidArgument(problems)
+        pack = await asyncio.to_thread(self._pack_version, tenant, pack_id, request.version)
+        if pack.source != pack_pb2.Pack.SOURCE_LOOKALIKE:
+            raise InvalidArgument("name", f"{request.name} is not a lookalike pack", reason="NOT_A_LOOKALIKE")
+        ranked = await asyncio.to_thread(read_scores, self.store, self.root, tenant, pack_id, pack.version)
+        record = await asyncio.to_thread(
+            pipeline.previous_expansion, self.store, self.root, tenant, pack_id, pack.version
+        )
+        if ranked is None:
+            raise FailedPrecondition(
+                "LOOKALIKE_SCORES_MISSING",
+                f"{request.name} v{pack.version} was expanded before scores were stored; expand it again",
+                [("LOOKALIKE_SCORES_MISSING", request.name, f"v{pack.version}")],
+            )
+        keep = len(ranked)
+        if request.HasField("max_tier"):
+            keep = int((ranked.tiers <= request.max_tier).sum())  # tiers ascend with the rank
+        page = request.page_size or DEFAULT_SCORE_PAGE
+        tiers = tiers_proto((record or {}).get("stats", {}).get("tiers", []))
+        for start in range(0, max(keep, 1), page):
+            end = min(start + page, keep)
+            message = lookalike_pb2.ExportLookalikeScoresResponse(
+                version=pack.version, exported=end, total=keep, tiers=tiers if start == 0 else []
+            )
+            message.members.extend(
+                lookalike_pb2.ScoredMember(
+                    user_id=int(ranked.user_ids[i]), rank=i, tier=int(ranked.tiers[i]),
+                    score=float(ranked.scores[i]),
+                )
+                for i in range(start, end)
+            )  # fmt: skip
+            yield message
+
+    def _pack_version(self, tenant: str, pack_id: str, version: int) -> pack_pb2.Pack:
+        name = pack_name(tenant, pack_id)
+        try:
+            return self.deps.packs.get(tenant, pack_id, version)
+        except NotFound:
+            raise NotFound(PACK_TYPE, name, metadata={"field": "version" if version else "name"}) from None
 
 
 def _profile_violations(profile: spec_pb2.ProfileFilter) -> list[tuple[str, str]]:

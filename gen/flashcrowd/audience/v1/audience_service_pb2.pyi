@@ -37,6 +37,7 @@ class IdType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ID_TYPE_IMEI: _ClassVar[IdType]
     ID_TYPE_IDFA: _ClassVar[IdType]
     ID_TYPE_EMAIL: _ClassVar[IdType]
+    ID_TYPE_USER_ID: _ClassVar[IdType]
 
 class HashType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -56,6 +57,7 @@ ID_TYPE_OAID: IdType
 ID_TYPE_IMEI: IdType
 ID_TYPE_IDFA: IdType
 ID_TYPE_EMAIL: IdType
+ID_TYPE_USER_ID: IdType
 HASH_TYPE_UNSPECIFIED: HashType
 HASH_TYPE_SHA256: HashType
 HASH_TYPE_MD5: HashType
@@ -236,10 +238,12 @@ class UploadPackHeader(_message.Message):
     def __init__(self, parent: _Optional[str] = ..., pack_id: _Optional[str] = ..., display_name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., id_type: _Optional[_Union[IdType, str]] = ..., hash_type: _Optional[_Union[HashType, str]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class UploadPackChunk(_message.Message):
-    __slots__ = ("hashed_ids",)
+    __slots__ = ("hashed_ids", "user_ids")
     HASHED_IDS_FIELD_NUMBER: _ClassVar[int]
+    USER_IDS_FIELD_NUMBER: _ClassVar[int]
     hashed_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, hashed_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    user_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, hashed_ids: _Optional[_Iterable[str]] = ..., user_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class UploadPackRequest(_message.Message):
     __slots__ = ("header", "chunk")

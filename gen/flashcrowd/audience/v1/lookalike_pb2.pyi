@@ -7,14 +7,35 @@ from google.api import annotations_pb2 as _annotations_pb2
 from google.api import field_behavior_pb2 as _field_behavior_pb2
 from google.api import resource_pb2 as _resource_pb2
 from google.longrunning import operations_pb2 as _operations_pb2
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class SeedWeighting(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SEED_WEIGHTING_UNSPECIFIED: _ClassVar[SeedWeighting]
+    SEED_WEIGHTING_UNIFORM: _ClassVar[SeedWeighting]
+    SEED_WEIGHTING_SPEND: _ClassVar[SeedWeighting]
+SEED_WEIGHTING_UNSPECIFIED: SeedWeighting
+SEED_WEIGHTING_UNIFORM: SeedWeighting
+SEED_WEIGHTING_SPEND: SeedWeighting
+
+class LookalikeRefreshPolicy(_message.Message):
+    __slots__ = ("interval", "ignore_seed_versions", "manual")
+    INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_SEED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    MANUAL_FIELD_NUMBER: _ClassVar[int]
+    interval: _duration_pb2.Duration
+    ignore_seed_versions: bool
+    manual: bool
+    def __init__(self, interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., ignore_seed_versions: _Optional[bool] = ..., manual: _Optional[bool] = ...) -> None: ...
 
 class LookalikeModel(_message.Message):
     __slots__ = ("name", "algorithm", "cluster_count", "feature_schema", "feature_snapshot", "population_size", "create_time", "version", "fit_count", "cluster_rule", "feature_exclusions")
@@ -81,7 +102,7 @@ class GetLookalikeModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ExpandLookalikeRequest(_message.Message):
-    __slots__ = ("parent", "seed_pack", "model", "reach_fraction", "reach_size", "pack_id", "include_seed", "exclude_packs", "profile", "model_version", "refresh_model", "feature_exclusions")
+    __slots__ = ("parent", "seed_pack", "model", "reach_fraction", "reach_size", "pack_id", "include_seed", "exclude_packs", "profile", "model_version", "refresh_model", "feature_exclusions", "min_seed_size", "negative_seed_packs", "seed_weighting", "refresh_policy")
     PARENT_FIELD_NUMBER: _ClassVar[int]
     SEED_PACK_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +115,10 @@ class ExpandLookalikeRequest(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     REFRESH_MODEL_FIELD_NUMBER: _ClassVar[int]
     FEATURE_EXCLUSIONS_FIELD_NUMBER: _ClassVar[int]
+    MIN_SEED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_SEED_PACKS_FIELD_NUMBER: _ClassVar[int]
+    SEED_WEIGHTING_FIELD_NUMBER: _ClassVar[int]
+    REFRESH_POLICY_FIELD_NUMBER: _ClassVar[int]
     parent: str
     seed_pack: str
     model: str
@@ -106,7 +131,11 @@ class ExpandLookalikeRequest(_message.Message):
     model_version: int
     refresh_model: bool
     feature_exclusions: _containers.RepeatedCompositeFieldContainer[FeatureExclusion]
-    def __init__(self, parent: _Optional[str] = ..., seed_pack: _Optional[str] = ..., model: _Optional[str] = ..., reach_fraction: _Optional[float] = ..., reach_size: _Optional[int] = ..., pack_id: _Optional[str] = ..., include_seed: _Optional[bool] = ..., exclude_packs: _Optional[_Iterable[str]] = ..., profile: _Optional[_Union[_spec_pb2.ProfileFilter, _Mapping]] = ..., model_version: _Optional[int] = ..., refresh_model: _Optional[bool] = ..., feature_exclusions: _Optional[_Iterable[_Union[FeatureExclusion, _Mapping]]] = ...) -> None: ...
+    min_seed_size: int
+    negative_seed_packs: _containers.RepeatedScalarFieldContainer[str]
+    seed_weighting: SeedWeighting
+    refresh_policy: LookalikeRefreshPolicy
+    def __init__(self, parent: _Optional[str] = ..., seed_pack: _Optional[str] = ..., model: _Optional[str] = ..., reach_fraction: _Optional[float] = ..., reach_size: _Optional[int] = ..., pack_id: _Optional[str] = ..., include_seed: _Optional[bool] = ..., exclude_packs: _Optional[_Iterable[str]] = ..., profile: _Optional[_Union[_spec_pb2.ProfileFilter, _Mapping]] = ..., model_version: _Optional[int] = ..., refresh_model: _Optional[bool] = ..., feature_exclusions: _Optional[_Iterable[_Union[FeatureExclusion, _Mapping]]] = ..., min_seed_size: _Optional[int] = ..., negative_seed_packs: _Optional[_Iterable[str]] = ..., seed_weighting: _Optional[_Union[SeedWeighting, str]] = ..., refresh_policy: _Optional[_Union[LookalikeRefreshPolicy, _Mapping]] = ...) -> None: ...
 
 class LiftStep(_message.Message):
     __slots__ = ("reach_fraction", "size", "expected_lift", "expected_lift_low", "expected_lift_high", "withheld_reason", "requested")
@@ -149,7 +178,7 @@ class LookalikeTier(_message.Message):
     def __init__(self, start_fraction: _Optional[float] = ..., end_fraction: _Optional[float] = ..., size: _Optional[int] = ...) -> None: ...
 
 class ExpandLookalikeResponse(_message.Message):
-    __slots__ = ("pack", "seed_matched", "clusters_covered", "seed_concentration", "lift_curve", "model", "model_version", "heldout_auc", "blend", "feature_exclusions", "tiers")
+    __slots__ = ("pack", "seed_matched", "clusters_covered", "seed_concentration", "lift_curve", "model", "model_version", "heldout_auc", "blend", "feature_exclusions", "tiers", "min_seed_size", "negative_matched", "seed_weighting", "seed_pack_version", "next_refresh_time")
     PACK_FIELD_NUMBER: _ClassVar[int]
     SEED_MATCHED_FIELD_NUMBER: _ClassVar[int]
     CLUSTERS_COVERED_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +190,11 @@ class ExpandLookalikeResponse(_message.Message):
     BLEND_FIELD_NUMBER: _ClassVar[int]
     FEATURE_EXCLUSIONS_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
+    MIN_SEED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_MATCHED_FIELD_NUMBER: _ClassVar[int]
+    SEED_WEIGHTING_FIELD_NUMBER: _ClassVar[int]
+    SEED_PACK_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NEXT_REFRESH_TIME_FIELD_NUMBER: _ClassVar[int]
     pack: _pack_pb2.Pack
     seed_matched: int
     clusters_covered: int
@@ -172,4 +206,47 @@ class ExpandLookalikeResponse(_message.Message):
     blend: RankingBlend
     feature_exclusions: _containers.RepeatedCompositeFieldContainer[FeatureExclusion]
     tiers: _containers.RepeatedCompositeFieldContainer[LookalikeTier]
-    def __init__(self, pack: _Optional[_Union[_pack_pb2.Pack, _Mapping]] = ..., seed_matched: _Optional[int] = ..., clusters_covered: _Optional[int] = ..., seed_concentration: _Optional[float] = ..., lift_curve: _Optional[_Iterable[_Union[LiftStep, _Mapping]]] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., heldout_auc: _Optional[float] = ..., blend: _Optional[_Union[RankingBlend, _Mapping]] = ..., feature_exclusions: _Optional[_Iterable[_Union[FeatureExclusion, _Mapping]]] = ..., tiers: _Optional[_Iterable[_Union[LookalikeTier, _Mapping]]] = ...) -> None: ...
+    min_seed_size: int
+    negative_matched: int
+    seed_weighting: SeedWeighting
+    seed_pack_version: int
+    next_refresh_time: _timestamp_pb2.Timestamp
+    def __init__(self, pack: _Optional[_Union[_pack_pb2.Pack, _Mapping]] = ..., seed_matched: _Optional[int] = ..., clusters_covered: _Optional[int] = ..., seed_concentration: _Optional[float] = ..., lift_curve: _Optional[_Iterable[_Union[LiftStep, _Mapping]]] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., heldout_auc: _Optional[float] = ..., blend: _Optional[_Union[RankingBlend, _Mapping]] = ..., feature_exclusions: _Optional[_Iterable[_Union[FeatureExclusion, _Mapping]]] = ..., tiers: _Optional[_Iterable[_Union[LookalikeTier, _Mapping]]] = ..., min_seed_size: _Optional[int] = ..., negative_matched: _Optional[int] = ..., seed_weighting: _Optional[_Union[SeedWeighting, str]] = ..., seed_pack_version: _Optional[int] = ..., next_refresh_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ExportLookalikeScoresRequest(_message.Message):
+    __slots__ = ("name", "version", "page_size", "max_tier")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_TIER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    page_size: int
+    max_tier: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., page_size: _Optional[int] = ..., max_tier: _Optional[int] = ...) -> None: ...
+
+class ScoredMember(_message.Message):
+    __slots__ = ("user_id", "rank", "tier", "score")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    user_id: int
+    rank: int
+    tier: int
+    score: float
+    def __init__(self, user_id: _Optional[int] = ..., rank: _Optional[int] = ..., tier: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
+
+class ExportLookalikeScoresResponse(_message.Message):
+    __slots__ = ("members", "version", "tiers", "exported", "total")
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    EXPORTED_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    members: _containers.RepeatedCompositeFieldContainer[ScoredMember]
+    version: int
+    tiers: _containers.RepeatedCompositeFieldContainer[LookalikeTier]
+    exported: int
+    total: int
+    def __init__(self, members: _Optional[_Iterable[_Union[ScoredMember, _Mapping]]] = ..., version: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[LookalikeTier, _Mapping]]] = ..., exported: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...

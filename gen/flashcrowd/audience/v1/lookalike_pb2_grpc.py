@@ -55,6 +55,11 @@ class LookalikeServiceStub:
                 request_serializer=flashcrowd_dot_audience_dot_v1_dot_lookalike__pb2.ExpandLookalikeRequest.SerializeToString,
                 response_deserializer=google_dot_longrunning_dot_operations__pb2.Operation.FromString,
                 _registered_method=True)
+        self.ExportLookalikeScores = channel.unary_stream(
+                '/flashcrowd.audience.v1.LookalikeService/ExportLookalikeScores',
+                request_serializer=flashcrowd_dot_audience_dot_v1_dot_lookalike__pb2.ExportLookalikeScoresRequest.SerializeToString,
+                response_deserializer=flashcrowd_dot_audience_dot_v1_dot_lookalike__pb2.ExportLookalikeScoresResponse.FromString,
+                _registered_method=True)
 
 
 class LookalikeServiceServicer:
@@ -86,6 +91,14 @@ class LookalikeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportLookalikeScores(self, request, context):
+        """Streams the members of a lookalike pack version in rank order with their tier and score.
+        Member-level: platform principals holding members.read only (PERMISSION_DENIED otherwise).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LookalikeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -103,6 +116,11 @@ def add_LookalikeServiceServicer_to_server(servicer, server):
                     servicer.ExpandLookalike,
                     request_deserializer=flashcrowd_dot_audience_dot_v1_dot_lookalike__pb2.ExpandLookalikeRequest.FromString,
                     response_serializer=google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
+            ),
+            'ExportLookalikeScores': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportLookalikeScores,
+                    request_deserializer=flashcrowd_dot_audience_dot_v1_dot_lookalike__pb2.ExportLookalikeScoresRequest.FromString,
+                    response_serializer=flashcrowd_dot_audience_dot_v1_dot_lookalike__pb2.ExportLookalikeScoresResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -191,6 +209,33 @@ class LookalikeService:
             '/flashcrowd.audience.v1.LookalikeService/ExpandLookalike',
             flashcrowd_dot_audience_dot_v1_dot_lookalike__pb2.ExpandLookalikeRequest.SerializeToString,
             google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportLookalikeScores(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/flashcrowd.audience.v1.LookalikeService/ExportLookalikeScores',
+            flashcrowd_dot_audience_dot_v1_dot_lookalike__pb2.ExportLookalikeScoresRequest.SerializeToString,
+            flashcrowd_dot_audience_dot_v1_dot_lookalike__pb2.ExportLookalikeScoresResponse.FromString,
             options,
             channel_credentials,
             insecure,
