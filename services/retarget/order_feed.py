@@ -1,15 +1,18 @@
-"""The order feed: paid orders and refunds from the event stream into campaign attribution.
+"""The order feed: paid orders, refunds and funnel events from the event stream into attribution.
 
 Every retarget replica runs one. Each reads the stream (JetStream, or the in-process bus) from the
 shared checkpoint in the ledger and applies a fetched group of messages in **one transaction** that
 locks the checkpoint row, skips what another replica already applied (``seq <= checkpoint``),
-attributes the group's ``pay`` events and undoes its ``refund`` events
-(services/retarget/attribution.py), and moves the checkpoint. The checkpoint commits with its
+attributes the group's ``pay`` events, undoes its ``refund`` events, counts the funnel stages of
+its ``product_view`` / ``click`` / ``add_cart`` / ``order`` events (services/retarget/attribution.py),
+and moves the checkpoint. The checkpoint commits with its
 effects, so a crash anywhere repeats nothing and loses nothing, and any number of replicas may run:
 they take turns on the checkpoint row and the loser of a race finds its messages applied.
 
 Events are the platform's (``owner`` ``_platform``: visible to every tenant's campaigns) or a
-tenant's own conversion events (only that tenant's campaigns). Order ids are the events' ``order_id``.
+tenant's own conversion events (only that tenant's campaigns). Order ids are the events' ``order_id``
+(platform-wide ids). A message whose transaction keeps failing is retried with backoff and holds the
+feed (logged): attribution never skips an event.
 """
 
 from __future__ import annotations
