@@ -107,4 +107,8 @@ def test_codes_match_the_proto_enums() -> None:
     proto = events_pb2.EventType
     assert {n: v for n, v in proto.items() if v} == {f"EVENT_TYPE_{t.name}": t.value for t in EventType}
     ids = audience_service_pb2.IdType
-    assert {n: v for n, v in ids.items() if v} == {f"ID_TYPE_{t.name}": t.value for t in IdType}
+    # USER_ID is an upload format of platform principals (plain platform user ids), not an
+    # external identifier kind of the identity map.
+    external = {n: v for n, v in ids.items() if v and n != "ID_TYPE_USER_ID"}
+    assert external == {f"ID_TYPE_{t.name}": t.value for t in IdType}
+    assert ids.Value("ID_TYPE_USER_ID") not in {t.value for t in IdType}
