@@ -1485,6 +1485,18 @@ def ledger_invariants(tx: Tx) -> dict[str, int]:
             " GROUP BY campaign_pk) c ON c.campaign_pk = k.id"
             " WHERE k.processed <> COALESCE(m.n, 0) OR k.issued <> COALESCE(c.n, 0)"
         ),
+        # The report's kept sums equal what they summarise (services/retarget/attribution.py).
+        "arm_stats_members_mismatch": (
+            "SELECT COUNT(*) FROM (SELECT campaign_pk, arm_id, COUNT(*) AS n FROM campaign_members"
+            " GROUP BY campaign_pk, arm_id) m LEFT JOIN arm_stats s ON s.campaign_pk = m.campaign_pk"
+            " AND s.arm_id = m.arm_id WHERE COALESCE(s.members, 0) <> m.n"
+        ),
+        "arm_stats_orders_mismatch": (
+            "SELECT COUNT(*) FROM arm_stats s LEFT JOIN (SELECT campaign_pk, arm_id, COUNT(*) AS n,"
+            " SUM(amount_fen) AS v FROM order_attributions WHERE refund_us IS NULL"
+            " GROUP BY campaign_pk, arm_id) a ON a.campaign_pk = s.campaign_pk AND a.arm_id = s.arm_id"
+            " WHERE s.orders <> COALESCE(a.n, 0) OR s.revenue_fen <> COALESCE(a.v, 0)"
+        ),
         "campaigns_over_loss_cap": (
             "SELECT COUNT(*) FROM campaigns WHERE loss_cap_fen > 0 AND issued_value_fen > loss_cap_fen"
         ),

@@ -8,6 +8,7 @@ NATS with two replicas.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -238,12 +239,12 @@ async def test_a_skewed_split_is_flagged_as_a_sample_ratio_mismatch(rt: Rt) -> N
     assert not report.sample_ratio.mismatch and report.sample_ratio.p_value > 0.001
 
     def skew(tx):  # type: ignore[no-untyped-def]
-        # A buggy assigner that put 400 more members in one arm than the weights say.
+        # The split the members got no longer matches the configured weights (as when an assigner
+        # ignores them): 1:1 assigned, 3:1 configured.
         row = repo.get_campaign(tx, tenant, campaign.name.rsplit("/", 1)[1])
-        tx.execute(
-            "UPDATE arm_stats SET members = members + 400 WHERE campaign_pk = ? AND arm_id = 'ten'",
-            (row["id"],),
-        )
+        arms = json.loads(row["arms"])
+        arms[0]["weight"] = 3
+        tx.execute("UPDATE campaigns SET arms = ? WHERE id = ?", (json.dumps(arms), row["id"]))
 
     await rt.sql(skew)
     report = await rt.stub.GetCampaignReport(api.GetCampaignReportRequest(campaign=campaign.name))
