@@ -84,15 +84,10 @@ def _campaign(tx: Tx, members: int, seed: int) -> int:
     arms = np.where(rng.random(members) < 0.1, d.HOLDOUT_ARM, np.where(rng.random(members) < 0.5, "a", "b"))
     spend = rng.gamma(1.0, 3000.0, members).astype(np.int64)
     rows = [
-        (pk, u + 1, str(arms[u]), int(arms[u] == d.HOLDOUT_ARM), "ISSUED", LAUNCH, int(spend[u]))
+        (pk, u + 1, str(arms[u]), int(arms[u] == d.HOLDOUT_ARM), "ISSUED", None, LAUNCH, int(spend[u]))
         for u in range(members)
     ]
-    tx.insert_many(
-        "campaign_members",
-        ("campaign_pk", "user_id", "arm_id", "holdout", "outcome", "process_us", "pre_spend_fen"),
-        rows,
-    )
-    attribution.add_members(tx, pk, ((r[2], r[6]) for r in rows), LAUNCH)
+    repo.insert_members(tx, rows, LAUNCH)
     return pk
 
 

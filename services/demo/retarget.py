@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
 from typing import Any
 
 import polars as pl
@@ -65,7 +64,6 @@ async def _ingest_and_attribute(demo: Any, events: pl.DataFrame) -> None:
     from flashcrowd.audience.v1 import event_service_pb2_grpc
 
     from services.demo.realtime import ingest_requests
-    from services.events.bus import open_bus
 
     channel = platform_channel(demo.audience_target, "demo")
     try:
@@ -81,17 +79,12 @@ async def _ingest_and_attribute(demo: Any, events: pl.DataFrame) -> None:
     feed = demo.retarget_app.order_feed
     if feed is None:
         raise RuntimeError("the retarget service runs without an order feed: set FLASHCROWD_BUS_URL")
-    bus = open_bus(os.environ["FLASHCROWD_BUS_URL"])
-    await bus.start()
-    try:
-        last = await bus.last_seq()
-        deadline = asyncio.get_running_loop().time() + 60
-        while feed.seq < last:
-            if asyncio.get_running_loop().time() > deadline:
-                raise RuntimeError(f"the order feed is at {feed.seq} of {last} after 60 s")
-            await asyncio.sleep(0.05)
-    finally:
-        await bus.close()
+    last = await feed.bus.last_seq()  # the stream the feed follows, through its own connection
+    deadline = asyncio.get_running_loop().time() + 60
+    while feed.seq < last:
+        if asyncio.get_running_loop().time() > deadline:
+            raise RuntimeError(f"the order feed is at {feed.seq} of {last} after 60 s")
+        await asyncio.sleep(0.05)
 
 
 async def retarget_step(demo: Any, *, tenant: str, audience_pack: str, title: str) -> None:

@@ -109,52 +109,77 @@ def _ensure_arm(tx: Tx, campaign_pk: int, arm_id: str) -> None:
 # --- orders --------------------------------------------------------------------------------------
 
 
-def record_orders(tx: Tx, owner: str, orders: Sequence[OrderFact], now: int) -> int:
-    """Store paid orders seen by ``owner`` (``PLATFORM_OWNER`` or a tenant) and attribute the new
-    ones; an order id already stored for that owner is a duplicate and changes nothing."""
-    attributed = 0
-    for order in orders:
-        inserted = tx.execute(
-            "INSERT INTO orders (tenant, order_id, user_id, amount_fen, order_us, item_ids, refund_us)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, order_id) DO NOTHING",
+def insert_order(tx: Tx, tenant: str, order: OrderFact, *, coupon_id: str | None = None) -> bool:
+    """Store an order fact of ``tenant`` (an event owner, or a redemption's tenant); False when that
+    tenant already has the order id (a duplicate changes nothing)."""
+    return bool(
+        tx.execute(
+            "INSERT INTO orders (tenant, order_id, user_id, amount_fen, order_us, item_ids, coupon_id,"
+            " refund_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, order_id) DO NOTHING",
             (
-                owner,
+                tenant,
                 order.order_id,
                 order.user_id,
                 order.amount_fen,
                 order.order_us,
                 json.dumps(list(order.item_ids)),
+                coupon_id,
                 order.refund_us,
             ),
         )
-        if inserted and order.refund_us is None:
+    )
+
+
+def record_orders(tx: Tx, owner: str, orders: Sequence[OrderFact], now: int) -> int:
+    """Store paid orders seen by ``owner`` (``PLATFORM_OWNER`` or a tenant) and attribute the new
+    ones; an order id already stored for that owner is a duplicate and changes nothing."""
+    attributed = 0
+    for order in orders:
+        if insert_order(tx, owner, order) and order.refund_us is None:
             attributed += attribute_order(tx, owner, order, now=now)
     return attributed
+
+
+#: What the last-touch rule and the sums read of a membership.
+_TOUCH_COLUMNS = (
+    "m.campaign_pk, m.arm_id, m.user_id, m.process_us, m.pre_spend_fen, k.tenant, k.offer_item_ids,"
+    " k.attribution_window_us"
+)
+
+
+def _memberships(tx: Tx, user_ids: Iterable[int]) -> dict[int, list[Row]]:
+    """Every campaign membership of the users, newest touch first."""
+    users, params = tx.in_list("m.user_id", sorted(set(user_ids)))
+    out: dict[int, list[Row]] = {}
+    for row in tx.all(
+        f"SELECT {_TOUCH_COLUMNS} FROM campaign_members m JOIN campaigns k ON k.id = m.campaign_pk"
+        f" WHERE {users} ORDER BY m.process_us DESC, m.campaign_pk DESC",
+        params,
+    ):
+        out.setdefault(int(row["user_id"]), []).append(row)
+    return out
+
+
+def _last_touches(memberships: Iterable[Row], owner: str, ts_us: int) -> dict[str, Row]:
+    """Per tenant that may see an event of ``owner``, the newest membership whose attribution
+    window holds ``ts_us`` (``memberships`` newest first): the one rule for orders and funnel."""
+    chosen: dict[str, Row] = {}
+    for m in memberships:
+        if owner != PLATFORM_OWNER and m["tenant"] != owner:
+            continue
+        if m["process_us"] <= ts_us < m["process_us"] + m["attribution_window_us"]:
+            chosen.setdefault(m["tenant"], m)
+    return chosen
 
 
 def attribute_order(
     tx: Tx, owner: str, order: OrderFact, *, now: int, coupon_campaign_pk: int | None = None
 ) -> int:
     """Attribute one paid order to each visible tenant's last touch; returns attributions made."""
-    query = (
-        "SELECT m.campaign_pk, m.arm_id, m.pre_spend_fen, k.tenant FROM campaign_members m"
-        " JOIN campaigns k ON k.id = m.campaign_pk WHERE m.user_id = ? AND m.process_us <= ?"
-        " AND m.process_us + k.attribution_window_us > ?"
-    )
-    params: list[Any] = [order.user_id, order.order_us, order.order_us]
-    if owner != PLATFORM_OWNER:
-        query += " AND k.tenant = ?"
-        params.append(owner)
-    touches = tx.all(query + " ORDER BY m.process_us DESC, m.campaign_pk DESC", params)
-    chosen: dict[str, Row] = {}
-    for touch in touches:
-        chosen.setdefault(touch["tenant"], touch)
-    if coupon_campaign_pk is not None:
-        by_coupon = tx.one(
-            "SELECT m.campaign_pk, m.arm_id, m.pre_spend_fen, k.tenant FROM campaign_members m"
-            " JOIN campaigns k ON k.id = m.campaign_pk WHERE m.campaign_pk = ? AND m.user_id = ?",
-            (coupon_campaign_pk, order.user_id),
-        )
+    memberships = _memberships(tx, [order.user_id]).get(order.user_id, [])
+    chosen = _last_touches(memberships, owner, order.order_us)
+    if coupon_campaign_pk is not None:  # a redemption counts for its coupon's campaign
+        by_coupon = next((m for m in memberships if m["campaign_pk"] == coupon_campaign_pk), None)
         if by_coupon is not None:
             chosen[by_coupon["tenant"]] = by_coupon
     made = 0
@@ -201,11 +226,8 @@ def record_refund(tx: Tx, owner: str, order: OrderFact, refund_us: int, now: int
     )
     if not changed:
         # Unknown order: remember the refund so that its payment, arriving later, is not counted.
-        tx.execute(
-            "INSERT INTO orders (tenant, order_id, user_id, amount_fen, order_us, item_ids, refund_us)"
-            " VALUES (?, ?, ?, ?, ?, '[]', ?) ON CONFLICT (tenant, order_id) DO NOTHING",
-            (owner, order.order_id, order.user_id, order.amount_fen, refund_us, refund_us),
-        )
+        placeholder = OrderFact(order.order_id, order.user_id, order.amount_fen, refund_us, (), refund_us)
+        insert_order(tx, owner, placeholder)
     return undo_attributions(tx, owner, order.order_id, refund_us, now)
 
 
@@ -344,27 +366,11 @@ def record_funnel(tx: Tx, events: Sequence[tuple[str, int, int, int | None, int]
     campaign offers none), each stage once per member. Returns the stages newly reached."""
     if not events:
         return 0
-    users, params = tx.in_list("m.user_id", sorted({e[2] for e in events}))
-    memberships: dict[int, list[Row]] = {}
-    for row in tx.all(
-        "SELECT m.campaign_pk, m.arm_id, m.user_id, m.process_us, k.tenant, k.offer_item_ids,"
-        " k.attribution_window_us FROM campaign_members m JOIN campaigns k ON k.id = m.campaign_pk"
-        f" WHERE {users}"
-        " ORDER BY m.process_us DESC, m.campaign_pk DESC",
-        params,
-    ):
-        memberships.setdefault(int(row["user_id"]), []).append(row)
+    memberships = _memberships(tx, (e[2] for e in events))
     reached = 0
     offered: dict[int, set[int]] = {}
     for owner, kind, user, item, ts_us in events:
-        chosen: dict[str, Row] = {}
-        for m in memberships.get(user, ()):
-            if owner != PLATFORM_OWNER and m["tenant"] != owner:
-                continue
-            if not m["process_us"] <= ts_us < m["process_us"] + m["attribution_window_us"]:
-                continue
-            chosen.setdefault(m["tenant"], m)
-        for m in chosen.values():
+        for m in _last_touches(memberships.get(user, ()), owner, ts_us).values():
             items = offered.setdefault(m["campaign_pk"], set(json.loads(m["offer_item_ids"])))
             if items and item not in items:
                 continue
@@ -417,6 +423,7 @@ __all__ = [
     "arm_outcomes",
     "attribute_order",
     "checkpoint",
+    "insert_order",
     "item_outcomes",
     "pre_period_spend",
     "record_funnel",

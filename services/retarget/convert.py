@@ -107,9 +107,9 @@ def progress_proto(row: Row) -> campaign_pb2.LaunchProgress:
 def power_plan(row: Row, arms: list[dict[str, Any]]) -> campaign_pb2.PowerPlan:
     """First arm against the holdout at the audience's size (the launch's, else the pack's at creation)."""
     size = int(row["audience_size"] or row["planned_size"] or 0)
-    weight = sum(arm["weight"] for arm in arms) or 1
-    treated_share = (d.BASIS_POINTS - row["holdout_bp"]) / d.BASIS_POINTS
-    arm_members = int(size * treated_share * (arms[0]["weight"] if arms else 0) / weight)
+    total = sum(arm["weight"] for arm in arms)
+    first = d.arm_share_bp(arms[0]["weight"], total, row["holdout_bp"]) if arms else 0.0
+    arm_members = int(size * first / d.BASIS_POINTS)
     holdout_members = int(size * row["holdout_bp"] / d.BASIS_POINTS)
     mde = stats.minimum_detectable_effect(float(row["expected_rate"]), arm_members, holdout_members)
     return campaign_pb2.PowerPlan(

@@ -194,6 +194,11 @@ def campaign_seed(tenant: str, campaign_id: str, create_us: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
+def arm_share_bp(weight: int, total_weight: int, holdout_bp: int) -> float:
+    """An arm's expected share of the audience in basis points: the treated share split by weight."""
+    return (BASIS_POINTS - holdout_bp) * weight / (total_weight or 1)
+
+
 def assign_arms(
     user_ids: np.ndarray | Sequence[int], seed: int, holdout_bp: int, weights: Sequence[int]
 ) -> tuple[np.ndarray, np.ndarray]:

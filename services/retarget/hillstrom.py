@@ -127,10 +127,8 @@ def import_hillstrom(tx: Tx, tenant: str, data: pl.DataFrame, *, launch_us: int,
             pk,
         ),
     )
-    members = data.select("user_id", "arm", "history_cents").rows()
-    tx.insert_many(
-        "campaign_members",
-        ("campaign_pk", "user_id", "arm_id", "holdout", "outcome", "process_us", "pre_spend_fen"),
+    repo.insert_members(
+        tx,
         [
             (
                 pk,
@@ -138,13 +136,14 @@ def import_hillstrom(tx: Tx, tenant: str, data: pl.DataFrame, *, launch_us: int,
                 arm,
                 int(arm == d.HOLDOUT_ARM),
                 d.OUTCOME_HOLDOUT if arm == d.HOLDOUT_ARM else d.OUTCOME_ISSUED,
+                None,
                 launch_us,
                 spend,
             )
-            for user, arm, spend in members
+            for user, arm, spend in data.select("user_id", "arm", "history_cents").rows()
         ],
+        now,
     )
-    attribution.add_members(tx, pk, ((arm, spend) for _, arm, spend in members), now)
     orders = [
         OrderFact(f"hillstrom-{user}", int(user), int(spend), launch_us + DAY_US)
         for user, spend in data.filter(pl.col("conversion") == 1).select("user_id", "spend_cents").rows()

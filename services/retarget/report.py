@@ -34,7 +34,7 @@ from services.retarget import stats
 from services.retarget.repository import ArmFacts, CampaignFacts
 from services.retarget.stats import two_proportion_p_value
 
-__all__ = ["arm_funnel", "campaign_report", "economics", "two_proportion_p_value"]
+__all__ = ["arm_funnel", "campaign_report", "economics"]
 
 
 def _estimate(interval: stats.Interval) -> campaign_pb2.Estimate:

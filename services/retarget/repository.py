@@ -888,20 +888,8 @@ def redeem_coupon(tx: Tx, request: RedeemRequest, now: int) -> tuple[dict[str, A
         ),
     )
     items = tuple(sorted(set(request.item_ids)))
-    if tx.execute(
-        "INSERT INTO orders (tenant, order_id, user_id, amount_fen, order_us, item_ids, coupon_id)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, order_id) DO NOTHING",
-        (
-            request.tenant,
-            request.order_id,
-            request.user_id,
-            request.order_amount_fen,
-            order_us,
-            json.dumps(list(items)),
-            request.coupon_id,
-        ),
-    ):
-        order = OrderFact(request.order_id, request.user_id, request.order_amount_fen, order_us, items)
+    order = OrderFact(request.order_id, request.user_id, request.order_amount_fen, order_us, items)
+    if attribution.insert_order(tx, request.tenant, order, coupon_id=request.coupon_id):
         attribution.attribute_order(
             tx, request.tenant, order, now=now, coupon_campaign_pk=coupon["campaign_pk"]
         )
@@ -1034,6 +1022,30 @@ def stop_launch(tx: Tx, campaign_pk: int, owner: str, reason: str, now: int) -> 
 class _Group:
     template: Row
     indexes: list[int] = field(default_factory=list)
+
+
+#: Columns of a ``campaign_members`` row, in the order ``insert_members`` takes them.
+MEMBER_COLUMNS = (
+    "campaign_pk",
+    "user_id",
+    "arm_id",
+    "holdout",
+    "outcome",
+    "coupon_id",
+    "process_us",
+    "pre_spend_fen",
+)
+
+
+def insert_members(tx: Tx, rows: Sequence[tuple[Any, ...]], now: int) -> None:
+    """Assign members (rows of ``MEMBER_COLUMNS``) and fold them into their arms' sums in the same
+    transaction, so the report's member counts always equal the rows (``ledger_invariants``)."""
+    tx.insert_many("campaign_members", MEMBER_COLUMNS, rows)
+    by_campaign: dict[int, list[tuple[str, int]]] = {}
+    for row in rows:
+        by_campaign.setdefault(row[0], []).append((row[2], row[7]))
+    for campaign_pk, members in by_campaign.items():
+        attribution.add_members(tx, campaign_pk, members, now)
 
 
 def issue_batch(
@@ -1196,21 +1208,7 @@ def issue_batch(
         )
         for i in indexes
     ]
-    tx.insert_many(
-        "campaign_members",
-        (
-            "campaign_pk",
-            "user_id",
-            "arm_id",
-            "holdout",
-            "outcome",
-            "coupon_id",
-            "process_us",
-            "pre_spend_fen",
-        ),
-        member_rows,
-    )
-    attribution.add_members(tx, campaign_pk, ((row[2], row[7]) for row in member_rows), now)
+    insert_members(tx, member_rows, now)
     if coupon_rows:
         tx.insert_many(
             "coupons",
@@ -1368,9 +1366,9 @@ def campaign_facts(tx: Tx, campaign: Row, now: int) -> CampaignFacts:
     pk = campaign["id"]
     configured = json.loads(campaign["arms"])
     holdout_bp = campaign["holdout_bp"]
-    weight = sum(a["weight"] for a in configured) or 1
+    weight = sum(a["weight"] for a in configured)
     arms: dict[str, ArmFacts] = {
-        a["arm_id"]: ArmFacts(a["arm_id"], share_bp=(d.BASIS_POINTS - holdout_bp) * a["weight"] / weight)
+        a["arm_id"]: ArmFacts(a["arm_id"], share_bp=d.arm_share_bp(a["weight"], weight, holdout_bp))
         for a in configured
     }
     arms[d.HOLDOUT_ARM] = ArmFacts(d.HOLDOUT_ARM, holdout=True, share_bp=holdout_bp)

@@ -17,7 +17,7 @@ from services.retarget import domain as d
 from services.retarget import repository as repo
 from services.retarget.db import Database, UniqueConflict
 from services.retarget.migrations import MIGRATIONS, migrate, schema_version
-from services.retarget.report import two_proportion_p_value
+from services.retarget.stats import two_proportion_p_value
 from tests.fixtures.postgres import create_pg_database, drop_pg_database, pg_reachable
 
 
