@@ -24,6 +24,7 @@ from services.cli.common import (
     open_store_arg,
     table_format_arg,
 )
+from services.storage.base import ObjectStore
 
 NAME = "data"
 HELP = "import public data sets (Taobao UserBehavior, MovieLens 100K) as event datasets; maintain a lake"
@@ -101,8 +102,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_maintain(args: argparse.Namespace) -> int:
-    from services.events.dataset import normalise_prefix
-    from services.events.lake import read_descriptor
     from services.events.lake.maintenance import MaintenanceOptions, maintain
 
     checks = {
@@ -114,18 +113,7 @@ def run_maintain(args: argparse.Namespace) -> int:
     for flag, (value, least) in checks.items():
         if value < least:
             raise CliError(f"{flag} must be >= {least}, got {value}")
-    try:
-        prefix = normalise_prefix(args.prefix)
-    except ValueError as exc:
-        raise CliError(f"--prefix: {exc}") from None
-    store = open_store_arg(args.store, existing=True)
-    try:
-        if read_descriptor(store, prefix) is None:
-            raise CliError(
-                f"no event lake under {store.url} prefix {prefix!r} (no lake.json); nothing to maintain"
-            )
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
+    store, prefix = _existing_lake(args, "nothing to maintain")
     options = MaintenanceOptions(
         retention_days=None if args.keep_all else args.retention_days,
         compact=not args.no_compact,
@@ -150,15 +138,35 @@ def run_maintain(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_migrate(args: argparse.Namespace) -> int:
+def _store_and_prefix(args: argparse.Namespace) -> tuple[ObjectStore, str]:
+    """``--store`` (which must exist) and ``--prefix`` of a lake command."""
     from services.events.dataset import normalise_prefix
-    from services.events.lake.migrate import MigrationError, migrate
 
     try:
         prefix = normalise_prefix(args.prefix)
     except ValueError as exc:
         raise CliError(f"--prefix: {exc}") from None
-    store = open_store_arg(args.store, existing=True)
+    return open_store_arg(args.store, existing=True), prefix
+
+
+def _existing_lake(args: argparse.Namespace, purpose: str) -> tuple[ObjectStore, str]:
+    """As ``_store_and_prefix``, and a lake must be there (its lake.json readable)."""
+    from services.events.lake import read_descriptor
+
+    store, prefix = _store_and_prefix(args)
+    try:
+        found = read_descriptor(store, prefix)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if found is None:
+        raise CliError(f"no event lake under {store.url} prefix {prefix!r} (no lake.json); {purpose}")
+    return store, prefix
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    from services.events.lake.migrate import MigrationError, migrate
+
+    store, prefix = _store_and_prefix(args)
     try:
         report = migrate(store, prefix)
     except MigrationError as exc:
@@ -180,8 +188,6 @@ def run_migrate(args: argparse.Namespace) -> int:
 def run_erase(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from services.events.dataset import normalise_prefix
-    from services.events.lake import read_descriptor
     from services.events.lake.erasure import erase_users
 
     if args.vacuum_hours is not None and args.vacuum_hours < 0:
@@ -189,15 +195,7 @@ def run_erase(args: argparse.Namespace) -> int:
     bad = [u for u in args.user if not 0 <= u <= 0xFFFFFFFF]
     if bad:
         raise CliError(f"--user must be in 0..4294967295, got {bad[0]}")
-    try:
-        prefix = normalise_prefix(args.prefix)
-    except ValueError as exc:
-        raise CliError(f"--prefix: {exc}") from None
-    store = open_store_arg(args.store, existing=True)
-    if read_descriptor(store, prefix) is None:
-        raise CliError(
-            f"no event lake under {store.url} prefix {prefix!r} (no lake.json); erasure needs a lake"
-        )
+    store, prefix = _existing_lake(args, "erasure needs a lake")
     report = erase_users(store, prefix, args.user, vacuum_hours=args.vacuum_hours)
     if args.json:
         json.dump(asdict(report), sys.stdout, indent=1)
